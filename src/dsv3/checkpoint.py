@@ -1,0 +1,303 @@
+"""Checkpoints in the real DeepSeek-V3 / Hugging Face format.
+
+A checkpoint is a directory with `config.json`, safetensors shards and `model.safetensors.index.json`
+({"metadata": {"total_size": ...}, "weight_map": {tensor name: shard file}}), using the official tensor names.
+A single `model.safetensors` without an index is read too.
+
+Two places where the in-memory model differs from the stored names (see `checkpoint_slots`):
+- routed experts are stacked in memory ([E, I, D]) but stored one tensor per expert
+  (`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`);
+- each MTP module is stored with its own copies of the embedding and output head
+  (`model.layers.{L}.embed_tokens.weight`, `model.layers.{L}.shared_head.head.weight`), while the model shares
+  the main ones (as in training). On load the copies are checked against the main tensors.
+
+FP8 checkpoints (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block) are dequantized on the fly,
+one tensor at a time, straight into the model's parameters: peak memory is the model plus one tensor.
+Saving writes to a temporary directory first and renames it into place, so an interrupted save never leaves a
+half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import DeepseekV3
+from .quant.fp8 import BLOCK, dequantize_blockwise
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of FP8 tensor `X.weight`
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; names the tensor and the file."""
+
+
+@dataclass
+class Slot:
+    """Where one stored tensor lives in the model: `target`, or row `index` of a stacked `target`."""
+
+    target: torch.Tensor
+    index: int | None = None
+    alias: bool = False  # a stored copy of a tensor the model shares (MTP embedding / head)
+
+    @property
+    def view(self) -> torch.Tensor:
+        return self.target if self.index is None else self.target[self.index]
+
+
+def checkpoint_slots(model: DeepseekV3) -> dict[str, Slot]:
+    """Map every official tensor name of this model's checkpoint to its place in the model."""
+    slots: dict[str, Slot] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue  # tied: stored once, as the embedding
+        if ".mlp.experts." in name:  # stacked routed experts: `...experts.gate_proj` [E, I, D]
+            prefix, proj = name.rsplit(".", 1)
+            for j in range(t.shape[0]):
+                slots[f"{prefix}.{j}.{proj}.weight"] = Slot(t, j)
+        else:
+            slots[name] = Slot(t)
+    for k in range(model.config.num_nextn_predict_layers):
+        layer = f"model.layers.{model.config.num_hidden_layers + k}"
+        slots[f"{layer}.embed_tokens.weight"] = Slot(model.model.embed_tokens.weight, alias=True)
+        slots[f"{layer}.shared_head.head.weight"] = Slot(model.lm_head.weight, alias=True)
+    return slots
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def _weight_map(path: Path) -> dict[str, str]:
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        for name, file in weight_map.items():
+            if not (path / file).exists():
+                raise CheckpointError(f"{index}: tensor {name} is mapped to {file}, which does not exist")
+        return weight_map
+    single = path / SINGLE_FILE
+    if single.exists():
+        with _open(single) as f:
+            return {name: SINGLE_FILE for name in f.keys()}
+    raise CheckpointError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE} found")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a training run directory (its latest `checkpoints/step-*`)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    ckpts = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
+    if ckpts:
+        return ckpts[-1]
+    raise CheckpointError(f"{path}: not a checkpoint directory (no config.json) nor a run with checkpoints")
+
+
+def _is_mtp(name: str, cfg: ModelConfig) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= cfg.num_hidden_layers
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    load_mtp: bool | None = None, progress: bool | None = None) -> DeepseekV3:
+    """Build a `DeepseekV3` from a checkpoint directory (BF16/FP32 or FP8 with `weight_scale_inv`).
+
+    load_mtp: True requires the MTP modules' tensors, False skips them (and builds the model without MTP),
+    None (default) loads them when present and otherwise builds without MTP, with a warning.
+    """
+    path = resolve_checkpoint_dir(path)
+    cfg = ModelConfig.from_json(path / "config.json")
+    weight_map = _weight_map(path)
+    has_mtp = any(_is_mtp(n, cfg) for n in weight_map)
+    if cfg.num_nextn_predict_layers and (load_mtp is False or (load_mtp is None and not has_mtp)):
+        if load_mtp is None:
+            warnings.warn(f"{path}: the checkpoint has no MTP tensors (model.layers.{cfg.num_hidden_layers}.*); "
+                          "building the model without multi-token prediction", stacklevel=2)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    skipped = {n for n in weight_map if _is_mtp(n, cfg)} if not cfg.num_nextn_predict_layers else set()
+    block = tuple((cfg.extra.get("quantization_config") or {}).get("weight_block_size", (BLOCK, BLOCK)))
+    if block[0] != block[1]:
+        raise CheckpointError(f"{path}: weight_block_size {list(block)} is not square; only square blocks "
+                              "are supported")
+
+    model = DeepseekV3(cfg, dtype=dtype, device="meta")
+    model.to_empty(device=device)
+    model.keep_fp32_buffers()
+    model.reset_buffers()
+    slots = checkpoint_slots(model)
+
+    stored = {n for n in weight_map if not n.endswith(SCALE_SUFFIX)} - skipped
+    ignorable = {n for n in stored if n.endswith("rotary_emb.inv_freq")}
+    missing = sorted(set(slots) - stored)
+    extra = sorted(stored - set(slots) - ignorable)
+    if missing or extra:
+        lines = [f"{path}: checkpoint does not match the config"]
+        if missing:
+            lines.append(f"  missing {len(missing)} tensor(s): " + ", ".join(missing[:8])
+                         + (" ..." if len(missing) > 8 else ""))
+        if extra:
+            lines.append(f"  unexpected {len(extra)} tensor(s): "
+                         + ", ".join(f"{n} (in {weight_map[n]})" for n in extra[:8])
+                         + (" ..." if len(extra) > 8 else ""))
+        if missing and all(_is_mtp(n, cfg) for n in missing):
+            lines.append("  (the MTP module's tensors; load with load_mtp=False to build the model without MTP)")
+        raise CheckpointError("\n".join(lines))
+
+    by_file: dict[str, list[str]] = defaultdict(list)
+    aliases = []
+    for name in sorted(stored - ignorable):
+        (aliases if slots[name].alias else by_file[weight_map[name]]).append(name)
+    show = sys.stderr.isatty() if progress is None else progress
+    with _progress(len(stored), show, f"loading {path.name}") as advance, torch.no_grad():
+        for file, names in by_file.items():
+            with _open(path / file) as f:
+                for name in names:
+                    _copy(slots[name].view, _read(f, name, path, file, weight_map, block[0]), name, file)
+                    advance()
+        for name in aliases:  # MTP copies of the embedding / head: must equal the main tensors
+            with _open(path / weight_map[name]) as f:
+                t = _read(f, name, path, weight_map[name], weight_map, block[0])
+            target = slots[name].view
+            if t.shape != target.shape or not torch.equal(t.to(target.dtype), target):
+                warnings.warn(f"{name} in {weight_map[name]} differs from the main model's copy; dsv3 shares "
+                              "one embedding and head between the model and its MTP modules and keeps the main "
+                              "one", stacklevel=2)
+            advance()
+    return model
+
+
+def _read(f, name: str, path: Path, file: str, weight_map: dict[str, str], block: int) -> torch.Tensor:
+    try:
+        t = f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"tensor {name} in {file}: cannot be read ({e})") from None
+    if t.dtype in FP8_DTYPES:
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in weight_map:
+            raise CheckpointError(f"tensor {name} in {file} is {t.dtype} but {scale_name} is missing")
+        with _open(path / weight_map[scale_name]) as sf:
+            scale = sf.get_tensor(scale_name)
+        try:
+            t = dequantize_blockwise(t, scale, block)
+        except ValueError as e:
+            raise CheckpointError(f"tensor {name} in {file}: {e}") from None
+    return t
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, file: str) -> None:
+    if tuple(src.shape) != tuple(dst.shape):
+        raise CheckpointError(f"tensor {name} in {file} has shape {list(src.shape)}, the config expects "
+                              f"{list(dst.shape)}")
+    if not (src.dtype.is_floating_point or src.dtype == dst.dtype):
+        raise CheckpointError(f"tensor {name} in {file} has dtype {src.dtype}, expected floating point")
+    dst.copy_(src)
+
+
+class _progress:
+    """A rich progress bar over tensors, or nothing (tests, pipes)."""
+
+    def __init__(self, total: int, show: bool, label: str):
+        self.total, self.show, self.label = total, show, label
+
+    def __enter__(self):
+        if not self.show:
+            return lambda: None
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.show:
+            self._bar.stop()
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def checkpoint_tensors(model: DeepseekV3):
+    """(official name, tensor) for every tensor of the checkpoint, in a stable order."""
+    for name, slot in checkpoint_slots(model).items():
+        yield name, slot.view.detach()
+
+
+def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 4 << 30,
+                    dtype: torch.dtype | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write `config.json`, safetensors shards and the index to `path`, atomically.
+
+    dtype: cast floating tensors (the routing bias stays fp32); default: as in the model.
+    extra_files: more files to place in the directory (e.g. `tokenizer.json`), name -> content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        cfg_dict = model.config.to_dict()
+        cfg_dict["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in checkpoint_tensors(model):
+            if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+                t = t.to(dtype)
+            t = t.to("cpu").contiguous().clone()  # safetensors refuses tensors that share storage
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            for name, t in shard.items():
+                weight_map[name] = file
+                total += t.numel() * t.element_size()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as fh:
+                fh.write(content)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move src to dst; an existing dst is only removed once src is in place (renames are atomic)."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

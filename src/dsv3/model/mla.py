@@ -1,0 +1,137 @@
+"""Multi-head Latent Attention (MLA), with its two equivalent forms.
+
+Shape legend: B batch, T new tokens, S attended tokens (cache prefix + new), H heads, D hidden,
+r = kv_lora_rank (latent), n = qk_nope_head_dim, p = qk_rope_head_dim, v = v_head_dim.
+
+Keys and values are compressed into one latent c_KV [B, S, r] (RMS-normalised) plus one RoPE key k_pe [B, S, p]
+shared by all heads. Only these r + p numbers per token per layer are cached (`LatentCache`).
+
+- naive form (training, prefill): expand the latent through `kv_b_proj` into per-head k_nope [B,S,H,n] and
+  v [B,S,H,v], concatenate the shared k_pe to every head, run ordinary attention.
+- absorbed form (decode): since scores = q_nope · (W_UK c) = (q_nope W_UK) · c, fold W_UK into the query and
+  attend over the latent directly; likewise apply W_UV after the attention-weighted sum of latents. Nothing is
+  re-expanded per cached token, so decode cost per step no longer scales with H·(n+v)·S.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+class LatentCache:
+    """Preallocated MLA cache: per layer, c_KV [B, S_max, r] and roped k_pe [B, S_max, p]. Nothing else.
+
+    Layers are the main decoder layers followed by the MTP modules' blocks (index num_hidden_layers + k).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", mtp: bool = True):
+        n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
+        self.max_len = max_len
+        self.kv = [torch.zeros(batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+                   for _ in range(n_layers)]
+        self.pe = [torch.zeros(batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+                   for _ in range(n_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
+
+
+def _attention_mask(t: int, start_pos: int, device: torch.device) -> torch.Tensor | None:
+    """Causal mask [T, S] (True = may attend) for T new tokens after `start_pos` cached ones; None if plain causal."""
+    if start_pos == 0:
+        return None
+    s = start_pos + t
+    q_pos = torch.arange(start_pos, s, device=device)[:, None]
+    return torch.arange(s, device=device)[None, :] <= q_pos
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.interleaved = cfg.rope_interleave
+        h, d, bias = cfg.num_attention_heads, cfg.hidden_size, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
+        self.softmax_scale = softmax_scale(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
+                absorb: bool = False) -> torch.Tensor:
+        """x [B, T, D] at positions start_pos..start_pos+T-1 -> [B, T, D].
+
+        cache: this layer's (c_KV [B, S_max, r], k_pe [B, S_max, p]) buffers; the new latents are written at
+        [start_pos, start_pos+T) and attention covers [0, start_pos+T). Without a cache, start_pos must be 0.
+        """
+        b, t, _ = x.shape
+        cos, sin = rope
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.n_heads, self.qk_dim)  # [B, T, H, n+p]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
+        k_pe = apply_rope(k_pe, cos, sin, self.interleaved)  # [B, T, p], one head shared by all
+        if cache is not None:
+            kv_buf, pe_buf = cache
+            end = start_pos + t
+            if end > kv_buf.shape[1]:
+                raise ValueError(f"sequence of {end} tokens exceeds the cache length {kv_buf.shape[1]}")
+            kv_buf[:b, start_pos:end] = c_kv
+            pe_buf[:b, start_pos:end] = k_pe
+            c_kv, k_pe = kv_buf[:b, :end], pe_buf[:b, :end]  # [B, S, r], [B, S, p]
+        elif start_pos != 0:
+            raise ValueError("start_pos > 0 needs a cache holding the earlier tokens")
+        mask = _attention_mask(t, start_pos, x.device)
+        attn = self._absorbed if absorb else self._naive
+        out = attn(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, H, v]
+        return self.o_proj(out.flatten(2))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        b, s, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, S, H, n], [B, S, H, v]
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        # SDPA wants [B, H, T, d]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+        return out.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, n, r], [H, v, r]
+        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)  # query moved into latent space
+        scores = (torch.einsum("bthr,bsr->bhts", q_lat, c_kv)
+                  + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)) * self.softmax_scale
+        t, s = scores.shape[-2:]
+        if mask is None:
+            mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        o_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)  # weighted sum of latents
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)

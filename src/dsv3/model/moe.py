@@ -1,0 +1,182 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts with group-limited, bias-corrected top-k routing.
+
+Shape legend: N tokens (batch flattened), D hidden, E routed experts, K experts per token, I expert width,
+G groups.
+
+Routing (`Router`, stored as `mlp.gate`):
+  s = sigmoid(x W_g^T)                         affinities [N, E], computed in fp32
+  choice = s + b                               b = `e_score_correction_bias`, a buffer: it steers *which*
+                                               experts are picked (aux-loss-free balancing) but never the weights
+  group score = sum of the top-2 choice scores in each of G groups; keep the best `topk_group` groups
+  top-K of `choice` inside the kept groups
+  weights = s[top-K] / sum(s[top-K]) * routed_scaling_factor     (normalised only if norm_topk_prob)
+With scoring_func = "softmax" (V2-style) the affinities are a softmax and a group scores by its max.
+
+Experts (`RoutedExperts`) hold stacked weights [E, ...] and run as grouped GEMMs over tokens sorted by expert,
+so no token ever gathers a private copy of a weight matrix. The checkpoint still names each expert separately
+(`mlp.experts.{j}.gate_proj.weight`); `dsv3.checkpoint` splits / stacks on save / load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RoutingInfo:
+    """What one MoE layer decided for a forward pass (for balancing, statistics and the losses)."""
+
+    topk_idx: torch.Tensor  # [N, K] chosen experts
+    topk_weight: torch.Tensor  # [N, K] gate weights applied to their outputs (fp32)
+    scores: torch.Tensor  # [N, E] unbiased affinities s (fp32; carries grad to the gate)
+    load: torch.Tensor  # [E] tokens routed to each expert in this pass (fp32, no grad)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_experts = cfg.n_routed_experts
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func = cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # Not a Parameter: moved by the load balancer, not by gradients. Persistent, so checkpoints keep it.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> RoutingInfo:
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]; routing decisions in fp32
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():
+            choice = scores + self.e_score_correction_bias  # [N, E]
+            if self.n_group > 1:
+                grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # [N, G, E/G]
+                if self.scoring_func == "sigmoid":
+                    group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+                else:
+                    group_score = grouped.amax(dim=-1)
+                keep = group_score.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
+                drop = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+                choice = grouped.masked_fill(drop[..., None], float("-inf")).flatten(1)
+            topk_idx = choice.topk(self.top_k, dim=-1).indices  # [N, K]
+        weight = scores.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        weight = weight * self.routed_scaling_factor
+        load = torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+        return RoutingInfo(topk_idx, weight, scores, load)
+
+
+# ----------------------------------------------------------------------------------------- grouped GEMM
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # torch's grouped GEMM needs 16-byte aligned row strides; otherwise fall back to the per-expert loop.
+    return (hasattr(F, "grouped_mm") and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous() and all((n * x.element_size()) % 16 == 0 for n in (x.shape[-1], *w.shape[-2:])))
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of x [M, in] are grouped by expert (`counts[e]` rows each); returns [M, out] with x_e @ w[e]^T
+    for w [E, out, in]. Grouped GEMM where torch offers it, else a loop over non-empty experts."""
+    if _grouped_mm_ok(x, w):
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.matmul(x[start : start + c], w[e].t(), out=out[start : start + c])
+        start += c
+    return out
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y = grouped x @ w[e]^T with an explicit backward (torch's CPU grouped GEMM has no autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        ctx.save_for_backward(x, w)
+        ctx.counts = counts
+        return grouped_mm(x, w, counts)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        counts = ctx.counts
+        dy = dy.contiguous()
+        dx = grouped_mm(dy, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None  # Dgrad
+        dw = None
+        if ctx.needs_input_grad[1]:  # Wgrad: dW_e = dy_e^T x_e, zero for experts that got no token
+            dw = torch.zeros_like(w)
+            start = 0
+            for e, c in enumerate(counts):
+                if c:
+                    torch.matmul(dy[start : start + c].t(), x[start : start + c], out=dw[e])
+                start += c
+        return dx, dw, None
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _GroupedLinear.apply(x, w, counts)
+    return grouped_mm(x, w, counts)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights: gate/up [E, I, D], down [E, D, I]."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x [N, D], topk_idx / topk_weight [N, K] -> sum_k weight_k * expert_k(x) [N, D]."""
+        n, k = topk_idx.shape
+        flat = topk_idx.flatten()  # [N*K], slot j belongs to token j // K
+        order = flat.argsort(stable=True)  # slots sorted by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        xs = x[token]  # [N*K, D], grouped by expert
+        h = F.silu(grouped_linear(xs, self.gate_proj, counts)) * grouped_linear(xs, self.up_proj, counts)
+        ys = grouped_linear(h, self.down_proj, counts)  # [N*K, D]
+        ys = ys * topk_weight.flatten()[order, None].to(ys.dtype)
+        return x.new_zeros(n, x.shape[-1]).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        route = self.gate(x)
+        y = self.experts(x, route.topk_idx, route.topk_weight)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape), route

@@ -1,0 +1,106 @@
+"""Rotary position embedding with YaRN context extension, for MLA's decoupled RoPE dimensions.
+
+Only `qk_rope_head_dim` dimensions of each query head, and the single shared key head `k_pe`, are rotated.
+
+Layout. DeepSeek's checkpoints were trained with the rotary dims stored as interleaved pairs
+(x0, x1), (x2, x3), ... each pair rotated by one frequency (`rope_interleave: true`). The alternative
+"half" layout pairs x_i with x_{i+d/2} (Llama style). Either way the output keeps the input's layout, so the
+latent cache holds `k_pe` exactly as it would be computed at decode time.
+
+YaRN. Frequencies with wavelengths shorter than the original context are kept (extrapolation), long ones are
+divided by `factor` (interpolation), with a linear ramp between the correction dims set by beta_fast/beta_slow.
+Two temperature terms exist: `attention_factor` scales cos/sin (equal to 1 for V3, where mscale == mscale_all_dim),
+and the softmax scale is multiplied by mscale(factor, mscale_all_dim)^2 (see `softmax_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, yarn_mscale
+
+
+def yarn_inv_freq(dim: int, base: float, yarn: dict) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] blended per YaRN, and the cos/sin `attention_factor`."""
+    factor = float(yarn["factor"])
+    original_len = yarn["original_max_position_embeddings"]
+    beta_fast = yarn.get("beta_fast") or 32
+    beta_slow = yarn.get("beta_slow") or 1
+
+    def correction_dim(n_rot: float) -> float:
+        # the dim whose wavelength completes `n_rot` rotations over the original context
+        return dim * math.log(original_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (original frequency), 0: interpolate (frequency / factor)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+    attention_factor = yarn.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(d_qk), times mscale^2 under YaRN (671B: 1/sqrt(192) * 1.36889^2 = 0.135234)."""
+    scale = cfg.qk_head_dim ** -0.5
+    yarn = cfg.yarn
+    if yarn and yarn.get("mscale_all_dim"):
+        m = yarn_mscale(float(yarn["factor"]), float(yarn["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes (cos, sin) [.., T, d/2] for given positions; `apply_rope` rotates with them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.interleaved = cfg.rope_interleave
+        self.attention_factor = 1.0
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        dim, base = self.cfg.qk_rope_head_dim, self.cfg.rope_theta
+        if self.cfg.yarn:
+            inv_freq, self.attention_factor = yarn_inv_freq(dim, base, self.cfg.yarn)
+            return inv_freq
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    def reset_buffers(self) -> None:
+        """Recompute after `to_empty()` (non-persistent buffers are not in checkpoints)."""
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] or [B, T] (int) -> cos, sin: [T, d/2] or [B, T, d/2]
+        angles = positions.float()[..., None] * self.inv_freq.float()
+        cos = (angles.cos() * self.attention_factor).to(dtype)
+        sin = (angles.sin() * self.attention_factor).to(dtype)
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate the last dim of x [B, T, (H,) d] by angles cos/sin [T or B,T, d/2]; the layout is preserved."""
+    if x.dim() == 4:  # per-head tensor: broadcast the angles over heads
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,200 @@
+"""The DeepSeek-V3 decoder: blocks, multi-token-prediction modules, and the causal-LM wrapper.
+
+Module names follow the checkpoint (`model.layers.{i}.self_attn.kv_b_proj.weight`, ...), so `state_dict()` keys
+are the official tensor names except two documented differences handled in `dsv3.checkpoint`:
+routed experts are stacked ([E, ...] per projection) and the MTP modules share the main embedding and head instead
+of holding the copies the checkpoint stores as `model.layers.{L}.embed_tokens` / `shared_head.head`.
+
+Shape legend: B batch, T tokens, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .mla import MLA, LatentCache
+from .moe import MLP, MoE, RoutingInfo
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    hidden_states: torch.Tensor  # [B, T, D] after the final norm (what the head and the first MTP module read)
+    # mtp_logits[k-1]: [B, T-k, V]; position i predicts token i+k+1 (the main logits predict token i+1)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    routing: list[RoutingInfo] = field(default_factory=list)  # main MoE layers in order, then the MTP blocks'
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h + MLA(norm(h)), then + FFN(norm(h)); FFN is dense SwiGLU or DeepSeekMoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, rope, cache=None, start_pos=0, absorb=False, routing: list | None = None):
+        h = h + self.self_attn(self.input_layernorm(h), rope, cache, start_pos, absorb)
+        if self.is_moe:
+            out, info = self.mlp(self.post_attention_layernorm(h))
+            if routing is not None:
+                routing.append(info)
+        else:
+            out = self.mlp(self.post_attention_layernorm(h))
+        return h + out
+
+
+class SharedHead(nn.Module):
+    """Only the norm is the MTP module's own; the output head is the main model's `lm_head`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPModule(DecoderLayer):
+    """Multi-token prediction module k (stored as `model.layers.{num_hidden_layers + k - 1}`).
+
+    h^k_i = Block(eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])), logits = head(shared_head.norm(h^k_i)).
+    The embedding comes first in the concatenation, as in the released checkpoints. h^0 is the main model's
+    final-normed hidden state (what vLLM and SGLang feed their MTP drafters).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev, emb_next, rope, cache=None, start_pos=0, absorb=False, routing=None):
+        """h_prev, emb_next [B, T, D] -> h^k [B, T, D] (before shared_head.norm)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return super().forward(h, rope, cache, start_pos, absorb, routing)
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        layers: list[nn.Module] = [DecoderLayer(cfg, i) for i in range(n)]
+        layers += [MTPModule(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)]
+        self.layers = nn.ModuleList(layers)  # main layers, then the MTP modules (checkpoint order)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class DeepseekV3(nn.Module):
+    """DeepSeek-V3 causal LM (plain single-process PyTorch; FP8 and parallelism are applied from outside)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        with torch.device(device or "cpu"):
+            self.model = DeepseekV3Model(cfg)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if str(device) != "meta":
+            self.init_weights()
+        if dtype is not None:
+            self.to(dtype)
+            self.keep_fp32_buffers()
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def main_layers(self) -> list[DecoderLayer]:
+        return list(self.model.layers[: self.config.num_hidden_layers])
+
+    @property
+    def mtp_modules(self) -> list[MTPModule]:
+        return list(self.model.layers[self.config.num_hidden_layers :])
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        self.model.rotary_emb.reset_buffers()
+
+    def keep_fp32_buffers(self) -> None:
+        """The routing bias stays fp32 whatever the model dtype: its steps (1e-3) vanish in bf16 near 1."""
+        for mod in self.modules():
+            if hasattr(mod, "e_score_correction_bias"):
+                mod.e_score_correction_bias.data = mod.e_score_correction_bias.data.float()
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        p = self.lm_head.weight
+        return LatentCache(self.config, batch_size, max_len, dtype or p.dtype, p.device,
+                           mtp=bool(self.config.num_nextn_predict_layers))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
+                absorb: bool | None = None, mtp: bool = True) -> ModelOutput:
+        """input_ids [B, T] at positions start_pos..start_pos+T-1.
+
+        absorb: attention form; default naive for a prefill (start_pos == 0) and absorbed for decode steps.
+        mtp: also run the MTP modules (only when there is no cache: speculative decoding drives them itself).
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if start_pos + t > cfg.max_position_embeddings:
+            raise ValueError(f"positions up to {start_pos + t} exceed max_position_embeddings "
+                             f"({cfg.max_position_embeddings})")
+        if absorb is None:
+            absorb = cache is not None and start_pos > 0
+        positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
+        emb = self.model.embed_tokens(input_ids)  # [B, T, D]
+        rope = self.model.rotary_emb(positions, emb.dtype)
+        routing: list[RoutingInfo] = []
+        h = emb
+        for i, layer in enumerate(self.main_layers):
+            layer_cache = (cache.kv[i], cache.pe[i]) if cache is not None else None
+            h = layer(h, rope, layer_cache, start_pos, absorb, routing)
+        h = self.model.norm(h)
+        out = ModelOutput(logits=self.lm_head(h), hidden_states=h, routing=routing)
+        if mtp and cache is None:
+            out.mtp_logits = self._mtp_forward(h, emb, rope, routing)
+        return out
+
+    def _mtp_forward(self, h, emb, rope, routing) -> list[torch.Tensor]:
+        logits = []
+        cos, sin = rope
+        t = h.shape[1]
+        for k, module in enumerate(self.mtp_modules, start=1):
+            if t - k <= 0:
+                break
+            # depth k at position i reads h^{k-1}_i and the embedding of token i+k
+            h = module(h[:, :-1], emb[:, k:], (cos[: t - k], sin[: t - k]), routing=routing)
+            logits.append(self.lm_head(module.shared_head.norm(h)))
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
