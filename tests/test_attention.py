@@ -1,0 +1,118 @@
+"""MLA: the naive and absorbed forms against each other and against a from-scratch reference."""
+
+import math
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.model.mla import MLA
+from dsv3.model.rope import RotaryEmbedding
+
+
+def cfg_for(**kw):
+    base = dsv3.get_config("tiny")
+    return base.replace(**kw)
+
+
+def reference_mla(attn: MLA, cfg, x: torch.Tensor) -> torch.Tensor:
+    """Textbook MLA for one full causal sequence: per-head K/V expanded, complex-number RoPE, explicit mask."""
+    b, t, _ = x.shape
+    h, n, p, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+
+    def rms(z, w):
+        return z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
+
+    if cfg.q_lora_rank is None:
+        q = x @ attn.q_proj.weight.T
+    else:
+        q = rms(x @ attn.q_a_proj.weight.T, attn.q_a_layernorm.weight) @ attn.q_b_proj.weight.T
+    q = q.view(b, t, h, n + p)
+    kv_a = x @ attn.kv_a_proj_with_mqa.weight.T
+    c, k_pe = kv_a[..., : cfg.kv_lora_rank], kv_a[..., cfg.kv_lora_rank :]
+    kv = (rms(c, attn.kv_a_layernorm.weight) @ attn.kv_b_proj.weight.T).view(b, t, h, n + v)
+
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, p, 2).double() / p))
+    rot = torch.polar(torch.ones(t, p // 2, dtype=torch.float64), torch.arange(t).double()[:, None] * inv_freq)
+
+    def rope(z):  # z [..., t, (h,) p] interleaved pairs as complex numbers
+        zc = torch.view_as_complex(z.double().reshape(*z.shape[:-1], p // 2, 2).contiguous())
+        r = rot if z.dim() == 3 else rot[:, None, :]
+        return torch.view_as_real(zc * r).flatten(-2).to(z.dtype)
+
+    q_full = torch.cat([q[..., :n], rope(q[..., n:])], -1)
+    k_full = torch.cat([kv[..., :n], rope(k_pe)[:, :, None, :].expand(b, t, h, p)], -1)
+    out = torch.empty(b, t, h, v)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for head in range(h):
+        s = q_full[:, :, head] @ k_full[:, :, head].transpose(1, 2) / math.sqrt(n + p)
+        s = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        out[:, :, head] = s @ kv[:, :, head, n:]
+    return out.flatten(2) @ attn.o_proj.weight.T
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+def test_naive_and_absorbed_match_reference(q_lora_rank):
+    cfg = cfg_for(q_lora_rank=q_lora_rank)
+    attn = MLA(cfg)
+    for prm in attn.parameters():
+        torch.nn.init.normal_(prm, 0, 0.2) if prm.dim() > 1 else torch.nn.init.normal_(prm, 1, 0.1)
+    rope = RotaryEmbedding(cfg)
+    x = torch.randn(2, 12, cfg.hidden_size)
+    cs = rope(torch.arange(12), x.dtype)
+    ref = reference_mla(attn, cfg, x)
+    naive = attn(x, cs, absorb=False)
+    absorbed = attn(x, cs, absorb=True)
+    torch.testing.assert_close(naive, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(absorbed, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("yarn", [False, True])
+def test_prefill_then_decode_absorbed_equals_naive_full_forward(yarn):
+    """Prefill (naive) 7 tokens, then decode 9 more one at a time with the absorbed form over the latent cache:
+    every step's logits equal the full naive forward over the whole sequence."""
+    cfg = cfg_for(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                                "mscale": 1.0, "mscale_all_dim": 1.0} if yarn else None)
+    model = dsv3.DeepseekV3(cfg).eval()
+    model.init_weights(seed=3)
+    with torch.no_grad():
+        for prm in model.parameters():  # larger weights: attention patterns far from uniform
+            prm.mul_(4 if prm.dim() > 1 else 1)
+    ids = torch.randint(0, cfg.vocab_size, (3, 16))
+    with torch.no_grad():
+        full = model(ids, mtp=False).logits
+        cache = model.new_cache(batch_size=3, max_len=16)
+        steps = [model(ids[:, :7], cache=cache, start_pos=0).logits]
+        for pos in range(7, 16):
+            steps.append(model(ids[:, pos : pos + 1], cache=cache, start_pos=pos).logits)  # absorbed by default
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert full.std() > 0.5
+
+
+def test_cached_naive_decode_and_chunked_prefill_match():
+    cfg = dsv3.get_config("tiny")
+    model = dsv3.DeepseekV3(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(ids, mtp=False).logits
+        cache = model.new_cache(2, 12)
+        a = model(ids[:, :5], cache=cache).logits
+        b = model(ids[:, 5:9], cache=cache, start_pos=5, absorb=False).logits  # chunk, naive over the cache
+        c = model(ids[:, 9:], cache=cache, start_pos=9, absorb=True).logits  # chunk, absorbed
+    torch.testing.assert_close(torch.cat([a, b, c], 1), full, atol=1e-5, rtol=0)
+
+
+def test_cache_holds_only_latent_and_rope_key():
+    cfg = dsv3.get_config("tiny")
+    cache = dsv3.DeepseekV3(cfg).new_cache(batch_size=2, max_len=10)
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # fp32
+    assert cache.nbytes == 2 * 10 * per_token * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+
+
+def test_errors_name_the_problem():
+    cfg = dsv3.get_config("tiny")
+    model = dsv3.DeepseekV3(cfg)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, cfg.max_position_embeddings + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), start_pos=3)
