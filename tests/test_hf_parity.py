@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import dsv3
-from dsv3 import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -78,7 +78,8 @@ def test_router_matches_per_token_reference(kw):
     for t in range(40):
         got = dict(zip(info.topk_idx[t].tolist(), info.topk_weight[t].tolist()))
         assert got == pytest.approx({e: w.item() for e, w in ref_w[t].items()}, abs=1e-6)
-    torch.testing.assert_close(info.load, torch.bincount(info.topk_idx.flatten(), minlength=layer.gate.n_experts).float())
+    counts = torch.bincount(info.topk_idx.flatten(), minlength=layer.gate.n_experts).float()
+    torch.testing.assert_close(info.load, counts)
 
 
 def test_group_limit_is_honoured():

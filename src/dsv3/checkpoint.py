@@ -144,6 +144,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
 
     model = DeepseekV3(cfg, dtype=dtype, device="meta")
     model.to_empty(device=device)
+    model.tie_weights()
     model.keep_fp32_buffers()
     model.reset_buffers()
     slots = checkpoint_slots(model)

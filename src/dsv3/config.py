@@ -90,7 +90,7 @@ class ModelConfig:
         return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
     # --------------------------------------------------------------- validation
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"invalid config: {name} = {getattr(self, name, None)!r}: {rule}")
@@ -145,7 +145,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------ (de)serialise
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a DeepSeek or transformers `config.json` dictionary (unknown keys kept in `extra`)."""
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -185,7 +185,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -203,7 +203,7 @@ class ModelConfig:
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes).validate()
 
 

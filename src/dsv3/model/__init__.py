@@ -1,7 +1,7 @@
 """The DeepSeek-V3 model as plain single-process PyTorch, one concept per module."""
 
 from .mla import MLA, LatentCache
-from .moe import MLP, MoE, Router, RoutedExperts, RoutingInfo
+from .moe import MLP, MoE, RoutedExperts, Router, RoutingInfo
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope
 from .transformer import DecoderLayer, DeepseekV3, ModelOutput, MTPModule

@@ -105,8 +105,7 @@ class DeepseekV3(nn.Module):
         with torch.device(device or "cpu"):
             self.model = DeepseekV3Model(cfg)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         if str(device) != "meta":
             self.init_weights()
         if dtype is not None:
@@ -121,6 +120,11 @@ class DeepseekV3(nn.Module):
     @property
     def mtp_modules(self) -> list[MTPModule]:
         return list(self.model.layers[self.config.num_hidden_layers :])
+
+    def tie_weights(self) -> None:
+        """Share the head with the embedding when configured (re-done after `to_empty()`, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
