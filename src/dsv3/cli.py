@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+from pathlib import Path
 
 
 def _params(args: argparse.Namespace) -> int:
@@ -14,14 +18,114 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(what: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"dsv3 {what}: not yet — this part of dsv3 is still being built (see the open issues).")
-        return 0
+def _data_prepare(args: argparse.Namespace) -> int:
+    from .train.data import prepare
 
-    return run
+    inputs = args.paths or None
+    if inputs and args.corpus:
+        raise SystemExit("dsv3 data prepare: give either --corpus or input paths, not both")
+    meta = prepare(args.out, inputs, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+    for split, s in meta["splits"].items():
+        print(f"{split}: {s['tokens']:,} tokens from {len(s['documents'])} document(s), {s['bytes']:,} bytes")
+    print(f"vocab {meta['vocab_size']:,}; written to {args.out}")
+    return 0
 
 
+# ------------------------------------------------------------------------------------------------ train
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    from .train.trainer import TrainConfig
+
+    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                           help="no progress bar")
+            continue
+        typ = optional_types.get(f.name) or type(f.default)
+        p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default: {f.default})")
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    from .train.trainer import TrainConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.trainer import TrainConfig, Trainer, resume_config
+
+    overrides = _train_overrides(args)
+    if args.resume:
+        cfg = resume_config(args.resume, **overrides)
+        trainer = Trainer(cfg, resume=True)
+        print(f"resuming {args.resume} at step {trainer.step}")
+    else:
+        cfg = TrainConfig.from_toml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+        trainer = Trainer(cfg)
+    last = trainer.fit()
+    if not last:
+        print(f"nothing to do: {cfg.out} is already at step {trainer.step} of {trainer.total_steps}")
+    else:
+        print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s, "
+              f"MaxVio {max(last['max_vio'], default=0):.3f}; checkpoints in {Path(cfg.out) / 'checkpoints'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_pretrained, resolve_checkpoint_dir
+    from .train.evaluate import evaluate
+
+    ckpt = resolve_checkpoint_dir(args.checkpoint)
+    data = args.data or _checkpoint_setting(ckpt, "data")
+    seq_len = args.seq_len or _checkpoint_setting(ckpt, "seq_len") or 256
+    if not data:
+        raise SystemExit("dsv3 eval: this checkpoint does not record its dataset; pass --data DIR")
+    model = load_pretrained(ckpt)
+    result = evaluate(model, data, seq_len=seq_len, max_tokens=args.max_tokens)
+    print(json.dumps({"checkpoint": str(ckpt), "data": str(data), **result}, indent=2))
+    return 0
+
+
+def _checkpoint_setting(ckpt: Path, key: str):
+    state = ckpt / "trainer_state.pt"
+    if not state.exists():
+        return None
+    import torch
+
+    return torch.load(state, map_location="cpu", weights_only=False)["train_config"].get(key)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .train.plots import plot_run
+
+    for path in plot_run(args.run, args.out):
+        print(path)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .train.simulate import plot_simulation, simulate
+
+    hist = simulate(n_experts=args.experts, n_group=args.groups, topk_group=args.topk_groups, top_k=args.top_k,
+                    steps=args.steps, gamma=args.gamma, skew=args.skew, seed=args.seed)
+    for mode, h in hist.items():
+        v = h["max_vio"]
+        tail = sum(v[-20:]) / len(v[-20:])
+        print(f"{mode:>9}: MaxVio {v[0]:.3f} at step 1 -> {tail:.3f} (mean of the last 20 steps)")
+    print(plot_simulation(hist, args.out))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .train.demo import run_demo
+
+    minutes = args.minutes if args.minutes is not None else float(os.environ.get("DEMO_MINUTES", 10))
+    return run_demo(minutes=minutes, data_dir=args.data, run_dir=args.out)
+
+
+# ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,8 +134,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a preset (tiny, small, deepseek-v3-671b), a config.json or a checkpoint dir")
     p.set_defaults(func=_params)
 
-    p = sub.add_parser("demo", help="the main job: prepare data, train the small preset, evaluate, sample")
-    p.set_defaults(func=_not_yet("demo"))
+    p = sub.add_parser("data", help="datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = data_sub.add_parser("prepare", help="tokenize a corpus into a dataset directory")
+    q.add_argument("paths", nargs="*", help="text files, folders or JSONL files ({\"text\": ...} per line)")
+    q.add_argument("--corpus", choices=["shakespeare"], help="the bundled default corpus (used when no paths)")
+    q.add_argument("--out", required=True, help="dataset directory to write")
+    q.add_argument("--vocab-size", type=int, default=8192)
+    q.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of documents (own data)")
+    q.set_defaults(func=_data_prepare)
+
+    p = sub.add_parser("train", help="train a model (flags override --config TOML)")
+    p.add_argument("--config", help="TOML file with TrainConfig keys (top level or a [train] table)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint")
+    _train_flags(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity and bits-per-byte of a checkpoint or run")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="dataset directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("plot", help="loss, expert-load and bias plots of a run")
+    p.add_argument("run")
+    p.add_argument("--out", help="folder for the PNGs (default RUN/plots)")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("simulate-routing", help="aux-loss-free balancing on a skewed synthetic router")
+    p.add_argument("--out", default="routing_simulation.png")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--topk-groups", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--gamma", type=float, default=0.001, help="bias update speed")
+    p.add_argument("--skew", type=float, default=1.5, help="strength of the affinity skew")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("demo", help="the main job: prepare data, train the small preset, evaluate, plot, sample")
+    p.add_argument("--minutes", type=float, help="training time (default $DEMO_MINUTES or 10)")
+    p.add_argument("--data", default="data/shakespeare")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=_demo)
     return parser
 
 
@@ -39,12 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .train.data import DataError
+    from .train.trainer import TrainError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DataError, TrainError) as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dsv3 {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

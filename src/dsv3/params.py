@@ -92,6 +92,22 @@ def count_parameters(cfg: ModelConfig) -> ParamReport:
     return report
 
 
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -> float:
+    """Forward + backward FLOPs per trained token: 6 x the activated matmul parameters (the embedding lookup is
+    free; the head counts, once more per MTP module) + causal attention 3 x L x H x T x (d_qk + d_v)."""
+    r = count_parameters(cfg)
+    dense = r.activated - r.main["embedding"] - r.main["norms"]
+    n_mtp = cfg.num_nextn_predict_layers if mtp else 0
+    layers = cfg.num_hidden_layers
+    if n_mtp:
+        per_module_share = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 0.0
+        mtp_active = r.mtp_unique - r.mtp["norms"] - r.mtp["routed experts"] * (1 - per_module_share)
+        dense += mtp_active + n_mtp * r.main["head"]
+        layers += n_mtp
+    attention = 3 * layers * cfg.num_attention_heads * seq_len * (cfg.qk_head_dim + cfg.v_head_dim)
+    return 6 * dense + attention
+
+
 def _fmt(n: float) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:

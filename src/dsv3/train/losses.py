@@ -1,0 +1,49 @@
+"""Language-model and multi-token-prediction losses.
+
+A training window is `tokens` [B, T+1]; the model reads tokens[:, :T]. The main head at position i predicts
+tokens[:, i+1]. MTP depth k at position i (i < T-k) predicts tokens[:, i+k+1], i.e. its targets are
+tokens[:, k+1 : T+1].
+
+Documents are packed with an end-of-text token between them. An MTP target must not lie in a later document than
+the token the main head predicts at that position: depth k at position i is masked out when an end-of-text token
+occurs among tokens i+1 .. i+k (the prediction would jump across a document boundary). The main loss keeps every
+position, as usual for packed pre-training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean CE of logits [B, T, V] against tokens [B, T+1] shifted by one."""
+    t = logits.shape[1]
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1 : t + 1].flatten())
+
+
+def mtp_targets(tokens: torch.Tensor, depth: int, eot_id: int | None) -> torch.Tensor:
+    """Targets [B, T-k] for MTP depth k from tokens [B, T+1]; IGNORE where the target crosses a document end."""
+    t = tokens.shape[1] - 1
+    n = t - depth
+    targets = tokens[:, depth + 1 : depth + 1 + n].clone()
+    if eot_id is not None:
+        crossed = torch.zeros_like(targets, dtype=torch.bool)
+        for j in range(1, depth + 1):  # tokens i+1 .. i+k
+            crossed |= tokens[:, j : j + n] == eot_id
+        targets[crossed] = IGNORE
+    return targets
+
+
+def mtp_losses(mtp_logits: list[torch.Tensor], tokens: torch.Tensor, eot_id: int | None) -> list[torch.Tensor]:
+    """CE of each MTP depth (mean over its unmasked positions)."""
+    losses = []
+    for k, logits in enumerate(mtp_logits, start=1):
+        targets = mtp_targets(tokens, k, eot_id)[:, : logits.shape[1]]
+        if (targets != IGNORE).any():
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE))
+        else:
+            losses.append(logits.sum() * 0.0)
+    return losses

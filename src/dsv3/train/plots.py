@@ -1,0 +1,101 @@
+"""`dsv3 plot RUN`: PNGs from a run's metrics.jsonl.
+
+- loss.png          main and MTP losses, learning rate, and MaxVio per MoE layer over steps
+- expert_load.png   per MoE layer, a heatmap of each expert's load relative to the mean (experts x steps)
+- expert_bias.png   per MoE layer, the trajectory of every expert's selection bias
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{run}: no metrics.jsonl (not a dsv3 training run)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise FileNotFoundError(f"{path} is empty: the run has not finished a step yet")
+    return rows
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(y: np.ndarray, n: int) -> np.ndarray:
+    if len(y) < n or n <= 1:
+        return y
+    return np.convolve(y, np.ones(n) / n, mode="valid")
+
+
+def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    plt = _plt()
+    rows = read_metrics(run)
+    out = Path(out_dir or Path(run) / "plots")
+    out.mkdir(parents=True, exist_ok=True)
+    steps = np.array([r["step"] for r in rows])
+    win = max(1, len(rows) // 50)
+    paths = []
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    loss = np.array([r["loss"] for r in rows])
+    ax.plot(steps, loss, alpha=0.25, color="C0")
+    ax.plot(steps[win - 1 :], _smooth(loss, win), color="C0", label="main")
+    depth = len(rows[0]["mtp_loss"])
+    for k in range(depth):
+        m = np.array([r["mtp_loss"][k] for r in rows])
+        ax.plot(steps[win - 1 :], _smooth(m, win), color=f"C{k + 1}", label=f"MTP depth {k + 1}")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="training loss")
+    ax.legend()
+    axes[1].plot(steps, [r["lr"] for r in rows])
+    axes[1].set(xlabel="step", ylabel="learning rate", title="schedule")
+    vio = np.array([r["max_vio"] for r in rows])
+    for layer in range(vio.shape[1]):
+        axes[2].plot(steps[win - 1 :], _smooth(vio[:, layer], win), label=f"MoE layer {layer}")
+    axes[2].set(xlabel="step", ylabel="MaxVio = max load / mean - 1", title="expert load imbalance")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    load = np.array([r["load"] for r in rows], dtype=float)  # [steps, layers, experts]
+    n_layers = load.shape[1]
+    rel = load / np.maximum(load.mean(-1, keepdims=True), 1e-9)
+    fig, axes = plt.subplots(n_layers, 1, figsize=(12, 1.6 * n_layers + 1), squeeze=False)
+    for layer in range(n_layers):
+        ax = axes[layer, 0]
+        im = ax.imshow(rel[:, layer].T, aspect="auto", cmap="coolwarm", vmin=0, vmax=2, interpolation="nearest",
+                       extent=(steps[0], steps[-1], rel.shape[2] - 0.5, -0.5))
+        ax.set_ylabel(f"layer {layer}\nexpert")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("expert load / mean load per MoE layer (1 = balanced)")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8)
+    paths.append(out / "expert_load.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    bias = np.array([r["bias"] for r in rows])  # [steps, layers, experts]
+    fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3.2), squeeze=False)
+    for layer in range(n_layers):
+        ax = axes[0, layer]
+        ax.plot(steps, bias[:, layer], linewidth=0.8)
+        ax.set(title=f"MoE layer {layer}", xlabel="step")
+    axes[0, 0].set_ylabel("e_score_correction_bias")
+    fig.suptitle("selection bias of each expert (aux-loss-free balancing)")
+    fig.tight_layout()
+    paths.append(out / "expert_bias.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,350 @@
+"""The training loop: AdamW, the paper's LR schedule, aux-loss-free balancing, MTP loss, metrics, checkpoints.
+
+A run directory holds:
+  train_config.json           the TrainConfig of the run (resume reads it back)
+  metrics.jsonl               one JSON line per optimizer step
+  checkpoints/step-NNNNNNNN/  HF-format checkpoint + tokenizer.json + trainer_state.pt (optimizer, step, ...)
+
+Determinism: batches are drawn from (seed, step, micro-batch) alone and the model is plain fp32 on CPU, so a run
+resumed from a checkpoint reproduces the uninterrupted loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretrained
+from ..config import ModelConfig, get_config
+from ..model import DeepseekV3
+from ..params import training_flops_per_token
+from .balance import max_violation, sequence_balance_loss, update_expert_bias
+from .data import TokenData
+from .losses import lm_loss, mtp_losses
+from .schedule import lr_at, mtp_weight_at
+
+BALANCE_MODES = ("aux_free", "aux_loss", "none")
+UNKNOWN_STEPS = 10**9  # schedule length while a time-budgeted run measures its step time (all in warmup)
+
+
+class TrainError(ValueError):
+    """Invalid training settings; names the setting."""
+
+
+@dataclass
+class TrainConfig:
+    # what
+    preset: str = "small"  # preset name or config.json path
+    data: str = "data/shakespeare"
+    out: str = "runs/run"
+    # how long (optimizer steps; `minutes` bounds wall time; with minutes only, steps are estimated)
+    max_steps: int | None = None
+    minutes: float | None = None
+    # batch: batch_size x grad_accum sequences of seq_len tokens per optimizer step
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    # optimizer (paper: AdamW, betas 0.9/0.95, wd 0.1, clip 1.0; peak 2.2e-4 at 671B, larger for small models)
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # load balancing
+    balance: str = "aux_free"  # aux_free | aux_loss | none
+    bias_update_speed: float = 0.001  # gamma; 0 freezes the bias
+    seq_aux_alpha: float = 1e-4  # complementary sequence-wise balance loss (aux_free); 0 disables
+    aux_loss_alpha: float = 0.003  # conventional balance loss (aux_loss mode)
+    # multi-token prediction
+    mtp_depth: int | None = None  # None: the preset's num_nextn_predict_layers; 0 disables MTP
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    # misc
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
+    device: str = "auto"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        def need(ok, name, rule):
+            if not ok:
+                raise TrainError(f"invalid training setting {name} = {getattr(self, name)!r}: {rule}")
+
+        need(self.balance in BALANCE_MODES, "balance", f"must be one of {', '.join(BALANCE_MODES)}")
+        need(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
+        for name in ("batch_size", "grad_accum", "seq_len", "checkpoint_every", "keep_checkpoints"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        need(self.minutes is None or self.minutes > 0, "minutes", "must be > 0")
+        need(self.max_steps is not None or self.minutes is not None, "max_steps", "give max_steps or minutes")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
+        need(self.mtp_depth is None or self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
+        return self
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> TrainConfig:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise TrainError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise TrainError(f"{path}: invalid TOML ({e})") from None
+        values = values.get("train", values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def measured_matmul_flops(device: torch.device, n: int = 1024, reps: int = 8) -> float:
+    """Peak-ish fp32 matmul FLOP/s of this machine, measured (the MFU denominator)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg.validate()
+        self.run = Path(cfg.out)
+        self.device = torch.device(cfg.device if cfg.device != "auto" else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.data = TokenData(cfg.data, "train")
+        self.step = 0
+        self.total_steps = cfg.max_steps
+        state = None
+        if resume:
+            ckpt = resolve_checkpoint_dir(self.run)
+            self.model = load_pretrained(ckpt, device=self.device, progress=False)
+            state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+            self.step = state["step"]
+            # the schedule's length is the original run's unless max_steps was given anew (extending the run)
+            saved = TrainConfig(**state["train_config"])
+            self.total_steps = cfg.max_steps if cfg.max_steps != saved.max_steps else state["total_steps"]
+            self._truncate_metrics(self.step)
+        else:
+            self.model = DeepseekV3(self._model_config(), device=self.device)
+            torch.manual_seed(cfg.seed)
+            self.model.init_weights(seed=cfg.seed)
+        mc = self.model.config
+        if mc.vocab_size < self.data.meta["vocab_size"]:
+            raise TrainError(f"model vocab_size {mc.vocab_size} is smaller than the tokenizer's "
+                             f"{self.data.meta['vocab_size']} (data {cfg.data})")
+        if cfg.seq_len > mc.max_position_embeddings:
+            raise TrainError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                             f"{mc.max_position_embeddings}")
+        self.routers = [layer.mlp.gate for layer in self.model.model.layers if layer.is_moe]
+        self.optimizer = self._optimizer()
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+        self.flops_per_token = training_flops_per_token(mc, cfg.seq_len, mtp=mc.num_nextn_predict_layers > 0)
+        self.peak_flops = measured_matmul_flops(self.device)
+
+    # ---------------------------------------------------------------- setup
+    def _model_config(self) -> ModelConfig:
+        mc = get_config(self.cfg.preset)
+        vocab = self.data.meta["vocab_size"]
+        changes = {}
+        if mc.vocab_size != vocab:
+            changes["vocab_size"] = vocab  # the preset's vocab follows the dataset's tokenizer
+        if self.cfg.mtp_depth is not None:
+            changes["num_nextn_predict_layers"] = self.cfg.mtp_depth
+        if self.cfg.seq_len > mc.max_position_embeddings:
+            changes["max_position_embeddings"] = self.cfg.seq_len
+        return mc.replace(**changes) if changes else mc
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm gains (biases if any)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                 foreach=self.device.type == "cuda")
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        model.train()
+        mc = model.config
+        depth = mc.num_nextn_predict_layers
+        lam = mtp_weight_at(self.step, self.total_steps, cfg.mtp_lambda, cfg.mtp_lambda_late)
+        alpha = {"aux_free": cfg.seq_aux_alpha, "aux_loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
+        loads = [torch.zeros(r.n_experts, device=self.device) for r in self.routers]
+        sums = {"loss": 0.0, "balance": 0.0, "mtp": [0.0] * depth}
+        t0 = time.perf_counter()
+        for micro in range(cfg.grad_accum):
+            tokens = self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, micro).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = model(tokens[:, :-1])
+            main = lm_loss(out.logits, tokens)
+            mtp = mtp_losses(out.mtp_logits, tokens, self.data.eot_id)
+            balance = sum((sequence_balance_loss(info, cfg.batch_size) for info in out.routing),
+                          torch.zeros((), device=self.device))
+            total = main + alpha * balance
+            if mtp:
+                total = total + lam / depth * sum(mtp)
+            (total / cfg.grad_accum).backward()
+            for acc, info in zip(loads, out.routing):
+                acc += info.load
+            sums["loss"] += main.item() / cfg.grad_accum
+            sums["balance"] += alpha * balance.item() / cfg.grad_accum
+            for k, m in enumerate(mtp):
+                sums["mtp"][k] += m.item() / cfg.grad_accum
+        if not math.isfinite(sums["loss"]):
+            raise TrainError(f"the loss became {sums['loss']} at step {self.step + 1}; lower lr (now {cfg.lr}) "
+                             "or check the data")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loads = self.reduce_loads(loads)
+        if cfg.balance == "aux_free":
+            for router, load in zip(self.routers, loads):
+                update_expert_bias(router.e_score_correction_bias, load, cfg.bias_update_speed)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens_per_s = cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt
+        return {
+            "step": self.step, "loss": sums["loss"], "mtp_loss": sums["mtp"], "balance_loss": sums["balance"],
+            "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "tokens": self.step * cfg.batch_size * cfg.grad_accum * cfg.seq_len, "step_time": dt,
+            "max_vio": [max_violation(load) for load in loads],
+            "load": [load.int().tolist() for load in loads],
+            "bias": [[round(b, 6) for b in r.e_score_correction_bias.tolist()] for r in self.routers],
+        }
+
+    def reduce_loads(self, loads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Expert loads over the whole global batch (identity on one process; summed over ranks in dist)."""
+        return loads
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.run.mkdir(parents=True, exist_ok=True)
+        (self.run / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
+        estimating = self.total_steps is None  # time budget only: the step count is estimated, then fixed
+        if estimating:
+            self.total_steps = UNKNOWN_STEPS
+        probe_from, probe_t = self.step + 3, 0.0  # skip the slower first steps when timing
+        last: dict = {}
+        with _Progress(cfg.progress) as bar, open(self.run / "metrics.jsonl", "a") as log:
+            task = bar.add(None if estimating else self.total_steps, self.step)
+            while self.step < self.total_steps:
+                if deadline and time.monotonic() > deadline:
+                    break
+                last = self.train_step()
+                if estimating and self.step == probe_from:
+                    probe_t = time.monotonic()
+                elif estimating and self.step == probe_from + 10:
+                    per_step = (time.monotonic() - probe_t) / 10
+                    left = int((deadline - time.monotonic()) / per_step * 0.98)
+                    self.total_steps = max(self.step + 1, self.step + left)
+                    estimating = False
+                    bar.set_total(task, self.total_steps)
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                bar.update(task, self.step, last)
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        if estimating:  # the budget ran out before the step time was measured: the run is what it is
+            self.total_steps = self.step
+        if last and self.step % cfg.checkpoint_every != 0:
+            self.save_checkpoint()
+        return last
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "total_steps": self.total_steps, "optimizer": self.optimizer.state_dict(),
+                 "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        files = {"trainer_state.pt": buf.getvalue(),
+                 "tokenizer.json": (Path(self.cfg.data) / "tokenizer.json").read_text()}
+        path = save_pretrained(self.model, self.run / "checkpoints" / f"step-{self.step:08d}", extra_files=files)
+        old = sorted((self.run / "checkpoints").glob("step-*"))[: -self.cfg.keep_checkpoints]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+        return path
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
+        path = self.run / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def resume_config(run: str | Path, **overrides) -> TrainConfig:
+    path = Path(run) / "train_config.json"
+    if not path.exists():
+        raise TrainError(f"cannot resume {run}: no train_config.json (not a dsv3 run directory)")
+    values = json.loads(path.read_text())
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["out"] = str(run)
+    return TrainConfig(**values)
+
+
+class _Progress:
+    """Rich progress bar: step, loss, tokens/s, ETA. Silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+
+    def add(self, total, completed):
+        return self.bar.add_task("train", total=total, completed=completed, info="") if self.enabled else None
+
+    def set_total(self, task, total):
+        if self.enabled:
+            self.bar.update(task, total=total)
+
+    def update(self, task, step, m):
+        if self.enabled:
+            mtp = " ".join(f"mtp{k + 1} {v:.3f}" for k, v in enumerate(m["mtp_loss"]))
+            info = (f"loss {m['loss']:.3f} {mtp} | {m['tokens_per_s']:,.0f} tok/s | "
+                    f"MaxVio {max(m['max_vio'], default=0):.2f}")
+            self.bar.update(task, completed=step, info=info)
+

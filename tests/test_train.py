@@ -1,0 +1,238 @@
+"""Training: balancing, losses, MTP targets, data preparation, exact resume, HF-loadable checkpoints."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.model.moe import RoutingInfo
+from dsv3.train import balance
+from dsv3.train.data import EOT, DataError, TokenData, prepare, read_documents
+from dsv3.train.losses import IGNORE, mtp_targets
+from dsv3.train.schedule import lr_at
+from dsv3.train.trainer import TrainConfig, Trainer, TrainError, resume_config
+
+WORDS = ("the king lord thou art my good sir what shall we do now love death night day sweet gentle "
+         "speak come go hence away noble friend").split()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for d in range(12):
+        lines = []
+        for _ in range(60):
+            speaker = rng.choice(["KING", "LORD", "FOOL"])
+            lines.append(f"{speaker}.\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + ".\n")
+        (root / f"play{d:02d}.txt").write_text("\n".join(lines))
+    out = tmp_path_factory.mktemp("data")
+    prepare(out, [root], vocab_size=300, val_fraction=0.2)
+    return out
+
+
+def tiny_cfg(dataset, out, **kw):
+    base = dict(preset="tiny", data=str(dataset), out=str(out), max_steps=6, batch_size=4, seq_len=32,
+                lr=3e-3, warmup_steps=2, checkpoint_every=3, progress=False, bias_update_speed=0.01)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------ balance
+def test_bias_moves_toward_balance():
+    bias = torch.zeros(4)
+    balance.update_expert_bias(bias, torch.tensor([10.0, 0.0, 5.0, 6.0]), gamma=0.001)
+    # mean load 5.25: overloaded experts 0 and 3 lose gamma, underloaded 1 and 2 gain it
+    assert bias.tolist() == pytest.approx([-0.001, 0.001, 0.001, -0.001])
+    balance.update_expert_bias(bias, torch.tensor([10.0, 0.0, 5.0, 6.0]), gamma=0.0)
+    assert bias.tolist() == pytest.approx([-0.001, 0.001, 0.001, -0.001])  # gamma 0 freezes
+
+
+def test_sequence_balance_loss_equals_hand_computation():
+    # one sequence, T = 2 tokens, E = 4 experts, K = 1
+    scores = torch.tensor([[0.6, 0.2, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]])
+    info = RoutingInfo(topk_idx=torch.tensor([[0], [1]]), topk_weight=torch.ones(2, 1), scores=scores,
+                       load=torch.tensor([1.0, 1, 0, 0]))
+    # f_i = E/(K T) * count_i = 4/2 * [1, 1, 0, 0] = [2, 2, 0, 0]
+    # s' rows already sum to 1, P = mean over tokens = [0.45, 0.25, 0.15, 0.15]
+    # L = 2*0.45 + 2*0.25 = 1.4
+    assert balance.sequence_balance_loss(info, batch_size=1).item() == pytest.approx(1.4)
+    # two sequences: computed per sequence, then averaged
+    info2 = RoutingInfo(torch.tensor([[0], [1], [2], [2]]), torch.ones(4, 1),
+                        torch.cat([scores, torch.full((2, 4), 0.25)]), torch.zeros(4))
+    second = 4 / 2 * 2 * 0.25  # f = [0, 0, 4, 0], P = 0.25 each
+    assert balance.sequence_balance_loss(info2, batch_size=2).item() == pytest.approx((1.4 + second) / 2)
+
+
+def test_max_violation():
+    assert balance.max_violation(torch.tensor([2.0, 2, 2, 2])) == 0
+    assert balance.max_violation(torch.tensor([4.0, 0, 2, 2])) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ MTP targets
+def test_mtp_targets_shift_and_stop_at_document_ends():
+    eot = 0
+    tokens = torch.tensor([[5, 6, 7, 0, 8, 9, 10, 11]])  # T + 1 = 8
+    # depth 1: position i predicts token i+2
+    assert mtp_targets(tokens, 1, None).tolist() == [[7, 0, 8, 9, 10, 11]]
+    # masked where an end-of-text lies among tokens i+1..i+1: position 2 (token i+1 = 0) would predict 8
+    assert mtp_targets(tokens, 1, eot).tolist() == [[7, 0, IGNORE, 9, 10, 11]]
+    # depth 2: targets tokens[i+3]; crossing when tokens i+1 or i+2 is the end-of-text (positions 1, 2)
+    assert mtp_targets(tokens, 2, eot).tolist() == [[0, IGNORE, IGNORE, 10, 11]]
+
+
+def test_model_mtp_logits_align_with_targets():
+    """The depth-1 logits the model returns have exactly one target per position."""
+    model = dsv3.DeepseekV3(dsv3.get_config("tiny"))
+    tokens = torch.randint(1, 256, (2, 17))
+    out = model(tokens[:, :-1])
+    assert out.mtp_logits[0].shape[1] == mtp_targets(tokens, 1, 0).shape[1]
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def test_lr_schedule_shape():
+    lrs = [lr_at(s, 1000, 1.0, 100) for s in range(1000)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[99] == pytest.approx(1.0)
+    assert lrs[500] == 1.0  # constant phase
+    assert lrs[800] < 1.0 and lrs[999] == pytest.approx(0.1)  # cosine down to 10%, then flat
+    assert all(a >= b for a, b in zip(lrs[676:], lrs[677:]))
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_prepare_holds_out_whole_documents_and_warns(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("alpha beta gamma\n" * 50)
+    (src / "b.txt").write_text("delta epsilon\n" * 50)
+    (src / "empty.txt").write_text("   \n")
+    (src / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (src / "c.jsonl").write_text(json.dumps({"text": "zeta eta theta"}) + "\n" + json.dumps({"text": "iota"}))
+    with pytest.warns(UserWarning) as record:
+        meta = prepare(tmp_path / "data", [src], vocab_size=280, val_fraction=0.5)
+    messages = " ".join(str(w.message) for w in record)
+    assert "empty.txt" in messages and "latin1.txt" in messages and "not UTF-8" in messages
+    docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
+    assert len(docs) == 4 and not set(meta["splits"]["train"]["documents"]) & set(meta["splits"]["val"]["documents"])
+    data = TokenData(tmp_path / "data", "train")
+    assert data.ids[0] == data.eot_id == meta["eot_id"]
+    tok = dsv3.train.data.load_tokenizer(tmp_path / "data")
+    assert tok.token_to_id(EOT) == meta["eot_id"]
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(DataError, match="nope.txt does not exist"):
+        read_documents([tmp_path / "nope.txt"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": 3}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected .* \"text\""):
+        read_documents([bad])
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def _metric_rows(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # wall-clock fields differ between runs
+        for key in ("tokens_per_s", "mfu", "step_time"):
+            r.pop(key)
+    return rows
+
+
+def test_resume_equals_uninterrupted_run(dataset, tmp_path):
+    Trainer(tiny_cfg(dataset, tmp_path / "straight")).fit()
+
+    class Killed(Trainer):
+        def train_step(self):
+            if self.step == 4:  # dies during step 5, after the step-3 checkpoint and step 4's metrics
+                raise KeyboardInterrupt
+            return super().train_step()
+
+    with pytest.raises(KeyboardInterrupt):
+        Killed(tiny_cfg(dataset, tmp_path / "killed")).fit()
+    assert len(_metric_rows(tmp_path / "killed")) == 4
+    resumed = Trainer(resume_config(tmp_path / "killed"), resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+    straight, again = _metric_rows(tmp_path / "straight"), _metric_rows(tmp_path / "killed")
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    assert again == straight  # losses, grad norms, loads and biases, bit for bit
+
+
+def test_aux_free_training_moves_biases_and_checkpoints_carry_them(dataset, tmp_path):
+    trainer = Trainer(tiny_cfg(dataset, tmp_path / "run", max_steps=3, checkpoint_every=3))
+    trainer.fit()
+    rows = _metric_rows(tmp_path / "run")
+    first_load = torch.tensor(rows[0]["load"][0], dtype=torch.float)
+    bias_after_1 = torch.tensor(rows[0]["bias"][0])
+    expected = 0.01 * torch.sign(first_load.mean() - first_load)
+    assert torch.allclose(bias_after_1, expected)
+    assert rows[0]["balance_loss"] > 0 and len(rows[0]["mtp_loss"]) == 1
+    back = dsv3.load_pretrained(tmp_path / "run")
+    assert torch.equal(back.model.layers[1].mlp.gate.e_score_correction_bias,
+                       trainer.model.model.layers[1].mlp.gate.e_score_correction_bias)
+    ckpt = dsv3.checkpoint.resolve_checkpoint_dir(tmp_path / "run")
+    assert (ckpt / "tokenizer.json").exists() and (ckpt / "trainer_state.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["aux_loss", "none"])
+def test_other_balance_modes_keep_bias_fixed(dataset, tmp_path, mode):
+    trainer = Trainer(tiny_cfg(dataset, tmp_path / mode, max_steps=2, balance=mode, mtp_depth=0))
+    last = trainer.fit()
+    assert all(b == 0 for layer in last["bias"] for b in layer)
+    assert (last["balance_loss"] > 0) == (mode == "aux_loss")
+    assert last["mtp_loss"] == [] and trainer.model.config.num_nextn_predict_layers == 0
+
+
+def test_training_checkpoint_loads_in_transformers(dataset, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    Trainer(tiny_cfg(dataset, tmp_path / "run", max_steps=3)).fit()
+    ckpt = dsv3.checkpoint.resolve_checkpoint_dir(tmp_path / "run")
+    ours = dsv3.load_pretrained(ckpt).eval()
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_eval_reports_consistent_bpb(dataset, tmp_path):
+    from dsv3.train.evaluate import evaluate
+
+    Trainer(tiny_cfg(dataset, tmp_path / "run", max_steps=2)).fit()
+    model = dsv3.load_pretrained(tmp_path / "run")
+    r = evaluate(model, dataset, seq_len=32)
+    data = TokenData(dataset, "val")
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    assert r["bpb"] == pytest.approx(r["loss"] * len(data) / data.bytes / math.log(2))
+
+
+def test_bad_settings_are_named(dataset, tmp_path):
+    with pytest.raises(TrainError, match="balance"):
+        Trainer(tiny_cfg(dataset, tmp_path, balance="magic"))
+    with pytest.raises(TrainError, match="max_steps"):
+        Trainer(tiny_cfg(dataset, tmp_path, max_steps=None))
+    toml = tmp_path / "t.toml"
+    toml.write_text("[train]\nbatch_size = 2\nlearning_rate = 3\n")
+    with pytest.raises(TrainError, match="learning_rate"):
+        TrainConfig.from_toml(toml)
+    with pytest.raises(DataError, match="no meta.json"):
+        Trainer(tiny_cfg(tmp_path, tmp_path / "r"))
+
+
+def test_toml_config_and_flags(dataset, tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'preset = "tiny"\ndata = "{dataset}"\nmax_steps = 2\nseq_len = 16\nbatch_size = 2\n')
+    cfg = TrainConfig.from_toml(toml, out=str(tmp_path / "run"), max_steps=1, progress=False)
+    assert cfg.max_steps == 1 and cfg.seq_len == 16
+    assert Trainer(cfg).fit()["step"] == 1
+
+
+def test_routing_simulator_balances():
+    from dsv3.train.simulate import simulate
+
+    hist = simulate(n_experts=16, n_group=4, topk_group=2, top_k=4, dim=32, tokens_per_step=512, steps=150,
+                    gamma=0.002)
+    frozen, free = hist["frozen"]["max_vio"], hist["aux_free"]["max_vio"]
+    assert frozen[0] == free[0] > 1.0
+    assert sum(frozen[-20:]) / 20 > 1.0 and sum(free[-20:]) / 20 < 0.4
