@@ -1,8 +1,43 @@
+import random
+
 import pytest
 import torch
+
+from dsv3.train.data import prepare
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+WORDS = ("the king lord thou art my good sir what shall we do now love death night day sweet gentle "
+         "speak come go hence away noble friend").split()
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for d in range(12):
+        lines = []
+        for _ in range(60):
+            speaker = rng.choice(["KING", "LORD", "FOOL"])
+            lines.append(f"{speaker}.\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + ".\n")
+        (root / f"play{d:02d}.txt").write_text("\n".join(lines))
+    out = tmp_path_factory.mktemp("data")
+    prepare(out, [root], vocab_size=300, val_fraction=0.2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, dataset):
+    """A tiny model trained for 60 steps on the synthetic corpus (main model and MTP module learn something)."""
+    from dsv3.train.trainer import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig(preset="tiny", data=str(dataset), out=str(out), max_steps=60, batch_size=8, seq_len=64,
+                      lr=5e-3, warmup_steps=5, checkpoint_every=60, progress=False)
+    Trainer(cfg).fit()
+    return out

@@ -2,7 +2,6 @@
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -14,24 +13,6 @@ from dsv3.train.data import EOT, DataError, TokenData, prepare, read_documents
 from dsv3.train.losses import IGNORE, mtp_targets
 from dsv3.train.schedule import lr_at
 from dsv3.train.trainer import TrainConfig, Trainer, TrainError, resume_config
-
-WORDS = ("the king lord thou art my good sir what shall we do now love death night day sweet gentle "
-         "speak come go hence away noble friend").split()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for d in range(12):
-        lines = []
-        for _ in range(60):
-            speaker = rng.choice(["KING", "LORD", "FOOL"])
-            lines.append(f"{speaker}.\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + ".\n")
-        (root / f"play{d:02d}.txt").write_text("\n".join(lines))
-    out = tmp_path_factory.mktemp("data")
-    prepare(out, [root], vocab_size=300, val_fraction=0.2)
-    return out
 
 
 def tiny_cfg(dataset, out, **kw):

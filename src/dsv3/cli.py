@@ -125,6 +125,98 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(minutes=minutes, data_dir=args.data, run_dir=args.out)
 
 
+# ------------------------------------------------------------------------------------------------ inference
+def _load_for_inference(args: argparse.Namespace):
+    from .checkpoint import load_pretrained, resolve_checkpoint_dir
+    from .train.data import load_tokenizer
+
+    ckpt = resolve_checkpoint_dir(args.checkpoint)
+    return ckpt, load_pretrained(ckpt).eval(), load_tokenizer(ckpt)
+
+
+def _sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", choices=["mtp", "none"], default="none", help="MTP speculative decoding")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _params_from(args, tokenizer, extra_stops=()):
+    from .infer import SamplingParams
+    from .train.data import EOT
+
+    eot = tokenizer.token_to_id(EOT)
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_ids=(eot,) if eot is not None else (),
+                          stop_strings=tuple(args.stop) + tuple(extra_stops))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    from .infer import Engine
+
+    _, model, tok = _load_for_inference(args)
+    log = (lambda m: print(m, file=sys.stderr)) if args.verbose else None
+    engine = Engine(model, tok, max_batch=1, speculative=args.speculative == "mtp", log=log)
+    t = time.perf_counter()
+    req = engine.submit(tok.encode(args.prompt).ids, _params_from(args, tok))
+    while not req.done:
+        engine.step()
+    dt = time.perf_counter() - t
+    print(req.text)
+    if args.verbose:
+        acc = f", MTP acceptance {engine.acceptance_rate:.0%}" if engine.speculative else ""
+        print(f"{len(req.output)} tokens in {dt:.2f} s ({len(req.output) / dt:.1f} tokens/s{acc})", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .infer import Engine
+    from .infer.server import ChatTemplate
+
+    ckpt, model, tok = _load_for_inference(args)
+    template = ChatTemplate(ckpt)
+    engine = Engine(model, tok, max_batch=1, speculative=args.speculative == "mtp")
+    history: list[dict] = []
+    print("dsv3 chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        prompt = tok.encode(template.render(history)).ids[-(engine.max_len - args.max_new_tokens):]
+        print("model> ", end="", flush=True)
+        req = engine.submit(prompt, _params_from(args, tok, template.default_stops),
+                            on_update=lambda r, delta: print(delta, end="", flush=True))
+        while not req.done:
+            engine.step()
+        print()
+        history.append({"role": "assistant", "content": req.text.strip()})
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .infer import Engine
+    from .infer.server import Server, create_app
+
+    ckpt, model, tok = _load_for_inference(args)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
+                    speculative=args.speculative == "mtp", log=lambda m: print(m, file=sys.stderr))
+    server = Server(engine, tok, model_name=args.model_name or ckpt.parent.parent.name or "dsv3", checkpoint=ckpt)
+    print(f"serving {ckpt} as model '{server.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in plain PyTorch.")
@@ -174,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)
 
+    p = sub.add_parser("generate", help="generate text from a prompt (the text alone on stdout)")
+    p.add_argument("checkpoint", help="checkpoint directory or training run")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("-v", "--verbose", action="store_true", help="cache size and speed on stderr")
+    _sampling_flags(p, 200)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("chat", help="interactive streaming chat")
+    p.add_argument("checkpoint")
+    _sampling_flags(p, 256)
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
+    p.add_argument("--speculative", choices=["mtp", "none"], default="none")
+    p.add_argument("--model-name", help="the model id clients send (default: the run's name)")
+    p.set_defaults(func=_serve)
+
     p = sub.add_parser("demo", help="the main job: prepare data, train the small preset, evaluate, plot, sample")
     p.add_argument("--minutes", type=float, help="training time (default $DEMO_MINUTES or 10)")
     p.add_argument("--data", default="data/shakespeare")
@@ -186,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .infer.engine import GenerationError
     from .train.data import DataError
     from .train.trainer import TrainError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, TrainError) as e:
+    except (ConfigError, CheckpointError, DataError, TrainError, GenerationError) as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

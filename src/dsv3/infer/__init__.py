@@ -1,5 +1,7 @@
-"""Inference: sampling over the latent KV cache (the fast engine, speculative decoding and the server build on it)."""
+"""Inference: the generation engine (continuous batching, latent cache, MTP speculation), sampling, serving."""
 
+from .engine import Engine, GenerationError, Request, SamplingParams, speculative_accept
 from .sampling import sample_text, sample_tokens
 
-__all__ = ["sample_text", "sample_tokens"]
+__all__ = ["Engine", "GenerationError", "Request", "SamplingParams", "speculative_accept", "sample_text",
+           "sample_tokens"]

@@ -39,18 +39,52 @@ class LatentCache:
         self.pe = [torch.zeros(batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
                    for _ in range(n_layers)]
 
+    def rows(self, start: int, stop: int) -> LatentCache:
+        """A view of cache rows [start, stop) (writes go to this cache): e.g. one request's slot."""
+        view = object.__new__(LatentCache)
+        view.max_len = self.max_len
+        view.kv = [t[start:stop] for t in self.kv]
+        view.pe = [t[start:stop] for t in self.pe]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row src into row dst in every layer (compacting the running batch)."""
+        for t in self.kv + self.pe:
+            t[dst] = t[src]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
 
 
-def _attention_mask(t: int, start_pos: int, device: torch.device) -> torch.Tensor | None:
-    """Causal mask [T, S] (True = may attend) for T new tokens after `start_pos` cached ones; None if plain causal."""
-    if start_pos == 0:
-        return None
-    s = start_pos + t
-    q_pos = torch.arange(start_pos, s, device=device)[:, None]
-    return torch.arange(s, device=device)[None, :] <= q_pos
+def _write_cache(cache, c_kv, k_pe, start_pos):
+    """Store the new latents at their positions; return everything to attend to and the mask (True = visible).
+
+    start_pos: an int shared by all rows, or a LongTensor [B] of per-row positions (rows of different lengths,
+    as in continuous batching and speculative verification). Cache slots past a row's own length may hold stale
+    values from an earlier request; the mask hides them.
+    """
+    kv_buf, pe_buf = cache
+    b, t, _ = c_kv.shape
+    if isinstance(start_pos, int):
+        end = start_pos + t
+        if end > kv_buf.shape[1]:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache length {kv_buf.shape[1]}")
+        kv_buf[:b, start_pos:end] = c_kv
+        pe_buf[:b, start_pos:end] = k_pe
+        mask = None
+        if start_pos > 0:  # [T, S]: query i sits at start_pos + i
+            mask = torch.arange(end, device=c_kv.device) <= torch.arange(start_pos, end, device=c_kv.device)[:, None]
+    else:
+        cols = start_pos[:, None] + torch.arange(t, device=c_kv.device)  # [B, T] positions of the new tokens
+        end = int(cols.max()) + 1
+        if end > kv_buf.shape[1]:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache length {kv_buf.shape[1]}")
+        rows = torch.arange(b, device=c_kv.device)[:, None]
+        kv_buf[rows, cols] = c_kv
+        pe_buf[rows, cols] = k_pe
+        mask = (torch.arange(end, device=c_kv.device) <= cols[:, :, None])[:, None]  # [B, 1, T, S]
+    return kv_buf[:b, :end], pe_buf[:b, :end], mask
 
 
 class MLA(nn.Module):
@@ -76,12 +110,13 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int | torch.Tensor = 0,
                 absorb: bool = False) -> torch.Tensor:
         """x [B, T, D] at positions start_pos..start_pos+T-1 -> [B, T, D].
 
         cache: this layer's (c_KV [B, S_max, r], k_pe [B, S_max, p]) buffers; the new latents are written at
         [start_pos, start_pos+T) and attention covers [0, start_pos+T). Without a cache, start_pos must be 0.
+        start_pos may be a LongTensor [B] of per-row positions.
         """
         b, t, _ = x.shape
         cos, sin = rope
@@ -97,16 +132,11 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
         k_pe = apply_rope(k_pe, cos, sin, self.interleaved)  # [B, T, p], one head shared by all
         if cache is not None:
-            kv_buf, pe_buf = cache
-            end = start_pos + t
-            if end > kv_buf.shape[1]:
-                raise ValueError(f"sequence of {end} tokens exceeds the cache length {kv_buf.shape[1]}")
-            kv_buf[:b, start_pos:end] = c_kv
-            pe_buf[:b, start_pos:end] = k_pe
-            c_kv, k_pe = kv_buf[:b, :end], pe_buf[:b, :end]  # [B, S, r], [B, S, p]
-        elif start_pos != 0:
+            c_kv, k_pe, mask = _write_cache(cache, c_kv, k_pe, start_pos)  # [B, S, r], [B, S, p]
+        elif not isinstance(start_pos, int) or start_pos != 0:
             raise ValueError("start_pos > 0 needs a cache holding the earlier tokens")
-        mask = _attention_mask(t, start_pos, x.device)
+        else:
+            mask = None
         attn = self._absorbed if absorb else self._naive
         out = attn(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, H, v]
         return self.o_proj(out.flatten(2))
@@ -129,7 +159,7 @@ class MLA(nn.Module):
         scores = (torch.einsum("bthr,bsr->bhts", q_lat, c_kv)
                   + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)) * self.softmax_scale
         t, s = scores.shape[-2:]
-        if mask is None:
+        if mask is None:  # plain causal
             mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)

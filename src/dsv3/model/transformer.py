@@ -159,21 +159,17 @@ class DeepseekV3(nn.Module):
                            mtp=bool(self.config.num_nextn_predict_layers))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
-                absorb: bool | None = None, mtp: bool = True) -> ModelOutput:
-        """input_ids [B, T] at positions start_pos..start_pos+T-1.
+    def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
+                start_pos: int | torch.Tensor = 0, absorb: bool | None = None, mtp: bool = True) -> ModelOutput:
+        """input_ids [B, T] at positions start_pos..start_pos+T-1 (start_pos: int, or LongTensor [B] per row).
 
         absorb: attention form; default naive for a prefill (start_pos == 0) and absorbed for decode steps.
         mtp: also run the MTP modules (only when there is no cache: speculative decoding drives them itself).
         """
-        cfg = self.config
         b, t = input_ids.shape
-        if start_pos + t > cfg.max_position_embeddings:
-            raise ValueError(f"positions up to {start_pos + t} exceed max_position_embeddings "
-                             f"({cfg.max_position_embeddings})")
+        positions = self._positions(start_pos, t, input_ids.device)
         if absorb is None:
-            absorb = cache is not None and start_pos > 0
-        positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
+            absorb = cache is not None and not (isinstance(start_pos, int) and start_pos == 0)
         emb = self.model.embed_tokens(input_ids)  # [B, T, D]
         rope = self.model.rotary_emb(positions, emb.dtype)
         routing: list[RoutingInfo] = []
@@ -186,6 +182,31 @@ class DeepseekV3(nn.Module):
         if mtp and cache is None:
             out.mtp_logits = self._mtp_forward(h, emb, rope, routing)
         return out
+
+    def _positions(self, start_pos: int | torch.Tensor, t: int, device) -> torch.Tensor:
+        """[T] positions for a shared start, [B, T] for per-row starts; checked against the context length."""
+        steps = torch.arange(t, device=device)
+        positions = steps + start_pos if isinstance(start_pos, int) else start_pos[:, None].to(device) + steps
+        last = int(positions.max()) + 1 if positions.numel() else 0
+        if last > self.config.max_position_embeddings:
+            raise ValueError(f"positions up to {last} exceed max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        return positions
+
+    def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
+                 start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP module `depth` (1-based) incrementally, for speculative decoding.
+
+        h_prev [B, T, D]: h^{depth-1} at positions start_pos..; next_ids [B, T]: the tokens one further.
+        Returns (h^depth [B, T, D], logits [B, T, V] predicting the token after next_ids).
+        """
+        module = self.mtp_modules[depth - 1]
+        layer = self.config.num_hidden_layers + depth - 1
+        positions = self._positions(start_pos, next_ids.shape[1], next_ids.device)
+        emb = self.model.embed_tokens(next_ids)
+        rope = self.model.rotary_emb(positions, emb.dtype)
+        h = module(h_prev, emb, rope, (cache.kv[layer], cache.pe[layer]), start_pos, absorb=True)
+        return h, self.lm_head(module.shared_head.norm(h))
 
     def _mtp_forward(self, h, emb, rope, routing) -> list[torch.Tensor]:
         logits = []

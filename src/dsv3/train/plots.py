@@ -23,6 +23,19 @@ def read_metrics(run: str | Path) -> list[dict]:
     return rows
 
 
+def moe_layer_names(run: str | Path, n: int) -> list[str]:
+    """Names of the MoE layers in metric order (main layers by index, then MTP modules), from the run's config."""
+    ckpts = sorted((Path(run) / "checkpoints").glob("step-*/config.json"))
+    if ckpts:
+        cfg = json.loads(ckpts[-1].read_text())
+        first, layers, freq = cfg["first_k_dense_replace"], cfg["num_hidden_layers"], cfg.get("moe_layer_freq", 1)
+        names = [f"layer {i}" for i in range(layers) if i >= first and i % freq == 0]
+        names += [f"MTP {k + 1}" for k in range(cfg.get("num_nextn_predict_layers", 0))]
+        if len(names) == n:
+            return names
+    return [f"MoE {i}" for i in range(n)]
+
+
 def _plt():
     import matplotlib
 
@@ -61,8 +74,9 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     axes[1].plot(steps, [r["lr"] for r in rows])
     axes[1].set(xlabel="step", ylabel="learning rate", title="schedule")
     vio = np.array([r["max_vio"] for r in rows])
+    names = moe_layer_names(run, vio.shape[1])
     for layer in range(vio.shape[1]):
-        axes[2].plot(steps[win - 1 :], _smooth(vio[:, layer], win), label=f"MoE layer {layer}")
+        axes[2].plot(steps[win - 1 :], _smooth(vio[:, layer], win), label=names[layer])
     axes[2].set(xlabel="step", ylabel="MaxVio = max load / mean - 1", title="expert load imbalance")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
@@ -78,7 +92,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
         ax = axes[layer, 0]
         im = ax.imshow(rel[:, layer].T, aspect="auto", cmap="coolwarm", vmin=0, vmax=2, interpolation="nearest",
                        extent=(steps[0], steps[-1], rel.shape[2] - 0.5, -0.5))
-        ax.set_ylabel(f"layer {layer}\nexpert")
+        ax.set_ylabel(f"{names[layer]}\nexpert")
     axes[-1, 0].set_xlabel("step")
     fig.suptitle("expert load / mean load per MoE layer (1 = balanced)")
     fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8)
@@ -91,7 +105,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     for layer in range(n_layers):
         ax = axes[0, layer]
         ax.plot(steps, bias[:, layer], linewidth=0.8)
-        ax.set(title=f"MoE layer {layer}", xlabel="step")
+        ax.set(title=names[layer], xlabel="step")
     axes[0, 0].set_ylabel("e_score_correction_bias")
     fig.suptitle("selection bias of each expert (aux-loss-free balancing)")
     fig.tight_layout()
