@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import dsv3
 from dsv3.quant import dequantize_blockwise, quantize_blockwise
@@ -48,29 +48,9 @@ def fp8_cfg():
         num_hidden_layers=2, n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2)
 
 
-KEEP_HIGH = ("embed_tokens", "lm_head", "shared_head.head", "norm", "mlp.gate.", "eh_proj")
-
-
 def write_fp8_checkpoint(src, dst):
-    """Turn a dsv3 checkpoint into the official FP8 layout: e4m3 weights + weight_scale_inv, others bf16."""
-    dst.mkdir()
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    new_map = {}
-    for file in sorted(set(index["weight_map"].values())):
-        out = {}
-        for name, t in load_file(src / file).items():
-            if name.endswith(".weight") and t.dim() == 2 and not any(k in name for k in KEEP_HIGH):
-                out[name], out[name + "_scale_inv"] = quantize_blockwise(t)
-                new_map[name + "_scale_inv"] = file
-            else:
-                out[name] = t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
-            new_map[name] = file
-        save_file(out, dst / file)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                  "weight_block_size": [128, 128]}
-    (dst / "config.json").write_text(json.dumps(cfg))
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": new_map}))
+    """The official FP8 layout, written by dsv3's own writer (the reader is checked independently below)."""
+    dsv3.save_pretrained(dsv3.load_pretrained(src), dst, dtype=torch.float8_e4m3fn, max_shard_bytes=1 << 20)
 
 
 def test_fp8_checkpoint_loads_dequantized_exactly(tmp_path):
@@ -119,3 +99,42 @@ def test_fp8_tensor_without_scale_is_an_error(tmp_path):
     index_file.write_text(json.dumps(index))
     with pytest.raises(dsv3.CheckpointError, match=r"model\.layers\.0\.self_attn\.o_proj\.weight .*scale_inv"):
         dsv3.load_pretrained(tmp_path / "fp8")
+
+
+def test_fp8_checkpoint_keeps_the_official_high_precision_tensors(tmp_path):
+    model = dsv3.DeepseekV3(fp8_cfg())
+    dsv3.save_pretrained(model, tmp_path, dtype=torch.float8_e4m3fn)
+    stored = {}
+    for f in tmp_path.glob("*.safetensors"):
+        stored.update(load_file(f))
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert stored["lm_head.weight"].dtype == torch.bfloat16
+    assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    assert stored["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert stored["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    assert stored["model.layers.2.eh_proj.weight"].dtype == torch.bfloat16
+    assert stored["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert stored["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"].shape == (1, 2)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    # converting back to bf16 drops the quantization_config (the weights are no longer FP8)
+    dsv3.save_pretrained(dsv3.load_pretrained(tmp_path), tmp_path / "bf16", dtype=torch.bfloat16)
+    assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
+
+
+def test_fp8_checkpoint_loads_in_transformers(tmp_path):
+    """transformers 5.23 dequantizes FP8 checkpoints on CPU with block = rows // scale_rows, which is wrong for
+    ragged shapes (192 / 576 rows); so this model has every matrix dimension a multiple of 128."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    cfg = dsv3.get_config("tiny").replace(
+        hidden_size=256, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=128, qk_nope_head_dim=64,
+        v_head_dim=128, num_attention_heads=2, intermediate_size=256, moe_intermediate_size=128,
+        num_hidden_layers=2, num_nextn_predict_layers=0)
+    dsv3.save_pretrained(dsv3.DeepseekV3(cfg), tmp_path, dtype=torch.float8_e4m3fn)
+    # on CPU transformers dequantizes to bf16; load ours the same way to compare like with like
+    ours = dsv3.load_pretrained(tmp_path, dtype=torch.bfloat16).float().eval()
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).float().eval()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids).logits, atol=1e-4, rtol=0)

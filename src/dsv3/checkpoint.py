@@ -34,12 +34,21 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import DeepseekV3
-from .quant.fp8 import BLOCK, dequantize_blockwise
+from .quant.fp8 import BLOCK, FP8, dequantize_blockwise, quantize_blockwise
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of FP8 tensor `X.weight`
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Tensors the official FP8 checkpoint keeps in BF16: embedding, heads, norms, the MoE gate, MTP's eh_proj
+FP8_KEEP = ("embed_tokens", "lm_head", "shared_head.head", "norm", "mlp.gate.", "eh_proj")
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [BLOCK, BLOCK]}
+
+
+def fp8_eligible(name: str, t: torch.Tensor) -> bool:
+    """Whether the official format stores this tensor as FP8 (the linear weights of attention and FFNs)."""
+    return name.endswith(".weight") and t.dim() == 2 and not any(k in name for k in FP8_KEEP)
 
 
 class CheckpointError(RuntimeError):
@@ -249,8 +258,11 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
     """Write `config.json`, safetensors shards and the index to `path`, atomically.
 
     dtype: cast floating tensors (the routing bias stays fp32); default: as in the model.
+        torch.float8_e4m3fn writes the official FP8 format: linear weights as e4m3 with a `weight_scale_inv`
+        per 128x128 block, everything else BF16 (the routing bias fp32).
     extra_files: more files to place in the directory (e.g. `tokenizer.json`), name -> content.
     """
+    fp8 = dtype == FP8
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -259,17 +271,19 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
     tmp.mkdir()
     try:
         cfg_dict = model.config.to_dict()
-        cfg_dict["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+        cfg_dict.pop("quantization_config", None)  # only true of the weights written below if fp8
+        if fp8:
+            cfg_dict["quantization_config"] = FP8_QUANTIZATION_CONFIG
+        stored = torch.bfloat16 if fp8 else (dtype or model.lm_head.weight.dtype)
+        cfg_dict["torch_dtype"] = str(stored).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for name, t in checkpoint_tensors(model):
-            if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
-                t = t.to(dtype)
+        for name, t in _stored_tensors(model, dtype):
             t = t.to("cpu").contiguous().clone()  # safetensors refuses tensors that share storage
             nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
+            if shards[-1] and size + nbytes > max_shard_bytes and not name.endswith(SCALE_SUFFIX):
+                shards.append({})  # (a scale stays in the shard of its weight)
                 size = 0
             shards[-1][name] = t
             size += nbytes
@@ -291,6 +305,18 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _stored_tensors(model: DeepseekV3, dtype: torch.dtype | None):
+    for name, t in checkpoint_tensors(model):
+        if name.endswith("e_score_correction_bias") or dtype is None or not t.is_floating_point():
+            yield name, t
+        elif dtype == FP8 and fp8_eligible(name, t):
+            q, scale = quantize_blockwise(t)
+            yield name, q
+            yield name + SCALE_SUFFIX, scale
+        else:
+            yield name, t.to(torch.bfloat16 if dtype == FP8 else dtype)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -125,6 +125,22 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(minutes=minutes, data_dir=args.data, run_dir=args.out)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretrained
+
+    dtype = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    src = resolve_checkpoint_dir(args.src)
+    model = load_pretrained(src)
+    extra = {f.name: f.read_bytes() for f in src.iterdir()
+             if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
+    dst = save_pretrained(model, args.dst, dtype=dtype, extra_files=extra)
+    size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
+    print(f"wrote {dst} ({args.dtype}, {size / 2**20:.1f} MiB of safetensors)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ inference
 def _load_for_inference(args: argparse.Namespace):
     from .checkpoint import load_pretrained, resolve_checkpoint_dir
@@ -265,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skew", type=float, default=1.5, help="strength of the affinity skew")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint as fp8 (official block-scaled format), bf16 or fp32")
+    p.add_argument("src", help="checkpoint directory or training run")
+    p.add_argument("dst")
+    p.add_argument("--dtype", choices=["fp8", "bf16", "fp32"], required=True)
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("generate", help="generate text from a prompt (the text alone on stdout)")
     p.add_argument("checkpoint", help="checkpoint directory or training run")

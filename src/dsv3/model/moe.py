@@ -88,9 +88,13 @@ class Router(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- grouped GEMM
+GROUPED_MM_MIN_ROWS = 64  # below this (decode steps) the per-expert loop is faster than one grouped call
+
+
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     # torch's grouped GEMM needs 16-byte aligned row strides; otherwise fall back to the per-expert loop.
-    return (hasattr(F, "grouped_mm") and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.shape[0] >= GROUPED_MM_MIN_ROWS and hasattr(F, "grouped_mm") and x.dtype == w.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)
             and x.is_contiguous() and all((n * x.element_size()) % 16 == 0 for n in (x.shape[-1], *w.shape[-2:])))
 
 
@@ -158,10 +162,14 @@ class RoutedExperts(nn.Module):
         token = order // k
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
         xs = x[token]  # [N*K, D], grouped by expert
-        h = F.silu(grouped_linear(xs, self.gate_proj, counts)) * grouped_linear(xs, self.up_proj, counts)
-        ys = grouped_linear(h, self.down_proj, counts)  # [N*K, D]
+        h = F.silu(self._linear(xs, self.gate_proj, counts)) * self._linear(xs, self.up_proj, counts)
+        ys = self._linear(h, self.down_proj, counts)  # [N*K, D]
         ys = ys * topk_weight.flatten()[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[-1]).index_add_(0, token, ys)
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The per-expert GEMM (overridden by the FP8 version in dsv3.quant)."""
+        return grouped_linear(x, w, counts)
 
 
 class MoE(nn.Module):

@@ -1,5 +1,7 @@
-"""Quantization: FP8 (E4M3) block scaling as used by DeepSeek-V3 checkpoints and training."""
+"""Quantization: FP8 (E4M3) fine-grained scaling for checkpoints and training, applied from outside the model."""
 
-from .fp8 import BLOCK, FP8_MAX, dequantize_blockwise, quantize_blockwise
+from .fp8 import BLOCK, FP8_MAX, dequantize_blockwise, dequantize_tiles, quantize_blockwise, quantize_tiles
+from .linear import FP8Linear, FP8RoutedExperts, convert_to_fp8, fp8_gemm, fp8_linear
 
-__all__ = ["BLOCK", "FP8_MAX", "dequantize_blockwise", "quantize_blockwise"]
+__all__ = ["BLOCK", "FP8_MAX", "dequantize_blockwise", "dequantize_tiles", "quantize_blockwise", "quantize_tiles",
+           "FP8Linear", "FP8RoutedExperts", "convert_to_fp8", "fp8_gemm", "fp8_linear"]

@@ -1,9 +1,13 @@
-"""FP8 E4M3 weights with one fp32 scale per 128x128 block: the DeepSeek-V3 checkpoint format.
+"""FP8 (E4M3) quantization with DeepSeek-V3's fine-grained scales.
 
-A weight W [R, C] is stored as `weight` (float8_e4m3fn, [R, C]) and `weight_scale_inv` (fp32,
-[ceil(R/128), ceil(C/128)]), with W[i, j] = weight[i, j] * weight_scale_inv[i // 128, j // 128].
-The last row / column of blocks may be partial ("ragged"): 576 = 4.5 blocks (kv_a_proj_with_mqa), 192 = 1.5.
-The name says "inverse" because the quantizer divided by it: q = W / s, s = amax(block) / 448.
+Two tilings, both with one fp32 scale per tile and scale = amax(tile) / 448:
+- activations and gradients: 1 x 128 tiles (one row, 128 consecutive elements along the GEMM's reduction dim);
+- weights: 128 x 128 blocks.
+Edge tiles may be partial ("ragged"): a 576-row weight has 4.5 row-blocks, a 192-wide activation 1.5 tiles.
+
+The checkpoint format stores a weight W [R, C] as `weight` (float8_e4m3fn) and `weight_scale_inv` (fp32,
+[ceil(R/128), ceil(C/128)]) with W[i, j] = weight[i, j] * weight_scale_inv[i // 128, j // 128]. The name says
+"inverse" because the quantizer divided by it.
 """
 
 from __future__ import annotations
@@ -12,12 +16,21 @@ import torch
 
 BLOCK = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8 = torch.float8_e4m3fn
+_TINY = 1e-12  # an all-zero tile still gets a usable scale
 
 
 def _expand_blocks(scale: torch.Tensor, shape: tuple[int, int], block: int) -> torch.Tensor:
     """Scale [ceil(R/b), ceil(C/b)] -> [R, C], each block's scale repeated over its (possibly partial) block."""
     rows, cols = shape
     return scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+
+
+def _scale_from_amax(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    scale = (amax.float() / FP8_MAX).clamp(min=_TINY)
+    if pow2:  # round up to a power of two: rescaling is then exact in any float format
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return scale
 
 
 def dequantize_blockwise(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
@@ -36,18 +49,34 @@ def dequantize_blockwise(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 
 
 def quantize_blockwise(w: torch.Tensor, block: int = BLOCK, pow2_scale: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [R, C] -> (float8_e4m3fn [R, C], scale_inv fp32 [ceil(R/b), ceil(C/b)]) with s = amax(block) / 448.
-
-    pow2_scale rounds each scale up to a power of two (exact rescaling, as some FP8 recipes prefer).
-    """
+    """W [R, C] -> (float8_e4m3fn [R, C], scale_inv fp32 [ceil(R/b), ceil(C/b)]): 128x128 weight blocks."""
     rows, cols = w.shape
     nr, nc = -(-rows // block), -(-cols // block)
     w32 = w.detach().to(torch.float32)
     padded = w32.new_zeros(nr * block, nc * block)
     padded[:rows, :cols] = w32
     amax = padded.view(nr, block, nc, block).abs().amax(dim=(1, 3))  # [nr, nc]; padding is 0 so it never wins
-    scale = (amax / FP8_MAX).clamp(min=1e-12)
-    if pow2_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    q = (w32 / _expand_blocks(scale, (rows, cols), block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    scale = _scale_from_amax(amax, pow2_scale)
+    q = (w32 / _expand_blocks(scale, (rows, cols), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
+
+
+def quantize_tiles(x: torch.Tensor, tile: int = BLOCK, pow2_scale: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8 [M, K], scale fp32 [M, ceil(K/tile)]): one scale per row per `tile` elements of K.
+
+    This is the 1 x 128 tiling of activations and gradients; pass x.t() for the 128 x 1 (transposed) tiling.
+    """
+    m, k = x.shape
+    nt = -(-k // tile)
+    x32 = x.detach().to(torch.float32)
+    padded = x32.new_zeros(m, nt * tile)
+    padded[:, :k] = x32
+    amax = padded.view(m, nt, tile).abs().amax(dim=-1)  # [M, nt]
+    scale = _scale_from_amax(amax, pow2_scale)
+    q = (x32 / scale.repeat_interleave(tile, 1)[:, :k]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, tile: int = BLOCK) -> torch.Tensor:
+    return q.to(torch.float32) * scale.repeat_interleave(tile, 1)[:, : q.shape[1]]

@@ -27,9 +27,11 @@ from ..checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretraine
 from ..config import ModelConfig, get_config
 from ..model import DeepseekV3
 from ..params import training_flops_per_token
+from ..quant.linear import convert_to_fp8
 from .balance import max_violation, sequence_balance_loss, update_expert_bias
 from .data import TokenData
 from .losses import lm_loss, mtp_losses
+from .optim import AdamW
 from .schedule import lr_at, mtp_weight_at
 
 BALANCE_MODES = ("aux_free", "aux_loss", "none")
@@ -72,7 +74,8 @@ class TrainConfig:
     mtp_lambda_late: float = 0.1
     # misc
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp8 (FP8 GEMMs, fine-grained scaling; dsv3.quant)
+    optimizer_state_dtype: str = "fp32"  # fp32 | bf16 (AdamW moments, as in the paper)
     device: str = "auto"
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -84,7 +87,8 @@ class TrainConfig:
                 raise TrainError(f"invalid training setting {name} = {getattr(self, name)!r}: {rule}")
 
         need(self.balance in BALANCE_MODES, "balance", f"must be one of {', '.join(BALANCE_MODES)}")
-        need(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
+        need(self.precision in ("fp32", "bf16", "fp8"), "precision", "must be fp32, bf16 or fp8")
+        need(self.optimizer_state_dtype in ("fp32", "bf16"), "optimizer_state_dtype", "must be fp32 or bf16")
         for name in ("batch_size", "grad_accum", "seq_len", "checkpoint_every", "keep_checkpoints"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
@@ -159,6 +163,8 @@ class Trainer:
         if cfg.seq_len > mc.max_position_embeddings:
             raise TrainError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                              f"{mc.max_position_embeddings}")
+        if cfg.precision == "fp8":
+            convert_to_fp8(self.model)  # master weights stay fp32; the GEMMs run in FP8
         self.routers = [layer.mlp.gate for layer in self.model.model.layers if layer.is_moe]
         self.optimizer = self._optimizer()
         if state is not None:
@@ -174,6 +180,9 @@ class Trainer:
         changes = {}
         if mc.vocab_size != vocab:
             changes["vocab_size"] = vocab  # the preset's vocab follows the dataset's tokenizer
+        eot = self.data.eot_id  # documents are separated (and begin) with the tokenizer's end-of-text token
+        if (mc.bos_token_id, mc.eos_token_id) != (eot, eot):
+            changes["bos_token_id"] = changes["eos_token_id"] = eot
         if self.cfg.mtp_depth is not None:
             changes["num_nextn_predict_layers"] = self.cfg.mtp_depth
         if self.cfg.seq_len > mc.max_position_embeddings:
@@ -183,10 +192,12 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm gains (biases if any)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}],
-                                 lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
-                                 foreach=self.device.type == "cuda")
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        if self.cfg.optimizer_state_dtype == "bf16":
+            return AdamW(groups, lr=self.cfg.lr, betas=betas, state_dtype=torch.bfloat16)
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, foreach=self.device.type == "cuda")
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:

@@ -1,0 +1,127 @@
+"""FP8 GEMMs with fine-grained scaling and FP32-promoted accumulation, the FP8 linear, and the model converter.
+
+For y = x W^T (x [M, K] activations, W [N, K] weights) the three GEMMs of a linear layer run in FP8 with the
+tilings of DeepSeek-V3 (Figure 7 of the report):
+  Fprop  y  = x W^T     x in 1x128 tiles along K, W in 128x128 blocks
+  Dgrad  dx = dy W      dy in 1x128 tiles along N, W^T in 128x128 blocks (W's blocks, transposed)
+  Wgrad  dW = dy^T x    dy^T and x^T in 1x128 tiles along M (the tokens): the transposed, 128x1 tiling
+The activation is kept for backward in FP8 (as the paper does) and re-tiled for Wgrad from that FP8 copy.
+
+Accumulation: each 128-wide slice of the reduction dimension is one "tensor-core" partial GEMM whose fp8 x fp8
+products are exact in fp32; the partial is multiplied by its two tile scales and added to an fp32 accumulator
+(promotion every N_C = 128 elements). On CPU this is an exact emulation (float8 dtypes for the values, fp32
+GEMM per slice). On CUDA devices with compute capability >= 8.9 each slice runs as a real FP8 GEMM
+(`torch._scaled_mm` with row-wise scales) behind the same function.
+
+The model never sees any of this: `convert_to_fp8(model)` swaps the classes of its linear layers and routed
+experts in place (parameters untouched), as torchtitan's float8 converter does. Kept in higher precision, as in
+the paper: the embedding, the output head, the MoE gate, the norms and the attention core.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.moe import RoutedExperts
+from .fp8 import BLOCK, dequantize_tiles, quantize_blockwise, quantize_tiles
+
+
+def _real_fp8_available(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+             b_blocks: bool, chunk: int = BLOCK) -> torch.Tensor:
+    """A B^T in fp32 from fp8 operands: A [M, K] with scales [M, ceil(K/128)] (1x128 tiles); B [N, K] with scales
+    per 128x128 block [ceil(N/128), ceil(K/128)] (b_blocks) or per 1x128 tile [N, ceil(K/128)]."""
+    m, k = a_q.shape
+    n = b_q.shape[0]
+    b_rows = b_scale.repeat_interleave(BLOCK, 0)[:n] if b_blocks else b_scale  # [N, Kt] scale of each row
+    real = _real_fp8_available(a_q)
+    out = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
+    for c, start in enumerate(range(0, k, chunk)):
+        ks = slice(start, min(start + chunk, k))
+        sa, sb = a_scale[:, c : c + 1].float(), b_rows[:, c][None, :].float()
+        if real and (ks.stop - ks.start) % 16 == 0:
+            out += torch._scaled_mm(a_q[:, ks].contiguous(), b_q[:, ks].contiguous().t(), scale_a=sa,
+                                    scale_b=sb, out_dtype=torch.float32)
+        else:  # exact emulation: fp8 products are exact in fp32, summed over at most 128 terms
+            out += (a_q[:, ks].float() @ b_q[:, ks].float().t()) * sa * sb
+    return out
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, pow2: bool):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs = quantize_tiles(x2, pow2_scale=pow2)  # 1x128 along K
+        wq, ws = quantize_blockwise(weight, pow2_scale=pow2)  # 128x128
+        y = fp8_gemm(xq, xs, wq, ws, b_blocks=True)  # Fprop [M, N]
+        ctx.save_for_backward(xq, xs, wq, ws)  # the activation is cached in FP8
+        ctx.pow2, ctx.x_dtype, ctx.w_dtype = pow2, x.dtype, weight.dtype
+        return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xq, xs, wq, ws = ctx.saved_tensors
+        n = wq.shape[0]
+        dy2 = dy.reshape(-1, n)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # Dgrad: reduce over N
+            dyq, dys = quantize_tiles(dy2, pow2_scale=ctx.pow2)
+            dx = fp8_gemm(dyq, dys, wq.t().contiguous(), ws.t().contiguous(), b_blocks=True)
+            dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], wq.shape[1])
+        if ctx.needs_input_grad[1]:  # Wgrad: reduce over M (tokens), both operands tiled along M
+            xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t(), pow2_scale=ctx.pow2)  # [K, M]
+            dytq, dyts = quantize_tiles(dy2.t(), pow2_scale=ctx.pow2)  # [N, M]
+            dw = fp8_gemm(dytq, dyts, xtq, xts, b_blocks=False).to(ctx.w_dtype)  # [N, K]
+        return dx, dw, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, pow2_scale: bool = False) -> torch.Tensor:
+    return _FP8LinearFn.apply(x, weight, pow2_scale)
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose GEMMs run in FP8 (master weight and gradient stay in the parameter's dtype)."""
+
+    pow2_scale = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.pow2_scale)
+        return y + self.bias if self.bias is not None else y
+
+
+class FP8RoutedExperts(RoutedExperts):
+    """Routed experts whose per-expert GEMMs run in FP8 (each expert's weight is its own 128x128-blocked matrix)."""
+
+    pow2_scale = False
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        pieces, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                pieces.append(fp8_linear(x[start : start + c], w[e], self.pow2_scale))
+            start += c
+        return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[1])
+
+
+HIGH_PRECISION = ("lm_head",)  # nn.Linear modules left alone; embedding, gate, norms are not nn.Linear
+
+
+def convert_to_fp8(model: nn.Module, pow2_scale: bool = False) -> nn.Module:
+    """Swap, in place, every GEMM the paper runs in FP8 to its FP8 version; returns the model."""
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.split(".")[-1] not in HIGH_PRECISION:
+            module.__class__ = FP8Linear
+            module.pow2_scale = pow2_scale
+        elif type(module) is RoutedExperts:
+            module.__class__ = FP8RoutedExperts
+            module.pow2_scale = pow2_scale
+    return model
+
+
+def fp8_module_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (FP8Linear, FP8RoutedExperts))]
