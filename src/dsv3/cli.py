@@ -141,6 +141,31 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cost(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import get_config
+    from .dist.cost import parse_count, pipeline_bubbles, training_cost
+
+    cfg = get_config(args.config)
+    est = training_cost(cfg, parse_count(args.tokens), args.gpus, args.gpu, args.mfu, args.seq_len, args.price)
+    console = Console()
+    console.print(f"{args.config}: {est.flops_per_token / 1e9:.1f} GFLOP per trained token at {args.seq_len} "
+                  f"context (forward + backward, MTP included)")
+    console.print(f"{args.tokens} tokens: {est.total_flops:.3e} FLOP = {est.gpu_hours / 1e6:.3f}M {args.gpu.upper()}"
+                  f" GPU-hours at {args.mfu:.0%} MFU (of the dense BF16 peak) = {est.wall_days:.1f} days on "
+                  f"{args.gpus} GPUs = ${est.dollars / 1e6:.2f}M at ${args.price}/GPU-hour")
+    table = Table(title=f"pipeline bubble, PP={args.pp}, {args.micro_batches} micro-batches, F=1 B=2 W=1",
+                  title_justify="left")
+    for col in ("schedule", "bubble (x F)", "share of step", "parameters", "activations"):
+        table.add_column(col)
+    for name, b in pipeline_bubbles(args.pp, args.micro_batches).items():
+        table.add_row(name, f"{b['bubble']:.1f}", f"{b['fraction']:.1%}", b["parameters"], b["activations"])
+    console.print(table)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ inference
 def _load_for_inference(args: argparse.Namespace):
     from .checkpoint import load_pretrained, resolve_checkpoint_dir
@@ -309,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", choices=["mtp", "none"], default="none")
     p.add_argument("--model-name", help="the model id clients send (default: the run's name)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("cost", help="training FLOPs, GPU-hours and dollars; pipeline bubbles per schedule")
+    p.add_argument("config", help="a preset or config.json")
+    p.add_argument("--tokens", default="14.8T")
+    p.add_argument("--gpus", type=int, default=2048)
+    p.add_argument("--gpu", default="h800")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation, of the dense BF16 peak")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour")
+    p.add_argument("--pp", type=int, default=16)
+    p.add_argument("--micro-batches", type=int, default=32)
+    p.set_defaults(func=_cost)
 
     p = sub.add_parser("demo", help="the main job: prepare data, train the small preset, evaluate, plot, sample")
     p.add_argument("--minutes", type=float, help="training time (default $DEMO_MINUTES or 10)")

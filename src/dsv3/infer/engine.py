@@ -138,8 +138,8 @@ class Engine:
                       "prefill_time": 0.0, "prefill_tokens": 0}
         if log:
             log(f"latent KV cache: {self.cache.nbytes / 2**20:.1f} MiB for {max_batch} sequences x "
-                f"{self.max_len} tokens ({len(self.cache.kv)} layers x (kv_lora_rank {cfg.kv_lora_rank} + "
-                f"rope {cfg.qk_rope_head_dim}), {self.cache.kv[0].dtype})")
+                f"{self.max_len} tokens ({len(self.cache.layers)} layers x (kv_lora_rank {cfg.kv_lora_rank} + "
+                f"rope {cfg.qk_rope_head_dim}), {self.cache.layers[0].dtype})")
 
     # ---------------------------------------------------------------- API
     def submit(self, prompt: list[int], params: SamplingParams, on_update=None) -> Request:

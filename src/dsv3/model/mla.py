@@ -25,66 +25,64 @@ from .rope import apply_rope, softmax_scale
 
 
 class LatentCache:
-    """Preallocated MLA cache: per layer, c_KV [B, S_max, r] and roped k_pe [B, S_max, p]. Nothing else.
+    """Preallocated MLA cache: per layer one buffer [B, S_max, r + p] holding c_KV (first r) and the roped,
+    head-shared k_pe (last p). Nothing else is cached.
 
     Layers are the main decoder layers followed by the MTP modules' blocks (index num_hidden_layers + k).
+    Keeping c_KV and k_pe side by side lets absorbed attention score against both with one product.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", mtp: bool = True):
         n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
         self.max_len = max_len
-        self.kv = [torch.zeros(batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-                   for _ in range(n_layers)]
-        self.pe = [torch.zeros(batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-                   for _ in range(n_layers)]
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.layers = [torch.zeros(batch_size, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype,
+                                   device=device) for _ in range(n_layers)]
 
     def rows(self, start: int, stop: int) -> LatentCache:
         """A view of cache rows [start, stop) (writes go to this cache): e.g. one request's slot."""
         view = object.__new__(LatentCache)
-        view.max_len = self.max_len
-        view.kv = [t[start:stop] for t in self.kv]
-        view.pe = [t[start:stop] for t in self.pe]
+        view.max_len, view.kv_lora_rank = self.max_len, self.kv_lora_rank
+        view.layers = [t[start:stop] for t in self.layers]
         return view
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row src into row dst in every layer (compacting the running batch)."""
-        for t in self.kv + self.pe:
+        for t in self.layers:
             t[dst] = t[src]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
+        return sum(t.numel() * t.element_size() for t in self.layers)
 
 
-def _write_cache(cache, c_kv, k_pe, start_pos):
-    """Store the new latents at their positions; return everything to attend to and the mask (True = visible).
+def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos):
+    """Store the new latents [c_KV; k_pe] at their positions in this layer's buffer [B, S_max, r + p]; return
+    everything to attend to [B, S, r + p] and the mask (True = visible).
 
     start_pos: an int shared by all rows, or a LongTensor [B] of per-row positions (rows of different lengths,
     as in continuous batching and speculative verification). Cache slots past a row's own length may hold stale
     values from an earlier request; the mask hides them.
     """
-    kv_buf, pe_buf = cache
     b, t, _ = c_kv.shape
+    new = torch.cat([c_kv, k_pe], dim=-1)
     if isinstance(start_pos, int):
         end = start_pos + t
-        if end > kv_buf.shape[1]:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache length {kv_buf.shape[1]}")
-        kv_buf[:b, start_pos:end] = c_kv
-        pe_buf[:b, start_pos:end] = k_pe
+        if end > buf.shape[1]:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache length {buf.shape[1]}")
+        buf[:b, start_pos:end] = new
         mask = None
         if start_pos > 0:  # [T, S]: query i sits at start_pos + i
             mask = torch.arange(end, device=c_kv.device) <= torch.arange(start_pos, end, device=c_kv.device)[:, None]
     else:
         cols = start_pos[:, None] + torch.arange(t, device=c_kv.device)  # [B, T] positions of the new tokens
         end = int(cols.max()) + 1
-        if end > kv_buf.shape[1]:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache length {kv_buf.shape[1]}")
-        rows = torch.arange(b, device=c_kv.device)[:, None]
-        kv_buf[rows, cols] = c_kv
-        pe_buf[rows, cols] = k_pe
+        if end > buf.shape[1]:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache length {buf.shape[1]}")
+        buf[torch.arange(b, device=c_kv.device)[:, None], cols] = new
         mask = (torch.arange(end, device=c_kv.device) <= cols[:, :, None])[:, None]  # [B, 1, T, S]
-    return kv_buf[:b, :end], pe_buf[:b, :end], mask
+    return buf[:b, :end], mask
 
 
 class MLA(nn.Module):
@@ -110,11 +108,11 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int | torch.Tensor = 0,
+                cache: torch.Tensor | None = None, start_pos: int | torch.Tensor = 0,
                 absorb: bool = False) -> torch.Tensor:
         """x [B, T, D] at positions start_pos..start_pos+T-1 -> [B, T, D].
 
-        cache: this layer's (c_KV [B, S_max, r], k_pe [B, S_max, p]) buffers; the new latents are written at
+        cache: this layer's latent buffer [B, S_max, r + p] (c_KV then k_pe); the new latents are written at
         [start_pos, start_pos+T) and attention covers [0, start_pos+T). Without a cache, start_pos must be 0.
         start_pos may be a LongTensor [B] of per-row positions.
         """
@@ -132,16 +130,17 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
         k_pe = apply_rope(k_pe, cos, sin, self.interleaved)  # [B, T, p], one head shared by all
         if cache is not None:
-            c_kv, k_pe, mask = _write_cache(cache, c_kv, k_pe, start_pos)  # [B, S, r], [B, S, p]
+            latent, mask = _write_cache(cache, c_kv, k_pe, start_pos)  # [B, S, r + p]
         elif not isinstance(start_pos, int) or start_pos != 0:
             raise ValueError("start_pos > 0 needs a cache holding the earlier tokens")
         else:
-            mask = None
+            latent, mask = torch.cat([c_kv, k_pe], dim=-1), None
         attn = self._absorbed if absorb else self._naive
-        out = attn(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, H, v]
+        out = attn(q_nope, q_pe, latent, mask)  # [B, T, H, v]
         return self.o_proj(out.flatten(2))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _naive(self, q_nope, q_pe, latent, mask):
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         b, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, S, H, n], [B, S, H, v]
@@ -152,16 +151,16 @@ class MLA(nn.Module):
                                              attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _absorbed(self, q_nope, q_pe, latent, mask):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, n, r], [H, v, r]
-        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)  # query moved into latent space
-        scores = (torch.einsum("bthr,bsr->bhts", q_lat, c_kv)
-                  + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)) * self.softmax_scale
-        t, s = scores.shape[-2:]
-        if mask is None:  # plain causal
-            mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)
-        o_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)  # weighted sum of latents
-        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
+        # query into latent space: q_nope W_UK, then [q_lat; q_pe] . [c_KV; k_pe] is the full q.k score
+        q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk)  # [B, H, T, r]
+        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B, H, T, r + p]
+        kv = latent[:, None]  # [B, 1, S, r + p]: one "head" shared by all query heads
+        # attention over the latent itself: keys are [c_KV; k_pe], values are c_KV
+        o_lat = F.scaled_dot_product_attention(q, kv.expand(-1, self.n_heads, -1, -1),
+                                               kv[..., : self.kv_lora_rank].expand(-1, self.n_heads, -1, -1),
+                                               attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                               scale=self.softmax_scale)  # [B, H, T, r]
+        return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # W_UV after the sum: [B, T, H, v]

@@ -175,7 +175,7 @@ class DeepseekV3(nn.Module):
         routing: list[RoutingInfo] = []
         h = emb
         for i, layer in enumerate(self.main_layers):
-            layer_cache = (cache.kv[i], cache.pe[i]) if cache is not None else None
+            layer_cache = cache.layers[i] if cache is not None else None
             h = layer(h, rope, layer_cache, start_pos, absorb, routing)
         h = self.model.norm(h)
         out = ModelOutput(logits=self.lm_head(h), hidden_states=h, routing=routing)
@@ -205,7 +205,7 @@ class DeepseekV3(nn.Module):
         positions = self._positions(start_pos, next_ids.shape[1], next_ids.device)
         emb = self.model.embed_tokens(next_ids)
         rope = self.model.rotary_emb(positions, emb.dtype)
-        h = module(h_prev, emb, rope, (cache.kv[layer], cache.pe[layer]), start_pos, absorb=True)
+        h = module(h_prev, emb, rope, cache.layers[layer], start_pos, absorb=True)
         return h, self.lm_head(module.shared_head.norm(h))
 
     def _mtp_forward(self, h, emb, rope, routing) -> list[torch.Tensor]:
