@@ -2,8 +2,9 @@
 
 Rows: batch 1 and batch 16 with short prompts, batch 1 at a 2K-token context; then dsv3 with and without MTP
 speculative decoding (greedy, batch 1) on the given checkpoint (default: the one `make demo` trains).
-Throughput is new tokens / wall time of the whole call (prefill included) for both systems; greedy decoding,
-fp32, no early stop (transformers gets min_new_tokens = max_new_tokens; dsv3 gets no stop token).
+Decode throughput excludes the prefill for both systems: each call is timed for N new tokens and for 1 new token
+(which is the prefill plus its first token), and decode tokens/s = batch x (N - 1) / (t_N - t_1). Greedy
+decoding, fp32, no early stop (transformers gets min_new_tokens = max_new_tokens; dsv3 gets no stop token).
 
     python benchmarks/decode_speed.py [--checkpoint runs/demo] [--new-tokens 64]
 """
@@ -41,7 +42,7 @@ def prompts_from(data_dir: str, batch: int, length: int) -> list[list[int]]:
     return [val.ids[i * 997 : i * 997 + length].astype("int64").tolist() for i in range(batch)]
 
 
-def run_hf(model, prompts, new_tokens) -> float:
+def time_hf(model, prompts, new_tokens) -> float:
     ids = torch.tensor(prompts)
     t = time.perf_counter()
     with torch.no_grad():
@@ -49,17 +50,28 @@ def run_hf(model, prompts, new_tokens) -> float:
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     dt = time.perf_counter() - t
     assert out.shape[1] == ids.shape[1] + new_tokens
-    return len(prompts) * new_tokens / dt
+    return dt
 
 
-def run_ours(model, prompts, new_tokens, speculative=False) -> tuple[float, Engine]:
+def time_ours(model, prompts, new_tokens, speculative=False) -> tuple[float, Engine]:
     engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens + 2,
                     speculative=speculative)
     t = time.perf_counter()
     reqs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
     dt = time.perf_counter() - t
     assert all(len(r.output) == new_tokens for r in reqs)
-    return len(prompts) * new_tokens / dt, engine
+    return dt, engine
+
+
+def run_hf(model, prompts, new_tokens) -> float:
+    """Decode tokens/s, prefill excluded."""
+    return len(prompts) * (new_tokens - 1) / (time_hf(model, prompts, new_tokens) - time_hf(model, prompts, 1))
+
+
+def run_ours(model, prompts, new_tokens, speculative=False) -> tuple[float, Engine]:
+    t_n, engine = time_ours(model, prompts, new_tokens, speculative)
+    t_1, _ = time_ours(model, prompts, 1, speculative)
+    return len(prompts) * (new_tokens - 1) / (t_n - t_1), engine
 
 
 def main() -> None:

@@ -107,8 +107,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Ten
     out = x.new_empty(x.shape[0], w.shape[1])
     start = 0
     for e, c in enumerate(counts):
-        if c:
-            torch.matmul(x[start : start + c], w[e].t(), out=out[start : start + c])
+        if c:  # (assigning is several times faster than matmul(..., out=view) on CPU)
+            out[start : start + c] = x[start : start + c] @ w[e].t()
         start += c
     return out
 
@@ -134,7 +134,7 @@ class _GroupedLinear(torch.autograd.Function):
             start = 0
             for e, c in enumerate(counts):
                 if c:
-                    torch.matmul(dy[start : start + c].t(), x[start : start + c], out=dw[e])
+                    dw[e] = dy[start : start + c].t() @ x[start : start + c]
                 start += c
         return dx, dw, None
 

@@ -194,11 +194,12 @@ class DeepseekV3(nn.Module):
         return positions
 
     def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
-                 start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 start_pos: int | torch.Tensor, last_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run MTP module `depth` (1-based) incrementally, for speculative decoding.
 
         h_prev [B, T, D]: h^{depth-1} at positions start_pos..; next_ids [B, T]: the tokens one further.
-        Returns (h^depth [B, T, D], logits [B, T, V] predicting the token after next_ids).
+        Returns (h^depth [B, T, D], logits [B, T or 1, V] predicting the token after next_ids; with last_only
+        only the last position's, which is all a draft needs).
         """
         module = self.mtp_modules[depth - 1]
         layer = self.config.num_hidden_layers + depth - 1
@@ -206,7 +207,7 @@ class DeepseekV3(nn.Module):
         emb = self.model.embed_tokens(next_ids)
         rope = self.model.rotary_emb(positions, emb.dtype)
         h = module(h_prev, emb, rope, cache.layers[layer], start_pos, absorb=True)
-        return h, self.lm_head(module.shared_head.norm(h))
+        return h, self.lm_head(module.shared_head.norm(h[:, -1:] if last_only else h))
 
     def _mtp_forward(self, h, emb, rope, routing) -> list[torch.Tensor]:
         logits = []
