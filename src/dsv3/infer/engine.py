@@ -202,7 +202,8 @@ class Engine:
     def _decode_step(self) -> None:
         reqs = self.running
         ids = torch.tensor([[r.pending] for r in reqs])
-        start = torch.tensor([r.pos for r in reqs])
+        # one row: a plain int position needs no per-row mask
+        start = reqs[0].pos if len(reqs) == 1 else torch.tensor([r.pos for r in reqs])
         logits = self.model(ids, cache=self.cache, start_pos=start, mtp=False).logits[:, -1]
         for r, row_logits in zip(reqs, logits):
             r.pos += 1

@@ -72,8 +72,8 @@ def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, star
         if end > buf.shape[1]:
             raise ValueError(f"sequence of {end} tokens exceeds the cache length {buf.shape[1]}")
         buf[:b, start_pos:end] = new
-        mask = None
-        if start_pos > 0:  # [T, S]: query i sits at start_pos + i
+        mask = None  # a prefill from 0 is plainly causal, and one new token sees everything
+        if start_pos > 0 and t > 1:  # [T, S]: query i sits at start_pos + i
             mask = torch.arange(end, device=c_kv.device) <= torch.arange(start_pos, end, device=c_kv.device)[:, None]
     else:
         cols = start_pos[:, None] + torch.arange(t, device=c_kv.device)  # [B, T] positions of the new tokens
@@ -148,7 +148,8 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         # SDPA wants [B, H, T, d]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+                                             attn_mask=mask, is_causal=mask is None and q.shape[1] == s,
+                                             scale=self.softmax_scale)
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, latent, mask):
@@ -162,5 +163,6 @@ class MLA(nn.Module):
         o_lat = F.scaled_dot_product_attention(q, kv.expand(-1, self.n_heads, -1, -1),
                                                kv[..., : self.kv_lora_rank].expand(-1, self.n_heads, -1, -1),
                                                attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                               # (mask None with one query: it sees every cached position)
                                                scale=self.softmax_scale)  # [B, H, T, r]
         return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # W_UV after the sum: [B, T, H, v]
