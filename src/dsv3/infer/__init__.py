@@ -1,7 +1,5 @@
-"""Inference: the generation engine (continuous batching, latent cache, MTP speculation), sampling, serving."""
+"""Inference: the generation engine (continuous batching, latent cache, MTP speculation) and the server."""
 
-from .engine import Engine, GenerationError, Request, SamplingParams, speculative_accept
-from .sampling import sample_text, sample_tokens
+from .engine import Engine, GenerationError, Request, SamplingParams, sample_text, speculative_accept
 
-__all__ = ["Engine", "GenerationError", "Request", "SamplingParams", "speculative_accept", "sample_text",
-           "sample_tokens"]
+__all__ = ["Engine", "GenerationError", "Request", "SamplingParams", "sample_text", "speculative_accept"]

@@ -301,6 +301,19 @@ class Engine:
         self.running = keep
 
 
+def sample_text(model: DeepseekV3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                top_k: int | None = 50, seed: int = 0) -> str:
+    """One completion of `prompt` (stops at the end-of-text token): the engine at batch 1."""
+    from ..train.data import EOT
+
+    ids = tokenizer.encode(prompt).ids
+    eot = tokenizer.token_to_id(EOT)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                            stop_ids=(eot,) if eot is not None else ())
+    return engine.generate([ids], params)[0].text
+
+
 def _safe_length(text: str, stops: tuple[str, ...]) -> int:
     end = len(text)
     while end > 0 and text[end - 1] == "\ufffd":

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..checkpoint import load_pretrained, resolve_checkpoint_dir
-from ..infer.sampling import sample_text
+from ..infer.engine import sample_text
 from .data import load_tokenizer, prepare
 from .evaluate import evaluate
 from .plots import plot_run

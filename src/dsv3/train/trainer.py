@@ -117,20 +117,22 @@ class TrainConfig:
         return cls(**values)
 
 
-def measured_matmul_flops(device: torch.device, n: int = 1024, reps: int = 8) -> float:
-    """Peak-ish fp32 matmul FLOP/s of this machine, measured (the MFU denominator)."""
+def measured_matmul_flops(device: torch.device, n: int = 2048, reps: int = 3, trials: int = 3) -> float:
+    """This machine's fp32 matmul FLOP/s (best of a few timed n x n products): the MFU denominator."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * reps / best
 
 
 class Trainer:
