@@ -1,0 +1,125 @@
+"""Expert parallelism: routed experts sharded over a process group, tokens moved with all-to-all.
+
+Applied from outside the model: `apply_expert_parallel(model, group)` replaces every `RoutedExperts` with an
+`EPExperts` holding only this rank's experts (rank r of EP size P holds experts [r E/P, (r+1) E/P)). Routing,
+shared experts, attention — everything else is unchanged and replicated (data parallel).
+
+One MoE forward on each rank (N local tokens, K experts each):
+  1. sort the N*K (token, expert) slots by expert: slots for rank r's experts are then contiguous;
+  2. exchange per-expert counts (all_to_all_single on a [P, E/P] count matrix) so every rank knows how many
+     rows it will receive from each source, for each of its local experts;
+  3. dispatch: all_to_all_single of the sorted rows with variable splits;
+  4. regroup the received rows by local expert (stable sort of their expert labels), run the grouped SwiGLU;
+  5. combine: undo the regrouping and send the rows back with the inverse all_to_all; the gate weight is applied
+     at the source, then index_add into the tokens.
+The all-to-alls are autograd functions whose backward is the opposite exchange, so an expert's weight gradient
+sums the contributions of every token routed to it, on whichever rank that token lives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import RoutedExperts, grouped_linear
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class EPExperts(nn.Module):
+    """This rank's slice of the routed experts; same parameter names as `RoutedExperts` (local rows only)."""
+
+    def __init__(self, full: RoutedExperts, group=None):
+        super().__init__()
+        self.group = group
+        self.world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        self.n_experts = full.gate_proj.shape[0]
+        if self.n_experts % self.world:
+            raise ValueError(f"n_routed_experts ({self.n_experts}) must be divisible by the expert-parallel "
+                             f"size ({self.world})")
+        self.n_local = self.n_experts // self.world
+        self.first = rank * self.n_local
+        rows = slice(self.first, self.first + self.n_local)
+        self.gate_proj = nn.Parameter(full.gate_proj.detach()[rows].clone())
+        self.up_proj = nn.Parameter(full.up_proj.detach()[rows].clone())
+        self.down_proj = nn.Parameter(full.down_proj.detach()[rows].clone())
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        n, k = topk_idx.shape
+        flat = topk_idx.flatten()
+        order = flat.argsort(stable=True)  # slots sorted by expert, hence by destination rank
+        token = order // k
+        expert_counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
+        send = expert_counts.view(self.world, self.n_local)  # rows for each rank's each local expert
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # recv[src, e]: rows from src for local expert e
+        send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        rows = all_to_all(x[token], recv_splits, send_splits, self.group)  # dispatch
+        labels = torch.arange(self.n_local, device=x.device).repeat(self.world).repeat_interleave(recv.flatten())
+        regroup = labels.argsort(stable=True)  # received rows grouped by local expert
+        counts = recv.sum(0).tolist()
+        xs = rows[regroup]
+        h = F.silu(grouped_linear(xs, self.gate_proj, counts)) * grouped_linear(xs, self.up_proj, counts)
+        ys = grouped_linear(h, self.down_proj, counts)
+        back = torch.empty_like(ys).index_copy(0, regroup, ys)  # undo the regrouping
+        out = all_to_all(back, send_splits, recv_splits, self.group)  # combine
+        out = out * topk_weight.flatten()[order, None].to(out.dtype)
+        return x.new_zeros(n, x.shape[-1]).index_add_(0, token, out)
+
+
+def apply_expert_parallel(model: nn.Module, group=None) -> nn.Module:
+    """Shard every MoE layer's routed experts over `group` (in place); returns the model."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, RoutedExperts):
+                setattr(module, name, EPExperts(child, group))
+    return model
+
+
+def is_expert_param(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, group=None) -> None:
+    """Data-parallel gradient averaging for an EP model whose ranks each saw 1/P of the batch.
+
+    Replicated parameters: all-reduce, then divide by P. Expert shards already summed the gradients of every
+    token routed to them (the all-to-all backward brings them home); they only need the same 1/P so that both
+    equal the gradient of the global-batch mean loss.
+    """
+    world = dist.get_world_size(group)
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if not is_expert_param(name):
+            dist.all_reduce(p.grad, group=group)
+        p.grad.div_(world)
+
+
+def all_reduce_loads(loads: list[torch.Tensor], group=None) -> list[torch.Tensor]:
+    """Expert loads of the whole global batch (every rank's tokens), for the aux-loss-free bias update."""
+    for load in loads:
+        dist.all_reduce(load, group=group)
+    return loads

@@ -1,0 +1,60 @@
+"""One rank of the expert-parallel check (launched by tests/test_expert_parallel.py, one process per rank).
+
+Builds the same tiny model as the single-process reference, shards its routed experts over the ranks, runs this
+rank's share of the batch, averages gradients data-parallel style and saves logits, loss, gradients and the
+global expert loads for the test to compare.
+"""
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+import dsv3
+from dsv3.dist.expert_parallel import all_reduce_loads, apply_expert_parallel, sync_gradients
+from dsv3.train.losses import lm_loss, mtp_losses
+
+
+def build():
+    cfg = dsv3.get_config("tiny").replace(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2)
+    model = dsv3.DeepseekV3(cfg)
+    model.init_weights(seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3 if p.dim() > 1 else 1)
+    torch.manual_seed(2)
+    tokens = torch.randint(1, cfg.vocab_size, (4, 17))
+    return model, tokens
+
+
+def loss_of(model, tokens):
+    out = model(tokens[:, :-1])
+    loss = lm_loss(out.logits, tokens) + 0.3 * sum(mtp_losses(out.mtp_logits, tokens, None))
+    return out, loss
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--world", type=int)
+    ap.add_argument("--init")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
+    model, tokens = build()
+    apply_expert_parallel(model)
+    rows = tokens.shape[0] // args.world
+    local = tokens[args.rank * rows : (args.rank + 1) * rows]
+    out, loss = loss_of(model, local)
+    loss.backward()
+    sync_gradients(model)
+    loads = all_reduce_loads([r.load.clone() for r in out.routing])
+    losses = [torch.zeros(()) for _ in range(args.world)]
+    dist.all_gather(losses, loss.detach())
+    torch.save({"logits": out.logits.detach(), "loss": torch.stack(losses).mean(), "loads": loads,
+                "grads": {n: p.grad for n, p in model.named_parameters()}}, args.out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
