@@ -44,3 +44,47 @@ def test_expert_parallel_equals_single_process(tmp_path, world):
             else:
                 ref = p.grad
             torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _losses(run):
+    import json
+
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path):
+    """`torchrun --nproc-per-node 2 -m dsv3 train --ep 2` against one process: same global batch, same curve
+    (up to float reordering), same expert loads and biases; its checkpoint is a standard one; it resumes."""
+    import socket
+
+    import dsv3
+
+    common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "4", "--batch-size", "4", "--seq-len", "32",
+              "--no-progress", "--checkpoint-every", "2", "--bias-update-speed", "0.01"]
+    single = subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "one"), *common],
+                            capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(port), "-m", "dsv3", "train"]
+    ep = subprocess.run([*launch, "--out", str(tmp_path / "ep"), *common, "--ep", "2"], capture_output=True,
+                        text=True, timeout=240)
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "ep")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4
+        assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
+        assert x["load"] == y["load"] and x["bias"] == y["bias"]
+    model = dsv3.load_pretrained(tmp_path / "ep")  # gathered experts, standard format
+    one = dsv3.load_pretrained(tmp_path / "one")
+    for (name, p), q in zip(model.state_dict().items(), one.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=name)
+    # resume on two ranks from the step-4 checkpoint
+    resumed = subprocess.run([*launch, "--resume", str(tmp_path / "ep"), "--max-steps", "5", "--no-progress"],
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _losses(tmp_path / "ep")] == [1, 2, 3, 4, 5]

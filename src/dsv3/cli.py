@@ -60,11 +60,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = resume_config(args.resume, **overrides)
         trainer = Trainer(cfg, resume=True)
-        print(f"resuming {args.resume} at step {trainer.step}")
+        if trainer.main_rank:
+            print(f"resuming {args.resume} at step {trainer.step}")
     else:
         cfg = TrainConfig.from_toml(args.config, **overrides) if args.config else TrainConfig(**overrides)
         trainer = Trainer(cfg)
     last = trainer.fit()
+    if not trainer.main_rank:
+        return 0
     if not last:
         print(f"nothing to do: {cfg.out} is already at step {trainer.step} of {trainer.total_steps}")
     else:

@@ -102,10 +102,10 @@ def is_expert_param(name: str) -> bool:
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, group=None) -> None:
-    """Data-parallel gradient averaging for an EP model whose ranks each saw 1/P of the batch.
+def sync_gradients(model: nn.Module, group=None, expert_sharded: bool = True) -> None:
+    """Data-parallel gradient averaging when each of the P ranks saw 1/P of the batch.
 
-    Replicated parameters: all-reduce, then divide by P. Expert shards already summed the gradients of every
+    Replicated parameters: all-reduce, then divide by P. Sharded experts already summed the gradients of every
     token routed to them (the all-to-all backward brings them home); they only need the same 1/P so that both
     equal the gradient of the global-batch mean loss.
     """
@@ -113,7 +113,7 @@ def sync_gradients(model: nn.Module, group=None) -> None:
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if not is_expert_param(name):
+        if not (expert_sharded and is_expert_param(name)):
             dist.all_reduce(p.grad, group=group)
         p.grad.div_(world)
 
@@ -123,3 +123,45 @@ def all_reduce_loads(loads: list[torch.Tensor], group=None) -> list[torch.Tensor
     for load in loads:
         dist.all_reduce(load, group=group)
     return loads
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, group=None) -> torch.Tensor:
+    """Gradient clipping by the global norm of an EP model: the expert shards' squares are summed over ranks
+    (every rank holds different experts), the replicated parameters' counted once."""
+    expert_sq = torch.zeros(())
+    shared_sq = torch.zeros(())
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().float().pow(2).sum().cpu()
+            if is_expert_param(name):
+                expert_sq += sq
+            else:
+                shared_sq += sq
+    dist.all_reduce(expert_sq, group=group)
+    norm = (expert_sq + shared_sq).sqrt()
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def unsharded_copy(model: nn.Module, group=None) -> nn.Module:
+    """A copy of an EP model with every expert shard gathered back into full `RoutedExperts` (collective: every
+    rank must call it; every rank gets the copy). Used to write a standard checkpoint."""
+    import copy
+
+    full = copy.deepcopy(model)
+    for module in list(full.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, EPExperts):
+                experts = RoutedExperts.__new__(RoutedExperts)
+                nn.Module.__init__(experts)
+                for pname in ("gate_proj", "up_proj", "down_proj"):
+                    shard = getattr(child, pname).detach().contiguous()
+                    parts = [torch.empty_like(shard) for _ in range(child.world)]
+                    dist.all_gather(parts, shard, group=group)
+                    setattr(experts, pname, nn.Parameter(torch.cat(parts)))
+                setattr(module, name, experts)
+    return full

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import shutil
 import time
 import tomllib
@@ -22,9 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretrained
 from ..config import ModelConfig, get_config
+from ..dist.expert_parallel import (
+    all_reduce_loads,
+    apply_expert_parallel,
+    clip_grad_norm,
+    sync_gradients,
+    unsharded_copy,
+)
 from ..model import DeepseekV3
 from ..params import training_flops_per_token
 from ..quant.linear import convert_to_fp8
@@ -77,6 +86,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp8 (FP8 GEMMs, fine-grained scaling; dsv3.quant)
     optimizer_state_dtype: str = "fp32"  # fp32 | bf16 (AdamW moments, as in the paper)
     device: str = "auto"
+    # scale-out (under torchrun): ranks split the global batch; ep > 1 also shards the routed experts over them
+    ep: int = 1
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     progress: bool = True
@@ -98,6 +109,7 @@ class TrainConfig:
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
         need(self.mtp_depth is None or self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
+        need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
         return self
 
     @classmethod
@@ -138,6 +150,13 @@ def measured_matmul_flops(device: torch.device, n: int = 2048, reps: int = 3, tr
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg.validate()
+        self.rank, self.world = _init_distributed(cfg)
+        self.main_rank = self.rank == 0
+        if cfg.batch_size % self.world:
+            raise TrainError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
+                             f"{self.world} ranks")
+        if cfg.ep not in (1, self.world):
+            raise TrainError(f"ep = {cfg.ep}: expert parallelism spans all ranks for now (ep 1 or {self.world})")
         self.run = Path(cfg.out)
         self.device = torch.device(cfg.device if cfg.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -167,10 +186,18 @@ class Trainer:
                              f"{mc.max_position_embeddings}")
         if cfg.precision == "fp8":
             convert_to_fp8(self.model)  # master weights stay fp32; the GEMMs run in FP8
+        if cfg.ep > 1:
+            apply_expert_parallel(self.model)
         self.routers = [layer.mlp.gate for layer in self.model.model.layers if layer.is_moe]
         self.optimizer = self._optimizer()
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            optimizer_state = state["optimizer"]
+            if isinstance(optimizer_state, list):  # one per rank (expert-sharded run)
+                if len(optimizer_state) != self.world:
+                    raise TrainError(f"{self.run} was trained on {len(optimizer_state)} ranks; resume it on as "
+                                     f"many (now {self.world})")
+                optimizer_state = optimizer_state[self.rank]
+            self.optimizer.load_state_dict(optimizer_state)
             torch.set_rng_state(state["rng"])
         self.flops_per_token = training_flops_per_token(mc, cfg.seq_len, mtp=mc.num_nextn_predict_layers > 0)
         self.peak_flops = measured_matmul_flops(self.device)
@@ -214,11 +241,13 @@ class Trainer:
         t0 = time.perf_counter()
         for micro in range(cfg.grad_accum):
             tokens = self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, micro).to(self.device)
+            rows = cfg.batch_size // self.world  # this rank's share of the global batch
+            tokens = tokens[self.rank * rows : (self.rank + 1) * rows]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = model(tokens[:, :-1])
             main = lm_loss(out.logits, tokens)
             mtp = mtp_losses(out.mtp_logits, tokens, self.data.eot_id)
-            balance = sum((sequence_balance_loss(info, cfg.batch_size) for info in out.routing),
+            balance = sum((sequence_balance_loss(info, tokens.shape[0]) for info in out.routing),
                           torch.zeros((), device=self.device))
             total = main + alpha * balance
             if mtp:
@@ -233,7 +262,13 @@ class Trainer:
         if not math.isfinite(sums["loss"]):
             raise TrainError(f"the loss became {sums['loss']} at step {self.step + 1}; lower lr (now {cfg.lr}) "
                              "or check the data")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if self.world > 1:
+            sync_gradients(model, expert_sharded=cfg.ep > 1)
+            sums = _mean_over_ranks(sums)
+        if cfg.ep > 1:
+            grad_norm = clip_grad_norm(model, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -257,31 +292,35 @@ class Trainer:
         }
 
     def reduce_loads(self, loads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Expert loads over the whole global batch (identity on one process; summed over ranks in dist)."""
-        return loads
+        """Expert loads over the whole global batch: every micro-batch, and every rank's share of it."""
+        return all_reduce_loads(loads) if self.world > 1 else loads
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
         cfg = self.cfg
-        self.run.mkdir(parents=True, exist_ok=True)
-        (self.run / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if self.main_rank:
+            self.run.mkdir(parents=True, exist_ok=True)
+            (self.run / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
         estimating = self.total_steps is None  # time budget only: the step count is estimated, then fixed
         if estimating:
             self.total_steps = UNKNOWN_STEPS
         probe_from, probe_t = self.step + 3, 0.0  # skip the slower first steps when timing
         last: dict = {}
-        with _Progress(cfg.progress) as bar, open(self.run / "metrics.jsonl", "a") as log:
+        if self.world > 1:
+            dist.barrier()
+        log_path = self.run / "metrics.jsonl" if self.main_rank else os.devnull
+        with _Progress(cfg.progress and self.main_rank) as bar, open(log_path, "a") as log:
             task = bar.add(None if estimating else self.total_steps, self.step)
             while self.step < self.total_steps:
-                if deadline and time.monotonic() > deadline:
+                if deadline and self._all_agree(time.monotonic() > deadline):
                     break
                 last = self.train_step()
                 if estimating and self.step == probe_from:
                     probe_t = time.monotonic()
                 elif estimating and self.step == probe_from + 10:
                     per_step = (time.monotonic() - probe_t) / 10
-                    left = int((deadline - time.monotonic()) / per_step * 0.98)
+                    left = int(self._from_rank0((deadline - time.monotonic()) / per_step * 0.98))
                     self.total_steps = max(self.step + 1, self.step + left)
                     estimating = False
                     bar.set_total(task, self.total_steps)
@@ -297,18 +336,40 @@ class Trainer:
         return last
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "total_steps": self.total_steps, "optimizer": self.optimizer.state_dict(),
-                 "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        files = {"trainer_state.pt": buf.getvalue(),
-                 "tokenizer.json": (Path(self.cfg.data) / "tokenizer.json").read_text()}
-        path = save_pretrained(self.model, self.run / "checkpoints" / f"step-{self.step:08d}", extra_files=files)
-        old = sorted((self.run / "checkpoints").glob("step-*"))[: -self.cfg.keep_checkpoints]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+    def save_checkpoint(self) -> Path | None:
+        """HF-format checkpoint + tokenizer + trainer state, written atomically by rank 0 (collective under EP)."""
+        model, optimizer_state = self.model, self.optimizer.state_dict()
+        if self.cfg.ep > 1:  # gather the expert shards (and every rank's optimizer state) to write one checkpoint
+            model = unsharded_copy(self.model)
+            states = [None] * self.world
+            dist.all_gather_object(states, optimizer_state)
+            optimizer_state = states
+        path = self.run / "checkpoints" / f"step-{self.step:08d}"
+        if self.main_rank:
+            state = {"step": self.step, "total_steps": self.total_steps, "optimizer": optimizer_state,
+                     "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            files = {"trainer_state.pt": buf.getvalue(),
+                     "tokenizer.json": (Path(self.cfg.data) / "tokenizer.json").read_text()}
+            save_pretrained(model, path, extra_files=files)
+            old = sorted((self.run / "checkpoints").glob("step-*"))[: -self.cfg.keep_checkpoints]
+            for p in old:
+                shutil.rmtree(p, ignore_errors=True)
+        if self.world > 1:
+            dist.barrier()
         return path
+
+    def _all_agree(self, flag: bool) -> bool:
+        """Rank 0's decision, so that every rank stops at the same step."""
+        return bool(self._from_rank0(float(flag)))
+
+    def _from_rank0(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        return float(t)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
@@ -316,6 +377,26 @@ class Trainer:
         if path.exists():
             lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
             path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
+    """(rank, world size): from torchrun's environment when launched by it, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if cfg.ep > 1:
+            raise TrainError(f"ep = {cfg.ep} needs {cfg.ep} processes: launch with "
+                             f"torchrun --nproc-per-node {cfg.ep} -m dsv3 train ...")
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _mean_over_ranks(sums: dict) -> dict:
+    flat = torch.tensor([sums["loss"], sums["balance"], *sums["mtp"]], dtype=torch.float64)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return {"loss": float(flat[0]), "balance": float(flat[1]), "mtp": flat[2:].tolist()}
 
 
 def resume_config(run: str | Path, **overrides) -> TrainConfig:
