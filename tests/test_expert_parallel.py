@@ -55,7 +55,8 @@ def _losses(run):
 @pytest.mark.slow
 def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path):
     """`torchrun --nproc-per-node 2 -m dsv3 train --ep 2` against one process: same global batch, same curve
-    (up to float reordering), same expert loads and biases; its checkpoint is a standard one; it resumes."""
+    (up to float reordering), same expert loads and biases; its checkpoint is a standard one; it resumes; and
+    with --zero 1 (ZeRO-1) the curve is the same again."""
     import socket
 
     import dsv3
@@ -83,6 +84,18 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     one = dsv3.load_pretrained(tmp_path / "one")
     for (name, p), q in zip(model.state_dict().items(), one.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=name)
+    # ZeRO-1 on top: AdamW state sharded over the two ranks, same curve
+    zero = subprocess.run([*launch, "--out", str(tmp_path / "zero"), *common, "--ep", "2", "--zero", "1"],
+                          capture_output=True, text=True, timeout=240)
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    for x, y in zip(a, _losses(tmp_path / "zero")):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 and x["bias"] == y["bias"]
+    ckpt = dsv3.checkpoint.resolve_checkpoint_dir(tmp_path / "zero")
+    per_rank = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]
+    n_params = len(list(one.parameters()))
+    held = [len(s["state"]) for s in per_rank]
+    # replicated parameters have one owner; each rank also holds its 3 expert shards per MoE layer (3 layers)
+    assert sum(held) == n_params + 9 and all(h < n_params for h in held)
     # resume on two ranks from the step-4 checkpoint
     resumed = subprocess.run([*launch, "--resume", str(tmp_path / "ep"), "--max-steps", "5", "--no-progress"],
                              capture_output=True, text=True, timeout=240)

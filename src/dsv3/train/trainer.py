@@ -31,9 +31,11 @@ from ..dist.expert_parallel import (
     all_reduce_loads,
     apply_expert_parallel,
     clip_grad_norm,
+    is_expert_param,
     sync_gradients,
     unsharded_copy,
 )
+from ..dist.zero import ZeroShardedOptimizer
 from ..model import DeepseekV3
 from ..params import training_flops_per_token
 from ..quant.linear import convert_to_fp8
@@ -88,6 +90,7 @@ class TrainConfig:
     device: str = "auto"
     # scale-out (under torchrun): ranks split the global batch; ep > 1 also shards the routed experts over them
     ep: int = 1
+    zero: int = 0  # 1: ZeRO-1, AdamW state sharded over the data-parallel ranks
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     progress: bool = True
@@ -110,6 +113,7 @@ class TrainConfig:
         need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
         need(self.mtp_depth is None or self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
         need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
+        need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1)")
         return self
 
     @classmethod
@@ -218,15 +222,21 @@ class Trainer:
             changes["max_position_embeddings"] = self.cfg.seq_len
         return mc.replace(**changes) if changes else mc
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm gains (biases if any)
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+    def _optimizer(self):
         betas = (self.cfg.beta1, self.cfg.beta2)
-        if self.cfg.optimizer_state_dtype == "bf16":
-            return AdamW(groups, lr=self.cfg.lr, betas=betas, state_dtype=torch.bfloat16)
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, foreach=self.device.type == "cuda")
+
+        def make(groups):
+            if self.cfg.optimizer_state_dtype == "bf16":
+                return AdamW(groups, lr=self.cfg.lr, betas=betas, state_dtype=torch.bfloat16)
+            return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, foreach=self.device.type == "cuda")
+
+        if self.cfg.zero and self.world > 1:
+            sharded = self.cfg.ep > 1
+            return ZeroShardedOptimizer(self.model, make, self.cfg.weight_decay,
+                                        is_local=lambda name: sharded and is_expert_param(name))
+        params = list(self.model.parameters())
+        return make([{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+                     {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}])  # norm gains
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -339,8 +349,9 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """HF-format checkpoint + tokenizer + trainer state, written atomically by rank 0 (collective under EP)."""
         model, optimizer_state = self.model, self.optimizer.state_dict()
-        if self.cfg.ep > 1:  # gather the expert shards (and every rank's optimizer state) to write one checkpoint
+        if self.cfg.ep > 1:  # gather the expert shards to write one standard checkpoint
             model = unsharded_copy(self.model)
+        if self.world > 1:  # every rank's optimizer state (shards under EP and ZeRO-1)
             states = [None] * self.world
             dist.all_gather_object(states, optimizer_state)
             optimizer_state = states
