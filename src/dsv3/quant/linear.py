@@ -122,6 +122,3 @@ def convert_to_fp8(model: nn.Module, pow2_scale: bool = False) -> nn.Module:
             module.pow2_scale = pow2_scale
     return model
 
-
-def fp8_module_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (FP8Linear, FP8RoutedExperts))]
