@@ -176,7 +176,8 @@ class Trainer:
             # the schedule's length is the original run's unless max_steps was given anew (extending the run)
             saved = TrainConfig(**state["train_config"])
             self.total_steps = cfg.max_steps if cfg.max_steps != saved.max_steps else state["total_steps"]
-            self._truncate_metrics(self.step)
+            if self.main_rank:  # only rank 0 writes the metrics file
+                self._truncate_metrics(self.step)
         else:
             self.model = DeepseekV3(self._model_config(), device=self.device)
             torch.manual_seed(cfg.seed)
@@ -196,7 +197,7 @@ class Trainer:
         self.optimizer = self._optimizer()
         if state is not None:
             optimizer_state = state["optimizer"]
-            if isinstance(optimizer_state, list):  # one per rank (expert-sharded run)
+            if isinstance(optimizer_state, list):  # one per rank (a multi-rank run)
                 if len(optimizer_state) != self.world:
                     raise TrainError(f"{self.run} was trained on {len(optimizer_state)} ranks; resume it on as "
                                      f"many (now {self.world})")
