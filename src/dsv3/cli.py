@@ -255,7 +255,8 @@ def _serve(args: argparse.Namespace) -> int:
     ckpt, model, tok = _load_for_inference(args)
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
                     speculative=args.speculative == "mtp", log=lambda m: print(m, file=sys.stderr))
-    server = Server(engine, tok, model_name=args.model_name or ckpt.parent.parent.name or "dsv3", checkpoint=ckpt)
+    default_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name  # the run's name
+    server = Server(engine, tok, model_name=args.model_name or default_name or "dsv3", checkpoint=ckpt)
     print(f"serving {ckpt} as model '{server.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0
