@@ -1,0 +1,209 @@
+"""Pipeline parallelism: the 1F1B and DualPipe schedules over torch.distributed point-to-point messages.
+
+A schedule is, for each rank, a list of operations; an executor runs one rank's list. Operations:
+  ("F", d)  forward of the next micro-batch of direction d on this rank's stage for d
+  ("B", d)  backward of the oldest forwarded micro-batch of d (input gradient; with `zb`, the weight gradient is
+            deferred to a later W so that it can fill a bubble)
+  ("W",)    the oldest deferred weight gradient
+Messages: activations flow along a direction, gradients flow back; sends are asynchronous, receives block, so a
+schedule whose per-rank orders respect the data dependencies cannot deadlock.
+
+1F1B (one direction): rank r warms up with P-1-r forwards, then alternates F and B, then drains the backwards.
+ZB1P-style: the same with each backward split, the cool-down's weight gradients moved to the end.
+
+DualPipe (P even, micro-batches N >= 2P, N even): rank r holds stage r of the forward pipeline (direction 0,
+micro-batches enter at rank 0) and stage P-1-r of the reverse pipeline (direction 1, entering at rank P-1): twice
+the parameters, both directions busy at once. With h = min(r, P-1-r) and "phase 0" meaning the direction whose
+first stage is on this rank's side (direction 0 for the first half of the ranks, 1 for the second), each rank runs
+eight steps (DeepSeek-V3 report, Figure 5):
+  1. (P/2-h-1)*2 forwards of phase 0                       warm-up from one end
+  2. h+1 x [F phase 0, F phase 1]                          both directions now in flight
+  3. P/2-h-1 x [B phase 1 (zero-bubble), W, F phase 1]
+  4. N/2-P+h+1 x [F phase 0 + B phase 1, F phase 1 + B phase 0]   the steady state: F of one direction paired
+                                                                  with B of the other (overlapped on GPUs)
+  5. P/2-h-1 x [B phase 1, F phase 1 + B phase 0]
+  6. h+1 x [B phase 1, B phase 0] (the later ones zero-bubble)
+  7. P/2-h-1 x [W, B phase 0 (zero-bubble)]
+  8. h+1 x W                                                 deferred weight gradients fill the tail
+The two copies of each stage (on ranks r and P-1-r) sum their gradients after the step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Op = tuple
+
+
+def schedule_1f1b(rank: int, world: int, chunks: int) -> list[Op]:
+    warm = min(world - 1 - rank, chunks)
+    ops: list[Op] = [("F", 0)] * warm
+    for _ in range(chunks - warm):
+        ops += [("F", 0), ("B", 0)]
+    ops += [("B", 0)] * warm
+    return ops
+
+
+def schedule_zb1p(rank: int, world: int, chunks: int) -> list[Op]:
+    """1F1B with the backward split (ZB1P-style): input gradients only on the critical path; the cool-down's
+    weight gradients are deferred to the end, where they fill the wait for the last backwards."""
+    warm = min(world - 1 - rank, chunks)
+    ops: list[Op] = [("F", 0)] * warm
+    for _ in range(chunks - warm):
+        ops += [("F", 0), ("B", 0, "zb"), ("W",)]
+    ops += [("B", 0, "zb")] * warm + [("W",)] * warm
+    return ops
+
+
+def schedule_dualpipe(rank: int, world: int, chunks: int) -> list[Op]:
+    if world % 2 or chunks % 2 or chunks < 2 * world:
+        raise ValueError(f"DualPipe needs an even number of ranks ({world}) and an even number of micro-batches "
+                         f">= 2 x ranks ({chunks})")
+    half, h = world // 2, min(rank, world - 1 - rank)
+    p0, p1 = (0, 1) if rank < half else (1, 0)  # phase -> direction on this rank
+    ops: list[Op] = []
+    ops += [("F", p0)] * ((half - h - 1) * 2)  # 1
+    ops += [("F", p0), ("F", p1)] * (h + 1)  # 2
+    ops += [("B", p1, "zb"), ("W",), ("F", p1)] * (half - h - 1)  # 3
+    ops += [("F", p0), ("B", p1), ("F", p1), ("B", p0)] * (chunks // 2 - world + h + 1)  # 4
+    ops += [("B", p1), ("F", p1), ("B", p0)] * (half - h - 1)  # 5
+    zb = False  # 6: from the middle of these backwards on, weight gradients are deferred
+    for i in range(h + 1):
+        if i == (h + 1) // 2 and h % 2 == 1:
+            zb = True
+        ops.append(("B", p1, "zb") if zb else ("B", p1))
+        if i == (h + 1) // 2 and h % 2 == 0:
+            zb = True
+        ops.append(("B", p0, "zb") if zb else ("B", p0))
+    ops += [("W",), ("B", p0, "zb")] * (half - h - 1)  # 7
+    ops += [("W",)] * (h + 1)  # 8 (and any weight gradient still deferred)
+    return ops
+
+
+class PipelineRunner:
+    """Runs one rank's schedule. `stages[d]` is this rank's module for direction d; activations of one shape."""
+
+    def __init__(self, stages: dict[int, nn.Module], rank: int, world: int, act_shape: tuple[int, ...],
+                 dual: bool, group=None, cost: dict[str, float] | None = None,
+                 act_dtype: torch.dtype = torch.float32):
+        self.stages, self.rank, self.world, self.dual = stages, rank, world, dual
+        self.act_shape, self.act_dtype, self.group = act_shape, act_dtype, group
+        self.cost = cost  # seconds per op: simulate stage work with sleeps (bubble benchmark)
+
+    # direction 0 flows rank 0 -> P-1; direction 1 flows P-1 -> 0
+    def _prev(self, d: int) -> int | None:
+        r = self.rank - 1 if d == 0 else self.rank + 1
+        return r if 0 <= r < self.world else None
+
+    def _next(self, d: int) -> int | None:
+        r = self.rank + 1 if d == 0 else self.rank - 1
+        return r if 0 <= r < self.world else None
+
+    def run(self, ops: list[Op], inputs: dict[int, list[torch.Tensor]],
+            loss_fn: Callable[[torch.Tensor, int, int], torch.Tensor]) -> float:
+        """inputs[d]: micro-batches of direction d (on the rank where d starts); loss_fn(output, d, index) on the
+        rank where d ends. Returns the sum of the losses computed on this rank."""
+        fwd_count = {0: 0, 1: 0}
+        in_flight: dict[int, deque] = {0: deque(), 1: deque()}
+        deferred: deque = deque()
+        pending_sends = []
+        total_loss = 0.0
+        for op in ops:
+            kind = op[0]
+            if kind == "F":
+                d = op[1]
+                i = fwd_count[d]
+                fwd_count[d] += 1
+                src = self._prev(d)
+                if src is None:
+                    x = inputs[d][i]
+                else:
+                    x = torch.empty(self.act_shape, dtype=self.act_dtype)
+                    dist.recv(x, src, group=self.group, tag=2 * d)
+                    x.requires_grad_(True)
+                if self.cost:
+                    time.sleep(self.cost["F"])
+                    y = x
+                else:
+                    y = self.stages[d](x)
+                dst = self._next(d)
+                if dst is None:
+                    y = loss_fn(y, d, i) if not self.cost else y.sum() * 0
+                    total_loss += float(y.detach())
+                else:
+                    pending_sends.append(dist.isend(y.detach().contiguous(), dst, group=self.group, tag=2 * d))
+                in_flight[d].append((x, y, dst is None))
+            elif kind == "B":
+                d = op[1]
+                zb = len(op) > 2
+                x, y, is_last = in_flight[d].popleft()
+                if is_last:
+                    grad = None
+                else:
+                    grad = torch.empty(self.act_shape, dtype=self.act_dtype)
+                    dist.recv(grad, self._next(d), group=self.group, tag=2 * d + 1)
+                if self.cost:
+                    time.sleep(self.cost["B"] - (self.cost["W"] if zb else 0.0))
+                    if zb:
+                        deferred.append(None)
+                    dx = torch.zeros(self.act_shape, dtype=self.act_dtype)
+                else:
+                    params = [p for p in self.stages[d].parameters() if p.requires_grad]
+                    needs_dx = x.requires_grad
+                    if zb and needs_dx:  # input gradient now, weight gradient later (a W op)
+                        (dx,) = torch.autograd.grad(y, [x], grad, retain_graph=True)
+                        deferred.append((y, grad, params))
+                    else:
+                        targets = ([x] if needs_dx else []) + params
+                        grads = torch.autograd.grad(y, targets, grad)
+                        dx = grads[0] if needs_dx else None
+                        for p, g in zip(params, grads[1:] if needs_dx else grads):
+                            p.grad = g if p.grad is None else p.grad + g
+                src = self._prev(d)
+                if src is not None:
+                    pending_sends.append(dist.isend(dx.contiguous(), src, group=self.group, tag=2 * d + 1))
+            elif kind == "W":
+                if deferred:
+                    item = deferred.popleft()
+                    if self.cost:
+                        time.sleep(self.cost["W"])
+                    elif item is not None:
+                        y, grad, params = item
+                        for p, g in zip(params, torch.autograd.grad(y, params, grad)):
+                            p.grad = g if p.grad is None else p.grad + g
+        while deferred:  # weight gradients the schedule left (never with complete schedules)
+            item = deferred.popleft()
+            if item is not None and not self.cost:
+                y, grad, params = item
+                for p, g in zip(params, torch.autograd.grad(y, params, grad)):
+                    p.grad = g if p.grad is None else p.grad + g
+        for work in pending_sends:
+            work.wait()
+        return total_loss
+
+    @torch.no_grad()
+    def sync_stage_copies(self) -> None:
+        """DualPipe: stage s lives on ranks s (direction 0) and P-1-s (direction 1); add the partner's gradients so
+        both copies hold the gradient of all micro-batches and step identically."""
+        if not self.dual:
+            return
+        partner = self.world - 1 - self.rank
+        mine = [p.grad for d in (0, 1) for p in self.stages[d].parameters()]  # my stage r, then stage P-1-r
+        theirs = [torch.empty_like(g) for d in (1, 0) for g in (p.grad for p in self.stages[d].parameters())]
+        sends = [dist.isend(g.contiguous(), partner, group=self.group, tag=100 + i) for i, g in enumerate(mine)]
+        # the partner sends its stage P-1-r (= my direction-1 stage) first, then its stage r
+        for i, buf in enumerate(theirs):
+            dist.recv(buf, partner, group=self.group, tag=100 + i)
+        for w in sends:
+            w.wait()
+        n0 = len(list(self.stages[0].parameters()))
+        for p, g in zip(self.stages[1].parameters(), theirs[: len(theirs) - n0]):
+            p.grad += g
+        for p, g in zip(self.stages[0].parameters(), theirs[len(theirs) - n0 :]):
+            p.grad += g
