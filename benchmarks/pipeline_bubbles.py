@@ -20,15 +20,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dsv3.dist.cost import pipeline_bubbles
-from dsv3.dist.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_zb1p
+from dsv3.dist.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
 
-SCHEDULES = {"1F1B": schedule_1f1b, "ZB1P": schedule_zb1p, "DualPipe": schedule_dualpipe}
+SCHEDULES = {"1F1B": schedule_1f1b, "ZB1P": schedule_zb1p, "DualPipe": schedule_dualpipe,
+             "DualPipeV": schedule_dualpipev}
 
 
 def worker(rank, world, init, name, chunks, cost, results):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     dual = name == "DualPipe"
-    runner = PipelineRunner({0: None, 1: None}, rank, world, (1,), dual=dual, cost=cost)
+    runner = PipelineRunner({0: None, 1: None}, rank, world, (1,), dual=dual, cost=cost, v_shape=name == "DualPipeV")
     inputs = {0: [torch.zeros(1)] * chunks, 1: [torch.zeros(1)] * chunks}
     dist.barrier()
     t = time.perf_counter()
@@ -53,14 +54,18 @@ def main() -> None:
           f"W={args.w * 1e3:.0f} ms; busy time per rank {busy:.2f} s\n")
     print("| schedule | measured bubble | formula | measured share of step |\n|---|---|---|---|")
     for name in SCHEDULES:
+        # DualPipeV folds the same PP stages onto PP/2 ranks: each rank runs every micro-batch through 2 stages
+        ranks = args.pp // 2 if name == "DualPipeV" else args.pp
+        rank_busy = busy * (2 if name == "DualPipeV" else 1)
         with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
             results = manager.dict()
             init = f"file://{os.path.join(tmp, 'rdv')}"
-            mp.spawn(worker, args=(args.pp, init, name, args.chunks, cost, results), nprocs=args.pp)
+            mp.spawn(worker, args=(ranks, init, name, args.chunks, cost, results), nprocs=ranks)
             wall = max(results.values())
-        bubble = wall - busy
-        print(f"| {name} | {bubble:.3f} s ({bubble / args.f:.1f} F) | {formulas[name]['bubble']:.3f} s "
-              f"({formulas[name]['bubble'] / args.f:.1f} F) | {bubble / wall:.1%} |", flush=True)
+        bubble = wall - rank_busy
+        formula = formulas["DualPipe" if name == "DualPipeV" else name]["bubble"]
+        print(f"| {name} ({ranks} ranks) | {bubble:.3f} s ({bubble / args.f:.1f} F) | {formula:.3f} s "
+              f"({formula / args.f:.1f} F) | {bubble / wall:.1%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3.dist.pipeline import schedule_1f1b, schedule_dualpipe, schedule_zb1p
+from dsv3.dist.pipeline import schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
 
 WORKER = Path(__file__).parent / "workers" / "pp_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import pp_worker  # noqa: E402
 
 
-def sequential(world: int, chunks: int):
-    stages = [pp_worker.stage(s) for s in range(world)]
+def sequential(n_stages: int, chunks: int):
+    stages = [pp_worker.stage(s) for s in range(n_stages)]
     xs, ys = pp_worker.micro_batches(chunks)
     total = 0.0
     for x, y in zip(xs, ys):
@@ -46,10 +46,12 @@ def cosine_difference(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule, world, chunks", [("1f1b", 2, 4), ("1f1b", 4, 8), ("zb1p", 4, 8), ("dualpipe", 2, 4),
-                                                     ("dualpipe", 4, 8), ("dualpipe", 4, 12)])
+                                                     ("dualpipe", 4, 8), ("dualpipe", 4, 12),
+                                                     ("dualpipev", 2, 4), ("dualpipev", 2, 6),
+                                                     ("dualpipev", 4, 8)])
 def test_schedule_equals_sequential_run(tmp_path, schedule, world, chunks):
     results = run_ranks(tmp_path, world, schedule, chunks)
-    ref_loss, ref_grads = sequential(world, chunks)
+    ref_loss, ref_grads = sequential(2 * world if schedule == "dualpipev" else world, chunks)
     assert abs(sum(r["loss"] for r in results) - ref_loss) < 1e-12 * max(1.0, abs(ref_loss))
     for res in results:  # every rank, and for DualPipe both copies of each stage
         for s, grads in res["grads"].items():
@@ -68,6 +70,9 @@ def test_schedules_run_every_micro_batch_once(world, chunks):
         assert sum(1 for op in ops if op[0] == "W") == sum(1 for op in ops if op[0] == "B" and len(op) > 2)
         ops = schedule_1f1b(r, world, chunks)
         assert ops.count(("F", 0)) == ops.count(("B", 0)) == chunks
+        ops = schedule_dualpipev(r, world, chunks)
+        for d in (0, 1):
+            assert sum(1 for op in ops if op[:2] == ("F", d)) == sum(1 for op in ops if op[:2] == ("B", d)) == chunks
         ops = schedule_zb1p(r, world, chunks)
         assert ops.count(("F", 0)) == ops.count(("B", 0, "zb")) == ops.count(("W",)) == chunks
     with pytest.raises(ValueError, match="even"):

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv3.dist.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_zb1p
+from dsv3.dist.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
 
 DIM, MB = 16, 3
 
@@ -47,6 +47,13 @@ def main():
 
         def loss_fn(out, d, i):
             return loss(out, ys[i] if d == 0 else ys[n // 2 + i])
+    elif args.schedule == "dualpipev":  # 2P stages folded into a V: rank r holds stages r and 2P-1-r
+        stages = {0: stage(r), 1: stage(2 * p - 1 - r)}
+        inputs = {0: xs if r == 0 else [], 1: []}
+        ops = schedule_dualpipev(r, p, n)
+
+        def loss_fn(out, d, i):
+            return loss(out, ys[i])
     else:
         stages = {0: stage(r)}
         inputs = {0: xs if r == 0 else []}
@@ -55,12 +62,13 @@ def main():
         def loss_fn(out, d, i):
             return loss(out, ys[i])
 
-    runner = PipelineRunner(stages, r, p, (MB, DIM), dual=dual, act_dtype=torch.float64)
+    runner = PipelineRunner(stages, r, p, (MB, DIM), dual=dual, act_dtype=torch.float64,
+                            v_shape=args.schedule == "dualpipev")
     total = runner.run(ops, inputs, loss_fn)
     runner.sync_stage_copies()
     grads = {}
     for d, module in stages.items():
-        s = r if d == 0 else p - 1 - r
+        s = r if d == 0 else (2 * p - 1 - r if args.schedule == "dualpipev" else p - 1 - r)
         grads[s] = [q.grad for q in module.parameters()]
     torch.save({"loss": total, "grads": grads, "ops": ops}, args.out)
     dist.destroy_process_group()

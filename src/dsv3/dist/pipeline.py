@@ -61,17 +61,14 @@ def schedule_zb1p(rank: int, world: int, chunks: int) -> list[Op]:
     return ops
 
 
-def schedule_dualpipe(rank: int, world: int, chunks: int) -> list[Op]:
-    if world % 2 or chunks % 2 or chunks < 2 * world:
-        raise ValueError(f"DualPipe needs an even number of ranks ({world}) and an even number of micro-batches "
-                         f">= 2 x ranks ({chunks})")
-    half, h = world // 2, min(rank, world - 1 - rank)
-    p0, p1 = (0, 1) if rank < half else (1, 0)  # phase -> direction on this rank
+def _eight_steps(h: int, half: int, per_phase: int, p0: int, p1: int) -> list[Op]:
+    """The DualPipe / DualPipeV step structure for one rank (h: its distance from the pipeline's end, half: the
+    ranks on one side, per_phase: micro-batches through each phase on this rank)."""
     ops: list[Op] = []
     ops += [("F", p0)] * ((half - h - 1) * 2)  # 1
     ops += [("F", p0), ("F", p1)] * (h + 1)  # 2
     ops += [("B", p1, "zb"), ("W",), ("F", p1)] * (half - h - 1)  # 3
-    ops += [("F", p0), ("B", p1), ("F", p1), ("B", p0)] * (chunks // 2 - world + h + 1)  # 4
+    ops += [("F", p0), ("B", p1), ("F", p1), ("B", p0)] * (per_phase - 2 * half + h + 1)  # 4
     ops += [("B", p1), ("F", p1), ("B", p0)] * (half - h - 1)  # 5
     zb = False  # 6: from the middle of these backwards on, weight gradients are deferred
     for i in range(h + 1):
@@ -82,8 +79,25 @@ def schedule_dualpipe(rank: int, world: int, chunks: int) -> list[Op]:
             zb = True
         ops.append(("B", p0, "zb") if zb else ("B", p0))
     ops += [("W",), ("B", p0, "zb")] * (half - h - 1)  # 7
-    ops += [("W",)] * (h + 1)  # 8 (and any weight gradient still deferred)
+    ops += [("W",)] * (h + 1)  # 8
     return ops
+
+
+def schedule_dualpipe(rank: int, world: int, chunks: int) -> list[Op]:
+    if world % 2 or chunks % 2 or chunks < 2 * world:
+        raise ValueError(f"DualPipe needs an even number of ranks ({world}) and an even number of micro-batches "
+                         f">= 2 x ranks ({chunks})")
+    half, h = world // 2, min(rank, world - 1 - rank)
+    p0, p1 = (0, 1) if rank < half else (1, 0)  # phase -> direction on this rank
+    return _eight_steps(h, half, chunks // 2, p0, p1)
+
+
+def schedule_dualpipev(rank: int, world: int, chunks: int) -> list[Op]:
+    """DualPipeV: one pipeline of 2P stages folded into a V over P ranks (rank r holds stages r and 2P-1-r);
+    phase 0 runs down the V, phase 1 back up; the same eight steps with h = rank, over all micro-batches."""
+    if chunks < 2 * world:
+        raise ValueError(f"DualPipeV needs micro-batches >= 2 x ranks ({chunks} < {2 * world})")
+    return _eight_steps(rank, world, chunks, 0, 1)
 
 
 class PipelineRunner:
@@ -91,17 +105,24 @@ class PipelineRunner:
 
     def __init__(self, stages: dict[int, nn.Module], rank: int, world: int, act_shape: tuple[int, ...],
                  dual: bool, group=None, cost: dict[str, float] | None = None,
-                 act_dtype: torch.dtype = torch.float32):
-        self.stages, self.rank, self.world, self.dual = stages, rank, world, dual
+                 act_dtype: torch.dtype = torch.float32, v_shape: bool = False):
+        self.stages, self.rank, self.world, self.dual, self.v = stages, rank, world, dual, v_shape
         self.act_shape, self.act_dtype, self.group = act_shape, act_dtype, group
         self.cost = cost  # seconds per op: simulate stage work with sleeps (bubble benchmark)
 
-    # direction 0 flows rank 0 -> P-1; direction 1 flows P-1 -> 0
-    def _prev(self, d: int) -> int | None:
+    # direction 0 flows rank 0 -> P-1; direction 1 flows P-1 -> 0. In the V, the two meet on the last rank:
+    # direction 0's output is direction 1's input there ("local"), and gradients turn around the same way.
+    LOCAL = "local"
+
+    def _prev(self, d: int):
+        if self.v and d == 1 and self.rank == self.world - 1:
+            return self.LOCAL
         r = self.rank - 1 if d == 0 else self.rank + 1
         return r if 0 <= r < self.world else None
 
-    def _next(self, d: int) -> int | None:
+    def _next(self, d: int):
+        if self.v and d == 0 and self.rank == self.world - 1:
+            return self.LOCAL
         r = self.rank + 1 if d == 0 else self.rank - 1
         return r if 0 <= r < self.world else None
 
@@ -112,6 +133,8 @@ class PipelineRunner:
         fwd_count = {0: 0, 1: 0}
         in_flight: dict[int, deque] = {0: deque(), 1: deque()}
         deferred: deque = deque()
+        local_act: deque = deque()  # V bottom: direction-0 outputs waiting to enter direction 1
+        local_grad: deque = deque()  # ... and direction-1 input gradients waiting for direction 0's backward
         pending_sends = []
         total_loss = 0.0
         for op in ops:
@@ -123,6 +146,8 @@ class PipelineRunner:
                 src = self._prev(d)
                 if src is None:
                     x = inputs[d][i]
+                elif src == self.LOCAL:
+                    x = local_act.popleft()
                 else:
                     x = torch.empty(self.act_shape, dtype=self.act_dtype)
                     dist.recv(x, src, group=self.group, tag=2 * d)
@@ -136,6 +161,8 @@ class PipelineRunner:
                 if dst is None:
                     y = loss_fn(y, d, i) if not self.cost else y.sum() * 0
                     total_loss += float(y.detach())
+                elif dst == self.LOCAL:
+                    local_act.append(y.detach().requires_grad_(True))
                 else:
                     pending_sends.append(dist.isend(y.detach().contiguous(), dst, group=self.group, tag=2 * d))
                 in_flight[d].append((x, y, dst is None))
@@ -145,6 +172,8 @@ class PipelineRunner:
                 x, y, is_last = in_flight[d].popleft()
                 if is_last:
                     grad = None
+                elif self._next(d) == self.LOCAL:
+                    grad = local_grad.popleft()
                 else:
                     grad = torch.empty(self.act_shape, dtype=self.act_dtype)
                     dist.recv(grad, self._next(d), group=self.group, tag=2 * d + 1)
@@ -166,7 +195,9 @@ class PipelineRunner:
                         for p, g in zip(params, grads[1:] if needs_dx else grads):
                             p.grad = g if p.grad is None else p.grad + g
                 src = self._prev(d)
-                if src is not None:
+                if src == self.LOCAL:
+                    local_grad.append(dx)
+                elif src is not None:
                     pending_sends.append(dist.isend(dx.contiguous(), src, group=self.group, tag=2 * d + 1))
             elif kind == "W":
                 if deferred:
