@@ -100,6 +100,11 @@ def schedule_dualpipev(rank: int, world: int, chunks: int) -> list[Op]:
     return _eight_steps(rank, world, chunks, 0, 1)
 
 
+def _accumulate(params, grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g if p.grad is None else p.grad + g
+
+
 class PipelineRunner:
     """Runs one rank's schedule. `stages[d]` is this rank's module for direction d; activations of one shape."""
 
@@ -192,31 +197,26 @@ class PipelineRunner:
                         targets = ([x] if needs_dx else []) + params
                         grads = torch.autograd.grad(y, targets, grad)
                         dx = grads[0] if needs_dx else None
-                        for p, g in zip(params, grads[1:] if needs_dx else grads):
-                            p.grad = g if p.grad is None else p.grad + g
+                        _accumulate(params, grads[1:] if needs_dx else grads)
                 src = self._prev(d)
                 if src == self.LOCAL:
                     local_grad.append(dx)
                 elif src is not None:
                     pending_sends.append(dist.isend(dx.contiguous(), src, group=self.group, tag=2 * d + 1))
-            elif kind == "W":
-                if deferred:
-                    item = deferred.popleft()
-                    if self.cost:
-                        time.sleep(self.cost["W"])
-                    elif item is not None:
-                        y, grad, params = item
-                        for p, g in zip(params, torch.autograd.grad(y, params, grad)):
-                            p.grad = g if p.grad is None else p.grad + g
+            elif kind == "W" and deferred:
+                self._weight_grad(deferred.popleft())
         while deferred:  # weight gradients the schedule left (never with complete schedules)
-            item = deferred.popleft()
-            if item is not None and not self.cost:
-                y, grad, params = item
-                for p, g in zip(params, torch.autograd.grad(y, params, grad)):
-                    p.grad = g if p.grad is None else p.grad + g
+            self._weight_grad(deferred.popleft())
         for work in pending_sends:
             work.wait()
         return total_loss
+
+    def _weight_grad(self, item) -> None:
+        if self.cost:
+            time.sleep(self.cost["W"])
+        elif item is not None:
+            y, grad, params = item
+            _accumulate(params, torch.autograd.grad(y, params, grad))
 
     @torch.no_grad()
     def sync_stage_copies(self) -> None:
