@@ -238,3 +238,34 @@ class PipelineRunner:
             p.grad += g
         for p, g in zip(self.stages[0].parameters(), theirs[len(theirs) - n0 :]):
             p.grad += g
+
+
+class ModelStage(nn.Module):
+    """Main decoder layers [lo, hi) of a DeepseekV3 as one pipeline stage: with the embedding when it is the first
+    stage (its input is token ids), with the final norm and the output head when it is the last (it returns
+    logits). The modules are the model's own, so a stage's gradients land in the model's parameters."""
+
+    def __init__(self, model, lo: int, hi: int):
+        super().__init__()
+        n = model.config.num_hidden_layers
+        self.embed = model.model.embed_tokens if lo == 0 else None
+        self.layers = nn.ModuleList(model.main_layers[lo:hi])
+        self.norm = model.model.norm if hi == n else None
+        self.head = model.lm_head if hi == n else None
+        self.rotary = model.model.rotary_emb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) if self.embed is not None else x  # [B, T, D]
+        rope = self.rotary(torch.arange(h.shape[1], device=h.device), h.dtype)
+        for layer in self.layers:
+            h = layer(h, rope)
+        return self.head(self.norm(h)) if self.head is not None else h
+
+
+def split_stages(model, n_stages: int) -> list[tuple[int, int]]:
+    """Contiguous, as-even-as-possible layer ranges for n_stages stages."""
+    n = model.config.num_hidden_layers
+    if n_stages > n:
+        raise ValueError(f"{n_stages} pipeline stages for {n} layers: at most one stage per layer")
+    bounds = [round(i * n / n_stages) for i in range(n_stages + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
