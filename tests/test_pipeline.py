@@ -114,3 +114,47 @@ def test_deepseek_v3_through_the_pipeline_equals_the_model(tmp_path, schedule, w
                                        msg=name)
             seen.add(name)
     assert seen == {n for n, _ in model.named_parameters()}  # every parameter lives on some stage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["dualpipe", "1f1b"])
+def test_torchrun_pipeline_training_follows_the_single_process_curve(dataset, tmp_path, schedule):
+    """`torchrun --nproc-per-node 2 -m dsv3 train --pp 2 --pp-schedule S`: same curve, loads, biases and balance
+    loss as one process on the same global batch; the gathered checkpoint equals the single-process one."""
+    import json
+    import socket
+
+    import dsv3
+
+    common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "3", "--batch-size", "4", "--seq-len",
+              "32", "--no-progress", "--mtp-depth", "0", "--bias-update-speed", "0.01", "--checkpoint-every", "3"]
+    one = subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "one"), *common],
+                         capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                         "127.0.0.1", "--master-port", str(port), "-m", "dsv3", "train", "--out", str(tmp_path / "pp"),
+                         *common, "--pp", "2", "--pp-schedule", schedule], capture_output=True, text=True, timeout=240)
+    assert pp.returncode == 0, pp.stderr[-3000:]
+    a, b = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "pp"))
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 and abs(x["balance_loss"] - y["balance_loss"]) < 1e-8
+        assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
+        assert x["load"] == y["load"] and x["bias"] == y["bias"]
+    m1, m2 = dsv3.load_pretrained(tmp_path / "one"), dsv3.load_pretrained(tmp_path / "pp")
+    for (name, t1), t2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(t2, t1, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_pipeline_settings_are_checked(dataset, tmp_path):
+    from dsv3.train.trainer import TrainConfig, Trainer, TrainError
+
+    cfg = TrainConfig(preset="tiny", data=str(dataset), out=str(tmp_path), max_steps=1, pp=2)
+    with pytest.raises(TrainError, match="PipelineTrainer"):
+        Trainer(cfg)
+    with pytest.raises(TrainError, match="pp_schedule"):
+        TrainConfig(preset="tiny", data=str(dataset), out=str(tmp_path), max_steps=1, pp_schedule="gpipe").validate()

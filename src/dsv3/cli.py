@@ -35,7 +35,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _train_flags(p: argparse.ArgumentParser) -> None:
     from .train.trainer import TrainConfig
 
-    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int}
+    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "progress":
@@ -59,12 +59,13 @@ def _train(args: argparse.Namespace) -> int:
     overrides = _train_overrides(args)
     if args.resume:
         cfg = resume_config(args.resume, **overrides)
-        trainer = Trainer(cfg, resume=True)
-        if trainer.main_rank:
-            print(f"resuming {args.resume} at step {trainer.step}")
     else:
         cfg = TrainConfig.from_toml(args.config, **overrides) if args.config else TrainConfig(**overrides)
-        trainer = Trainer(cfg)
+    if cfg.pp > 1:
+        from .dist.pipeline_train import PipelineTrainer as Trainer  # noqa: N806
+    trainer = Trainer(cfg, resume=bool(args.resume))
+    if args.resume and trainer.main_rank:
+        print(f"resuming {args.resume} at step {trainer.step}")
     last = trainer.fit()
     if not trainer.main_rank:
         return 0

@@ -240,26 +240,60 @@ class PipelineRunner:
             p.grad += g
 
 
+class _AttachAux(torch.autograd.Function):
+    """Returns h unchanged; in backward, also feeds gradient 1 to `aux`, a loss computed inside this stage.
+    So a stage's balance loss trains its routers without travelling down the pipeline."""
+
+    @staticmethod
+    def forward(ctx, h, aux):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=grad.dtype, device=grad.device)
+
+
 class ModelStage(nn.Module):
     """Main decoder layers [lo, hi) of a DeepseekV3 as one pipeline stage: with the embedding when it is the first
     stage (its input is token ids), with the final norm and the output head when it is the last (it returns
-    logits). The modules are the model's own, so a stage's gradients land in the model's parameters."""
+    logits). The modules are the model's own, so a stage's gradients land in the model's parameters.
 
-    def __init__(self, model, lo: int, hi: int):
+    balance_scale: weight of this stage's sequence-wise balance loss (alpha / micro-batches), attached to its
+    output; `loads` and `balance` accumulate over the forwards of a step (reset with `reset_stats`)."""
+
+    def __init__(self, model, lo: int, hi: int, balance_scale: float = 0.0):
         super().__init__()
+        self.lo, self.hi = lo, hi
+        self.balance_scale = balance_scale
         n = model.config.num_hidden_layers
         self.embed = model.model.embed_tokens if lo == 0 else None
         self.layers = nn.ModuleList(model.main_layers[lo:hi])
         self.norm = model.model.norm if hi == n else None
         self.head = model.lm_head if hi == n else None
         self.rotary = model.model.rotary_emb
+        self.routers = [layer.mlp.gate for layer in self.layers if layer.is_moe]
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.loads = [torch.zeros(r.n_experts) for r in self.routers]
+        self.balance = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..train.balance import sequence_balance_loss
+
         h = self.embed(x) if self.embed is not None else x  # [B, T, D]
         rope = self.rotary(torch.arange(h.shape[1], device=h.device), h.dtype)
+        routing: list = []
         for layer in self.layers:
-            h = layer(h, rope)
-        return self.head(self.norm(h)) if self.head is not None else h
+            h = layer(h, rope, routing=routing)
+        out = self.head(self.norm(h)) if self.head is not None else h
+        for acc, info in zip(self.loads, routing):
+            acc += info.load.cpu()
+        if routing and self.balance_scale:
+            aux = self.balance_scale * sum(sequence_balance_loss(info, h.shape[0]) for info in routing)
+            self.balance += float(aux.detach())
+            out = _AttachAux.apply(out, aux)
+        return out
 
 
 def split_stages(model, n_stages: int) -> list[tuple[int, int]]:

@@ -91,6 +91,9 @@ class TrainConfig:
     # scale-out (under torchrun): ranks split the global batch; ep > 1 also shards the routed experts over them
     ep: int = 1
     zero: int = 0  # 1: ZeRO-1, AdamW state sharded over the data-parallel ranks
+    pp: int = 1  # pipeline stages' ranks (dsv3.dist.pipeline_train)
+    pp_schedule: str = "dualpipe"  # 1f1b | dualpipe | dualpipev
+    pp_chunks: int | None = None  # micro-batches per step (default 2 x pp)
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     progress: bool = True
@@ -114,6 +117,9 @@ class TrainConfig:
         need(self.mtp_depth is None or self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
         need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
         need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1)")
+        need(isinstance(self.pp, int) and self.pp >= 1, "pp", "must be an integer >= 1")
+        need(self.pp_schedule in ("1f1b", "dualpipe", "dualpipev"), "pp_schedule",
+             "must be 1f1b, dualpipe or dualpipev")
         return self
 
     @classmethod
@@ -159,6 +165,8 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise TrainError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
                              f"{self.world} ranks")
+        if cfg.pp > 1 and type(self).__name__ == "Trainer":
+            raise TrainError("pp > 1 is run by dsv3.dist.pipeline_train.PipelineTrainer (dsv3 train picks it)")
         if cfg.ep not in (1, self.world):
             raise TrainError(f"ep = {cfg.ep}: expert parallelism spans all ranks for now (ep 1 or {self.world})")
         self.run = Path(cfg.out)
@@ -191,9 +199,8 @@ class Trainer:
                              f"{mc.max_position_embeddings}")
         if cfg.precision == "fp8":
             convert_to_fp8(self.model)  # master weights stay fp32; the GEMMs run in FP8
-        if cfg.ep > 1:
-            apply_expert_parallel(self.model)
-        self.routers = [layer.mlp.gate for layer in self.model.model.layers if layer.is_moe]
+        self._parallelize()
+        self.routers = self._routers()
         self.optimizer = self._optimizer()
         if state is not None:
             optimizer_state = state["optimizer"]
@@ -208,6 +215,15 @@ class Trainer:
         self.peak_flops = measured_matmul_flops(self.device)
 
     # ---------------------------------------------------------------- setup
+    def _parallelize(self) -> None:
+        """Apply the parallel layout to the built model (the pipeline trainer overrides this)."""
+        if self.cfg.ep > 1:
+            apply_expert_parallel(self.model)
+
+    def _routers(self) -> list:
+        """The routers whose biases this rank updates, in metric order."""
+        return [layer.mlp.gate for layer in self.model.model.layers if layer.is_moe]
+
     def _model_config(self) -> ModelConfig:
         mc = get_config(self.cfg.preset)
         vocab = self.data.meta["vocab_size"]
@@ -223,7 +239,8 @@ class Trainer:
             changes["max_position_embeddings"] = self.cfg.seq_len
         return mc.replace(**changes) if changes else mc
 
-    def _optimizer(self):
+    def _optimizer(self, params: list | None = None):
+        """AdamW over `params` (default: the model's), weight decay on matrices only."""
         betas = (self.cfg.beta1, self.cfg.beta2)
 
         def make(groups):
@@ -235,7 +252,7 @@ class Trainer:
             sharded = self.cfg.ep > 1
             return ZeroShardedOptimizer(self.model, make, self.cfg.weight_decay,
                                         is_local=lambda name: sharded and is_expert_param(name))
-        params = list(self.model.parameters())
+        params = list(self.model.parameters()) if params is None else params
         return make([{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}])  # norm gains
 
@@ -349,9 +366,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
         """HF-format checkpoint + tokenizer + trainer state, written atomically by rank 0 (collective under EP)."""
-        model, optimizer_state = self.model, self.optimizer.state_dict()
-        if self.cfg.ep > 1:  # gather the expert shards to write one standard checkpoint
-            model = unsharded_copy(self.model)
+        model, optimizer_state = self._model_to_save(), self.optimizer.state_dict()
         if self.world > 1:  # every rank's optimizer state (shards under EP and ZeRO-1)
             states = [None] * self.world
             dist.all_gather_object(states, optimizer_state)
@@ -371,6 +386,10 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return path
+
+    def _model_to_save(self) -> DeepseekV3:
+        """The whole model as one process would hold it (collective when it is spread over ranks)."""
+        return unsharded_copy(self.model) if self.cfg.ep > 1 else self.model
 
     def _all_agree(self, flag: bool) -> bool:
         """Rank 0's decision, so that every rank stops at the same step."""
