@@ -101,3 +101,27 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in _losses(tmp_path / "ep")] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_torchrun_dp_x_ep_mesh_follows_the_single_process_curve(dataset, tmp_path):
+    """4 ranks as 2 (data parallel) x 2 (expert parallel), with ZeRO-1: the single-process curve again."""
+    import socket
+
+    common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "3", "--batch-size", "4", "--seq-len", "32",
+              "--no-progress", "--checkpoint-every", "3", "--bias-update-speed", "0.01"]
+    single = subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "one"), *common],
+                            capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mesh = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), "-m", "dsv3", "train",
+                           "--out", str(tmp_path / "mesh"), *common, "--dp", "2", "--ep", "2", "--zero", "1"],
+                          capture_output=True, text=True, timeout=240)
+    assert mesh.returncode == 0, mesh.stderr[-3000:]
+    for x, y in zip(_losses(tmp_path / "one"), _losses(tmp_path / "mesh")):
+        assert abs(x["loss"] - y["loss"]) < 1e-4
+        assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
+        assert x["load"] == y["load"] and x["bias"] == y["bias"]

@@ -35,7 +35,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _train_flags(p: argparse.ArgumentParser) -> None:
     from .train.trainer import TrainConfig
 
-    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int}
+    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int, "dp": int}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "progress":

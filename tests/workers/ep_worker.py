@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import dsv3
-from dsv3.dist.expert_parallel import all_reduce_loads, apply_expert_parallel, sync_gradients
+from dsv3.dist.expert_parallel import ExpertMesh, all_reduce_loads, apply_expert_parallel, sync_gradients
 from dsv3.train.losses import lm_loss, mtp_losses
 
 
@@ -42,12 +42,13 @@ def main():
     args = ap.parse_args()
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
     model, tokens = build()
-    apply_expert_parallel(model)
+    mesh = ExpertMesh(args.world)  # every rank in one expert-parallel group
+    apply_expert_parallel(model, mesh.ep_group)
     rows = tokens.shape[0] // args.world
     local = tokens[args.rank * rows : (args.rank + 1) * rows]
     out, loss = loss_of(model, local)
     loss.backward()
-    sync_gradients(model)
+    sync_gradients(model, mesh)
     loads = all_reduce_loads([r.load.clone() for r in out.routing])
     losses = [torch.zeros(()) for _ in range(args.world)]
     dist.all_gather(losses, loss.detach())

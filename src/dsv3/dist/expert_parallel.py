@@ -88,6 +88,27 @@ class EPExperts(nn.Module):
         return x.new_zeros(n, x.shape[-1]).index_add_(0, token, out)
 
 
+class ExpertMesh:
+    """Ranks laid out as DP x EP: rank = dp_index * ep + ep_index. Consecutive ranks form an expert-parallel
+    group (one full set of experts, e.g. the GPUs of a node); ranks with the same ep_index hold the same shard
+    and form its data-parallel group."""
+
+    def __init__(self, ep: int):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % ep:
+            raise ValueError(f"ep = {ep} does not divide the {world} ranks")
+        self.ep, self.dp = ep, world // ep
+        self.ep_group = self.dp_group = None
+        for i in range(self.dp):  # every rank creates every group, in the same order
+            g = dist.new_group([i * ep + j for j in range(ep)])
+            if rank // ep == i:
+                self.ep_group = g
+        for j in range(ep):
+            g = dist.new_group([i * ep + j for i in range(self.dp)])
+            if rank % ep == j:
+                self.dp_group = g
+
+
 def apply_expert_parallel(model: nn.Module, group=None) -> nn.Module:
     """Shard every MoE layer's routed experts over `group` (in place); returns the model."""
     for module in list(model.modules()):
@@ -102,19 +123,23 @@ def is_expert_param(name: str) -> bool:
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, group=None, expert_sharded: bool = True) -> None:
+def sync_gradients(model: nn.Module, mesh: ExpertMesh | None = None) -> None:
     """Data-parallel gradient averaging when each of the P ranks saw 1/P of the batch.
 
-    Replicated parameters: all-reduce, then divide by P. Sharded experts already summed the gradients of every
-    token routed to them (the all-to-all backward brings them home); they only need the same 1/P so that both
-    equal the gradient of the global-batch mean loss.
+    Replicated parameters: all-reduce over every rank, then divide by P. An expert shard already summed the
+    gradients of every token its EP group routed to it (the all-to-all backward brings them home); it adds the
+    other EP groups' sums over its data-parallel group and takes the same 1/P, so both equal the gradient of the
+    global-batch mean loss.
     """
-    world = dist.get_world_size(group)
+    world = dist.get_world_size()
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if not (expert_sharded and is_expert_param(name)):
-            dist.all_reduce(p.grad, group=group)
+        if mesh is not None and is_expert_param(name):
+            if mesh.dp > 1:
+                dist.all_reduce(p.grad, group=mesh.dp_group)
+        else:
+            dist.all_reduce(p.grad)
         p.grad.div_(world)
 
 
@@ -126,8 +151,8 @@ def all_reduce_loads(loads: list[torch.Tensor], group=None) -> list[torch.Tensor
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, group=None) -> torch.Tensor:
-    """Gradient clipping by the global norm of an EP model: the expert shards' squares are summed over ranks
-    (every rank holds different experts), the replicated parameters' counted once."""
+    """Gradient clipping by the global norm of an EP model: the expert shards' squares are summed over the
+    expert-parallel `group` (its ranks hold different experts), the replicated parameters' counted once."""
     expert_sq = torch.zeros(())
     shared_sq = torch.zeros(())
     for name, p in model.named_parameters():
@@ -152,7 +177,8 @@ def unsharded_copy(model: nn.Module, group=None) -> nn.Module:
     rank must call it; every rank gets the copy). Used to write a standard checkpoint."""
     import copy
 
-    full = copy.deepcopy(model)
+    groups = {id(m.group): m.group for m in model.modules() if isinstance(m, EPExperts) and m.group is not None}
+    full = copy.deepcopy(model, memo=groups)  # process groups are shared, not copied
     for module in list(full.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, EPExperts):

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ..checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretrained
 from ..config import ModelConfig, get_config
 from ..dist.expert_parallel import (
+    ExpertMesh,
     all_reduce_loads,
     apply_expert_parallel,
     clip_grad_norm,
@@ -89,6 +90,7 @@ class TrainConfig:
     optimizer_state_dtype: str = "fp32"  # fp32 | bf16 (AdamW moments, as in the paper)
     device: str = "auto"
     # scale-out (under torchrun): ranks split the global batch; ep > 1 also shards the routed experts over them
+    dp: int | None = None  # data-parallel size; default: ranks / (ep x pp)
     ep: int = 1
     zero: int = 0  # 1: ZeRO-1, AdamW state sharded over the data-parallel ranks
     pp: int = 1  # pipeline stages' ranks (dsv3.dist.pipeline_train)
@@ -167,8 +169,11 @@ class Trainer:
                              f"{self.world} ranks")
         if cfg.pp > 1 and type(self).__name__ == "Trainer":
             raise TrainError("pp > 1 is run by dsv3.dist.pipeline_train.PipelineTrainer (dsv3 train picks it)")
-        if cfg.ep not in (1, self.world):
-            raise TrainError(f"ep = {cfg.ep}: expert parallelism spans all ranks for now (ep 1 or {self.world})")
+        if cfg.dp is not None and cfg.dp * cfg.ep * cfg.pp != self.world:
+            raise TrainError(f"dp x ep x pp = {cfg.dp} x {cfg.ep} x {cfg.pp} must equal the {self.world} ranks")
+        if self.world % cfg.ep:
+            raise TrainError(f"ep = {cfg.ep} must divide the number of ranks ({self.world}): ranks form a "
+                             f"data-parallel x expert-parallel mesh")
         self.run = Path(cfg.out)
         self.device = torch.device(cfg.device if cfg.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -217,8 +222,10 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _parallelize(self) -> None:
         """Apply the parallel layout to the built model (the pipeline trainer overrides this)."""
+        self.mesh = None
         if self.cfg.ep > 1:
-            apply_expert_parallel(self.model)
+            self.mesh = ExpertMesh(self.cfg.ep)  # DP x EP: ep consecutive ranks share one set of experts
+            apply_expert_parallel(self.model, self.mesh.ep_group)
 
     def _routers(self) -> list:
         """The routers whose biases this rank updates, in metric order."""
@@ -291,10 +298,10 @@ class Trainer:
             raise TrainError(f"the loss became {sums['loss']} at step {self.step + 1}; lower lr (now {cfg.lr}) "
                              "or check the data")
         if self.world > 1:
-            sync_gradients(model, expert_sharded=cfg.ep > 1)
+            sync_gradients(model, self.mesh)
             sums = _mean_over_ranks(sums)
         if cfg.ep > 1:
-            grad_norm = clip_grad_norm(model, cfg.grad_clip)
+            grad_norm = clip_grad_norm(model, cfg.grad_clip, self.mesh.ep_group)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -389,7 +396,7 @@ class Trainer:
 
     def _model_to_save(self) -> DeepseekV3:
         """The whole model as one process would hold it (collective when it is spread over ranks)."""
-        return unsharded_copy(self.model) if self.cfg.ep > 1 else self.model
+        return unsharded_copy(self.model, self.mesh.ep_group) if self.cfg.ep > 1 else self.model
 
     def _all_agree(self, flag: bool) -> bool:
         """Rank 0's decision, so that every rank stops at the same step."""
