@@ -1,7 +1,6 @@
 """Expert parallelism on gloo, 2 and 4 processes: logits, loss, gradients and expert loads equal the
 single-process model on the whole batch."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,19 +10,13 @@ import torch
 WORKER = Path(__file__).parent / "workers" / "ep_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import ep_worker  # noqa: E402
+from launch import run_ranks, train  # noqa: E402
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_equals_single_process(tmp_path, world):
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world", str(world), "--init", init,
-                               "--out", str(tmp_path / f"rank{r}.pt")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = run_ranks(WORKER, world, tmp_path)
 
     model, tokens = ep_worker.build()
     out, loss = ep_worker.loss_of(model, tokens)
@@ -46,35 +39,18 @@ def test_expert_parallel_equals_single_process(tmp_path, world):
             torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def _losses(run):
-    import json
-
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.mark.slow
 def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path):
     """`torchrun --nproc-per-node 2 -m dsv3 train --ep 2` against one process: same global batch, same curve
     (up to float reordering), same expert loads and biases; its checkpoint is a standard one; it resumes; and
     with --zero 1 (ZeRO-1) the curve is the same again."""
-    import socket
-
     import dsv3
 
     common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "4", "--batch-size", "4", "--seq-len", "32",
               "--no-progress", "--checkpoint-every", "2", "--bias-update-speed", "0.01"]
-    single = subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "one"), *common],
-                            capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-              "--master-port", str(port), "-m", "dsv3", "train"]
-    ep = subprocess.run([*launch, "--out", str(tmp_path / "ep"), *common, "--ep", "2"], capture_output=True,
-                        text=True, timeout=240)
-    assert ep.returncode == 0, ep.stderr[-3000:]
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "ep")
+    a = train(tmp_path / "one", common)
+    b = train(tmp_path / "ep", [*common, "--ep", "2"], nproc=2)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-4
@@ -85,10 +61,7 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     for (name, p), q in zip(model.state_dict().items(), one.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=name)
     # ZeRO-1 on top: AdamW state sharded over the two ranks, same curve
-    zero = subprocess.run([*launch, "--out", str(tmp_path / "zero"), *common, "--ep", "2", "--zero", "1"],
-                          capture_output=True, text=True, timeout=240)
-    assert zero.returncode == 0, zero.stderr[-3000:]
-    for x, y in zip(a, _losses(tmp_path / "zero")):
+    for x, y in zip(a, train(tmp_path / "zero", [*common, "--ep", "2", "--zero", "1"], nproc=2)):
         assert abs(x["loss"] - y["loss"]) < 1e-4 and x["bias"] == y["bias"]
     ckpt = dsv3.checkpoint.resolve_checkpoint_dir(tmp_path / "zero")
     per_rank = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]
@@ -97,31 +70,19 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     # replicated parameters have one owner; each rank also holds its 3 expert shards per MoE layer (3 layers)
     assert sum(held) == n_params + 9 and all(h < n_params for h in held)
     # resume on two ranks from the step-4 checkpoint
-    resumed = subprocess.run([*launch, "--resume", str(tmp_path / "ep"), "--max-steps", "5", "--no-progress"],
-                             capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["step"] for r in _losses(tmp_path / "ep")] == [1, 2, 3, 4, 5]
+    resumed = train(tmp_path / "ep", ["--resume", str(tmp_path / "ep"), "--max-steps", "5", "--no-progress"],
+                    nproc=2)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
 def test_torchrun_dp_x_ep_mesh_follows_the_single_process_curve(dataset, tmp_path):
     """4 ranks as 2 (data parallel) x 2 (expert parallel), with ZeRO-1: the single-process curve again."""
-    import socket
-
     common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "3", "--batch-size", "4", "--seq-len", "32",
               "--no-progress", "--checkpoint-every", "3", "--bias-update-speed", "0.01"]
-    single = subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "one"), *common],
-                            capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mesh = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr",
-                           "127.0.0.1", "--master-port", str(port), "-m", "dsv3", "train",
-                           "--out", str(tmp_path / "mesh"), *common, "--dp", "2", "--ep", "2", "--zero", "1"],
-                          capture_output=True, text=True, timeout=240)
-    assert mesh.returncode == 0, mesh.stderr[-3000:]
-    for x, y in zip(_losses(tmp_path / "one"), _losses(tmp_path / "mesh")):
+    one = train(tmp_path / "one", common)
+    mesh = train(tmp_path / "mesh", [*common, "--dp", "2", "--ep", "2", "--zero", "1"], nproc=4)
+    for x, y in zip(one, mesh):
         assert abs(x["loss"] - y["loss"]) < 1e-4
         assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
         assert x["load"] == y["load"] and x["bias"] == y["bias"]

@@ -1,6 +1,5 @@
 """Pipeline schedules on gloo: 1F1B and DualPipe give the loss and gradients of a sequential run."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from dsv3.dist.pipeline import schedule_1f1b, schedule_dualpipe, schedule_dualpi
 WORKER = Path(__file__).parent / "workers" / "pp_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import pp_worker  # noqa: E402
+from launch import run_ranks, train  # noqa: E402
 
 
 def sequential(n_stages: int, chunks: int):
@@ -28,17 +28,6 @@ def sequential(n_stages: int, chunks: int):
     return total, {s: [p.grad for p in st.parameters()] for s, st in enumerate(stages)}
 
 
-def run_ranks(tmp_path, world, schedule, chunks):
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world", str(world), "--init", init,
-                               "--schedule", schedule, "--chunks", str(chunks), "--out", str(tmp_path / f"{r}.pt")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out
-    return [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
-
-
 def cosine_difference(a, b):
     a, b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
     return 1 - float(a @ b / (a.norm() * b.norm()))
@@ -50,7 +39,7 @@ def cosine_difference(a, b):
                                                      ("dualpipev", 2, 4), ("dualpipev", 2, 6),
                                                      ("dualpipev", 4, 8)])
 def test_schedule_equals_sequential_run(tmp_path, schedule, world, chunks):
-    results = run_ranks(tmp_path, world, schedule, chunks)
+    results = run_ranks(WORKER, world, tmp_path, "--schedule", schedule, "--chunks", str(chunks))
     ref_loss, ref_grads = sequential(2 * world if schedule == "dualpipev" else world, chunks)
     assert abs(sum(r["loss"] for r in results) - ref_loss) < 1e-12 * max(1.0, abs(ref_loss))
     for res in results:  # every rank, and for DualPipe both copies of each stage
@@ -89,15 +78,7 @@ import pp_model_worker  # noqa: E402
 def test_deepseek_v3_through_the_pipeline_equals_the_model(tmp_path, schedule, world, chunks):
     """The tiny DeepSeek-V3 (MLA + MoE layers) split into stages: loss and every parameter's gradient equal the
     unsplit model run on the same micro-batches (fp64)."""
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, str(MODEL_WORKER), "--rank", str(r), "--world", str(world),
-                               "--init", init, "--schedule", schedule, "--chunks", str(chunks),
-                               "--out", str(tmp_path / f"{r}.pt")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    for p in procs:
-        out, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, out
-    results = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    results = run_ranks(MODEL_WORKER, world, tmp_path, "--schedule", schedule, "--chunks", str(chunks))
     from dsv3.train.losses import lm_loss
 
     model = pp_model_worker.build()
@@ -121,25 +102,12 @@ def test_deepseek_v3_through_the_pipeline_equals_the_model(tmp_path, schedule, w
 def test_torchrun_pipeline_training_follows_the_single_process_curve(dataset, tmp_path, schedule):
     """`torchrun --nproc-per-node 2 -m dsv3 train --pp 2 --pp-schedule S`: same curve, loads, biases and balance
     loss as one process on the same global batch; the gathered checkpoint equals the single-process one."""
-    import json
-    import socket
-
     import dsv3
 
     common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "3", "--batch-size", "4", "--seq-len",
               "32", "--no-progress", "--mtp-depth", "0", "--bias-update-speed", "0.01", "--checkpoint-every", "3"]
-    one = subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "one"), *common],
-                         capture_output=True, text=True, timeout=240)
-    assert one.returncode == 0, one.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                         "127.0.0.1", "--master-port", str(port), "-m", "dsv3", "train", "--out", str(tmp_path / "pp"),
-                         *common, "--pp", "2", "--pp-schedule", schedule], capture_output=True, text=True, timeout=240)
-    assert pp.returncode == 0, pp.stderr[-3000:]
-    a, b = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("one", "pp"))
+    a = train(tmp_path / "one", common)
+    b = train(tmp_path / "pp", [*common, "--pp", "2", "--pp-schedule", schedule], nproc=2)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-4 and abs(x["balance_loss"] - y["balance_loss"]) < 1e-8

@@ -5,10 +5,9 @@ rank's share of the batch, averages gradients data-parallel style and saves logi
 global expert loads for the test to compare.
 """
 
-import argparse
-
 import torch
 import torch.distributed as dist
+from launch import worker_args
 
 import dsv3
 from dsv3.dist.expert_parallel import ExpertMesh, all_reduce_loads, apply_expert_parallel, sync_gradients
@@ -34,13 +33,7 @@ def loss_of(model, tokens):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int)
-    ap.add_argument("--world", type=int)
-    ap.add_argument("--init")
-    ap.add_argument("--out")
-    args = ap.parse_args()
-    dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
+    args = worker_args()
     model, tokens = build()
     mesh = ExpertMesh(args.world)  # every rank in one expert-parallel group
     apply_expert_parallel(model, mesh.ep_group)

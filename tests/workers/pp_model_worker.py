@@ -1,10 +1,10 @@
 """One rank of the DeepSeek-V3 pipeline check: the tiny model split into stages, run by a schedule on gloo."""
 
-import argparse
 import copy
 
 import torch
 import torch.distributed as dist
+from launch import worker_args
 
 import dsv3
 from dsv3.dist.pipeline import (
@@ -38,15 +38,7 @@ def batches(n):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int)
-    ap.add_argument("--world", type=int)
-    ap.add_argument("--init")
-    ap.add_argument("--schedule")
-    ap.add_argument("--chunks", type=int)
-    ap.add_argument("--out")
-    args = ap.parse_args()
-    dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
+    args = worker_args(("schedule", str), ("chunks", int))
     r, p, n = args.rank, args.world, args.chunks
     tokens = batches(n)
     model = build()

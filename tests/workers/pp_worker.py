@@ -1,9 +1,8 @@
 """One rank of the pipeline-schedule check (launched by tests/test_pipeline.py, one process per rank)."""
 
-import argparse
-
 import torch
 import torch.distributed as dist
+from launch import worker_args
 from torch import nn
 
 from dsv3.dist.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
@@ -28,15 +27,7 @@ def loss(out, target):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int)
-    ap.add_argument("--world", type=int)
-    ap.add_argument("--init")
-    ap.add_argument("--schedule")
-    ap.add_argument("--chunks", type=int)
-    ap.add_argument("--out")
-    args = ap.parse_args()
-    dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
+    args = worker_args(("schedule", str), ("chunks", int))
     r, p, n = args.rank, args.world, args.chunks
     xs, ys = micro_batches(n)
     dual = args.schedule == "dualpipe"
