@@ -12,6 +12,7 @@ resumed from a checkpoint reproduces the uninterrupted loss curve exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -141,8 +142,10 @@ class TrainConfig:
         return cls(**values)
 
 
+@functools.cache
 def measured_matmul_flops(device: torch.device, n: int = 2048, reps: int = 3, trials: int = 3) -> float:
-    """This machine's fp32 matmul FLOP/s (best of a few timed n x n products): the MFU denominator."""
+    """This machine's fp32 matmul FLOP/s (best of a few timed n x n products): the MFU denominator.
+    Measured once per process and device (about a second), not once per trainer."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     a @ b  # warm-up
