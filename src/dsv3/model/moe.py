@@ -98,6 +98,15 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.is_contiguous() and all((n * x.element_size()) % 16 == 0 for n in (x.shape[-1], *w.shape[-2:])))
 
 
+def expert_rows(counts: list[int]):
+    """(expert, row slice) for each expert that got rows, when rows are grouped by expert with counts[e] each."""
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, slice(start, start + c)
+        start += c
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Rows of x [M, in] are grouped by expert (`counts[e]` rows each); returns [M, out] with x_e @ w[e]^T
     for w [E, out, in]. Grouped GEMM where torch offers it, else a loop over non-empty experts."""
@@ -105,11 +114,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Ten
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
         return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
     out = x.new_empty(x.shape[0], w.shape[1])
-    start = 0
-    for e, c in enumerate(counts):
-        if c:  # (assigning is several times faster than matmul(..., out=view) on CPU)
-            out[start : start + c] = x[start : start + c] @ w[e].t()
-        start += c
+    for e, rows in expert_rows(counts):  # (assigning is several times faster than matmul(..., out=view) on CPU)
+        out[rows] = x[rows] @ w[e].t()
     return out
 
 
@@ -131,11 +137,8 @@ class _GroupedLinear(torch.autograd.Function):
         dw = None
         if ctx.needs_input_grad[1]:  # Wgrad: dW_e = dy_e^T x_e, zero for experts that got no token
             dw = torch.zeros_like(w)
-            start = 0
-            for e, c in enumerate(counts):
-                if c:
-                    dw[e] = dy[start : start + c].t() @ x[start : start + c]
-                start += c
+            for e, rows in expert_rows(counts):
+                dw[e] = dy[rows].t() @ x[rows]
         return dx, dw, None
 
 

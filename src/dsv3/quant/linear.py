@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.moe import RoutedExperts
+from ..model.moe import RoutedExperts, expert_rows
 from .fp8 import BLOCK, dequantize_tiles, quantize_blockwise, quantize_tiles
 
 
@@ -100,11 +100,7 @@ class FP8RoutedExperts(RoutedExperts):
     pow2_scale = False
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        pieces, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                pieces.append(fp8_linear(x[start : start + c], w[e], self.pow2_scale))
-            start += c
+        pieces = [fp8_linear(x[rows], w[e], self.pow2_scale) for e, rows in expert_rows(counts)]
         return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[1])
 
 
