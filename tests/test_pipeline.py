@@ -97,32 +97,63 @@ def test_deepseek_v3_through_the_pipeline_equals_the_model(tmp_path, schedule, w
     assert seen == {n for n, _ in model.named_parameters()}  # every parameter lives on some stage
 
 
+def _same_run(a: list[dict], b: list[dict]) -> None:
+    """Two training runs' metrics agree up to floating-point reordering; loads and biases exactly."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["step"] == y["step"]
+        assert abs(x["loss"] - y["loss"]) < 1e-4 and abs(x["balance_loss"] - y["balance_loss"]) < 1e-8
+        assert len(x["mtp_loss"]) == len(y["mtp_loss"])
+        assert all(abs(u - v) < 1e-4 for u, v in zip(x["mtp_loss"], y["mtp_loss"]))
+        assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
+        assert x["load"] == y["load"] and x["bias"] == y["bias"]
+
+
+def _same_checkpoint(a, b) -> None:
+    import dsv3
+
+    m1, m2 = dsv3.load_pretrained(a, progress=False), dsv3.load_pretrained(b, progress=False)
+    for (name, t1), t2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(t2, t1, atol=1e-5, rtol=1e-4, msg=name)
+
+
+PIPELINE_RUN = ["--preset", "tiny", "--max-steps", "3", "--batch-size", "8", "--seq-len", "32", "--no-progress",
+                "--bias-update-speed", "0.01", "--checkpoint-every", "3"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["dualpipe", "1f1b"])
 def test_torchrun_pipeline_training_follows_the_single_process_curve(dataset, tmp_path, schedule):
-    """`torchrun --nproc-per-node 2 -m dsv3 train --pp 2 --pp-schedule S`: same curve, loads, biases and balance
-    loss as one process on the same global batch; the gathered checkpoint equals the single-process one."""
-    import dsv3
-
-    common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "3", "--batch-size", "4", "--seq-len",
-              "32", "--no-progress", "--mtp-depth", "0", "--bias-update-speed", "0.01", "--checkpoint-every", "3"]
+    """`torchrun --nproc-per-node 2 -m dsv3 train --pp 2 --pp-schedule S`, MTP on (the last stage runs it with its
+    own embedding copy): same curve, MTP loss, loads, biases and balance loss as one process on the same global
+    batch; the gathered checkpoint equals the single-process one."""
+    common = ["--data", str(dataset), *PIPELINE_RUN]
     a = train(tmp_path / "one", common)
-    b = train(tmp_path / "pp", [*common, "--pp", "2", "--pp-schedule", schedule], nproc=2)
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) < 1e-4 and abs(x["balance_loss"] - y["balance_loss"]) < 1e-8
-        assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
-        assert x["load"] == y["load"] and x["bias"] == y["bias"]
-    m1, m2 = dsv3.load_pretrained(tmp_path / "one"), dsv3.load_pretrained(tmp_path / "pp")
-    for (name, t1), t2 in zip(m1.state_dict().items(), m2.state_dict().values()):
-        torch.testing.assert_close(t2, t1, atol=1e-5, rtol=1e-4, msg=name)
+    assert a[0]["mtp_loss"]  # the tiny preset trains one MTP depth
+    _same_run(a, train(tmp_path / "pp", [*common, "--pp", "2", "--pp-schedule", schedule], nproc=2))
+    _same_checkpoint(tmp_path / "one", tmp_path / "pp")
+
+
+@pytest.mark.slow
+def test_torchrun_3d_mesh_follows_the_single_process_curve(dataset, tmp_path):
+    """Pipeline x data x expert parallel on 4 ranks: `--pp 2 --ep 2 --zero 1` under DualPipe and `--pp 2 --dp 2`
+    under 1F1B (where the embedding copies sit on different ranks) follow one process; the 3-D run's
+    checkpoint gathers stages and expert shards into the single-process model, and it resumes on 4 ranks."""
+    common = ["--data", str(dataset), *PIPELINE_RUN]
+    one = train(tmp_path / "one", common)
+    _same_run(one, train(tmp_path / "pe", [*common, "--pp", "2", "--ep", "2", "--zero", "1"], nproc=4))
+    _same_checkpoint(tmp_path / "one", tmp_path / "pe")
+    _same_run(one, train(tmp_path / "pd", [*common, "--pp", "2", "--dp", "2", "--pp-schedule", "1f1b"], nproc=4))
+    more = ["--max-steps", "4", "--no-progress"]
+    _same_run(train(tmp_path / "one", ["--resume", str(tmp_path / "one"), *more]),
+              train(tmp_path / "pe", ["--resume", str(tmp_path / "pe"), *more], nproc=4))
 
 
 def test_pipeline_settings_are_checked(dataset, tmp_path):
     from dsv3.train.trainer import TrainConfig, Trainer, TrainError
 
-    cfg = TrainConfig(preset="tiny", data=str(dataset), out=str(tmp_path), max_steps=1, pp=2)
-    with pytest.raises(TrainError, match="PipelineTrainer"):
+    cfg = TrainConfig(preset="tiny", data=str(dataset), out=str(tmp_path), max_steps=1, pp=2, ep=2)
+    with pytest.raises(TrainError, match="needs 4 processes: launch with torchrun --nproc-per-node 4"):
         Trainer(cfg)
     with pytest.raises(TrainError, match="pp_schedule"):
         TrainConfig(preset="tiny", data=str(dataset), out=str(tmp_path), max_steps=1, pp_schedule="gpipe").validate()

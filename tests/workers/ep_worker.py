@@ -10,7 +10,8 @@ import torch.distributed as dist
 from launch import worker_args
 
 import dsv3
-from dsv3.dist.expert_parallel import ExpertMesh, all_reduce_loads, apply_expert_parallel, sync_gradients
+from dsv3.dist.expert_parallel import all_reduce_loads, apply_expert_parallel
+from dsv3.dist.mesh import Mesh, sync_gradients
 from dsv3.train.losses import lm_loss, mtp_losses
 
 
@@ -35,7 +36,7 @@ def loss_of(model, tokens):
 def main():
     args = worker_args()
     model, tokens = build()
-    mesh = ExpertMesh(args.world)  # every rank in one expert-parallel group
+    mesh = Mesh(ep=args.world)  # every rank in one expert-parallel group
     apply_expert_parallel(model, mesh.ep_group)
     rows = tokens.shape[0] // args.world
     local = tokens[args.rank * rows : (args.rank + 1) * rows]

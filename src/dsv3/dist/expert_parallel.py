@@ -88,27 +88,6 @@ class EPExperts(nn.Module):
         return x.new_zeros(n, x.shape[-1]).index_add_(0, token, out)
 
 
-class ExpertMesh:
-    """Ranks laid out as DP x EP: rank = dp_index * ep + ep_index. Consecutive ranks form an expert-parallel
-    group (one full set of experts, e.g. the GPUs of a node); ranks with the same ep_index hold the same shard
-    and form its data-parallel group."""
-
-    def __init__(self, ep: int):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if world % ep:
-            raise ValueError(f"ep = {ep} does not divide the {world} ranks")
-        self.ep, self.dp = ep, world // ep
-        self.ep_group = self.dp_group = None
-        for i in range(self.dp):  # every rank creates every group, in the same order
-            g = dist.new_group([i * ep + j for j in range(ep)])
-            if rank // ep == i:
-                self.ep_group = g
-        for j in range(ep):
-            g = dist.new_group([i * ep + j for i in range(self.dp)])
-            if rank % ep == j:
-                self.dp_group = g
-
-
 def apply_expert_parallel(model: nn.Module, group=None) -> nn.Module:
     """Shard every MoE layer's routed experts over `group` (in place); returns the model."""
     for module in list(model.modules()):
@@ -118,58 +97,11 @@ def apply_expert_parallel(model: nn.Module, group=None) -> nn.Module:
     return model
 
 
-def is_expert_param(name: str) -> bool:
-    return ".mlp.experts." in name
-
-
-@torch.no_grad()
-def sync_gradients(model: nn.Module, mesh: ExpertMesh | None = None) -> None:
-    """Data-parallel gradient averaging when each of the P ranks saw 1/P of the batch.
-
-    Replicated parameters: all-reduce over every rank, then divide by P. An expert shard already summed the
-    gradients of every token its EP group routed to it (the all-to-all backward brings them home); it adds the
-    other EP groups' sums over its data-parallel group and takes the same 1/P, so both equal the gradient of the
-    global-batch mean loss.
-    """
-    world = dist.get_world_size()
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if mesh is not None and is_expert_param(name):
-            if mesh.dp > 1:
-                dist.all_reduce(p.grad, group=mesh.dp_group)
-        else:
-            dist.all_reduce(p.grad)
-        p.grad.div_(world)
-
-
 def all_reduce_loads(loads: list[torch.Tensor], group=None) -> list[torch.Tensor]:
     """Expert loads of the whole global batch (every rank's tokens), for the aux-loss-free bias update."""
     for load in loads:
         dist.all_reduce(load, group=group)
     return loads
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float, group=None) -> torch.Tensor:
-    """Gradient clipping by the global norm of an EP model: the expert shards' squares are summed over the
-    expert-parallel `group` (its ranks hold different experts), the replicated parameters' counted once."""
-    expert_sq = torch.zeros(())
-    shared_sq = torch.zeros(())
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            sq = p.grad.detach().float().pow(2).sum().cpu()
-            if is_expert_param(name):
-                expert_sq += sq
-            else:
-                shared_sq += sq
-    dist.all_reduce(expert_sq, group=group)
-    norm = (expert_sq + shared_sq).sqrt()
-    scale = max_norm / (norm + 1e-6)
-    if scale < 1:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm
 
 
 def unsharded_copy(model: nn.Module, group=None) -> nn.Module:

@@ -106,13 +106,17 @@ def _accumulate(params, grads) -> None:
 
 
 class PipelineRunner:
-    """Runs one rank's schedule. `stages[d]` is this rank's module for direction d; activations of one shape."""
+    """Runs one rank's schedule. `stages[d]` is this rank's module for direction d; activations of one shape.
+
+    rank, world: this rank's position in its pipeline and the pipeline's length; peers: the global ranks of the
+    pipeline's positions (default: position = global rank), so that many pipelines can share one process group."""
 
     def __init__(self, stages: dict[int, nn.Module], rank: int, world: int, act_shape: tuple[int, ...],
-                 dual: bool, group=None, cost: dict[str, float] | None = None,
-                 act_dtype: torch.dtype = torch.float32, v_shape: bool = False):
+                 dual: bool, cost: dict[str, float] | None = None, act_dtype: torch.dtype = torch.float32,
+                 v_shape: bool = False, peers: list[int] | None = None):
         self.stages, self.rank, self.world, self.dual, self.v = stages, rank, world, dual, v_shape
-        self.act_shape, self.act_dtype, self.group = act_shape, act_dtype, group
+        self.act_shape, self.act_dtype = act_shape, act_dtype
+        self.peers = peers or list(range(world))
         self.cost = cost  # seconds per op: simulate stage work with sleeps (bubble benchmark)
 
     # direction 0 flows rank 0 -> P-1; direction 1 flows P-1 -> 0. In the V, the two meet on the last rank:
@@ -155,7 +159,7 @@ class PipelineRunner:
                     x = local_act.popleft()
                 else:
                     x = torch.empty(self.act_shape, dtype=self.act_dtype)
-                    dist.recv(x, src, group=self.group, tag=2 * d)
+                    dist.recv(x, self.peers[src], tag=2 * d)
                     x.requires_grad_(True)
                 if self.cost:
                     time.sleep(self.cost["F"])
@@ -169,7 +173,8 @@ class PipelineRunner:
                 elif dst == self.LOCAL:
                     local_act.append(y.detach().requires_grad_(True))
                 else:
-                    pending_sends.append(dist.isend(y.detach().contiguous(), dst, group=self.group, tag=2 * d))
+                    y_out = y.detach().to(self.act_dtype).contiguous()
+                    pending_sends.append(dist.isend(y_out, self.peers[dst], tag=2 * d))
                 in_flight[d].append((x, y, dst is None))
             elif kind == "B":
                 d = op[1]
@@ -181,7 +186,7 @@ class PipelineRunner:
                     grad = local_grad.popleft()
                 else:
                     grad = torch.empty(self.act_shape, dtype=self.act_dtype)
-                    dist.recv(grad, self._next(d), group=self.group, tag=2 * d + 1)
+                    dist.recv(grad, self.peers[self._next(d)], tag=2 * d + 1)
                 if self.cost:
                     time.sleep(self.cost["B"] - (self.cost["W"] if zb else 0.0))
                     if zb:
@@ -202,7 +207,8 @@ class PipelineRunner:
                 if src == self.LOCAL:
                     local_grad.append(dx)
                 elif src is not None:
-                    pending_sends.append(dist.isend(dx.contiguous(), src, group=self.group, tag=2 * d + 1))
+                    pending_sends.append(dist.isend(dx.to(self.act_dtype).contiguous(), self.peers[src],
+                                                    tag=2 * d + 1))
             elif kind == "W" and deferred:
                 self._weight_grad(deferred.popleft())
         while deferred:  # weight gradients the schedule left (never with complete schedules)
@@ -224,13 +230,13 @@ class PipelineRunner:
         both copies hold the gradient of all micro-batches and step identically."""
         if not self.dual:
             return
-        partner = self.world - 1 - self.rank
+        partner = self.peers[self.world - 1 - self.rank]
         mine = [p.grad for d in (0, 1) for p in self.stages[d].parameters()]  # my stage r, then stage P-1-r
         theirs = [torch.empty_like(g) for d in (1, 0) for g in (p.grad for p in self.stages[d].parameters())]
-        sends = [dist.isend(g.contiguous(), partner, group=self.group, tag=100 + i) for i, g in enumerate(mine)]
+        sends = [dist.isend(g.contiguous(), partner, tag=100 + i) for i, g in enumerate(mine)]
         # the partner sends its stage P-1-r (= my direction-1 stage) first, then its stage r
         for i, buf in enumerate(theirs):
-            dist.recv(buf, partner, group=self.group, tag=100 + i)
+            dist.recv(buf, partner, tag=100 + i)
         for w in sends:
             w.wait()
         n0 = len(list(self.stages[0].parameters()))
@@ -258,40 +264,74 @@ class ModelStage(nn.Module):
     stage (its input is token ids), with the final norm and the output head when it is the last (it returns
     logits). The modules are the model's own, so a stage's gradients land in the model's parameters.
 
-    balance_scale: weight of this stage's sequence-wise balance loss (alpha / micro-batches), attached to its
-    output; `loads` and `balance` accumulate over the forwards of a step (reset with `reset_stats`)."""
+    The last stage also runs the MTP modules (they read the main model's final hidden state and share its head),
+    with the embedding of its own model copy (`mtp_embed`): the trainer adds its gradient to the first stage's
+    embedding gradient, as for tied embeddings, so both copies stay equal. It needs each micro-batch's tokens
+    (`set_tokens`) and attaches `mtp_scale` x the sum of the depth losses to its output.
 
-    def __init__(self, model, lo: int, hi: int, balance_scale: float = 0.0):
+    balance_scale: weight of this stage's sequence-wise balance loss (alpha / micro-batches), attached to its
+    output; `loads`, `balance` and `mtp_sums` accumulate over the forwards of a step (reset with `reset_stats`)."""
+
+    def __init__(self, model, lo: int, hi: int, balance_scale: float = 0.0, eot_id: int | None = None):
         super().__init__()
         self.lo, self.hi = lo, hi
-        self.balance_scale = balance_scale
+        self.balance_scale, self.eot_id = balance_scale, eot_id
+        self.mtp_scale = 0.0
         n = model.config.num_hidden_layers
         self.embed = model.model.embed_tokens if lo == 0 else None
         self.layers = nn.ModuleList(model.main_layers[lo:hi])
         self.norm = model.model.norm if hi == n else None
         self.head = model.lm_head if hi == n else None
+        self.mtp = nn.ModuleList(model.mtp_modules if hi == n else [])
+        self.mtp_embed = model.model.embed_tokens if len(self.mtp) else None
         self.rotary = model.model.rotary_emb
-        self.routers = [layer.mlp.gate for layer in self.layers if layer.is_moe]
+        moe = [layer for layer in [*self.layers, *self.mtp] if layer.is_moe]
+        self.routers = [layer.mlp.gate for layer in moe]
+        self.router_layers = [layer.layer_idx for layer in moe]  # the model's layer index of each router
+        self.tokens: list[torch.Tensor] = []
         self.reset_stats()
 
     def reset_stats(self) -> None:
         self.loads = [torch.zeros(r.n_experts) for r in self.routers]
         self.balance = 0.0
+        self.mtp_sums = [0.0] * len(self.mtp)
+        self._forwards = 0
+
+    def set_tokens(self, tokens: list[torch.Tensor]) -> None:
+        """The windows [B, T+1] of this stage's micro-batches, in forward order (the MTP targets)."""
+        self.tokens = tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..model.transformer import run_mtp
         from ..train.balance import sequence_balance_loss
+        from ..train.losses import mtp_losses
 
         h = self.embed(x) if self.embed is not None else x  # [B, T, D]
         rope = self.rotary(torch.arange(h.shape[1], device=h.device), h.dtype)
         routing: list = []
         for layer in self.layers:
             h = layer(h, rope, routing=routing)
-        out = self.head(self.norm(h)) if self.head is not None else h
+        aux = None
+        if self.head is not None:
+            h = self.norm(h)
+            out = self.head(h)  # [B, T, V]
+            if len(self.mtp) and self.mtp_scale:
+                tokens = self.tokens[self._forwards]
+                emb = self.mtp_embed(tokens[:, : h.shape[1]])
+                losses = mtp_losses(run_mtp(self.mtp, self.head, h, emb, rope, routing), tokens, self.eot_id)
+                for k, loss in enumerate(losses):
+                    self.mtp_sums[k] += float(loss.detach())
+                aux = self.mtp_scale * sum(losses)
+        else:
+            out = h
+        self._forwards += 1
         for acc, info in zip(self.loads, routing):
             acc += info.load.cpu()
         if routing and self.balance_scale:
-            aux = self.balance_scale * sum(sequence_balance_loss(info, h.shape[0]) for info in routing)
-            self.balance += float(aux.detach())
+            balance = self.balance_scale * sum(sequence_balance_loss(info, h.shape[0]) for info in routing)
+            self.balance += float(balance.detach())
+            aux = balance if aux is None else aux + balance
+        if aux is not None:
             out = _AttachAux.apply(out, aux)
         return out
 

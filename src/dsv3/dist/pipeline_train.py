@@ -1,45 +1,53 @@
-"""`torchrun --nproc-per-node P -m dsv3 train ... --pp P --pp-schedule dualpipe|dualpipev|1f1b`.
+"""`torchrun --nproc-per-node N -m dsv3 train ... --pp P [--dp D] [--ep E] --pp-schedule dualpipe|dualpipev|1f1b`.
 
-The trainer of `dsv3.train` with the step replaced by a pipeline schedule (see `pipeline.py`): every rank builds
-the same model, keeps the stages its schedule assigns it (DualPipe: stages r and P-1-r, each from its own copy of
-the model; DualPipeV: stages r and 2P-1-r of a 2P-stage split; 1F1B: stage r), and runs the global batch as
-`pp_chunks` micro-batches. Each stage attaches its sequence-wise balance loss to its output and counts its expert
-loads; after the schedule the copies of a stage add their gradients, loads are summed over every copy, the
-gradient norm is taken over the unique stages, and every copy of a router applies the same bias update.
-Checkpoints gather the stages into the standard format on rank 0.
+The trainer of `dsv3.train` with the step replaced by a pipeline schedule (see `pipeline.py`) on a
+pipeline x data x expert-parallel mesh (`mesh.py`): every rank builds the same model and keeps the stages its
+schedule assigns to its pipeline position (DualPipe: stages r and P-1-r, each from its own copy of the model;
+DualPipeV: stages r and 2P-1-r of a 2P-stage split; 1F1B: stage r), with the routed experts sharded over its
+expert-parallel group. The global batch runs as `pp_chunks` micro-batches; each of a stage's dp x ep ranks takes
+its share of the rows of every micro-batch. The last stage also runs the MTP modules (with a copy of the
+embedding whose gradient is added to the first stage's).
 
-Limits for now: the pipeline spans all ranks (no data or expert parallelism beside it) and MTP is off.
+After the schedule, in order: the two copies of a DualPipe stage add their gradients; the embedding copies add
+theirs; dense gradients are averaged over the stage's data group and expert shards over their dp group; the
+gradient norm is taken once over the whole mesh; expert loads are summed over every copy and rank, and every
+copy of a router applies the same bias update. Checkpoints gather the stages (and expert shards) into the
+standard format on rank 0.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.distributed as dist
 
 from ..train.balance import max_violation, update_expert_bias
 from ..train.losses import lm_loss
-from ..train.schedule import lr_at
+from ..train.schedule import lr_at, mtp_weight_at
 from ..train.trainer import Trainer, TrainError
+from .expert_parallel import apply_expert_parallel, unsharded_copy
+from .mesh import Mesh, clip_gradients, global_grad_norm, sync_gradients
 from .pipeline import ModelStage, PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, split_stages
 
 
 class PipelineTrainer(Trainer):
     def _parallelize(self) -> None:
-        cfg, p, r = self.cfg, self.world, self.rank
-        if p != cfg.pp:
-            raise TrainError(f"pp = {cfg.pp} needs {cfg.pp} processes (torchrun --nproc-per-node {cfg.pp}); "
-                             f"got {p}")
-        if cfg.ep > 1 or cfg.zero:
-            raise TrainError("pp > 1 cannot be combined with ep or zero yet")
-        if self.model.config.num_nextn_predict_layers:
-            raise TrainError("pp > 1 does not run the MTP module yet: add --mtp-depth 0")
+        cfg, mc = self.cfg, self.model.config
         if cfg.grad_accum != 1:
             raise TrainError("pp > 1 takes its micro-batches from pp_chunks; leave grad_accum at 1")
+        if mc.tie_word_embeddings:
+            raise TrainError("pp > 1 needs untied embeddings (tie_word_embeddings = false, as in DeepSeek-V3)")
+        try:
+            self.mesh = mesh = Mesh(cfg.pp, cfg.dp, cfg.ep)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        r, p = mesh.pp_rank, cfg.pp
         self.chunks = cfg.pp_chunks or 2 * p
-        if cfg.batch_size % self.chunks:
-            raise TrainError(f"batch_size {cfg.batch_size} must be divisible by pp_chunks {self.chunks}")
+        if cfg.batch_size % (self.chunks * mesh.data_size):
+            raise TrainError(f"batch_size {cfg.batch_size} must be divisible by pp_chunks x dp x ep = "
+                             f"{self.chunks} x {mesh.dp} x {mesh.ep}")
         schedule = cfg.pp_schedule
         self.v, self.dual = schedule == "dualpipev", schedule == "dualpipe"
         make = {"1f1b": schedule_1f1b, "dualpipe": schedule_dualpipe, "dualpipev": schedule_dualpipev}[schedule]
@@ -52,116 +60,169 @@ class PipelineTrainer(Trainer):
             ranges = split_stages(self.model, n_stages)
         except ValueError as e:
             raise TrainError(str(e)) from None
+        self.ranges, self.n_stages = ranges, n_stages
         self.stage_of = {0: r} if schedule == "1f1b" else {0: r, 1: (2 * p - 1 - r) if self.v else (p - 1 - r)}
         alpha = {"aux_free": cfg.seq_aux_alpha, "aux_loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
         self.copies = {d: (self.model if d == 0 else copy.deepcopy(self.model)) for d in self.stage_of}
-        self.stages = {d: ModelStage(self.copies[d], *ranges[s], balance_scale=alpha / self.chunks)
+        if cfg.ep > 1:
+            for model in self.copies.values():
+                apply_expert_parallel(model, mesh.ep_group)
+        self.stages = {d: ModelStage(self.copies[d], *ranges[s], balance_scale=alpha / self.chunks,
+                                     eot_id=self.data.eot_id)
                        for d, s in self.stage_of.items()}
-        self.ranges = ranges
         # stages whose gradients, norms and state this rank speaks for (DualPipe: the other copy is the partner's)
         self.unique = [0] if self.dual else list(self.stage_of)
-        d_model = self.model.config.hidden_size
-        self.runner = PipelineRunner(self.stages, r, p, (cfg.batch_size // self.chunks, cfg.seq_len, d_model),
-                                     dual=self.dual, v_shape=self.v)
+        self.moe_layers = [layer.layer_idx for layer in self.model.model.layers if layer.is_moe]
+        # MTP: the last stage's embedding copy adds its gradient to the first stage's. DualPipe and DualPipeV hold
+        # the first and the last stage on the same ranks; 1F1B pairs each pipeline's two ends in a group.
+        self.mtp = mc.num_nextn_predict_layers > 0
+        self.embed_group = None
+        if self.mtp and schedule == "1f1b":
+            for j in range(mesh.data_size):
+                g = dist.new_group([j, (p - 1) * mesh.data_size + j])
+                if j == mesh.data_rank and r in (0, p - 1):
+                    self.embed_group = g
+        rows = cfg.batch_size // self.chunks // mesh.data_size
+        self.runner = PipelineRunner(self.stages, r, p, (rows, cfg.seq_len, mc.hidden_size), dual=self.dual,
+                                     v_shape=self.v, peers=mesh.pp_ranks)
 
     def _routers(self) -> list:
         return [router for d in self.stage_of for router in self.stages[d].routers]
 
     def _optimizer(self, params: list | None = None):
-        unique = {id(p): p for d in self.stage_of for p in self.stages[d].parameters()}
-        self.model_params = list(unique.values())  # this rank's stages only
-        return super()._optimizer(self.model_params)
+        named: dict[int, tuple] = {}
+        for d in self.stage_of:  # this rank's stages only; a parameter of both copies (none today) once
+            for name, prm in self.stages[d].named_parameters():
+                named.setdefault(id(prm), (f"{d}.{name}", prm))
+        self.model_params = [prm for _, prm in named.values()]
+        return super()._optimizer(list(named.values()))
+
+    def _norm_params(self):
+        """(name, parameter) of the unique stages, without the last stage's embedding copy (counted on the first)."""
+        for d in self.unique:
+            for name, prm in self.stages[d].named_parameters():
+                if not name.startswith("mtp_embed.") or self.stages[d].embed is not None:
+                    yield name, prm
+
+    @torch.no_grad()
+    def _sum_embedding_grads(self) -> None:
+        """The embedding gets gradients on the first stage (the input) and on the last (MTP); give both copies the
+        sum, so they take the same optimizer step."""
+        holders = [st.embed for st in self.stages.values() if st.embed is not None]
+        holders += [st.mtp_embed for st in self.stages.values() if st.mtp_embed is not None and st.embed is None]
+        grads = [m.weight.grad for m in holders if m.weight.grad is not None]
+        if not grads:
+            return
+        total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
+        if self.embed_group is not None:  # 1F1B: the other end of the pipeline holds the other copy
+            dist.all_reduce(total, group=self.embed_group)
+        for m in holders:
+            m.weight.grad = total.clone()
 
     def train_step(self) -> dict:
-        import time
-
-        cfg, p = self.cfg, self.world
+        cfg, mesh = self.cfg, self.mesh
         t0 = time.perf_counter()
+        depth = self.model.config.num_nextn_predict_layers
+        lam = mtp_weight_at(self.step, self.total_steps, cfg.mtp_lambda, cfg.mtp_lambda_late)
         for stage in self.stages.values():
             stage.train()
             stage.reset_stats()
+            stage.mtp_scale = lam / depth / self.chunks if depth else 0.0
         tokens = self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, 0).to(self.device)
-        micro = list(tokens.split(cfg.batch_size // self.chunks))
+        mb = cfg.batch_size // self.chunks
+        rows, j = mb // mesh.data_size, mesh.data_rank  # this rank's rows of every micro-batch
+        micro = [tokens[m * mb + j * rows : m * mb + (j + 1) * rows] for m in range(self.chunks)]
         ids = [t[:, :-1] for t in micro]
+        r, p = mesh.pp_rank, cfg.pp
         if not (self.v or self.dual):
-            inputs, target = {0: ids if self.rank == 0 else []}, {0: micro}
+            inputs, target = {0: ids if r == 0 else []}, {0: micro}
         else:
             half = self.chunks if self.v else self.chunks // 2
-            second = [] if self.v or self.rank != p - 1 else ids[half:]
-            inputs = {0: ids[:half] if self.rank == 0 else [], 1: second}
+            second = [] if self.v or r != p - 1 else ids[half:]
+            inputs = {0: ids[:half] if r == 0 else [], 1: second}
             target = {0: micro[:half], 1: micro if self.v else micro[half:]}
-        loss = self.runner.run(self.ops, inputs, lambda logits, d, i: lm_loss(logits, target[d][i]) / self.chunks)
+        for d, stage in self.stages.items():
+            stage.set_tokens(target[d])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = self.runner.run(self.ops, inputs,
+                                   lambda logits, d, i: lm_loss(logits, target[d][i]) / self.chunks)
         self.runner.sync_stage_copies()
-        # loads and balance of every stage, summed over its copies; the loss from the ranks that computed it
-        mine = {self.stage_of[d]: ([x.tolist() for x in self.stages[d].loads], self.stages[d].balance)
-                for d in self.stage_of}
-        gathered: list = [None] * p
-        dist.all_gather_object(gathered, mine)
-        totals: dict[int, list] = {}
-        balance = 0.0
-        for rank_stats in gathered:
-            for s, (loads, bal) in rank_stats.items():
-                acc = totals.setdefault(s, [torch.zeros(len(x)) for x in loads])
-                for a, x in zip(acc, loads):
-                    a += torch.tensor(x)
-                balance += bal
-        flat = torch.tensor([loss], dtype=torch.float64)
-        dist.all_reduce(flat)
-        loss = float(flat[0])
+        if self.mtp:
+            self._sum_embedding_grads()
+        for stage in self.stages.values():
+            sync_gradients(stage, mesh)
+        # loss, balance and MTP sums, and expert loads: every copy on every rank adds what it computed
+        n_moe = len(self.moe_layers)
+        where = {layer: i for i, layer in enumerate(self.moe_layers)}
+        n_experts = self.model.config.n_routed_experts or 0
+        sums = torch.zeros(2 + depth, dtype=torch.float64)
+        loads = torch.zeros(n_moe, n_experts, dtype=torch.float64)
+        sums[0] = loss
+        for stage in self.stages.values():
+            sums[1] += stage.balance
+            sums[2 : 2 + len(stage.mtp_sums)] += torch.tensor(stage.mtp_sums, dtype=torch.float64)
+            for layer, load in zip(stage.router_layers, stage.loads):
+                loads[where[layer]] += load.double()
+        dist.all_reduce(sums)
+        dist.all_reduce(loads)
+        sums /= mesh.data_size
+        sums[2:] /= self.chunks
+        loss = float(sums[0])
         if loss != loss:
             raise TrainError(f"the loss became nan at step {self.step + 1}; lower lr (now {cfg.lr})")
-        # global gradient norm over the unique stages, then clip every copy alike
-        sq = torch.zeros((), dtype=torch.float64)
-        for d in self.unique:
-            for prm in self.stages[d].parameters():
-                if prm.grad is not None:
-                    sq += prm.grad.double().pow(2).sum()
-        dist.all_reduce(sq)
-        grad_norm = float(sq.sqrt())
-        scale = cfg.grad_clip / (grad_norm + 1e-6)
-        if scale < 1:
-            for prm in self.model_params:
-                if prm.grad is not None:
-                    prm.grad.mul_(scale)
+        grad_norm = global_grad_norm(self._norm_params(), mesh)
+        clip_gradients(self.model_params, cfg.grad_clip, grad_norm)
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        loads = loads.float()
         if cfg.balance == "aux_free":
-            for d, s in self.stage_of.items():
-                for router, load in zip(self.stages[d].routers, totals[s]):
-                    update_expert_bias(router.e_score_correction_bias, load, cfg.bias_update_speed)
-        biases: list = [None] * p
-        dist.all_gather_object(biases, {self.stage_of[d]: [rt.e_score_correction_bias.tolist()
-                                                           for rt in self.stages[d].routers]
-                                        for d in self.stage_of})
-        bias_by_stage = {s: b for rank_b in biases for s, b in rank_b.items()}
-        loads = [load for s in sorted(totals) for load in totals[s]]
-        bias = [b for s in sorted(bias_by_stage) for b in bias_by_stage[s]]
+            for stage in self.stages.values():
+                for router, layer in zip(stage.routers, stage.router_layers):
+                    update_expert_bias(router.e_score_correction_bias, loads[where[layer]], cfg.bias_update_speed)
+        # the biases for the metrics: each rank adds the routers it holds, divided by how many hold them
+        bias = torch.zeros(n_moe, n_experts, dtype=torch.float64)
+        held = torch.zeros(n_moe, 1, dtype=torch.float64)
+        for stage in self.stages.values():
+            for router, layer in zip(stage.routers, stage.router_layers):
+                bias[where[layer]] += router.e_score_correction_bias.double().cpu()
+                held[where[layer]] += 1
+        dist.all_reduce(bias)
+        dist.all_reduce(held)
+        bias /= held
         self.step += 1
         dt = time.perf_counter() - t0
         tokens_per_s = cfg.batch_size * cfg.seq_len / dt
         return {
-            "step": self.step, "loss": loss, "mtp_loss": [], "balance_loss": balance, "lr": lr,
-            "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops / p,
+            "step": self.step, "loss": loss, "mtp_loss": sums[2:].tolist(), "balance_loss": float(sums[1]),
+            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops / self.world,
             "tokens": self.step * cfg.batch_size * cfg.seq_len, "step_time": dt,
             "max_vio": [max_violation(x) for x in loads], "load": [x.int().tolist() for x in loads],
-            "bias": [[round(v, 6) for v in b] for b in bias],
+            "bias": [[round(v, 6) for v in b] for b in bias.tolist()],
         }
 
     def _model_to_save(self):
         """Every stage's tensors gathered into rank 0's model (the pipeline's copies are the trained ones)."""
-        mine = {}
+        n = self.model.config.num_hidden_layers
+        mine, target = {}, self.model
         for d in self.unique:
             lo, hi = self.ranges[self.stage_of[d]]
-            n = self.model.config.num_hidden_layers
-            for name, t in self.copies[d].state_dict().items():
+            model = unsharded_copy(self.copies[d], self.mesh.ep_group) if self.cfg.ep > 1 else self.copies[d]
+            if d == 0:
+                target = model  # rank 0's own model, with whole experts
+            if self.mesh.data_rank:  # the stage's other replicas hold the same tensors
+                continue
+            for name, t in model.state_dict().items():
                 parts = name.split(".")
-                in_layers = parts[1] == "layers" and lo <= int(parts[2]) < hi
-                if in_layers or (lo == 0 and "embed_tokens" in name) or (hi == n and parts[0] in ("lm_head",)) \
-                        or (hi == n and name.startswith("model.norm")):
+                if parts[1] == "layers":
+                    layer = int(parts[2])
+                    keep = lo <= layer < hi or (hi == n and layer >= n)  # the last stage holds the MTP modules
+                else:
+                    keep = (lo == 0 and "embed_tokens" in name) or (hi == n and not name.startswith("model.embed"))
+                if keep:
                     mine[name] = t.detach().cpu()
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, mine)
@@ -169,5 +230,5 @@ class PipelineTrainer(Trainer):
         for part in gathered:
             state.update(part)
         if self.main_rank:
-            self.model.load_state_dict(state, strict=False)
-        return self.model
+            target.load_state_dict(state, strict=False)
+        return target

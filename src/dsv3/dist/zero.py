@@ -17,13 +17,15 @@ from torch import nn
 
 
 class ZeroShardedOptimizer:
-    def __init__(self, model: nn.Module, make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
-                 weight_decay: float, is_local: Callable[[str], bool], group=None):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]],
+                 make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], weight_decay: float,
+                 is_local: Callable[[str], bool], group=None):
+        """named_params: this rank's parameters, the same names in the same order on every rank of `group`."""
         self.group = group
         self.rank, world = dist.get_rank(group), dist.get_world_size(group)
         load = [0] * world
         self.owner: list[tuple[nn.Parameter, int]] = []
-        named = list(model.named_parameters())
+        named = list(named_params)
         mine = []
         for name, p in sorted(named, key=lambda np: -np[1].numel()):  # deterministic: same order on every rank
             if is_local(name):

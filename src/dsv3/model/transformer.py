@@ -210,17 +210,24 @@ class DeepseekV3(nn.Module):
         return h, self.lm_head(module.shared_head.norm(h[:, -1:] if last_only else h))
 
     def _mtp_forward(self, h, emb, rope, routing) -> list[torch.Tensor]:
-        logits = []
-        cos, sin = rope
-        t = h.shape[1]
-        for k, module in enumerate(self.mtp_modules, start=1):
-            if t - k <= 0:
-                break
-            # depth k at position i reads h^{k-1}_i and the embedding of token i+k
-            h = module(h[:, :-1], emb[:, k:], (cos[: t - k], sin[: t - k]), routing=routing)
-            logits.append(self.lm_head(module.shared_head.norm(h)))
-        return logits
+        return run_mtp(self.mtp_modules, self.lm_head, h, emb, rope, routing)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+
+def run_mtp(modules, head: nn.Module, h: torch.Tensor, emb: torch.Tensor, rope, routing: list | None = None
+            ) -> list[torch.Tensor]:
+    """The MTP modules over a whole window (training and evaluation): h [B, T, D] the main model's final-normed
+    hidden state, emb [B, T, D] the embedded input ids; returns logits [B, T-k, V] for depth k = 1, 2, ...
+    (also used by a pipeline's last stage, which holds its own copy of the embedding)."""
+    logits = []
+    cos, sin = rope
+    t = h.shape[1]
+    for k, module in enumerate(modules, start=1):
+        if t - k <= 0:
+            break
+        # depth k at position i reads h^{k-1}_i and the embedding of token i+k
+        h = module(h[:, :-1], emb[:, k:], (cos[: t - k], sin[: t - k]), routing=routing)
+        logits.append(head(module.shared_head.norm(h)))
+    return logits

@@ -28,15 +28,8 @@ import torch.distributed as dist
 
 from ..checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretrained
 from ..config import ModelConfig, get_config
-from ..dist.expert_parallel import (
-    ExpertMesh,
-    all_reduce_loads,
-    apply_expert_parallel,
-    clip_grad_norm,
-    is_expert_param,
-    sync_gradients,
-    unsharded_copy,
-)
+from ..dist.expert_parallel import all_reduce_loads, apply_expert_parallel, unsharded_copy
+from ..dist.mesh import Mesh, clip_gradients, global_grad_norm, is_expert_param, sync_gradients
 from ..dist.zero import ZeroShardedOptimizer
 from ..model import DeepseekV3
 from ..params import training_flops_per_token
@@ -167,16 +160,16 @@ class Trainer:
         self.cfg = cfg.validate()
         self.rank, self.world = _init_distributed(cfg)
         self.main_rank = self.rank == 0
-        if cfg.batch_size % self.world:
+        if cfg.pp == 1 and cfg.batch_size % self.world:
             raise TrainError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
                              f"{self.world} ranks")
         if cfg.pp > 1 and type(self).__name__ == "Trainer":
             raise TrainError("pp > 1 is run by dsv3.dist.pipeline_train.PipelineTrainer (dsv3 train picks it)")
         if cfg.dp is not None and cfg.dp * cfg.ep * cfg.pp != self.world:
             raise TrainError(f"dp x ep x pp = {cfg.dp} x {cfg.ep} x {cfg.pp} must equal the {self.world} ranks")
-        if self.world % cfg.ep:
-            raise TrainError(f"ep = {cfg.ep} must divide the number of ranks ({self.world}): ranks form a "
-                             f"data-parallel x expert-parallel mesh")
+        if self.world % (cfg.ep * cfg.pp):
+            raise TrainError(f"ep x pp = {cfg.ep} x {cfg.pp} must divide the number of ranks ({self.world}): "
+                             f"ranks form a pipeline x data-parallel x expert-parallel mesh")
         self.run = Path(cfg.out)
         self.device = torch.device(cfg.device if cfg.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -225,9 +218,8 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _parallelize(self) -> None:
         """Apply the parallel layout to the built model (the pipeline trainer overrides this)."""
-        self.mesh = None
-        if self.cfg.ep > 1:
-            self.mesh = ExpertMesh(self.cfg.ep)  # DP x EP: ep consecutive ranks share one set of experts
+        self.mesh = Mesh(1, self.cfg.dp, self.cfg.ep) if self.world > 1 else None  # ep consecutive ranks: one
+        if self.cfg.ep > 1:  # full set of experts
             apply_expert_parallel(self.model, self.mesh.ep_group)
 
     def _routers(self) -> list:
@@ -250,7 +242,8 @@ class Trainer:
         return mc.replace(**changes) if changes else mc
 
     def _optimizer(self, params: list | None = None):
-        """AdamW over `params` (default: the model's), weight decay on matrices only."""
+        """AdamW over `params` ((name, parameter) pairs; default: the model's), weight decay on matrices only;
+        ZeRO-1 shards its state over the stage's data-parallel ranks."""
         betas = (self.cfg.beta1, self.cfg.beta2)
 
         def make(groups):
@@ -258,11 +251,12 @@ class Trainer:
                 return AdamW(groups, lr=self.cfg.lr, betas=betas, state_dtype=torch.bfloat16)
             return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, foreach=self.device.type == "cuda")
 
-        if self.cfg.zero and self.world > 1:
+        named = list(self.model.named_parameters()) if params is None else params
+        if self.cfg.zero and self.mesh is not None and self.mesh.data_size > 1:
             sharded = self.cfg.ep > 1
-            return ZeroShardedOptimizer(self.model, make, self.cfg.weight_decay,
+            return ZeroShardedOptimizer(named, make, self.cfg.weight_decay, group=self.mesh.data_group,
                                         is_local=lambda name: sharded and is_expert_param(name))
-        params = list(self.model.parameters()) if params is None else params
+        params = [p for _, p in named]
         return make([{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}])  # norm gains
 
@@ -303,8 +297,8 @@ class Trainer:
         if self.world > 1:
             sync_gradients(model, self.mesh)
             sums = _mean_over_ranks(sums)
-        if cfg.ep > 1:
-            grad_norm = clip_grad_norm(model, cfg.grad_clip, self.mesh.ep_group)
+            grad_norm = global_grad_norm(model.named_parameters(), self.mesh)
+            clip_gradients(model.parameters(), cfg.grad_clip, grad_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -424,9 +418,10 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
     """(rank, world size): from torchrun's environment when launched by it, else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        if cfg.ep > 1:
-            raise TrainError(f"ep = {cfg.ep} needs {cfg.ep} processes: launch with "
-                             f"torchrun --nproc-per-node {cfg.ep} -m dsv3 train ...")
+        need = cfg.ep * cfg.pp * (cfg.dp or 1)
+        if need > 1:
+            raise TrainError(f"dp x ep x pp = {cfg.dp or 1} x {cfg.ep} x {cfg.pp} needs {need} processes: launch "
+                             f"with torchrun --nproc-per-node {need} -m dsv3 train ...")
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
