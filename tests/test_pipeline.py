@@ -68,6 +68,54 @@ def test_schedules_run_every_micro_batch_once(world, chunks):
         schedule_dualpipe(0, 3, 6)
 
 
+def _timeline(schedule, world: int, chunks: int, f: int, b: int, w: int) -> tuple[int, list[int]]:
+    """Event simulation of a one-direction schedule with integer op costs (b: the input-gradient part of a split
+    backward; an unsplit one costs b + w): the step's makespan and each rank's peak of micro-batches whose
+    activations are held (forwarded, weight gradient not yet done)."""
+    orders = [schedule(r, world, chunks) for r in range(world)]
+    f_end = [[None] * chunks for _ in range(world)]
+    b_end = [[None] * chunks for _ in range(world)]
+    pos, busy_until, nf, nb, nw, peak = ([0] * world for _ in range(6))
+    t = 0
+    while any(pos[r] < len(orders[r]) for r in range(world)):
+        for r in range(world):
+            if busy_until[r] > t or pos[r] == len(orders[r]):
+                continue
+            op = orders[r][pos[r]]
+            if op[0] == "F":
+                ready = 0 if r == 0 else f_end[r - 1][nf[r]]
+                if ready is None or ready > t:
+                    continue
+                f_end[r][nf[r]] = busy_until[r] = t + f
+                nf[r] += 1
+            elif op[0] == "B":
+                ready = f_end[r][nb[r]] if r == world - 1 else b_end[r + 1][nb[r]]
+                if ready is None or ready > t:
+                    continue
+                b_end[r][nb[r]] = busy_until[r] = t + b + (0 if len(op) > 2 else w)
+                nb[r] += 1
+                nw[r] += len(op) == 2  # an unsplit backward also frees the activations
+            else:
+                busy_until[r] = t + w
+                nw[r] += 1
+            peak[r] = max(peak[r], nf[r] - nw[r])
+            pos[r] += 1
+        t += 1
+        assert t < 10_000, "the schedule deadlocks"
+    return max(busy_until), peak
+
+
+@pytest.mark.parametrize("world, chunks", [(2, 8), (4, 8), (4, 16), (8, 32)])
+def test_zero_bubble_schedule_reaches_the_formula_within_1f1b_memory(world, chunks):
+    """With F = B = W = 1 time unit (B: input gradient), 1F1B's bubble is (P-1)(F + B + W) and ZB-H1's
+    (P-1)(F + B - W), a third, while no rank holds more than P micro-batches' activations (1F1B's peak)."""
+    busy = chunks * 3
+    span, peak = _timeline(schedule_1f1b, world, chunks, 1, 1, 1)
+    assert span - busy == 3 * (world - 1) and max(peak) == world
+    span, peak = _timeline(schedule_zb1p, world, chunks, 1, 1, 1)
+    assert span - busy == world - 1 and max(peak) <= world
+
+
 MODEL_WORKER = WORKER.parent / "pp_model_worker.py"
 import pp_model_worker  # noqa: E402
 
@@ -137,13 +185,13 @@ def test_torchrun_pipeline_training_follows_the_single_process_curve(dataset, tm
 @pytest.mark.slow
 def test_torchrun_3d_mesh_follows_the_single_process_curve(dataset, tmp_path):
     """Pipeline x data x expert parallel on 4 ranks: `--pp 2 --ep 2 --zero 1` under DualPipe and `--pp 2 --dp 2`
-    under 1F1B (where the embedding copies sit on different ranks) follow one process; the 3-D run's
+    under ZB-H1 (where the embedding copies sit on different ranks) follow one process; the 3-D run's
     checkpoint gathers stages and expert shards into the single-process model, and it resumes on 4 ranks."""
     common = ["--data", str(dataset), *PIPELINE_RUN]
     one = train(tmp_path / "one", common)
     _same_run(one, train(tmp_path / "pe", [*common, "--pp", "2", "--ep", "2", "--zero", "1"], nproc=4))
     _same_checkpoint(tmp_path / "one", tmp_path / "pe")
-    _same_run(one, train(tmp_path / "pd", [*common, "--pp", "2", "--dp", "2", "--pp-schedule", "1f1b"], nproc=4))
+    _same_run(one, train(tmp_path / "pd", [*common, "--pp", "2", "--dp", "2", "--pp-schedule", "zb1p"], nproc=4))
     more = ["--max-steps", "4", "--no-progress"]
     _same_run(train(tmp_path / "one", ["--resume", str(tmp_path / "one"), *more]),
               train(tmp_path / "pe", ["--resume", str(tmp_path / "pe"), *more], nproc=4))

@@ -9,7 +9,7 @@ Messages: activations flow along a direction, gradients flow back; sends are asy
 schedule whose per-rank orders respect the data dependencies cannot deadlock.
 
 1F1B (one direction): rank r warms up with P-1-r forwards, then alternates F and B, then drains the backwards.
-ZB1P-style: the same with each backward split, the cool-down's weight gradients moved to the end.
+ZB-H1 ("zb1p"): the same order with each backward split; rank r defers its first r weight gradients to the end.
 
 DualPipe (P even, micro-batches N >= 2P, N even): rank r holds stage r of the forward pipeline (direction 0,
 micro-batches enter at rank 0) and stage P-1-r of the reverse pipeline (direction 1, entering at rank P-1): twice
@@ -51,14 +51,24 @@ def schedule_1f1b(rank: int, world: int, chunks: int) -> list[Op]:
 
 
 def schedule_zb1p(rank: int, world: int, chunks: int) -> list[Op]:
-    """1F1B with the backward split (ZB1P-style): input gradients only on the critical path; the cool-down's
-    weight gradients are deferred to the end, where they fill the wait for the last backwards."""
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): the F/B order of 1F1B, every backward split into
+    its input gradient (B, on the critical path) and its weight gradient (W). Rank r runs each W right after its
+    B except for its first r, which it keeps for the end: the later ranks push input gradients toward rank 0
+    without waiting on weight work, then fill their cool-down, where 1F1B leaves them idle, with the deferred W's.
+    Every rank then holds at most P micro-batches' activations (1F1B's peak, on rank 0), and the bubble is
+    (P-1)(F + B - 2W) with B the full backward, a third of 1F1B's when F = B/2 = W."""
     warm = min(world - 1 - rank, chunks)
     ops: list[Op] = [("F", 0)] * warm
-    for _ in range(chunks - warm):
-        ops += [("F", 0), ("B", 0, "zb"), ("W",)]
-    ops += [("B", 0, "zb")] * warm + [("W",)] * warm
-    return ops
+    deferred = 0
+    for k in range(chunks - warm):
+        ops += [("F", 0), ("B", 0, "zb")]
+        if k >= rank:
+            ops.append(("W",))
+        else:
+            deferred += 1
+    for _ in range(warm):
+        ops += [("B", 0, "zb"), ("W",)]
+    return ops + [("W",)] * deferred
 
 
 def _eight_steps(h: int, half: int, per_phase: int, p0: int, p1: int) -> list[Op]:

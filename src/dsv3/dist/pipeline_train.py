@@ -1,9 +1,9 @@
-"""`torchrun --nproc-per-node N -m dsv3 train ... --pp P [--dp D] [--ep E] --pp-schedule dualpipe|dualpipev|1f1b`.
+"""`torchrun --nproc-per-node N -m dsv3 train ... --pp P [--dp D] [--ep E] --pp-schedule dualpipe|dualpipev|1f1b|zb1p`.
 
 The trainer of `dsv3.train` with the step replaced by a pipeline schedule (see `pipeline.py`) on a
 pipeline x data x expert-parallel mesh (`mesh.py`): every rank builds the same model and keeps the stages its
 schedule assigns to its pipeline position (DualPipe: stages r and P-1-r, each from its own copy of the model;
-DualPipeV: stages r and 2P-1-r of a 2P-stage split; 1F1B: stage r), with the routed experts sharded over its
+DualPipeV: stages r and 2P-1-r of a 2P-stage split; 1F1B and ZB-H1: stage r), with the routed experts sharded over its
 expert-parallel group. The global batch runs as `pp_chunks` micro-batches; each of a stage's dp x ep ranks takes
 its share of the rows of every micro-batch. The last stage also runs the MTP modules (with a copy of the
 embedding whose gradient is added to the first stage's).
@@ -29,7 +29,15 @@ from ..train.schedule import lr_at, mtp_weight_at
 from ..train.trainer import Trainer, TrainError
 from .expert_parallel import apply_expert_parallel, unsharded_copy
 from .mesh import Mesh, clip_gradients, global_grad_norm, sync_gradients
-from .pipeline import ModelStage, PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, split_stages
+from .pipeline import (
+    ModelStage,
+    PipelineRunner,
+    schedule_1f1b,
+    schedule_dualpipe,
+    schedule_dualpipev,
+    schedule_zb1p,
+    split_stages,
+)
 
 
 class PipelineTrainer(Trainer):
@@ -50,7 +58,8 @@ class PipelineTrainer(Trainer):
                              f"{self.chunks} x {mesh.dp} x {mesh.ep}")
         schedule = cfg.pp_schedule
         self.v, self.dual = schedule == "dualpipev", schedule == "dualpipe"
-        make = {"1f1b": schedule_1f1b, "dualpipe": schedule_dualpipe, "dualpipev": schedule_dualpipev}[schedule]
+        make = {"1f1b": schedule_1f1b, "zb1p": schedule_zb1p, "dualpipe": schedule_dualpipe,
+                "dualpipev": schedule_dualpipev}[schedule]
         try:
             self.ops = make(r, p, self.chunks)
         except ValueError as e:
@@ -61,7 +70,8 @@ class PipelineTrainer(Trainer):
         except ValueError as e:
             raise TrainError(str(e)) from None
         self.ranges, self.n_stages = ranges, n_stages
-        self.stage_of = {0: r} if schedule == "1f1b" else {0: r, 1: (2 * p - 1 - r) if self.v else (p - 1 - r)}
+        two = self.v or self.dual  # two stages per rank
+        self.stage_of = {0: r, 1: (2 * p - 1 - r) if self.v else (p - 1 - r)} if two else {0: r}
         alpha = {"aux_free": cfg.seq_aux_alpha, "aux_loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
         self.copies = {d: (self.model if d == 0 else copy.deepcopy(self.model)) for d in self.stage_of}
         if cfg.ep > 1:
@@ -74,10 +84,10 @@ class PipelineTrainer(Trainer):
         self.unique = [0] if self.dual else list(self.stage_of)
         self.moe_layers = [layer.layer_idx for layer in self.model.model.layers if layer.is_moe]
         # MTP: the last stage's embedding copy adds its gradient to the first stage's. DualPipe and DualPipeV hold
-        # the first and the last stage on the same ranks; 1F1B pairs each pipeline's two ends in a group.
+        # the first and the last stage on the same ranks; 1F1B and ZB-H1 pair each pipeline's two ends in a group.
         self.mtp = mc.num_nextn_predict_layers > 0
         self.embed_group = None
-        if self.mtp and schedule == "1f1b":
+        if self.mtp and not two:
             for j in range(mesh.data_size):
                 g = dist.new_group([j, (p - 1) * mesh.data_size + j])
                 if j == mesh.data_rank and r in (0, p - 1):

@@ -88,7 +88,7 @@ class TrainConfig:
     ep: int = 1
     zero: int = 0  # 1: ZeRO-1, AdamW state sharded over the data-parallel ranks
     pp: int = 1  # pipeline stages' ranks (dsv3.dist.pipeline_train)
-    pp_schedule: str = "dualpipe"  # 1f1b | dualpipe | dualpipev
+    pp_schedule: str = "dualpipe"  # dualpipe | dualpipev | 1f1b | zb1p (ZB-H1)
     pp_chunks: int | None = None  # micro-batches per step (default 2 x pp)
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -114,8 +114,8 @@ class TrainConfig:
         need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
         need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1)")
         need(isinstance(self.pp, int) and self.pp >= 1, "pp", "must be an integer >= 1")
-        need(self.pp_schedule in ("1f1b", "dualpipe", "dualpipev"), "pp_schedule",
-             "must be 1f1b, dualpipe or dualpipev")
+        need(self.pp_schedule in ("dualpipe", "dualpipev", "1f1b", "zb1p"), "pp_schedule",
+             "must be dualpipe, dualpipev, 1f1b or zb1p")
         return self
 
     @classmethod
