@@ -1,6 +1,7 @@
-"""Scale-out: expert-parallel load balancing (EPLB) and the cost / pipeline-bubble model.
-
-(Expert-parallel dispatch, ZeRO-1 and the DualPipe schedules are the next pieces of this package.)
+"""Scale-out, applied from outside the single-process model: the pipeline x data x expert-parallel mesh
+(`mesh`), expert parallelism with all-to-all dispatch (`expert_parallel`), ZeRO-1 (`zero`), the 1F1B / ZB-H1 /
+DualPipe / DualPipeV schedules (`pipeline`) and the trainer that runs them (`pipeline_train`), EPLB redundant-expert
+placement (`eplb`) and the cost / pipeline-bubble model (`cost`). See DESIGN.md.
 """
 
 from .eplb import rebalance_experts
