@@ -153,16 +153,22 @@ class MLA(nn.Module):
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, latent, mask):
+        b, t = q_nope.shape[:2]
+        s = latent.shape[1]
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, n, r], [H, v, r]
         # query into latent space: q_nope W_UK, then [q_lat; q_pe] . [c_KV; k_pe] is the full q.k score
         q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk)  # [B, H, T, r]
-        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B, H, T, r + p]
-        kv = latent[:, None]  # [B, 1, S, r + p]: one "head" shared by all query heads
-        # attention over the latent itself: keys are [c_KV; k_pe], values are c_KV
-        o_lat = F.scaled_dot_product_attention(q, kv.expand(-1, self.n_heads, -1, -1),
-                                               kv[..., : self.kv_lora_rank].expand(-1, self.n_heads, -1, -1),
-                                               attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                                               # (mask None with one query: it sees every cached position)
-                                               scale=self.softmax_scale)  # [B, H, T, r]
-        return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # W_UV after the sum: [B, T, H, v]
+        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * self.softmax_scale  # [B, H, T, r + p]
+        # The latent is one key/value "head" shared by every query head (MQA-like), so all H x T queries of a row
+        # score against it in a single batched GEMM: no per-head copy of the cache is ever made.
+        scores = torch.bmm(q.view(b, -1, q.shape[-1]), latent.transpose(1, 2)).view(b, self.n_heads, t, s)
+        if mask is None and t > 1:  # a prefill from position 0: plainly causal
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        if mask is not None:  # [T, S] or [B, 1, T, S], True = visible
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(latent.dtype)
+        # values are c_KV itself; W_UV is applied after the attention-weighted sum
+        o_lat = torch.bmm(probs.view(b, -1, s), latent[..., : self.kv_lora_rank])  # [B, H*T, r]
+        o_lat = o_lat.view(b, self.n_heads, t, self.kv_lora_rank)
+        return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # [B, T, H, v]
