@@ -59,6 +59,18 @@ class Mesh:
         return f"Mesh(pp={self.pp}, dp={self.dp}, ep={self.ep})"
 
 
+def host_all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum a small host-side tensor (metrics, norms, loads) over `group` in place. NCCL only moves GPU memory, so
+    under nccl the tensor makes a round trip through the current CUDA device; gloo reduces it where it is."""
+    if dist.get_backend(group) == "nccl":
+        dev = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(dev, group=group)
+        t.copy_(dev)
+    else:
+        dist.all_reduce(t, group=group)
+    return t
+
+
 @torch.no_grad()
 def sync_gradients(module: nn.Module, mesh: Mesh) -> None:
     """Data-parallel gradient averaging when each of the stage's dp x ep ranks saw its share of the batch.
@@ -91,7 +103,7 @@ def global_grad_norm(named_params, mesh: Mesh) -> float:
         if p.grad is not None:
             holders = mesh.dp if is_expert_param(name) and mesh.ep > 1 else mesh.data_size
             sq += p.grad.detach().double().pow(2).sum().cpu() / holders
-    dist.all_reduce(sq)
+    host_all_reduce(sq)
     return float(sq.sqrt())
 
 

@@ -123,9 +123,9 @@ class PipelineRunner:
 
     def __init__(self, stages: dict[int, nn.Module], rank: int, world: int, act_shape: tuple[int, ...],
                  dual: bool, cost: dict[str, float] | None = None, act_dtype: torch.dtype = torch.float32,
-                 v_shape: bool = False, peers: list[int] | None = None):
+                 v_shape: bool = False, peers: list[int] | None = None, device: torch.device | str = "cpu"):
         self.stages, self.rank, self.world, self.dual, self.v = stages, rank, world, dual, v_shape
-        self.act_shape, self.act_dtype = act_shape, act_dtype
+        self.act_shape, self.act_dtype, self.device = act_shape, act_dtype, torch.device(device)
         self.peers = peers or list(range(world))
         self.cost = cost  # seconds per op: simulate stage work with sleeps (bubble benchmark)
 
@@ -168,7 +168,7 @@ class PipelineRunner:
                 elif src == self.LOCAL:
                     x = local_act.popleft()
                 else:
-                    x = torch.empty(self.act_shape, dtype=self.act_dtype)
+                    x = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
                     dist.recv(x, self.peers[src], tag=2 * d)
                     x.requires_grad_(True)
                 if self.cost:
@@ -195,7 +195,7 @@ class PipelineRunner:
                 elif self._next(d) == self.LOCAL:
                     grad = local_grad.popleft()
                 else:
-                    grad = torch.empty(self.act_shape, dtype=self.act_dtype)
+                    grad = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
                     dist.recv(grad, self.peers[self._next(d)], tag=2 * d + 1)
                 if self.cost:
                     time.sleep(self.cost["B"] - (self.cost["W"] if zb else 0.0))

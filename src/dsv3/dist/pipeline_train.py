@@ -28,7 +28,7 @@ from ..train.losses import lm_loss
 from ..train.schedule import lr_at, mtp_weight_at
 from ..train.trainer import Trainer, TrainError
 from .expert_parallel import apply_expert_parallel, unsharded_copy
-from .mesh import Mesh, clip_gradients, global_grad_norm, sync_gradients
+from .mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, sync_gradients
 from .pipeline import (
     ModelStage,
     PipelineRunner,
@@ -94,7 +94,7 @@ class PipelineTrainer(Trainer):
                     self.embed_group = g
         rows = cfg.batch_size // self.chunks // mesh.data_size
         self.runner = PipelineRunner(self.stages, r, p, (rows, cfg.seq_len, mc.hidden_size), dual=self.dual,
-                                     v_shape=self.v, peers=mesh.pp_ranks)
+                                     v_shape=self.v, peers=mesh.pp_ranks, device=self.device)
 
     def _routers(self) -> list:
         return [router for d in self.stage_of for router in self.stages[d].routers]
@@ -173,8 +173,8 @@ class PipelineTrainer(Trainer):
             sums[2 : 2 + len(stage.mtp_sums)] += torch.tensor(stage.mtp_sums, dtype=torch.float64)
             for layer, load in zip(stage.router_layers, stage.loads):
                 loads[where[layer]] += load.double()
-        dist.all_reduce(sums)
-        dist.all_reduce(loads)
+        host_all_reduce(sums)
+        host_all_reduce(loads)
         sums /= mesh.data_size
         sums[2:] /= self.chunks
         loss = float(sums[0])
@@ -199,8 +199,8 @@ class PipelineTrainer(Trainer):
             for router, layer in zip(stage.routers, stage.router_layers):
                 bias[where[layer]] += router.e_score_correction_bias.double().cpu()
                 held[where[layer]] += 1
-        dist.all_reduce(bias)
-        dist.all_reduce(held)
+        host_all_reduce(bias)
+        host_all_reduce(held)
         bias /= held
         self.step += 1
         dt = time.perf_counter() - t0

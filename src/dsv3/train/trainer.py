@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretrained
 from ..config import ModelConfig, get_config
 from ..dist.expert_parallel import all_reduce_loads, apply_expert_parallel, unsharded_copy
-from ..dist.mesh import Mesh, clip_gradients, global_grad_norm, is_expert_param, sync_gradients
+from ..dist.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
 from ..dist.zero import ZeroShardedOptimizer
 from ..model import DeepseekV3
 from ..params import training_flops_per_token
@@ -218,8 +218,8 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _parallelize(self) -> None:
         """Apply the parallel layout to the built model (the pipeline trainer overrides this)."""
-        self.mesh = Mesh(1, self.cfg.dp, self.cfg.ep) if self.world > 1 else None  # ep consecutive ranks: one
-        if self.cfg.ep > 1:  # full set of experts
+        self.mesh = Mesh(1, self.cfg.dp, self.cfg.ep) if self.world > 1 else None
+        if self.cfg.ep > 1:  # ep consecutive ranks hold one full set of experts between them
             apply_expert_parallel(self.model, self.mesh.ep_group)
 
     def _routers(self) -> list:
@@ -402,7 +402,7 @@ class Trainer:
     def _from_rank0(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(t, src=0)
         return float(t)
 
@@ -424,13 +424,15 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
                              f"with torchrun --nproc-per-node {need} -m dsv3 train ...")
         return 0, 1
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per process: "cuda" then means this rank's own device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
 def _mean_over_ranks(sums: dict) -> dict:
     flat = torch.tensor([sums["loss"], sums["balance"], *sums["mtp"]], dtype=torch.float64)
-    dist.all_reduce(flat)
+    host_all_reduce(flat)
     flat /= dist.get_world_size()
     return {"loss": float(flat[0]), "balance": float(flat[1]), "mtp": flat[2:].tolist()}
 
