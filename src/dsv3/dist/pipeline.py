@@ -325,7 +325,7 @@ class ModelStage(nn.Module):
         if self.head is not None:
             h = self.norm(h)
             out = self.head(h)  # [B, T, V]
-            if len(self.mtp) and self.mtp_scale:
+            if len(self.mtp):  # also at weight 0 (a late lambda of 0): metrics, and every parameter in the graph
                 tokens = self.tokens[self._forwards]
                 emb = self.mtp_embed(tokens[:, : h.shape[1]])
                 losses = mtp_losses(run_mtp(self.mtp, self.head, h, emb, rope, routing), tokens, self.eot_id)

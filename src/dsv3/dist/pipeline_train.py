@@ -120,10 +120,10 @@ class PipelineTrainer(Trainer):
         sum, so they take the same optimizer step."""
         holders = [st.embed for st in self.stages.values() if st.embed is not None]
         holders += [st.mtp_embed for st in self.stages.values() if st.mtp_embed is not None and st.embed is None]
-        grads = [m.weight.grad for m in holders if m.weight.grad is not None]
-        if not grads:
+        if not holders:
             return
-        total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
+        # (a copy without a gradient would still take part: the other end of the pipeline waits on this sum)
+        total = sum(m.weight.grad if m.weight.grad is not None else torch.zeros_like(m.weight) for m in holders)
         if self.embed_group is not None:  # 1F1B: the other end of the pipeline holds the other copy
             dist.all_reduce(total, group=self.embed_group)
         for m in holders:
