@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from dsv3.checkpoint import load_pretrained
+from dsv3.runs import read_metrics, resolve_checkpoint
 from dsv3.train.data import prepare
 from dsv3.train.evaluate import evaluate
 from dsv3.train.trainer import TrainConfig, Trainer
@@ -44,16 +45,16 @@ def main() -> None:
             continue
         out = Path(args.out) / "".join(c if c.isalnum() or c == "." else "_" for c in name)
         settings = {"bias_update_speed": args.bias_update_speed, **change}
-        cfg = TrainConfig(preset=args.preset, data=args.data, out=str(out), max_steps=args.steps,
+        cfg = TrainConfig(model_config=args.preset, data=args.data, out=str(out), max_steps=args.steps,
                           checkpoint_every=args.steps, progress=False, **settings)
         trainer = Trainer(cfg)
         trainer.fit()
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(out)
         tail = rows[-max(1, len(rows) // 5) :]
         main_layers = trainer.model.config.num_moe_layers  # MaxVio over the main model's MoE layers
-        vio = sum(sum(r["max_vio"][:main_layers]) / main_layers for r in tail) / len(tail)
-        ev = evaluate(load_pretrained(out), args.data, seq_len=cfg.seq_len)
-        results[name] = {"bpb": ev["bpb"], "val_loss": ev["loss"], "max_vio": vio, "train_loss": rows[-1]["loss"]}
+        vio = sum(sum(r.max_vio[:main_layers]) / main_layers for r in tail) / len(tail)
+        ev = evaluate(load_pretrained(resolve_checkpoint(out)), args.data, seq_len=cfg.seq_len)
+        results[name] = {"bpb": ev["bpb"], "val_loss": ev["loss"], "max_vio": vio, "train_loss": rows[-1].loss}
         print(f"{name:>18}: held-out BPB {ev['bpb']:.4f}  val loss {ev['loss']:.4f}  MaxVio {vio:.3f}", flush=True)
     print("\n| run | held-out BPB | val loss | MaxVio (last 20% of steps) |\n|---|---|---|---|")
     for name, r in results.items():

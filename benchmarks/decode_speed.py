@@ -22,8 +22,8 @@ import torch
 import transformers
 
 import dsv3
-from dsv3.checkpoint import resolve_checkpoint_dir
 from dsv3.infer import Engine, SamplingParams
+from dsv3.runs import resolve_checkpoint
 from dsv3.train.data import TokenData
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/shakespeare")
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
-    ckpt = resolve_checkpoint_dir(args.checkpoint)
+    ckpt = resolve_checkpoint(args.checkpoint)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         long_ckpt = with_context(ckpt, Path(tmp), 4096)

@@ -8,10 +8,10 @@ FP8 GEMMs). The paper reports a relative loss error below 0.25% against BF16 for
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
+from dsv3.runs import read_metrics
 from dsv3.train.data import prepare
 from dsv3.train.trainer import TrainConfig, Trainer
 
@@ -33,11 +33,11 @@ def main() -> None:
     curves, times = {}, {}
     for precision in ("fp32", "fp8"):
         out = Path(args.out) / precision
-        cfg = TrainConfig(preset=args.preset, data=args.data, out=str(out), max_steps=args.steps,
+        cfg = TrainConfig(model_config=args.preset, data=args.data, out=str(out), max_steps=args.steps,
                           checkpoint_every=args.steps, progress=False, precision=precision, device=args.device)
         Trainer(cfg).fit()
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        curves[precision] = [r["loss"] for r in rows]
+        rows = read_metrics(out)
+        curves[precision] = [r.loss for r in rows]
         times[precision] = statistics.median(r["step_time"] for r in rows[5:])
         print(f"{precision}: final loss {rows[-1]['loss']:.4f}, median step {times[precision]:.2f} s", flush=True)
     a, b = smooth(curves["fp32"], 10), smooth(curves["fp8"], 10)

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsv3.dist.cost import pipeline_bubbles
-from dsv3.dist.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
+from dsv3.cost import pipeline_bubbles
+from dsv3.parallel.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
 
 SCHEDULES = {"1F1B": schedule_1f1b, "ZB1P": schedule_zb1p, "DualPipe": schedule_dualpipe,
              "DualPipeV": schedule_dualpipev}

@@ -37,7 +37,7 @@ def trained_run(tmp_path_factory, dataset):
     from dsv3.train.trainer import TrainConfig, Trainer
 
     out = tmp_path_factory.mktemp("trained")
-    cfg = TrainConfig(preset="tiny", data=str(dataset), out=str(out), max_steps=60, batch_size=8, seq_len=64,
+    cfg = TrainConfig(model_config="tiny", data=str(dataset), out=str(out), max_steps=60, batch_size=8, seq_len=64,
                       lr=5e-3, warmup_steps=5, checkpoint_every=60, progress=False)
     Trainer(cfg).fit()
     return out

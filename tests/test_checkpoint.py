@@ -167,5 +167,7 @@ def test_reads_a_single_file_checkpoint_and_a_run_directory(tmp_path, model):
         f.unlink()
     (d / ckpt.INDEX_FILE).unlink()
     save_file(tensors, d / "model.safetensors")
-    assert ckpt.resolve_checkpoint_dir(tmp_path / "run") == d
-    dsv3.load_pretrained(tmp_path / "run")
+    assert dsv3.resolve_checkpoint(tmp_path / "run") == d
+    dsv3.load_pretrained(d)
+    with pytest.raises(ckpt.CheckpointError, match="resolve_checkpoint"):  # a run is not a checkpoint
+        dsv3.load_pretrained(tmp_path / "run")

@@ -5,12 +5,13 @@ import torch
 
 import dsv3
 from dsv3.infer import Engine, GenerationError, SamplingParams, speculative_accept
-from dsv3.train.data import load_tokenizer
+from dsv3.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def trained(trained_run):
-    return dsv3.load_pretrained(trained_run).eval(), load_tokenizer(dsv3.checkpoint.resolve_checkpoint_dir(trained_run))
+    ckpt = dsv3.resolve_checkpoint(trained_run)
+    return dsv3.load_pretrained(ckpt).eval(), load_tokenizer(ckpt)
 
 
 def prompts(tok):

@@ -47,23 +47,23 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     with --zero 1 (ZeRO-1) the curve is the same again."""
     import dsv3
 
-    common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "4", "--batch-size", "4", "--seq-len", "32",
-              "--no-progress", "--checkpoint-every", "2", "--bias-update-speed", "0.01"]
+    common = ["--model-config", "tiny", "--data", str(dataset), "--max-steps", "4", "--batch-size", "4",
+              "--seq-len", "32", "--no-progress", "--checkpoint-every", "2", "--bias-update-speed", "0.01"]
     a = train(tmp_path / "one", common)
     b = train(tmp_path / "ep", [*common, "--ep", "2"], nproc=2)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r.step for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) < 1e-4
-        assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
-        assert x["load"] == y["load"] and x["bias"] == y["bias"]
-    model = dsv3.load_pretrained(tmp_path / "ep")  # gathered experts, standard format
-    one = dsv3.load_pretrained(tmp_path / "one")
+        assert abs(x.loss - y.loss) < 1e-4
+        assert abs(x.grad_norm - y.grad_norm) / x.grad_norm < 1e-3
+        assert x.load == y.load and x.bias == y.bias
+    model = dsv3.load_pretrained(dsv3.resolve_checkpoint(tmp_path / "ep"))  # gathered experts, standard format
+    one = dsv3.load_pretrained(dsv3.resolve_checkpoint(tmp_path / "one"))
     for (name, p), q in zip(model.state_dict().items(), one.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=name)
     # ZeRO-1 on top: AdamW state sharded over the two ranks, same curve
     for x, y in zip(a, train(tmp_path / "zero", [*common, "--ep", "2", "--zero", "1"], nproc=2)):
-        assert abs(x["loss"] - y["loss"]) < 1e-4 and x["bias"] == y["bias"]
-    ckpt = dsv3.checkpoint.resolve_checkpoint_dir(tmp_path / "zero")
+        assert abs(x.loss - y.loss) < 1e-4 and x.bias == y.bias
+    ckpt = dsv3.runs.resolve_checkpoint(tmp_path / "zero")
     per_rank = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]
     n_params = len(list(one.parameters()))
     held = [len(s["state"]) for s in per_rank]
@@ -72,17 +72,17 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     # resume on two ranks from the step-4 checkpoint
     resumed = train(tmp_path / "ep", ["--resume", str(tmp_path / "ep"), "--max-steps", "5", "--no-progress"],
                     nproc=2)
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert [r.step for r in resumed] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
 def test_torchrun_dp_x_ep_mesh_follows_the_single_process_curve(dataset, tmp_path):
     """4 ranks as 2 (data parallel) x 2 (expert parallel), with ZeRO-1: the single-process curve again."""
-    common = ["--preset", "tiny", "--data", str(dataset), "--max-steps", "3", "--batch-size", "4", "--seq-len", "32",
-              "--no-progress", "--checkpoint-every", "3", "--bias-update-speed", "0.01"]
+    common = ["--model-config", "tiny", "--data", str(dataset), "--max-steps", "3", "--batch-size", "4",
+              "--seq-len", "32", "--no-progress", "--checkpoint-every", "3", "--bias-update-speed", "0.01"]
     one = train(tmp_path / "one", common)
     mesh = train(tmp_path / "mesh", [*common, "--dp", "2", "--ep", "2", "--zero", "1"], nproc=4)
     for x, y in zip(one, mesh):
-        assert abs(x["loss"] - y["loss"]) < 1e-4
-        assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
-        assert x["load"] == y["load"] and x["bias"] == y["bias"]
+        assert abs(x.loss - y.loss) < 1e-4
+        assert abs(x.grad_norm - y.grad_norm) / x.grad_norm < 1e-3
+        assert x.load == y.load and x.bias == y.bias

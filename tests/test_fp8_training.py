@@ -15,6 +15,7 @@ from dsv3.quant import (
     quantize_blockwise,
     quantize_tiles,
 )
+from dsv3.runs import read_metrics
 
 E4M3_HALF_ULP = 2.0**-4  # e4m3 keeps 3 mantissa bits: rounding error <= 2^-4 of the value (normal range)
 
@@ -149,23 +150,22 @@ def test_fp8_experts_equal_a_per_token_fp8_loop():
 
 
 def test_fp8_training_tracks_fp32(dataset, tmp_path):
-    import json
 
     from dsv3.train.trainer import TrainConfig, Trainer
 
     def run(precision, **kw):
-        cfg = TrainConfig(preset="tiny", data=str(dataset), out=str(tmp_path / precision), max_steps=12,
+        cfg = TrainConfig(model_config="tiny", data=str(dataset), out=str(tmp_path / precision), max_steps=12,
                           batch_size=4, seq_len=64, lr=3e-3, warmup_steps=2, checkpoint_every=12,
                           progress=False, precision=precision, **kw)
         Trainer(cfg).fit()
-        return [json.loads(x)["loss"] for x in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        return [r.loss for r in read_metrics(tmp_path / precision)]
 
     ref, fp8 = run("fp32"), run("fp8", optimizer_state_dtype="bf16")
     assert fp8[-1] < fp8[0] - 0.5  # it learns
     rel = [abs(a - b) / a for a, b in zip(ref, fp8)]
     assert max(rel) < 0.02, rel  # stays within 2% of the fp32 curve over these steps
     # the checkpoint holds the fp32 master weights in the standard format
-    model = dsv3.load_pretrained(tmp_path / "fp8")
+    model = dsv3.load_pretrained(dsv3.resolve_checkpoint(tmp_path / "fp8"))
     assert model.lm_head.weight.dtype == torch.float32
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3.dist.pipeline import schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
+from dsv3.parallel.pipeline import schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
 
 WORKER = Path(__file__).parent / "workers" / "pp_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -149,23 +149,23 @@ def _same_run(a: list[dict], b: list[dict]) -> None:
     """Two training runs' metrics agree up to floating-point reordering; loads and biases exactly."""
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x["step"] == y["step"]
-        assert abs(x["loss"] - y["loss"]) < 1e-4 and abs(x["balance_loss"] - y["balance_loss"]) < 1e-8
-        assert len(x["mtp_loss"]) == len(y["mtp_loss"])
-        assert all(abs(u - v) < 1e-4 for u, v in zip(x["mtp_loss"], y["mtp_loss"]))
-        assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-3
-        assert x["load"] == y["load"] and x["bias"] == y["bias"]
+        assert x.step == y.step
+        assert abs(x.loss - y.loss) < 1e-4 and abs(x.balance_loss - y.balance_loss) < 1e-8
+        assert len(x.mtp_loss) == len(y.mtp_loss)
+        assert all(abs(u - v) < 1e-4 for u, v in zip(x.mtp_loss, y.mtp_loss))
+        assert abs(x.grad_norm - y.grad_norm) / x.grad_norm < 1e-3
+        assert x.load == y.load and x.bias == y.bias
 
 
 def _same_checkpoint(a, b) -> None:
     import dsv3
 
-    m1, m2 = dsv3.load_pretrained(a, progress=False), dsv3.load_pretrained(b, progress=False)
+    m1, m2 = (dsv3.load_pretrained(dsv3.resolve_checkpoint(run), progress=False) for run in (a, b))
     for (name, t1), t2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         torch.testing.assert_close(t2, t1, atol=1e-5, rtol=1e-4, msg=name)
 
 
-PIPELINE_RUN = ["--preset", "tiny", "--max-steps", "3", "--batch-size", "8", "--seq-len", "32", "--no-progress",
+PIPELINE_RUN = ["--model-config", "tiny", "--max-steps", "3", "--batch-size", "8", "--seq-len", "32", "--no-progress",
                 "--bias-update-speed", "0.01", "--checkpoint-every", "3"]
 
 
@@ -177,7 +177,7 @@ def test_torchrun_pipeline_training_follows_the_single_process_curve(dataset, tm
     batch; the gathered checkpoint equals the single-process one."""
     common = ["--data", str(dataset), *PIPELINE_RUN]
     a = train(tmp_path / "one", common)
-    assert a[0]["mtp_loss"]  # the tiny preset trains one MTP depth
+    assert a[0].mtp_loss  # the tiny preset trains one MTP depth
     _same_run(a, train(tmp_path / "pp", [*common, "--pp", "2", "--pp-schedule", schedule], nproc=2))
     _same_checkpoint(tmp_path / "one", tmp_path / "pp")
 
@@ -200,8 +200,9 @@ def test_torchrun_3d_mesh_follows_the_single_process_curve(dataset, tmp_path):
 def test_pipeline_settings_are_checked(dataset, tmp_path):
     from dsv3.train.trainer import TrainConfig, Trainer, TrainError
 
-    cfg = TrainConfig(preset="tiny", data=str(dataset), out=str(tmp_path), max_steps=1, pp=2, ep=2)
+    cfg = TrainConfig(model_config="tiny", data=str(dataset), out=str(tmp_path), max_steps=1, pp=2, ep=2)
     with pytest.raises(TrainError, match="needs 4 processes: launch with torchrun --nproc-per-node 4"):
         Trainer(cfg)
     with pytest.raises(TrainError, match="pp_schedule"):
-        TrainConfig(preset="tiny", data=str(dataset), out=str(tmp_path), max_steps=1, pp_schedule="gpipe").validate()
+        TrainConfig(model_config="tiny", data=str(dataset), out=str(tmp_path), max_steps=1,
+                    pp_schedule="gpipe").validate()

@@ -10,7 +10,7 @@ import pytest
 
 import dsv3
 from dsv3.infer import Engine
-from dsv3.train.data import load_tokenizer
+from dsv3.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -20,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 def server_url(trained_run):
     from dsv3.infer.server import Server, create_app
 
-    ckpt = dsv3.checkpoint.resolve_checkpoint_dir(trained_run)
+    ckpt = dsv3.runs.resolve_checkpoint(trained_run)
     model = dsv3.load_pretrained(ckpt)
     tok = load_tokenizer(ckpt)
     engine = Engine(model, tok, max_batch=4, max_len=128, speculative=True)

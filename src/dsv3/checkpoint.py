@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .errors import Dsv3Error
 from .model import DeepseekV3
 from .quant.fp8 import BLOCK, FP8, dequantize_blockwise, quantize_blockwise
 
@@ -51,7 +52,7 @@ def fp8_eligible(name: str, t: torch.Tensor) -> bool:
     return name.endswith(".weight") and t.dim() == 2 and not any(k in name for k in FP8_KEEP)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Dsv3Error, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; names the tensor and the file."""
 
 
@@ -113,15 +114,13 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory, or a training run directory (its latest `checkpoints/step-*`)."""
+def _checkpoint_dir(path: str | Path) -> Path:
+    """`path` itself, checked to be a checkpoint directory (for a training run, `dsv3.runs.resolve_checkpoint`)."""
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    ckpts = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
-    if ckpts:
-        return ckpts[-1]
-    raise CheckpointError(f"{path}: not a checkpoint directory (no config.json) nor a run with checkpoints")
+    raise CheckpointError(f"{path}: not a checkpoint directory (no config.json); for a training run directory "
+                          "use dsv3.runs.resolve_checkpoint(run)")
 
 
 def _is_mtp(name: str, cfg: ModelConfig) -> bool:
@@ -136,7 +135,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     load_mtp: True requires the MTP modules' tensors, False skips them (and builds the model without MTP),
     None (default) loads them when present and otherwise builds without MTP, with a warning.
     """
-    path = resolve_checkpoint_dir(path)
+    path = _checkpoint_dir(path)
     cfg = ModelConfig.from_json(path / "config.json")
     weight_map = _weight_map(path)
     has_mtp = any(_is_mtp(n, cfg) for n in weight_map)

@@ -1,20 +1,58 @@
-"""The `dsv3` command line. Each subcommand imports what it needs, so `dsv3 --help` stays fast."""
+"""The `dsv3` command line. Each subcommand imports what it needs, so `dsv3 --help` stays fast.
+
+Naming scheme (the same in every subcommand; see `dsv3 --help`):
+  --model-config NAME|PATH   a model config: a preset name or a config.json (train, params, cost)
+  --config TOML              only ever the training settings file
+  CHECKPOINT                 a positional checkpoint directory or training run (its latest checkpoint)
+  --out PATH                 always what the command creates (dataset, run, checkpoint, folder, PNG)
+  --seq-len N                training / evaluation sample length; --max-len N the serving cache capacity
+Reserved for the open issues: --init-from CKPT, --device, --precision fp32|bf16 (inference compute; `convert
+--dtype` is the storage format), --context-lengths, --compile/--no-compile.
+Old spellings (`--preset`, a positional config, `convert SRC DST`) still work and print a one-line warning.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 import sys
-from pathlib import Path
+
+SCHEME = """naming scheme, the same in every command:
+  --model-config NAME|PATH  model config: a preset (tiny, small, deepseek-v3-671b) or a config.json
+  --config TOML             training settings file (dsv3 train only)
+  CHECKPOINT                a checkpoint directory, or a training run (meaning its latest checkpoint)
+  --out PATH                what the command creates; it never overwrites what it did not create
+  --seq-len N               training / evaluation sample length   --max-len N  serving cache capacity
+errors: `dsv3 COMMAND: error: ...` on stderr, exit status 2."""
+
+
+def _deprecated(old: str, new: str) -> None:
+    print(f"dsv3: warning: {old} is deprecated; use {new}", file=sys.stderr)
+
+
+def _model_config(args: argparse.Namespace) -> str:
+    """--model-config, or the deprecated positional config (with a warning)."""
+    if args.legacy_config is not None:
+        if args.model_config is not None:
+            raise _UsageError("give the model config once, as --model-config")
+        _deprecated(f"a positional config ({args.legacy_config})", f"--model-config {args.legacy_config}")
+        return args.legacy_config
+    if args.model_config is None:
+        raise _UsageError("the model config is required: --model-config NAME|PATH")
+    return args.model_config
+
+
+class _UsageError(Exception):
+    """A wrong combination of flags; printed as `dsv3 CMD: error: ...`."""
 
 
 def _params(args: argparse.Namespace) -> int:
     from .config import get_config
     from .params import count_parameters, print_report
 
-    print_report(count_parameters(get_config(args.config)), args.config)
+    name = _model_config(args)
+    print_report(count_parameters(get_config(name)), name)
     return 0
 
 
@@ -23,7 +61,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
     inputs = args.paths or None
     if inputs and args.corpus:
-        raise SystemExit("dsv3 data prepare: give either --corpus or input paths, not both")
+        raise _UsageError("give either --corpus or input paths, not both")
     meta = prepare(args.out, inputs, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
     for split, s in meta["splits"].items():
         print(f"{split}: {s['tokens']:,} tokens from {len(s['documents'])} document(s), {s['bytes']:,} bytes")
@@ -33,22 +71,31 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ train
 def _train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field: its help text and closed set of values come from the field."""
     from .train.trainer import TrainConfig
 
     optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int, "dp": int}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        help_text, choices = f.metadata["help"], f.metadata["choices"]
         if f.name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                           help="no progress bar")
+            p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
             continue
         typ = optional_types.get(f.name) or type(f.default)
-        p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default: {f.default})")
+        default = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(flag, dest=f.name, type=typ, default=None, choices=choices, help=help_text + default,
+                       metavar=None if choices else f.name.upper())
+    p.add_argument("--preset", dest="legacy_preset", default=None, help=argparse.SUPPRESS)
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
     from .train.trainer import TrainConfig
 
+    if args.legacy_preset is not None:
+        if args.model_config is not None:
+            raise _UsageError("give the model config once, as --model-config")
+        _deprecated("--preset", "--model-config")
+        args.model_config = args.legacy_preset
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if getattr(args, f.name, None) is not None}
 
@@ -58,47 +105,41 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = _train_overrides(args)
     if args.resume:
+        if args.config:
+            raise _UsageError("--resume continues a run with its own settings; --config cannot be combined with it")
         cfg = resume_config(args.resume, **overrides)
     else:
         cfg = TrainConfig.from_toml(args.config, **overrides) if args.config else TrainConfig(**overrides)
     if cfg.pp > 1:
-        from .dist.pipeline_train import PipelineTrainer as Trainer  # noqa: N806
+        from .train.pipeline_trainer import PipelineTrainer as Trainer  # noqa: N806
     trainer = Trainer(cfg, resume=bool(args.resume))
     if args.resume and trainer.main_rank:
         print(f"resuming {args.resume} at step {trainer.step}")
     last = trainer.fit()
     if not trainer.main_rank:
         return 0
-    if not last:
+    if last is None:
         print(f"nothing to do: {cfg.out} is already at step {trainer.step} of {trainer.total_steps}")
     else:
-        print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s, "
-              f"MaxVio {max(last['max_vio'], default=0):.3f}; checkpoints in {Path(cfg.out) / 'checkpoints'}")
+        print(f"step {last.step}: loss {last.loss:.4f}, {last.tokens_per_s:,.0f} tokens/s, "
+              f"MaxVio {max(last.max_vio, default=0):.3f}; checkpoints in {trainer.run.checkpoints_dir}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_pretrained, resolve_checkpoint_dir
+    from .checkpoint import load_pretrained
+    from .runs import resolve_checkpoint, train_setting
     from .train.evaluate import evaluate
 
-    ckpt = resolve_checkpoint_dir(args.checkpoint)
-    data = args.data or _checkpoint_setting(ckpt, "data")
-    seq_len = args.seq_len or _checkpoint_setting(ckpt, "seq_len") or 256
+    ckpt = resolve_checkpoint(args.checkpoint)
+    data = args.data or train_setting(ckpt, "data")
+    seq_len = args.seq_len or train_setting(ckpt, "seq_len") or 256
     if not data:
-        raise SystemExit("dsv3 eval: this checkpoint does not record its dataset; pass --data DIR")
+        raise _UsageError("this checkpoint does not record its dataset; pass --data DIR")
     model = load_pretrained(ckpt)
     result = evaluate(model, data, seq_len=seq_len, max_tokens=args.max_tokens)
     print(json.dumps({"checkpoint": str(ckpt), "data": str(data), **result}, indent=2))
     return 0
-
-
-def _checkpoint_setting(ckpt: Path, key: str):
-    state = ckpt / "trainer_state.pt"
-    if not state.exists():
-        return None
-    import torch
-
-    return torch.load(state, map_location="cpu", weights_only=False)["train_config"].get(key)
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -123,23 +164,30 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .train.demo import run_demo
+    from .demo import run_demo
 
-    minutes = args.minutes if args.minutes is not None else float(os.environ.get("DEMO_MINUTES", 10))
-    return run_demo(minutes=minutes, data_dir=args.data, run_dir=args.out)
+    return run_demo(minutes=args.minutes, data_dir=args.data, run_dir=args.out)
 
 
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretrained
+    from .checkpoint import load_pretrained, save_pretrained
+    from .runs import resolve_checkpoint
 
+    if args.legacy_dst is not None:
+        if args.out is not None:
+            raise _UsageError("give the destination once, as --out")
+        _deprecated(f"`convert SRC DST` ({args.legacy_dst})", f"--out {args.legacy_dst}")
+        args.out = args.legacy_dst
+    if args.out is None:
+        raise _UsageError("the destination is required: --out DIR")
     dtype = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    src = resolve_checkpoint_dir(args.src)
+    src = resolve_checkpoint(args.checkpoint)
     model = load_pretrained(src)
     extra = {f.name: f.read_bytes() for f in src.iterdir()
              if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
-    dst = save_pretrained(model, args.dst, dtype=dtype, extra_files=extra)
+    dst = save_pretrained(model, args.out, dtype=dtype, extra_files=extra)
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     print(f"wrote {dst} ({args.dtype}, {size / 2**20:.1f} MiB of safetensors)")
     return 0
@@ -150,52 +198,72 @@ def _cost(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .config import get_config
-    from .dist.cost import parse_count, pipeline_bubbles, training_cost
+    from .cost import pipeline_bubbles, training_cost
 
-    cfg = get_config(args.config)
-    est = training_cost(cfg, parse_count(args.tokens), args.gpus, args.gpu, args.mfu, args.seq_len, args.price)
+    name = _model_config(args)
+    cfg = get_config(name)
+    est = training_cost(cfg, args.tokens, args.gpus, args.gpu, args.mfu, args.seq_len, args.price)
     console = Console()
-    console.print(f"{args.config}: {est.flops_per_token / 1e9:.1f} GFLOP per trained token at {args.seq_len} "
+    console.print(f"{name}: {est.flops_per_token / 1e9:.1f} GFLOP per trained token at {args.seq_len} "
                   f"context (forward + backward, MTP included)")
-    console.print(f"{args.tokens} tokens: {est.total_flops:.3e} FLOP = {est.gpu_hours / 1e6:.3f}M {args.gpu.upper()}"
-                  f" GPU-hours at {args.mfu:.0%} MFU (of the dense BF16 peak) = {est.wall_days:.1f} days on "
-                  f"{args.gpus} GPUs = ${est.dollars / 1e6:.2f}M at ${args.price}/GPU-hour")
+    console.print(f"{args.tokens:.4g} tokens: {est.total_flops:.3e} FLOP = {est.gpu_hours / 1e6:.3f}M "
+                  f"{args.gpu.upper()} GPU-hours at {args.mfu:.0%} MFU (of the dense BF16 peak) = "
+                  f"{est.wall_days:.1f} days on {args.gpus} GPUs = ${est.dollars / 1e6:.2f}M at ${args.price}/GPU-hour")
     table = Table(title=f"pipeline bubble, PP={args.pp}, {args.micro_batches} micro-batches, F=1 B=2 W=1",
                   title_justify="left")
     for col in ("schedule", "bubble (x F)", "share of step", "parameters", "activations"):
         table.add_column(col)
-    for name, b in pipeline_bubbles(args.pp, args.micro_batches).items():
-        table.add_row(name, f"{b['bubble']:.1f}", f"{b['fraction']:.1%}", b["parameters"], b["activations"])
+    for sched, b in pipeline_bubbles(args.pp, args.micro_batches).items():
+        table.add_row(sched, f"{b['bubble']:.1f}", f"{b['fraction']:.1%}", b["parameters"], b["activations"])
     console.print(table)
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ inference
 def _load_for_inference(args: argparse.Namespace):
-    from .checkpoint import load_pretrained, resolve_checkpoint_dir
-    from .train.data import load_tokenizer
+    from .checkpoint import load_pretrained
+    from .runs import resolve_checkpoint
+    from .tokenizer import load_tokenizer
 
-    ckpt = resolve_checkpoint_dir(args.checkpoint)
+    ckpt = resolve_checkpoint(args.checkpoint)
     return ckpt, load_pretrained(ckpt).eval(), load_tokenizer(ckpt)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> float:
+    from .cost import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 14.8T, 500B, 1e9)") from None
+
+
 def _sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speculative", choices=["mtp", "none"], default="none", help="MTP speculative decoding")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new, help=f"(default: {max_new})")
+    p.add_argument("--max-len", type=_positive_int, default=None,
+                   help="cache capacity per sequence, prompt + output (default: the model's context)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--speculative", choices=["mtp", "none"], default="none",
+                   help="MTP speculative decoding: the MTP module drafts, the model verifies (default: none)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def _params_from(args, tokenizer, extra_stops=()):
     from .infer import SamplingParams
-    from .train.data import EOT
+    from .tokenizer import stop_token_ids
 
-    eot = tokenizer.token_to_id(EOT)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop_ids=(eot,) if eot is not None else (),
+                          top_p=args.top_p, seed=args.seed, stop_ids=stop_token_ids(tokenizer),
                           stop_strings=tuple(args.stop) + tuple(extra_stops))
 
 
@@ -206,7 +274,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     _, model, tok = _load_for_inference(args)
     log = (lambda m: print(m, file=sys.stderr)) if args.verbose else None
-    engine = Engine(model, tok, max_batch=1, speculative=args.speculative == "mtp", log=log)
+    engine = Engine(model, tok, max_batch=1, max_len=args.max_len, speculative=args.speculative == "mtp", log=log)
     t = time.perf_counter()
     req = engine.submit(tok.encode(args.prompt).ids, _params_from(args, tok))
     while not req.done:
@@ -221,11 +289,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from .infer import Engine
-    from .infer.server import ChatTemplate
+    from .tokenizer import ChatTemplate
 
     ckpt, model, tok = _load_for_inference(args)
     template = ChatTemplate(ckpt)
-    engine = Engine(model, tok, max_batch=1, speculative=args.speculative == "mtp")
+    engine = Engine(model, tok, max_batch=1, max_len=args.max_len, speculative=args.speculative == "mtp")
     history: list[dict] = []
     print("dsv3 chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -252,24 +320,34 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .infer import Engine
     from .infer.server import Server, create_app
+    from .runs import model_name
 
     ckpt, model, tok = _load_for_inference(args)
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
                     speculative=args.speculative == "mtp", log=lambda m: print(m, file=sys.stderr))
-    default_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name  # the run's name
-    server = Server(engine, tok, model_name=args.model_name or default_name or "dsv3", checkpoint=ckpt)
+    server = Server(engine, tok, model_name=args.model_name or model_name(ckpt), checkpoint=ckpt)
     print(f"serving {ckpt} as model '{server.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ parser
+CHECKPOINT_HELP = "checkpoint directory, or a training run (its latest checkpoint)"
+
+
+def _model_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-config", metavar="NAME|PATH",
+                   help="a preset (tiny, small, deepseek-v3-671b), a config.json or a checkpoint directory")
+    p.add_argument("legacy_config", nargs="?", default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in plain PyTorch.")
+    parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in plain PyTorch.", epilog=SCHEME,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("params", help="parameter counts and KV-cache bytes of a config")
-    p.add_argument("config", help="a preset (tiny, small, deepseek-v3-671b), a config.json or a checkpoint dir")
+    p = sub.add_parser("params", help="parameter counts and KV-cache bytes of a model config")
+    _model_config_flags(p)
     p.set_defaults(func=_params)
 
     p = sub.add_parser("data", help="datasets")
@@ -277,100 +355,107 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("prepare", help="tokenize a corpus into a dataset directory")
     q.add_argument("paths", nargs="*", help="text files, folders or JSONL files ({\"text\": ...} per line)")
     q.add_argument("--corpus", choices=["shakespeare"], help="the bundled default corpus (used when no paths)")
-    q.add_argument("--out", required=True, help="dataset directory to write")
-    q.add_argument("--vocab-size", type=int, default=8192)
-    q.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of documents (own data)")
-    q.set_defaults(func=_data_prepare)
+    q.add_argument("--out", required=True, help="dataset directory to create")
+    q.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size (default: 8192)")
+    q.add_argument("--val-fraction", type=float, default=0.05,
+                   help="held-out share of documents, your own data only (default: 0.05)")
+    q.set_defaults(func=_data_prepare, command="data prepare")
 
     p = sub.add_parser("train", help="train a model (flags override --config TOML)")
-    p.add_argument("--config", help="TOML file with TrainConfig keys (top level or a [train] table)")
-    p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint")
+    p.add_argument("--config", metavar="TOML", help="training settings: TrainConfig keys (top level or [train])")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint, with its settings")
     _train_flags(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity and bits-per-byte of a checkpoint or run")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", help="dataset directory (default: the one the checkpoint was trained on)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=_positive_int, help="evaluation sample length (default: the training one)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="loss, expert-load and bias plots of a run")
-    p.add_argument("run")
+    p.add_argument("run", help="training run directory")
     p.add_argument("--out", help="folder for the PNGs (default RUN/plots)")
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("simulate-routing", help="aux-loss-free balancing on a skewed synthetic router")
-    p.add_argument("--out", default="routing_simulation.png")
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--topk-groups", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--gamma", type=float, default=0.001, help="bias update speed")
-    p.add_argument("--skew", type=float, default=1.5, help="strength of the affinity skew")
+    p.add_argument("--out", default="routing_simulation.png", help="PNG to write (default: routing_simulation.png)")
+    p.add_argument("--experts", type=_positive_int, default=64, help="routed experts (default: 64)")
+    p.add_argument("--groups", type=_positive_int, default=8, help="expert groups (default: 8)")
+    p.add_argument("--topk-groups", type=_positive_int, default=4, help="groups each token may use (default: 4)")
+    p.add_argument("--top-k", type=_positive_int, default=8, help="experts per token (default: 8)")
+    p.add_argument("--steps", type=_positive_int, default=400, help="simulated training steps (default: 400)")
+    p.add_argument("--gamma", type=float, default=0.001, help="bias update speed (default: 0.001)")
+    p.add_argument("--skew", type=float, default=1.5, help="strength of the affinity skew (default: 1.5)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint as fp8 (official block-scaled format), bf16 or fp32")
-    p.add_argument("src", help="checkpoint directory or training run")
-    p.add_argument("dst")
-    p.add_argument("--dtype", choices=["fp8", "bf16", "fp32"], required=True)
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("legacy_dst", nargs="?", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", help="checkpoint directory to create")
+    p.add_argument("--dtype", choices=["fp8", "bf16", "fp32"], required=True, help="storage format")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("generate", help="generate text from a prompt (the text alone on stdout)")
-    p.add_argument("checkpoint", help="checkpoint directory or training run")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("-v", "--verbose", action="store_true", help="cache size and speed on stderr")
     _sampling_flags(p, 200)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("chat", help="interactive streaming chat")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     _sampling_flags(p, 256)
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
-    p.add_argument("--speculative", choices=["mtp", "none"], default="none")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
+    p.add_argument("--max-len", type=_positive_int, default=None,
+                   help="cache capacity per sequence, prompt + output (default: the model's context)")
+    p.add_argument("--speculative", choices=["mtp", "none"], default="none", help="MTP speculative decoding")
     p.add_argument("--model-name", help="the model id clients send (default: the run's name)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("cost", help="training FLOPs, GPU-hours and dollars; pipeline bubbles per schedule")
-    p.add_argument("config", help="a preset or config.json")
-    p.add_argument("--tokens", default="14.8T")
-    p.add_argument("--gpus", type=int, default=2048)
-    p.add_argument("--gpu", default="h800")
+    _model_config_flags(p)
+    p.add_argument("--tokens", type=_count, default=_count("14.8T"), help="training tokens (default: 14.8T)")
+    p.add_argument("--gpus", type=_positive_int, default=2048, help="(default: 2048)")
+    p.add_argument("--gpu", default="h800", choices=sorted(_gpu_names()), help="(default: h800)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation, of the dense BF16 peak")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour")
-    p.add_argument("--pp", type=int, default=16)
-    p.add_argument("--micro-batches", type=int, default=32)
+    p.add_argument("--seq-len", type=_positive_int, default=4096, help="training sample length (default: 4096)")
+    p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour (default: 2.0)")
+    p.add_argument("--pp", type=_positive_int, default=16, help="pipeline stages (default: 16)")
+    p.add_argument("--micro-batches", type=_positive_int, default=32, help="(default: 32)")
     p.set_defaults(func=_cost)
 
     p = sub.add_parser("demo", help="the main job: prepare data, train the small preset, evaluate, plot, sample")
-    p.add_argument("--minutes", type=float, help="training time (default $DEMO_MINUTES or 10)")
-    p.add_argument("--data", default="data/shakespeare")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time (default: 10)")
+    p.add_argument("--data", default="data/shakespeare", help="dataset directory (prepared there if absent)")
+    p.add_argument("--out", default="runs/demo", help="run directory to create")
     p.set_defaults(func=_demo)
     return parser
 
 
+def _gpu_names() -> list[str]:
+    from .cost import GPU_PEAK_BF16
+
+    return list(GPU_PEAK_BF16)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .infer.engine import GenerationError
-    from .train.data import DataError
-    from .train.trainer import TrainError
+    """`dsv3 ...`: the exit status (0 success, 2 bad input or usage, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import Dsv3Error
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, TrainError, GenerationError) as e:
+    except (Dsv3Error, _UsageError) as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

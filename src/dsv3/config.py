@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import Dsv3Error
 
-class ConfigError(ValueError):
+
+class ConfigError(Dsv3Error, ValueError):
     """An invalid model configuration; the message names the field and the rule."""
 
 
@@ -88,6 +90,13 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    def moe_layer_names(self) -> list[str]:
+        """Names of the MoE layers in metric order: main layers by index ("layer i"), then the MTP modules whose
+        layer (stored as `model.layers.{num_hidden_layers + k - 1}`) is an MoE one ("MTP k")."""
+        n = self.num_hidden_layers
+        names = [f"layer {i}" for i in range(n) if self.is_moe_layer(i)]
+        return names + [f"MTP {k + 1}" for k in range(self.num_nextn_predict_layers) if self.is_moe_layer(n + k)]
 
     # --------------------------------------------------------------- validation
     def validate(self) -> ModelConfig:

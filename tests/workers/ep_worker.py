@@ -10,8 +10,8 @@ import torch.distributed as dist
 from launch import worker_args
 
 import dsv3
-from dsv3.dist.expert_parallel import all_reduce_loads, apply_expert_parallel
-from dsv3.dist.mesh import Mesh, sync_gradients
+from dsv3.parallel.expert_parallel import all_reduce_loads, apply_expert_parallel
+from dsv3.parallel.mesh import Mesh, sync_gradients
 from dsv3.train.losses import lm_loss, mtp_losses
 
 

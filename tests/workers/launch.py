@@ -1,7 +1,6 @@
 """Shared by the multi-process tests and their workers: launching ranks, joining them, and training runs."""
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
@@ -47,5 +46,7 @@ def train(out: Path, args: list[str], nproc: int = 1) -> list[dict]:
     return metrics(out)
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+def metrics(run: Path) -> list:
+    from dsv3.runs import read_metrics
+
+    return read_metrics(run)

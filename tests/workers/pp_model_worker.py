@@ -7,8 +7,7 @@ import torch.distributed as dist
 from launch import worker_args
 
 import dsv3
-from dsv3.dist.pipeline import (
-    ModelStage,
+from dsv3.parallel.pipeline import (
     PipelineRunner,
     schedule_1f1b,
     schedule_dualpipe,
@@ -16,6 +15,7 @@ from dsv3.dist.pipeline import (
     split_stages,
 )
 from dsv3.train.losses import lm_loss
+from dsv3.train.pipeline_trainer import ModelStage
 
 MB, T = 2, 12
 

@@ -5,7 +5,7 @@ import torch.distributed as dist
 from launch import worker_args
 from torch import nn
 
-from dsv3.dist.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
+from dsv3.parallel.pipeline import PipelineRunner, schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
 
 DIM, MB = 16, 3
 

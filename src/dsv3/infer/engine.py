@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import Dsv3Error
 from ..model import DeepseekV3
+from ..tokenizer import stop_token_ids
 
 
-class GenerationError(ValueError):
+class GenerationError(Dsv3Error, ValueError):
     """A request that cannot be served as asked; names the field."""
 
 
@@ -304,13 +306,10 @@ class Engine:
 def sample_text(model: DeepseekV3, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                 top_k: int | None = 50, seed: int = 0) -> str:
     """One completion of `prompt` (stops at the end-of-text token): the engine at batch 1."""
-    from ..train.data import EOT
-
     ids = tokenizer.encode(prompt).ids
-    eot = tokenizer.token_to_id(EOT)
     engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                            stop_ids=(eot,) if eot is not None else ())
+                            stop_ids=stop_token_ids(tokenizer))
     return engine.generate([ids], params)[0].text
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..tokenizer import ChatTemplate, stop_token_ids
 from .engine import Engine, GenerationError, SamplingParams
 
 
@@ -35,37 +36,6 @@ class RequestError(Exception):
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-# ------------------------------------------------------------------------------------------------ chat template
-class ChatTemplate:
-    """The checkpoint's `tokenizer_config.json` chat template (Jinja) when present, else a plain one."""
-
-    PLAIN_STOP = "\nUser:"
-
-    def __init__(self, checkpoint: str | Path | None):
-        self.template = None
-        cfg_file = Path(checkpoint) / "tokenizer_config.json" if checkpoint else None
-        if cfg_file and cfg_file.exists():
-            cfg = json.loads(cfg_file.read_text())
-            if cfg.get("chat_template"):
-                import jinja2
-
-                self.template = jinja2.Environment().from_string(cfg["chat_template"])
-                self.special = {k: cfg.get(k) for k in ("bos_token", "eos_token")}
-                for k, v in self.special.items():
-                    if isinstance(v, dict):
-                        self.special[k] = v.get("content")
-
-    def render(self, messages: list[dict]) -> str:
-        if self.template is not None:
-            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return "\n".join(lines) + "\nAssistant:"
-
-    @property
-    def default_stops(self) -> tuple[str, ...]:
-        return () if self.template is not None else (self.PLAIN_STOP,)
 
 
 # ------------------------------------------------------------------------------------------------ engine thread
@@ -190,14 +160,8 @@ class Server:
         _get(body, "stream", bool)
         return SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature),
                               top_p=None if top_p is None else float(top_p), top_k=top_k, seed=seed,
-                              stop_ids=(self.eot_id,) if self.eot_id is not None else (),
+                              stop_ids=stop_token_ids(self.tokenizer),
                               stop_strings=stops + extra_stops)
-
-    @property
-    def eot_id(self) -> int | None:
-        from ..train.data import EOT
-
-        return self.tokenizer.token_to_id(EOT)
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text).ids

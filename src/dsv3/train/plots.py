@@ -7,30 +7,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-
-def read_metrics(run: str | Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{run}: no metrics.jsonl (not a dsv3 training run)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise FileNotFoundError(f"{path} is empty: the run has not finished a step yet")
-    return rows
+from ..config import ModelConfig
+from ..runs import Run, read_metrics
 
 
 def moe_layer_names(run: str | Path, n: int) -> list[str]:
-    """Names of the MoE layers in metric order (main layers by index, then MTP modules), from the run's config."""
-    ckpts = sorted((Path(run) / "checkpoints").glob("step-*/config.json"))
-    if ckpts:
-        cfg = json.loads(ckpts[-1].read_text())
-        first, layers, freq = cfg["first_k_dense_replace"], cfg["num_hidden_layers"], cfg.get("moe_layer_freq", 1)
-        names = [f"layer {i}" for i in range(layers) if i >= first and i % freq == 0]
-        names += [f"MTP {k + 1}" for k in range(cfg.get("num_nextn_predict_layers", 0))]
+    """Names of the `n` MoE layers in metric order, from the config of the run's latest checkpoint."""
+    ckpt = Run(run).latest_checkpoint()
+    if ckpt is not None:
+        names = ModelConfig.from_json(ckpt / "config.json").moe_layer_names()
         if len(names) == n:
             return names
     return [f"MoE {i}" for i in range(n)]
@@ -52,28 +41,33 @@ def _smooth(y: np.ndarray, n: int) -> np.ndarray:
 
 
 def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """loss.png, expert_load.png and expert_bias.png of a run (in `out_dir`, default RUN/plots); their paths.
+
+    Raises:
+        RunError: the run has no metrics yet.
+    """
     plt = _plt()
     rows = read_metrics(run)
-    out = Path(out_dir or Path(run) / "plots")
+    out = Path(out_dir) if out_dir else Run(run).plots_dir
     out.mkdir(parents=True, exist_ok=True)
-    steps = np.array([r["step"] for r in rows])
+    steps = np.array([r.step for r in rows])
     win = max(1, len(rows) // 50)
     paths = []
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
-    loss = np.array([r["loss"] for r in rows])
+    loss = np.array([r.loss for r in rows])
     ax.plot(steps, loss, alpha=0.25, color="C0")
     ax.plot(steps[win - 1 :], _smooth(loss, win), color="C0", label="main")
-    depth = len(rows[0]["mtp_loss"])
+    depth = len(rows[0].mtp_loss)
     for k in range(depth):
-        m = np.array([r["mtp_loss"][k] for r in rows])
+        m = np.array([r.mtp_loss[k] for r in rows])
         ax.plot(steps[win - 1 :], _smooth(m, win), color=f"C{k + 1}", label=f"MTP depth {k + 1}")
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="training loss")
     ax.legend()
-    axes[1].plot(steps, [r["lr"] for r in rows])
+    axes[1].plot(steps, [r.lr for r in rows])
     axes[1].set(xlabel="step", ylabel="learning rate", title="schedule")
-    vio = np.array([r["max_vio"] for r in rows])
+    vio = np.array([r.max_vio for r in rows])
     names = moe_layer_names(run, vio.shape[1])
     for layer in range(vio.shape[1]):
         axes[2].plot(steps[win - 1 :], _smooth(vio[:, layer], win), label=names[layer])
@@ -84,7 +78,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    load = np.array([r["load"] for r in rows], dtype=float)  # [steps, layers, experts]
+    load = np.array([r.load for r in rows], dtype=float)  # [steps, layers, experts]
     n_layers = load.shape[1]
     rel = load / np.maximum(load.mean(-1, keepdims=True), 1e-9)
     fig, axes = plt.subplots(n_layers, 1, figsize=(12, 1.6 * n_layers + 1), squeeze=False)
@@ -100,7 +94,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    bias = np.array([r["bias"] for r in rows])  # [steps, layers, experts]
+    bias = np.array([r.bias for r in rows])  # [steps, layers, experts]
     fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3.2), squeeze=False)
     for layer in range(n_layers):
         ax = axes[0, layer]

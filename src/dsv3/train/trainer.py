@@ -1,9 +1,7 @@
 """The training loop: AdamW, the paper's LR schedule, aux-loss-free balancing, MTP loss, metrics, checkpoints.
 
-A run directory holds:
-  train_config.json           the TrainConfig of the run (resume reads it back)
-  metrics.jsonl               one JSON line per optimizer step
-  checkpoints/step-NNNNNNNN/  HF-format checkpoint + tokenizer.json + trainer_state.pt (optimizer, step, ...)
+The run directory (config, metrics.jsonl, checkpoints with their trainer state) is `dsv3.runs`'s; the trainer
+writes it only through that module.
 
 Determinism: batches are drawn from (seed, step, micro-batch) alone and the model is plain fp32 on CPU, so a run
 resumed from a checkpoint reproduces the uninterrupted loss curve exactly.
@@ -13,27 +11,38 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
 import shutil
 import time
 import tomllib
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_pretrained, resolve_checkpoint_dir, save_pretrained
+from ..checkpoint import load_pretrained, save_pretrained
 from ..config import ModelConfig, get_config
-from ..dist.expert_parallel import all_reduce_loads, apply_expert_parallel, unsharded_copy
-from ..dist.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
-from ..dist.zero import ZeroShardedOptimizer
+from ..errors import Dsv3Error
 from ..model import DeepseekV3
+from ..parallel.expert_parallel import all_reduce_loads, apply_expert_parallel, unsharded_copy
+from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
+from ..parallel.zero import ZeroShardedOptimizer
 from ..params import training_flops_per_token
 from ..quant.linear import convert_to_fp8
+from ..runs import (
+    TOKENIZER,
+    TRAINER_STATE,
+    MetricsWriter,
+    Run,
+    StepMetrics,
+    load_trainer_state,
+    resolve_checkpoint,
+    trainer_state_bytes,
+)
 from .balance import max_violation, sequence_balance_loss, update_expert_bias
 from .data import TokenData
 from .losses import lm_loss, mtp_losses
@@ -44,55 +53,73 @@ BALANCE_MODES = ("aux_free", "aux_loss", "none")
 UNKNOWN_STEPS = 10**9  # schedule length while a time-budgeted run measures its step time (all in warmup)
 
 
-class TrainError(ValueError):
+class TrainError(Dsv3Error, ValueError):
     """Invalid training settings; names the setting."""
+
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+STATE_DTYPES = ("fp32", "bf16")
+PP_SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p")
+LEGACY_KEYS = {"preset": "model_config"}  # old TrainConfig keys (TOML files, train_config.json of older runs)
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    """A TrainConfig field whose help text (and closed set of values) is also the CLI flag's."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run: the `dsv3 train` flags (same names, `-` for `_`), TOML keys and the
+    run's train_config.json. `validate()` raises TrainError naming the bad setting."""
+
     # what
-    preset: str = "small"  # preset name or config.json path
-    data: str = "data/shakespeare"
-    out: str = "runs/run"
+    model_config: str = _opt("small", "model config: a preset name (tiny, small, deepseek-v3-671b) or a "
+                             "config.json path")
+    data: str = _opt("data/shakespeare", "dataset directory (from `dsv3 data prepare`)")
+    out: str = _opt("runs/run", "run directory to create")
     # how long (optimizer steps; `minutes` bounds wall time; with minutes only, steps are estimated)
-    max_steps: int | None = None
-    minutes: float | None = None
+    max_steps: int | None = _opt(None, "optimizer steps (the LR schedule's length)")
+    minutes: float | None = _opt(None, "wall-time budget; alone, the step count is estimated from the step time")
     # batch: batch_size x grad_accum sequences of seq_len tokens per optimizer step
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
+    batch_size: int = _opt(8, "sequences per micro-batch, over all ranks (the global batch)")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    seq_len: int = _opt(256, "training sample length in tokens")
     # optimizer (paper: AdamW, betas 0.9/0.95, wd 0.1, clip 1.0; peak 2.2e-4 at 671B, larger for small models)
-    lr: float = 1.5e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = _opt(1.5e-3, "peak learning rate (linear warm-up, then cosine to min_lr_ratio x lr)")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of lr")
+    warmup_steps: int = _opt(50, "linear warm-up steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on norm gains)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this")
     # load balancing
-    balance: str = "aux_free"  # aux_free | aux_loss | none
-    bias_update_speed: float = 0.001  # gamma; 0 freezes the bias
-    seq_aux_alpha: float = 1e-4  # complementary sequence-wise balance loss (aux_free); 0 disables
-    aux_loss_alpha: float = 0.003  # conventional balance loss (aux_loss mode)
+    balance: str = _opt("aux_free", "load balancing: aux_free (selection bias, the paper's), aux_loss "
+                        "(conventional balance loss) or none", BALANCE_MODES)
+    bias_update_speed: float = _opt(0.001, "gamma, the aux-loss-free bias step per optimizer step; 0 freezes it")
+    seq_aux_alpha: float = _opt(1e-4, "weight of the complementary sequence-wise balance loss (aux_free); 0 off")
+    aux_loss_alpha: float = _opt(0.003, "weight of the conventional balance loss (aux_loss)")
     # multi-token prediction
-    mtp_depth: int | None = None  # None: the preset's num_nextn_predict_layers; 0 disables MTP
-    mtp_lambda: float = 0.3
-    mtp_lambda_late: float = 0.1
+    mtp_depth: int | None = _opt(None, "MTP modules D (default: the model config's num_nextn_predict_layers); "
+                                 "0 disables MTP")
+    mtp_lambda: float = _opt(0.3, "MTP loss weight lambda for the first 2/3 of training (paper: 0.3)")
+    mtp_lambda_late: float = _opt(0.1, "MTP loss weight for the rest (paper: 0.1)")
     # misc
-    seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp8 (FP8 GEMMs, fine-grained scaling; dsv3.quant)
-    optimizer_state_dtype: str = "fp32"  # fp32 | bf16 (AdamW moments, as in the paper)
-    device: str = "auto"
+    seed: int = _opt(0, "seed of the initial weights and of the batch order")
+    precision: str = _opt("fp32", "GEMM precision: fp32, bf16 (autocast) or fp8 (1x128 / 128x128 scaled FP8 "
+                          "GEMMs, dsv3.quant)", PRECISIONS)
+    optimizer_state_dtype: str = _opt("fp32", "AdamW moments' dtype (the paper keeps them in bf16)", STATE_DTYPES)
+    device: str = _opt("auto", "cpu, cuda or auto (cuda when available)")
     # scale-out (under torchrun): ranks split the global batch; ep > 1 also shards the routed experts over them
-    dp: int | None = None  # data-parallel size; default: ranks / (ep x pp)
-    ep: int = 1
-    zero: int = 0  # 1: ZeRO-1, AdamW state sharded over the data-parallel ranks
-    pp: int = 1  # pipeline stages' ranks (dsv3.dist.pipeline_train)
-    pp_schedule: str = "dualpipe"  # dualpipe | dualpipev | 1f1b | zb1p (ZB-H1)
-    pp_chunks: int | None = None  # micro-batches per step (default 2 x pp)
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    progress: bool = True
+    dp: int | None = _opt(None, "data-parallel size (default: ranks / (ep x pp))")
+    ep: int = _opt(1, "expert-parallel size: routed experts sharded over this many consecutive ranks")
+    zero: int = _opt(0, "1: ZeRO-1, AdamW state sharded over the data-parallel ranks", (0, 1))
+    pp: int = _opt(1, "pipeline-parallel stages' ranks (dsv3.train.pipeline_trainer)")
+    pp_schedule: str = _opt("dualpipe", "pipeline schedule (zb1p = ZB-H1)", PP_SCHEDULES)
+    pp_chunks: int | None = _opt(None, "micro-batches per step under pp (default 2 x pp)")
+    checkpoint_every: int = _opt(200, "save a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept; older ones of this run are deleted")
+    progress: bool = _opt(True, "show a progress bar")
 
     def validate(self) -> TrainConfig:
         def need(ok, name, rule):
@@ -100,8 +127,9 @@ class TrainConfig:
                 raise TrainError(f"invalid training setting {name} = {getattr(self, name)!r}: {rule}")
 
         need(self.balance in BALANCE_MODES, "balance", f"must be one of {', '.join(BALANCE_MODES)}")
-        need(self.precision in ("fp32", "bf16", "fp8"), "precision", "must be fp32, bf16 or fp8")
-        need(self.optimizer_state_dtype in ("fp32", "bf16"), "optimizer_state_dtype", "must be fp32 or bf16")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+        need(self.optimizer_state_dtype in STATE_DTYPES, "optimizer_state_dtype",
+             f"must be one of {', '.join(STATE_DTYPES)}")
         for name in ("batch_size", "grad_accum", "seq_len", "checkpoint_every", "keep_checkpoints"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
@@ -114,25 +142,43 @@ class TrainConfig:
         need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
         need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1)")
         need(isinstance(self.pp, int) and self.pp >= 1, "pp", "must be an integer >= 1")
-        need(self.pp_schedule in ("dualpipe", "dualpipev", "1f1b", "zb1p"), "pp_schedule",
-             "must be dualpipe, dualpipev, 1f1b or zb1p")
+        need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
         return self
 
     @classmethod
+    def from_dict(cls, values: dict, source: str, **overrides) -> TrainConfig:
+        """Settings read from `source` (a file, named in errors), then the non-None `overrides`. Old key names
+        (`preset`) are renamed with a warning.
+
+        Raises:
+            TrainError: an unknown key.
+        """
+        values = dict(values)
+        for old, new in LEGACY_KEYS.items():
+            if old in values:
+                warnings.warn(f"{source}: setting '{old}' is now '{new}'", FutureWarning, stacklevel=3)
+                values.setdefault(new, values.pop(old))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> TrainConfig:
+        """A TOML file of TrainConfig keys (top level or a [train] table), then `overrides`.
+
+        Raises:
+            TrainError: missing file, invalid TOML (with its position) or an unknown key.
+        """
         try:
             values = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise TrainError(f"config file {path} not found") from None
         except tomllib.TOMLDecodeError as e:
             raise TrainError(f"{path}: invalid TOML ({e})") from None
-        values = values.get("train", values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return cls.from_dict(values.get("train", values), str(path), **overrides)
 
 
 @functools.cache
@@ -164,13 +210,13 @@ class Trainer:
             raise TrainError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
                              f"{self.world} ranks")
         if cfg.pp > 1 and type(self).__name__ == "Trainer":
-            raise TrainError("pp > 1 is run by dsv3.dist.pipeline_train.PipelineTrainer (dsv3 train picks it)")
+            raise TrainError("pp > 1 is run by dsv3.train.pipeline_trainer.PipelineTrainer (dsv3 train picks it)")
         if cfg.dp is not None and cfg.dp * cfg.ep * cfg.pp != self.world:
             raise TrainError(f"dp x ep x pp = {cfg.dp} x {cfg.ep} x {cfg.pp} must equal the {self.world} ranks")
         if self.world % (cfg.ep * cfg.pp):
             raise TrainError(f"ep x pp = {cfg.ep} x {cfg.pp} must divide the number of ranks ({self.world}): "
                              f"ranks form a pipeline x data-parallel x expert-parallel mesh")
-        self.run = Path(cfg.out)
+        self.run = Run(cfg.out)
         self.device = torch.device(cfg.device if cfg.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         self.data = TokenData(cfg.data, "train")
@@ -178,15 +224,15 @@ class Trainer:
         self.total_steps = cfg.max_steps
         state = None
         if resume:
-            ckpt = resolve_checkpoint_dir(self.run)
+            ckpt = resolve_checkpoint(self.run.root)
             self.model = load_pretrained(ckpt, device=self.device, progress=False)
-            state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+            state = load_trainer_state(ckpt)
             self.step = state["step"]
             # the schedule's length is the original run's unless max_steps was given anew (extending the run)
-            saved = TrainConfig(**state["train_config"])
+            saved = TrainConfig.from_dict(state["train_config"], f"{ckpt} trainer state")
             self.total_steps = cfg.max_steps if cfg.max_steps != saved.max_steps else state["total_steps"]
             if self.main_rank:  # only rank 0 writes the metrics file
-                self._truncate_metrics(self.step)
+                MetricsWriter(self.run.root).truncate_after(self.step)
         else:
             self.model = DeepseekV3(self._model_config(), device=self.device)
             torch.manual_seed(cfg.seed)
@@ -207,7 +253,7 @@ class Trainer:
             optimizer_state = state["optimizer"]
             if isinstance(optimizer_state, list):  # one per rank (a multi-rank run)
                 if len(optimizer_state) != self.world:
-                    raise TrainError(f"{self.run} was trained on {len(optimizer_state)} ranks; resume it on as "
+                    raise TrainError(f"{self.run.root} was trained on {len(optimizer_state)} ranks; resume it on as "
                                      f"many (now {self.world})")
                 optimizer_state = optimizer_state[self.rank]
             self.optimizer.load_state_dict(optimizer_state)
@@ -227,11 +273,11 @@ class Trainer:
         return [layer.mlp.gate for layer in self.model.model.layers if layer.is_moe]
 
     def _model_config(self) -> ModelConfig:
-        mc = get_config(self.cfg.preset)
+        mc = get_config(self.cfg.model_config)
         vocab = self.data.meta["vocab_size"]
         changes = {}
         if mc.vocab_size != vocab:
-            changes["vocab_size"] = vocab  # the preset's vocab follows the dataset's tokenizer
+            changes["vocab_size"] = vocab  # the config's vocab follows the dataset's tokenizer
         eot = self.data.eot_id  # documents are separated (and begin) with the tokenizer's end-of-text token
         if (mc.bos_token_id, mc.eos_token_id) != (eot, eot):
             changes["bos_token_id"] = changes["eos_token_id"] = eot
@@ -261,7 +307,8 @@ class Trainer:
                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}])  # norm gains
 
     # ---------------------------------------------------------------- one step
-    def train_step(self) -> dict:
+    def train_step(self) -> StepMetrics:
+        """One optimizer step over the global batch (grad_accum micro-batches; this rank's rows of each)."""
         cfg, model = self.cfg, self.model
         model.train()
         mc = model.config
@@ -313,36 +360,38 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         tokens_per_s = cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt
-        return {
-            "step": self.step, "loss": sums["loss"], "mtp_loss": sums["mtp"], "balance_loss": sums["balance"],
-            "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-            "tokens": self.step * cfg.batch_size * cfg.grad_accum * cfg.seq_len, "step_time": dt,
-            "max_vio": [max_violation(load) for load in loads],
-            "load": [load.int().tolist() for load in loads],
-            "bias": [[round(b, 6) for b in r.e_score_correction_bias.tolist()] for r in self.routers],
-        }
+        return StepMetrics(
+            step=self.step, loss=sums["loss"], mtp_loss=sums["mtp"], balance_loss=sums["balance"],
+            lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
+            mfu=tokens_per_s * self.flops_per_token / self.peak_flops,
+            tokens=self.step * cfg.batch_size * cfg.grad_accum * cfg.seq_len, step_time=dt,
+            max_vio=[max_violation(load) for load in loads],
+            load=[load.int().tolist() for load in loads],
+            bias=[[round(b, 6) for b in r.e_score_correction_bias.tolist()] for r in self.routers],
+        )
 
     def reduce_loads(self, loads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Expert loads over the whole global batch: every micro-batch, and every rank's share of it."""
         return all_reduce_loads(loads) if self.world > 1 else loads
 
     # ---------------------------------------------------------------- the loop
-    def fit(self) -> dict:
+    def fit(self) -> StepMetrics | None:
+        """Train until max_steps (or the time budget); checkpoint every checkpoint_every steps and at the end.
+        Returns the last step's metrics, None when the run was already complete."""
         cfg = self.cfg
         if self.main_rank:
-            self.run.mkdir(parents=True, exist_ok=True)
-            (self.run / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            self.run.config_file.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
         estimating = self.total_steps is None  # time budget only: the step count is estimated, then fixed
         if estimating:
             self.total_steps = UNKNOWN_STEPS
         probe_from, probe_t = self.step + 3, 0.0  # skip the slower first steps when timing
-        last: dict = {}
+        last: StepMetrics | None = None
         if self.world > 1:
             dist.barrier()
-        log_path = self.run / "metrics.jsonl" if self.main_rank else os.devnull
-        with _Progress(cfg.progress and self.main_rank) as bar, open(log_path, "a") as log:
+        log = MetricsWriter(self.run.root, enabled=self.main_rank)
+        with _Progress(cfg.progress and self.main_rank) as bar, log:
             task = bar.add(None if estimating else self.total_steps, self.step)
             while self.step < self.total_steps:
                 if deadline and self._all_agree(time.monotonic() > deadline):
@@ -356,8 +405,7 @@ class Trainer:
                     self.total_steps = max(self.step + 1, self.step + left)
                     estimating = False
                     bar.set_total(task, self.total_steps)
-                log.write(json.dumps(last) + "\n")
-                log.flush()
+                log.write(last)
                 bar.update(task, self.step, last)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -375,16 +423,14 @@ class Trainer:
             states = [None] * self.world
             dist.all_gather_object(states, optimizer_state)
             optimizer_state = states
-        path = self.run / "checkpoints" / f"step-{self.step:08d}"
+        path = self.run.checkpoint_dir(self.step)
         if self.main_rank:
             state = {"step": self.step, "total_steps": self.total_steps, "optimizer": optimizer_state,
                      "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            files = {"trainer_state.pt": buf.getvalue(),
-                     "tokenizer.json": (Path(self.cfg.data) / "tokenizer.json").read_text()}
+            files = {TRAINER_STATE: trainer_state_bytes(state),
+                     TOKENIZER: (Path(self.cfg.data) / TOKENIZER).read_text()}
             save_pretrained(model, path, extra_files=files)
-            old = sorted((self.run / "checkpoints").glob("step-*"))[: -self.cfg.keep_checkpoints]
+            old = self.run.checkpoints()[: -self.cfg.keep_checkpoints]
             for p in old:
                 shutil.rmtree(p, ignore_errors=True)
         if self.world > 1:
@@ -405,13 +451,6 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(t, src=0)
         return float(t)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
-        path = self.run / "metrics.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in lines))
 
 
 def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
@@ -437,14 +476,26 @@ def _mean_over_ranks(sums: dict) -> dict:
     return {"loss": float(flat[0]), "balance": float(flat[1]), "mtp": flat[2:].tolist()}
 
 
+RESUME_FIXED = ("model_config", "mtp_depth", "data", "seed")  # settings a resumed run keeps from its start
+
+
 def resume_config(run: str | Path, **overrides) -> TrainConfig:
-    path = Path(run) / "train_config.json"
+    """The saved TrainConfig of `run`, with `overrides` (e.g. a larger max_steps) applied.
+
+    Raises:
+        TrainError: `run` is not a run directory, or an override would change the model or the data a resumed
+            run must keep (RESUME_FIXED).
+    """
+    path = Run(run).config_file
     if not path.exists():
         raise TrainError(f"cannot resume {run}: no train_config.json (not a dsv3 run directory)")
-    values = json.loads(path.read_text())
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["out"] = str(run)
-    return TrainConfig(**values)
+    saved = TrainConfig.from_dict(json.loads(path.read_text()), str(path))
+    for name in RESUME_FIXED:
+        if overrides.get(name) is not None and overrides[name] != getattr(saved, name):
+            raise TrainError(f"cannot change {name} when resuming {run} (it was {getattr(saved, name)!r}); "
+                             "start a new run with another --out instead")
+    return dataclasses.replace(saved, out=str(run), **{k: v for k, v in overrides.items()
+                                                      if v is not None and k != "out"})
 
 
 class _Progress:
@@ -475,8 +526,8 @@ class _Progress:
 
     def update(self, task, step, m):
         if self.enabled:
-            mtp = " ".join(f"mtp{k + 1} {v:.3f}" for k, v in enumerate(m["mtp_loss"]))
-            info = (f"loss {m['loss']:.3f} {mtp} | {m['tokens_per_s']:,.0f} tok/s | "
-                    f"MaxVio {max(m['max_vio'], default=0):.2f}")
+            mtp = " ".join(f"mtp{k + 1} {v:.3f}" for k, v in enumerate(m.mtp_loss))
+            info = (f"loss {m.loss:.3f} {mtp} | {m.tokens_per_s:,.0f} tok/s | "
+                    f"MaxVio {max(m.max_vio, default=0):.2f}")
             self.bar.update(task, completed=step, info=info)
 

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..checkpoint import load_pretrained, resolve_checkpoint_dir
-from ..infer.engine import sample_text
-from .data import load_tokenizer, prepare
-from .evaluate import evaluate
-from .plots import plot_run
-from .trainer import TrainConfig, Trainer
+from .checkpoint import load_pretrained
+from .infer.engine import sample_text
+from .runs import resolve_checkpoint
+from .tokenizer import load_tokenizer
+from .train.data import prepare
+from .train.evaluate import evaluate
+from .train.plots import plot_run
+from .train.trainer import TrainConfig, Trainer
 
 PROMPT = "HAMLET.\n"
 
@@ -43,11 +45,11 @@ def run_demo(minutes: float = 10.0, data_dir: str = "data/shakespeare", run_dir:
     trainer = Trainer(cfg)
     last = trainer.fit()
     train_s = time.time() - t0
-    console.print(f"    {last['step']} steps, {last['tokens']:,} tokens, final loss {last['loss']:.3f}, "
-                  f"{last['tokens_per_s']:,.0f} tokens/s, MFU {last['mfu']:.1%}")
+    console.print(f"    {last.step} steps, {last.tokens:,} tokens, final loss {last.loss:.3f}, "
+                  f"{last.tokens_per_s:,.0f} tokens/s, MFU {last.mfu:.1%}")
 
     console.print("[bold]3/5 eval[/]: held-out plays")
-    ckpt = resolve_checkpoint_dir(run)
+    ckpt = resolve_checkpoint(run)
     model = load_pretrained(ckpt)
     result = evaluate(model, data, seq_len=cfg.seq_len)
     console.print(f"    loss {result['loss']:.3f}, perplexity {result['perplexity']:.1f}, "

@@ -22,15 +22,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from ..train.balance import max_violation, update_expert_bias
-from ..train.losses import lm_loss
-from ..train.schedule import lr_at, mtp_weight_at
-from ..train.trainer import Trainer, TrainError
-from .expert_parallel import apply_expert_parallel, unsharded_copy
-from .mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, sync_gradients
-from .pipeline import (
-    ModelStage,
+from ..model.transformer import run_mtp
+from ..parallel.expert_parallel import apply_expert_parallel, unsharded_copy
+from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, sync_gradients
+from ..parallel.pipeline import (
     PipelineRunner,
     schedule_1f1b,
     schedule_dualpipe,
@@ -38,6 +35,97 @@ from .pipeline import (
     schedule_zb1p,
     split_stages,
 )
+from ..runs import StepMetrics
+from .balance import max_violation, sequence_balance_loss, update_expert_bias
+from .losses import lm_loss, mtp_losses
+from .schedule import lr_at, mtp_weight_at
+from .trainer import Trainer, TrainError
+
+
+class _AttachAux(torch.autograd.Function):
+    """Returns h unchanged; in backward, also feeds gradient 1 to `aux`, a loss computed inside this stage.
+    So a stage's balance loss trains its routers without travelling down the pipeline."""
+
+    @staticmethod
+    def forward(ctx, h, aux):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=grad.dtype, device=grad.device)
+
+
+class ModelStage(nn.Module):
+    """Main decoder layers [lo, hi) of a DeepseekV3 as one pipeline stage: with the embedding when it is the first
+    stage (its input is token ids), with the final norm and the output head when it is the last (it returns
+    logits). The modules are the model's own, so a stage's gradients land in the model's parameters.
+
+    The last stage also runs the MTP modules (they read the main model's final hidden state and share its head),
+    with the embedding of its own model copy (`mtp_embed`): the trainer adds its gradient to the first stage's
+    embedding gradient, as for tied embeddings, so both copies stay equal. It needs each micro-batch's tokens
+    (`set_tokens`) and attaches `mtp_scale` x the sum of the depth losses to its output.
+
+    balance_scale: weight of this stage's sequence-wise balance loss (alpha / micro-batches), attached to its
+    output; `loads`, `balance` and `mtp_sums` accumulate over the forwards of a step (reset with `reset_stats`)."""
+
+    def __init__(self, model, lo: int, hi: int, balance_scale: float = 0.0, eot_id: int | None = None):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+        self.balance_scale, self.eot_id = balance_scale, eot_id
+        self.mtp_scale = 0.0
+        n = model.config.num_hidden_layers
+        self.embed = model.model.embed_tokens if lo == 0 else None
+        self.layers = nn.ModuleList(model.main_layers[lo:hi])
+        self.norm = model.model.norm if hi == n else None
+        self.head = model.lm_head if hi == n else None
+        self.mtp = nn.ModuleList(model.mtp_modules if hi == n else [])
+        self.mtp_embed = model.model.embed_tokens if len(self.mtp) else None
+        self.rotary = model.model.rotary_emb
+        moe = [layer for layer in [*self.layers, *self.mtp] if layer.is_moe]
+        self.routers = [layer.mlp.gate for layer in moe]
+        self.router_layers = [layer.layer_idx for layer in moe]  # the model's layer index of each router
+        self.tokens: list[torch.Tensor] = []
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.loads = [torch.zeros(r.n_experts) for r in self.routers]
+        self.balance = 0.0
+        self.mtp_sums = [0.0] * len(self.mtp)
+        self._forwards = 0
+
+    def set_tokens(self, tokens: list[torch.Tensor]) -> None:
+        """The windows [B, T+1] of this stage's micro-batches, in forward order (the MTP targets)."""
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) if self.embed is not None else x  # [B, T, D]
+        rope = self.rotary(torch.arange(h.shape[1], device=h.device), h.dtype)
+        routing: list = []
+        for layer in self.layers:
+            h = layer(h, rope, routing=routing)
+        aux = None
+        if self.head is not None:
+            h = self.norm(h)
+            out = self.head(h)  # [B, T, V]
+            if len(self.mtp):  # also at weight 0 (a late lambda of 0): metrics, and every parameter in the graph
+                tokens = self.tokens[self._forwards]
+                emb = self.mtp_embed(tokens[:, : h.shape[1]])
+                losses = mtp_losses(run_mtp(self.mtp, self.head, h, emb, rope, routing), tokens, self.eot_id)
+                for k, loss in enumerate(losses):
+                    self.mtp_sums[k] += float(loss.detach())
+                aux = self.mtp_scale * sum(losses)
+        else:
+            out = h
+        self._forwards += 1
+        for acc, info in zip(self.loads, routing):
+            acc += info.load.cpu()
+        if routing and self.balance_scale:
+            balance = self.balance_scale * sum(sequence_balance_loss(info, h.shape[0]) for info in routing)
+            self.balance += float(balance.detach())
+            aux = balance if aux is None else aux + balance
+        if aux is not None:
+            out = _AttachAux.apply(out, aux)
+        return out
 
 
 class PipelineTrainer(Trainer):
@@ -129,7 +217,7 @@ class PipelineTrainer(Trainer):
         for m in holders:
             m.weight.grad = total.clone()
 
-    def train_step(self) -> dict:
+    def train_step(self) -> StepMetrics:
         cfg, mesh = self.cfg, self.mesh
         t0 = time.perf_counter()
         depth = self.model.config.num_nextn_predict_layers
@@ -205,14 +293,14 @@ class PipelineTrainer(Trainer):
         self.step += 1
         dt = time.perf_counter() - t0
         tokens_per_s = cfg.batch_size * cfg.seq_len / dt
-        return {
-            "step": self.step, "loss": loss, "mtp_loss": sums[2:].tolist(), "balance_loss": float(sums[1]),
-            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops / self.world,
-            "tokens": self.step * cfg.batch_size * cfg.seq_len, "step_time": dt,
-            "max_vio": [max_violation(x) for x in loads], "load": [x.int().tolist() for x in loads],
-            "bias": [[round(v, 6) for v in b] for b in bias.tolist()],
-        }
+        return StepMetrics(
+            step=self.step, loss=loss, mtp_loss=sums[2:].tolist(), balance_loss=float(sums[1]),
+            lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+            mfu=tokens_per_s * self.flops_per_token / self.peak_flops / self.world,
+            tokens=self.step * cfg.batch_size * cfg.seq_len, step_time=dt,
+            max_vio=[max_violation(x) for x in loads], load=[x.int().tolist() for x in loads],
+            bias=[[round(v, 6) for v in b] for b in bias.tolist()],
+        )
 
     def _model_to_save(self):
         """Every stage's tensors gathered into rank 0's model (the pipeline's copies are the trained ones)."""

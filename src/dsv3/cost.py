@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ModelConfig
-from ..params import training_flops_per_token
+from .config import ModelConfig
+from .params import training_flops_per_token
 
 GPU_PEAK_BF16 = {"h800": 989.5e12, "h100": 989.5e12, "h200": 989.5e12, "a100": 312e12, "b200": 2250e12}
 SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.dist import rebalance_experts
-from dsv3.dist.cost import parse_count, pipeline_bubbles, training_cost
+from dsv3.cost import parse_count, pipeline_bubbles, training_cost
+from dsv3.parallel import rebalance_experts
 
 LOADS = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                       [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
