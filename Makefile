@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# DEMO_MINUTES=N make demo: a shorter (or longer) training run
 demo: $(STAMP)
-	$(PY) -m dsv3 demo
+	$(PY) -m dsv3 demo $(if $(DEMO_MINUTES),--minutes $(DEMO_MINUTES))
 
 test: $(STAMP)
 	$(PY) -m pytest -q
