@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# DEMO_MINUTES=N make demo: a shorter (or longer) training run
+# DEMO_MINUTES=N make demo: a shorter (or longer) training run. A previous runs/demo is moved aside
+# (runs/demo.old-<timestamp>), never deleted.
 demo: $(STAMP)
-	$(PY) -m dsv3 demo $(if $(DEMO_MINUTES),--minutes $(DEMO_MINUTES))
+	$(PY) -m dsv3 demo --overwrite $(if $(DEMO_MINUTES),--minutes $(DEMO_MINUTES))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -47,7 +47,7 @@ def main() -> None:
         settings = {"bias_update_speed": args.bias_update_speed, **change}
         cfg = TrainConfig(model_config=args.preset, data=args.data, out=str(out), max_steps=args.steps,
                           checkpoint_every=args.steps, progress=False, **settings)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=True)  # a rerun moves the previous output aside
         trainer.fit()
         rows = read_metrics(out)
         tail = rows[-max(1, len(rows) // 5) :]

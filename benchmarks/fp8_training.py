@@ -35,7 +35,7 @@ def main() -> None:
         out = Path(args.out) / precision
         cfg = TrainConfig(model_config=args.preset, data=args.data, out=str(out), max_steps=args.steps,
                           checkpoint_every=args.steps, progress=False, precision=precision, device=args.device)
-        Trainer(cfg).fit()
+        Trainer(cfg, overwrite=True).fit()  # a rerun moves the previous output aside
         rows = read_metrics(out)
         curves[precision] = [r.loss for r in rows]
         times[precision] = statistics.median(r["step_time"] for r in rows[5:])

@@ -123,7 +123,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, model, monkeypatch
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        dsv3.save_pretrained(model, tmp_path / "c", max_shard_bytes=100_000)
+        dsv3.save_pretrained(model, tmp_path / "c", max_shard_bytes=100_000, replace=True)
     after = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
     assert after == before
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary directory left behind

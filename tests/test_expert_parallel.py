@@ -64,7 +64,12 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     for x, y in zip(a, train(tmp_path / "zero", [*common, "--ep", "2", "--zero", "1"], nproc=2)):
         assert abs(x.loss - y.loss) < 1e-4 and x.bias == y.bias
     ckpt = dsv3.runs.resolve_checkpoint(tmp_path / "zero")
-    per_rank = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]
+    # one JSON + safetensors pair per rank, no pickle
+    assert sorted(f.name for f in ckpt.glob("trainer_state*")) == [
+        f"trainer_state-rank0000{r}-of-00002.{ext}" for r in (0, 1) for ext in ("json", "safetensors")]
+    per_rank = [dsv3.runs.load_trainer_state(ckpt, rank=r, world=2)["optimizer"] for r in range(2)]
+    with pytest.raises(dsv3.runs.RunError, match="on 2 rank"):
+        dsv3.runs.load_trainer_state(ckpt, world=1)
     n_params = len(list(one.parameters()))
     held = [len(s["state"]) for s in per_rank]
     # replicated parameters have one owner; each rank also holds its 3 expert shards per MoE layer (3 layers)

@@ -125,8 +125,9 @@ def test_fp8_checkpoint_keeps_the_official_high_precision_tensors(tmp_path):
 def test_fp8_checkpoint_loads_in_transformers(tmp_path):
     """transformers 5.23 dequantizes FP8 checkpoints on CPU with block = rows // scale_rows, which is wrong for
     ragged shapes (192 / 576 rows); so this model has every matrix dimension a multiple of 128."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401  (transformers needs it to load FP8 checkpoints)
+    import transformers
+
     cfg = dsv3.get_config("tiny").replace(
         hidden_size=256, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=128, qk_nope_head_dim=64,
         v_head_dim=128, num_attention_heads=2, intermediate_size=256, moe_intermediate_size=128,

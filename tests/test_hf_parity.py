@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import dsv3
-
-transformers = pytest.importorskip("transformers")
 
 BASE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,

@@ -38,8 +38,8 @@ def test_mtp_depths_follow_the_paper(model):
         for k, mod in enumerate(model.mtp_modules, start=1):
             n = 9 - k
             x = mod.eh_proj(torch.cat([mod.enorm(emb[:, k:]), mod.hnorm(h[:, :n])], -1))
-            h = mod(h[:, :n], emb[:, k:], (rope[0][:n], rope[1][:n]))
-            block = dsv3.model.DecoderLayer.forward(mod, x, (rope[0][:n], rope[1][:n]))
+            h, _ = mod(h[:, :n], emb[:, k:], rope.narrow(0, n))
+            block, _ = dsv3.model.DecoderLayer.forward(mod, x, rope.narrow(0, n))
             torch.testing.assert_close(h, block)
             torch.testing.assert_close(out.mtp_logits[k - 1], model.lm_head(mod.shared_head.norm(h)))
 

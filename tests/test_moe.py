@@ -70,6 +70,12 @@ def make_layer(**kw):
     {"n_routed_experts": 16, "n_group": 8, "topk_group": 3, "num_experts_per_tok": 5, "n_shared_experts": 0},
 ])
 def test_router_matches_per_token_reference(kw):
+    check_router_matches_per_token_reference(kw)
+
+
+def check_router_matches_per_token_reference(kw: dict) -> None:
+    """The router's choices and weights for 40 tokens equal `reference_route` (the paper's rule per token,
+    routing bias included); `load` counts the choices. Raises AssertionError otherwise."""
     layer = make_layer(**kw)
     x = torch.randn(40, layer.gate.weight.shape[1])
     info = layer.gate(x)
@@ -105,18 +111,39 @@ def test_bias_changes_selection_not_weights():
     assert (after.topk_weight[pos[:, 0], pos[:, 1]] < 2.5).all()
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_grouped_experts_equal_per_token_loop_forward_and_backward(monkeypatch, grouped):
+def spy_grouped_mm(monkeypatch) -> list:
+    """Wrap torch.nn.functional.grouped_mm (what `model/moe.py` calls for its grouped GEMMs) with a spy; returns
+    the list that collects each call's row count."""
+    real = F.grouped_mm
+    calls = []
+
+    def spy(x, w, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(F, "grouped_mm", spy)
+    return calls
+
+
+def check_grouped_experts_equal_per_token_loop(monkeypatch, grouped: bool = True) -> None:
+    """The MoE layer (grouped: torch's grouped GEMM, else the per-expert loop) equals `reference_moe`, forward and
+    every gradient; with `grouped` the forward's three expert GEMMs and the backward's input gradients must have
+    run through torch.nn.functional.grouped_mm. Raises AssertionError otherwise."""
+    calls = spy_grouped_mm(monkeypatch)
     if not grouped:  # force the per-expert loop fallback
-        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda x, w: False)
-    layer = make_layer(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
-    ref_layer = make_layer(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+        monkeypatch.setattr(moe_mod, "GROUPED_MM_MIN_ROWS", 10**9)
+    kw = dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    layer, ref_layer = make_layer(**kw), make_layer(**kw)
     with torch.no_grad():
         layer.gate.e_score_correction_bias[:2] = -10.0  # experts 0 and 1 never chosen: empty groups
     ref_layer.load_state_dict(layer.state_dict())
-    x = torch.randn(37, 64, requires_grad=True)
+    n = 37  # 37 tokens x 3 experts = 111 rows, above the grouped GEMM's threshold
+    assert n * 3 >= moe_mod.GROUPED_MM_MIN_ROWS or not grouped, \
+        f"{n * 3} rows no longer reach GROUPED_MM_MIN_ROWS = {moe_mod.GROUPED_MM_MIN_ROWS}: raise n"
+    x = torch.randn(n, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     y, info = layer(x)
+    forward_calls = len(calls)
     y_ref = reference_moe(ref_layer, x_ref)
     # fp32, summation order differs (grouped GEMM vs per-token dot products): 1e-4
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
@@ -128,6 +155,17 @@ def test_grouped_experts_equal_per_token_loop_forward_and_backward(monkeypatch, 
     for (name, p), p_ref in zip(layer.named_parameters(), ref_layer.parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-4, msg=name)
+    if grouped:  # gate, up and down projections forward; their input gradients backward
+        assert forward_calls >= 3, f"the forward ran {forward_calls} grouped GEMMs, expected 3"
+        assert len(calls) - forward_calls >= 3, f"the backward ran {len(calls) - forward_calls} grouped GEMMs"
+        assert all(rows == n * 3 for rows in calls), calls
+    else:
+        assert calls == []
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_grouped_experts_equal_per_token_loop_forward_and_backward(monkeypatch, grouped):
+    check_grouped_experts_equal_per_token_loop(monkeypatch, grouped)
 
 
 def test_empty_experts_get_zero_grad():
@@ -140,10 +178,16 @@ def test_empty_experts_get_zero_grad():
     assert (layer.experts.gate_proj.grad[unused] == 0).all()
 
 
-def test_grouped_mm_fallback_matches_grouped():
-    x = torch.randn(24, 32)
+def test_grouped_mm_function_equals_per_expert_products(monkeypatch):
+    """96 rows (above GROUPED_MM_MIN_ROWS) in groups with empty experts: torch's grouped GEMM runs, once, and
+    equals the per-expert products; the loop fallback gives the same."""
+    calls = spy_grouped_mm(monkeypatch)
+    x = torch.randn(96, 32)
     w = torch.randn(5, 16, 32)
-    counts = [4, 0, 10, 0, 10]
-    out = moe_mod.grouped_mm(x, w, counts)
-    ref = torch.cat([x[0:4] @ w[0].T, x[4:14] @ w[2].T, x[14:24] @ w[4].T])
-    torch.testing.assert_close(out, ref)
+    counts = [20, 0, 40, 0, 36]
+    ref = torch.cat([x[0:20] @ w[0].T, x[20:60] @ w[2].T, x[60:96] @ w[4].T])
+    torch.testing.assert_close(moe_mod.grouped_mm(x, w, counts), ref)
+    assert calls == [96]
+    monkeypatch.setattr(moe_mod, "GROUPED_MM_MIN_ROWS", 10**9)
+    torch.testing.assert_close(moe_mod.grouped_mm(x, w, counts), ref)
+    assert calls == [96]  # the loop did not call it again

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import dsv3
+from dsv3.cli import main
 from dsv3.params import count_parameters
 
 
@@ -25,12 +26,13 @@ def test_counts_equal_the_real_tiny_model():
 
 
 def test_cli_prints_the_671b_numbers():
-    out = subprocess.run([sys.executable, "-m", "dsv3", "params", "deepseek-v3-671b"], capture_output=True,
-                         text=True, check=True, env={"COLUMNS": "140", "PATH": ""}).stdout
-    assert "671,026,419,200" in out and "37.55B" in out and "70,272" in out
+    proc = subprocess.run([sys.executable, "-m", "dsv3", "params", "--model-config", "deepseek-v3-671b"],
+                          capture_output=True, text=True, check=True, env={"COLUMNS": "140", "PATH": ""})
+    assert "671,026,419,200" in proc.stdout and "37.55B" in proc.stdout and "70,272" in proc.stdout
+    assert proc.stderr == ""
 
 
-def test_cli_names_a_bad_config():
-    proc = subprocess.run([sys.executable, "-m", "dsv3", "params", "no-such-preset"], capture_output=True,
-                          text=True)
-    assert proc.returncode == 2 and "no-such-preset" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_names_a_bad_config(capsys):
+    assert main(["params", "--model-config", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv3 params: error: ") and "no-such-preset" in err and "Traceback" not in err

@@ -2,43 +2,27 @@
 
 import http.client
 import json
-import socket
 import threading
-import time
 
+import openai
 import pytest
 
 import dsv3
+from conftest import live_server
 from dsv3.infer import Engine
 from dsv3.tokenizer import load_tokenizer
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
 def server_url(trained_run):
-    from dsv3.infer.server import Server, create_app
+    from dsv3.infer.server import Server
 
     ckpt = dsv3.runs.resolve_checkpoint(trained_run)
     model = dsv3.load_pretrained(ckpt)
     tok = load_tokenizer(ckpt)
     engine = Engine(model, tok, max_batch=4, max_len=128, speculative=True)
-    app = create_app(Server(engine, tok, model_name="tiny-v3", checkpoint=ckpt))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(Server(engine, tok, model_name="tiny-v3", checkpoint=ckpt)) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +102,9 @@ def test_concurrent_requests_share_the_batch(client):
     (json.dumps({"model": "tiny-v3", "prompt": "x", "max_tokens": 10**6}).encode(), 400, "max_tokens"),
     (json.dumps({"model": "tiny-v3", "prompt": "x", "max_tokens": "10"}).encode(), 400, "max_tokens"),
     (json.dumps({"model": "tiny-v3", "prompt": 42}).encode(), 400, "prompt"),
-    (json.dumps({"model": "tiny-v3", "prompt": "the " * 200}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny-v3", "prompt": "the " * 200}).encode(), 400, "prompt"),  # blames the prompt
+    (json.dumps({"model": "tiny-v3", "prompt": "x", "seed": 2**64}).encode(), 400, "seed"),
+    (json.dumps({"model": "tiny-v3", "prompt": "x", "stop": ""}).encode(), 400, "stop"),
     (json.dumps({"model": "tiny-v3", "prompt": "x", "temperature": True}).encode(), 400, "temperature"),
     (json.dumps({"model": "tiny-v3", "prompt": "x", "stop": [1]}).encode(), 400, "stop"),
 ])

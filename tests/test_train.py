@@ -2,7 +2,9 @@
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,7 +157,16 @@ def test_aux_free_training_moves_biases_and_checkpoints_carry_them(dataset, tmp_
     assert torch.equal(back.model.layers[1].mlp.gate.e_score_correction_bias,
                        trainer.model.model.layers[1].mlp.gate.e_score_correction_bias)
     ckpt = dsv3.resolve_checkpoint(tmp_path / "run")
-    assert (ckpt / "tokenizer.json").exists() and (ckpt / "trainer_state.pt").exists()
+    assert (ckpt / "tokenizer.json").exists()
+    assert (ckpt / "trainer_state.json").exists() and (ckpt / "trainer_state.safetensors").exists()
+    assert not list((tmp_path / "run").rglob("*.pt"))  # no pickle anywhere
+    state = dsv3.runs.load_trainer_state(ckpt)
+    assert state["step"] == 3 and state["train_config"]["seed"] == 0 and state["rng"].dtype == torch.uint8
+    optimizer = trainer.optimizer.state_dict()
+    assert state["optimizer"]["param_groups"] == optimizer["param_groups"]  # betas come back as a tuple
+    for i, moments in optimizer["state"].items():
+        for name, t in moments.items():
+            assert torch.equal(state["optimizer"]["state"][i][name], t), (i, name)
 
 
 @pytest.mark.parametrize("mode", ["aux_loss", "none"])
@@ -168,7 +179,8 @@ def test_other_balance_modes_keep_bias_fixed(dataset, tmp_path, mode):
 
 
 def test_training_checkpoint_loads_in_transformers(dataset, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     Trainer(tiny_cfg(dataset, tmp_path / "run", max_steps=3)).fit()
     ckpt = dsv3.resolve_checkpoint(tmp_path / "run")
     ours = dsv3.load_pretrained(ckpt).eval()
@@ -184,6 +196,19 @@ def test_eval_reports_consistent_bpb(dataset, tmp_path):
     Trainer(tiny_cfg(dataset, tmp_path / "run", max_steps=2)).fit()
     model = dsv3.load_pretrained(dsv3.resolve_checkpoint(tmp_path / "run"))
     r = evaluate(model, dataset, seq_len=32)
+    # reference: the split read straight from val.bin, cut into windows of 32 predicted tokens (the next window
+    # starts at the last window's final token, so every token but the first is predicted exactly once)
+    meta = json.loads((Path(dataset) / "meta.json").read_text())
+    ids = torch.from_numpy(np.fromfile(Path(dataset) / "val.bin", dtype=meta["dtype"]).astype(np.int64))
+    nats, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, 32):
+            window = ids[s : s + 33]
+            logits = model(window[None, :-1]).logits[0]
+            nats += float(torch.nn.functional.cross_entropy(logits.double(), window[1:], reduction="sum"))
+            count += len(window) - 1
+    assert r["tokens"] == count == len(ids) - 1
+    assert r["loss"] == pytest.approx(nats / count, rel=1e-6)
     data = TokenData(dataset, "val")
     assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
     assert r["bpb"] == pytest.approx(r["loss"] * len(data) / data.bytes / math.log(2))
@@ -218,3 +243,87 @@ def test_routing_simulator_balances():
     frozen, free = hist["frozen"]["max_vio"], hist["aux_free"]["max_vio"]
     assert frozen[0] == free[0] > 1.0
     assert sum(frozen[-20:]) / 20 > 1.0 and sum(free[-20:]) / 20 < 0.4
+
+
+# ------------------------------------------------------------------------------------------------ accumulation, bf16
+def _step_with_grads(trainer):
+    """One train_step; (its metrics, every parameter's gradient as the optimizer is about to use it)."""
+    grads, step = {}, trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    return trainer.train_step(), grads
+
+
+def test_grad_accum_equals_one_batch_of_the_same_rows(dataset, tmp_path):
+    """2 micro-batches of B/2 make the same step as one batch of B holding the same rows. The trainer draws
+    micro-batch m of step s from (seed, s, m), so the one-batch trainer is fed micro-batches 0 and 1 concatenated."""
+    # no clipping (the gradients compared are the accumulated ones); seed 1 draws no document end (see below)
+    kw = dict(grad_clip=1e9, seq_aux_alpha=0.01, seed=1)
+    accum = Trainer(tiny_cfg(dataset, tmp_path / "accum", batch_size=2, grad_accum=2, **kw))
+    whole = Trainer(tiny_cfg(dataset, tmp_path / "whole", batch_size=4, grad_accum=1, **kw))
+    draw = whole.data.batch
+    rows = torch.cat([draw(2, 32, 1, 0, m) for m in (0, 1)])
+    whole.data.batch = lambda batch_size, seq_len, seed, step, micro=0: torch.cat(
+        [draw(batch_size // 2, seq_len, seed, step, m) for m in (0, 1)])
+    # MTP and balance losses are per-micro-batch means: equal to the whole batch's only when the halves have as
+    # many unmasked MTP targets, i.e. no document boundary inside these windows
+    assert not (rows == whole.data.eot_id).any(), "the drawn windows cross a document end; pick another seed"
+
+    (a, grads_a), (b, grads_b) = _step_with_grads(accum), _step_with_grads(whole)
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.mtp_loss == pytest.approx(b.mtp_loss, rel=1e-6)
+    assert a.balance_loss == pytest.approx(b.balance_loss, rel=1e-5) and a.balance_loss > 0
+    assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    assert a.load == b.load and a.bias == b.bias and a.tokens == b.tokens == 4 * 32
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_b.items():
+        torch.testing.assert_close(grads_a[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+    wa, wb = accum.model.state_dict(), whole.model.state_dict()
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_trains_a_step(dataset, tmp_path):
+    fp32 = Trainer(tiny_cfg(dataset, tmp_path / "fp32", max_steps=1)).fit()
+    bf16 = Trainer(tiny_cfg(dataset, tmp_path / "bf16", max_steps=1, precision="bf16")).fit()
+    assert math.isfinite(bf16.loss) and bf16.loss != fp32.loss  # bf16 GEMMs really ran ...
+    assert bf16.loss == pytest.approx(fp32.loss, abs=0.05)  # ... on the same model and batch
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints, plots
+def test_rotation_keeps_the_two_newest_checkpoints(dataset, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(dataset, run, max_steps=3, checkpoint_every=1, keep_checkpoints=2, batch_size=2,
+                     seq_len=16)).fit()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_plot_writes_three_pngs_with_layer_names(trained_run, tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+    import matplotlib.text
+
+    from dsv3.cli import main
+
+    figures = []  # the text of every figure saved
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, *args, **kwargs):
+        figures.append([t.get_text() for t in fig.findobj(matplotlib.text.Text)])
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    assert main(["plot", str(trained_run), "--out", str(tmp_path / "plots")]) == 0
+    names = ["expert_bias.png", "expert_load.png", "loss.png"]
+    assert sorted(Path(p).name for p in capsys.readouterr().out.split()) == names
+    for png in names:
+        data = (tmp_path / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    layers = dsv3.ModelConfig.from_json(dsv3.resolve_checkpoint(trained_run) / "config.json").moe_layer_names()
+    assert layers == ["layer 1", "layer 2", "MTP 1"]  # the tiny preset: two main MoE layers and the MTP module's
+    assert len(figures) == 3
+    for texts in figures:  # the legend of loss.png, the rows of expert_load.png, the panels of expert_bias.png
+        for layer in layers:
+            assert any(layer in t for t in texts), (layer, texts)

@@ -36,20 +36,22 @@ from .config import ModelConfig
 from .errors import Dsv3Error
 from .model import DeepseekV3
 from .quant.fp8 import BLOCK, FP8, dequantize_blockwise, quantize_blockwise
+from .quant.precision import STORAGE_HIGH_PRECISION, keeps_high_precision
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of FP8 tensor `X.weight`
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-# Tensors the official FP8 checkpoint keeps in BF16: embedding, heads, norms, the MoE gate, MTP's eh_proj
-FP8_KEEP = ("embed_tokens", "lm_head", "shared_head.head", "norm", "mlp.gate.", "eh_proj")
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                            "weight_block_size": [BLOCK, BLOCK]}
 
 
 def fp8_eligible(name: str, t: torch.Tensor) -> bool:
-    """Whether the official format stores this tensor as FP8 (the linear weights of attention and FFNs)."""
-    return name.endswith(".weight") and t.dim() == 2 and not any(k in name for k in FP8_KEEP)
+    """Whether the official format stores tensor `name` as FP8: a 2-D `.weight` of a module outside
+    `quant.precision.STORAGE_HIGH_PRECISION` (the linear weights of attention and FFNs; not the embedding, heads,
+    norms, MoE gate or MTP's eh_proj)."""
+    return (name.endswith(".weight") and t.dim() == 2
+            and not keeps_high_precision(name.removesuffix(".weight"), STORAGE_HIGH_PRECISION))
 
 
 class CheckpointError(Dsv3Error, RuntimeError):
@@ -66,6 +68,7 @@ class Slot:
 
     @property
     def view(self) -> torch.Tensor:
+        """The stored tensor's place: `target`, or its row `index` (one expert's [I, D] / [D, I] matrix)."""
         return self.target if self.index is None else self.target[self.index]
 
 
@@ -134,6 +137,12 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
 
     load_mtp: True requires the MTP modules' tensors, False skips them (and builds the model without MTP),
     None (default) loads them when present and otherwise builds without MTP, with a warning.
+    progress: show a progress bar (default: when stderr is a terminal).
+
+    Raises:
+        CheckpointError: no checkpoint at `path`, an unreadable file or index, missing or unexpected tensors,
+            a tensor of the wrong shape or dtype, an FP8 weight without its scale, non-square FP8 blocks.
+        ConfigError: an invalid `config.json`.
     """
     path = _checkpoint_dir(path)
     cfg = ModelConfig.from_json(path / "config.json")
@@ -253,16 +262,26 @@ def checkpoint_tensors(model: DeepseekV3):
 
 
 def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 4 << 30,
-                    dtype: torch.dtype | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:
+                    dtype: torch.dtype | None = None, extra_files: dict[str, str | bytes] | None = None,
+                    replace: bool = False) -> Path:
     """Write `config.json`, safetensors shards and the index to `path`, atomically.
 
     dtype: cast floating tensors (the routing bias stays fp32); default: as in the model.
         torch.float8_e4m3fn writes the official FP8 format: linear weights as e4m3 with a `weight_scale_inv`
         per 128x128 block, everything else BF16 (the routing bias fp32).
     extra_files: more files to place in the directory (e.g. `tokenizer.json`), name -> content.
+    replace: `path` may be absent or an empty directory; anything else is refused unless `replace`, which swaps
+        the new directory in and only then removes the old one. Only for a directory the caller wrote itself (the
+        trainer re-saving its own step); to keep what is there, move it aside first (`dsv3.runs.claim_output`,
+        the CLI's --overwrite).
+    Raises:
+        CheckpointError: `path` exists and is not an empty directory, and `replace` is False (checked before
+            writing and again at the final rename).
     """
     fp8 = dtype == FP8
     path = Path(path)
+    if not replace:
+        _refuse_existing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -299,7 +318,7 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as fh:
                 fh.write(content)
-        _replace_dir(tmp, path)
+        _replace_dir(tmp, path, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -318,12 +337,23 @@ def _stored_tensors(model: DeepseekV3, dtype: torch.dtype | None):
             yield name, t.to(torch.bfloat16 if dtype == FP8 else dtype)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move src to dst; an existing dst is only removed once src is in place (renames are atomic)."""
-    if dst.exists():
+def _refuse_existing(path: Path) -> None:
+    if (path.exists() or path.is_symlink()) and not (path.is_dir() and not any(path.iterdir())):
+        raise CheckpointError(f"{path} already exists and is not empty; save the checkpoint to another directory "
+                              "(dsv3 does not write over what it did not create)")
+
+
+def _replace_dir(src: Path, dst: Path, replace: bool) -> None:
+    """Move src to dst. With `replace`, an existing dst is removed only once src is in place (renames are
+    atomic); without, dst must be absent or an empty directory."""
+    if replace and dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+        return
+    _refuse_existing(dst)  # again: something may have appeared there while the checkpoint was written
+    try:
+        os.replace(src, dst)  # onto nothing, or an empty directory (POSIX rename replaces those only)
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot move the new checkpoint into place ({e})") from None

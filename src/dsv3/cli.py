@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 SCHEME = """naming scheme, the same in every command:
@@ -23,7 +24,10 @@ SCHEME = """naming scheme, the same in every command:
   --config TOML             training settings file (dsv3 train only)
   CHECKPOINT                a checkpoint directory, or a training run (meaning its latest checkpoint)
   --out PATH                what the command creates; it never overwrites what it did not create
+  --overwrite               move an existing non-empty --out aside (OUT.old-<timestamp>); nothing is deleted
   --seq-len N               training / evaluation sample length   --max-len N  serving cache capacity
+reserved, one meaning each, as features arrive: --init-from CKPT, --device, --precision fp32|bf16 (inference
+  compute; `convert --dtype` is the storage format), --context-lengths, --compile/--no-compile
 errors: `dsv3 COMMAND: error: ...` on stderr, exit status 2."""
 
 
@@ -47,6 +51,15 @@ class _UsageError(Exception):
     """A wrong combination of flags; printed as `dsv3 CMD: error: ...`."""
 
 
+def _claim_out(out, overwrite: bool, hint: str = "choose another --out") -> None:
+    """--out must be absent or empty; --overwrite moves an existing one aside (and says where), never deletes."""
+    from .runs import claim_output
+
+    aside = claim_output(out, overwrite, hint)
+    if aside is not None:
+        print(f"moved the existing {out} to {aside}", file=sys.stderr)
+
+
 def _params(args: argparse.Namespace) -> int:
     from .config import get_config
     from .params import count_parameters, print_report
@@ -62,6 +75,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     inputs = args.paths or None
     if inputs and args.corpus:
         raise _UsageError("give either --corpus or input paths, not both")
+    _claim_out(args.out, args.overwrite)
     meta = prepare(args.out, inputs, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
     for split, s in meta["splits"].items():
         print(f"{split}: {s['tokens']:,} tokens from {len(s['documents'])} document(s), {s['bytes']:,} bytes")
@@ -112,7 +126,11 @@ def _train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_toml(args.config, **overrides) if args.config else TrainConfig(**overrides)
     if cfg.pp > 1:
         from .train.pipeline_trainer import PipelineTrainer as Trainer  # noqa: N806
-    trainer = Trainer(cfg, resume=bool(args.resume))
+    if args.resume and args.overwrite:
+        raise _UsageError("--resume continues the run; --overwrite would move it aside: give one of them")
+    trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    if trainer.moved_aside is not None:
+        print(f"moved the existing {cfg.out} to {trainer.moved_aside}", file=sys.stderr)
     if args.resume and trainer.main_rank:
         print(f"resuming {args.resume} at step {trainer.step}")
     last = trainer.fit()
@@ -145,6 +163,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .train.plots import plot_run
 
+    if args.out:
+        from .runs import read_metrics
+
+        read_metrics(args.run)  # a missing run is the error to report, before anything is moved
+        _claim_out(args.out, args.overwrite)
     for path in plot_run(args.run, args.out):
         print(path)
     return 0
@@ -166,7 +189,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(minutes=args.minutes, data_dir=args.data, run_dir=args.out)
+    return run_demo(minutes=args.minutes, data_dir=args.data, run_dir=args.out, overwrite=args.overwrite)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -184,12 +207,32 @@ def _convert(args: argparse.Namespace) -> int:
         raise _UsageError("the destination is required: --out DIR")
     dtype = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     src = resolve_checkpoint(args.checkpoint)
+    if not args.overwrite:
+        _claim_out(args.out, False)  # refuse before the (long) load
     model = load_pretrained(src)
     extra = {f.name: f.read_bytes() for f in src.iterdir()
              if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
+    _claim_out(args.out, args.overwrite)
     dst = save_pretrained(model, args.out, dtype=dtype, extra_files=extra)
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     print(f"wrote {dst} ({args.dtype}, {size / 2**20:.1f} MiB of safetensors)")
+    return 0
+
+
+def _runs_upgrade(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .runs import LEGACY_TRAINER_STATE, Run, RunError, upgrade_trainer_state
+
+    path = Path(args.run)
+    ckpts = [path] if (path / "config.json").exists() else Run(path).checkpoints()
+    old = [c for c in ckpts if (c / LEGACY_TRAINER_STATE).exists()]
+    if not old:
+        raise RunError(f"{path}: no {LEGACY_TRAINER_STATE} to convert (not an older dsv3 run or checkpoint)")
+    for ckpt in old:
+        written = upgrade_trainer_state(ckpt)
+        print(f"{ckpt}: " + (f"wrote {', '.join(f.name for f in written)}" if written else "already converted")
+              + f"; {LEGACY_TRAINER_STATE} left in place (no longer read)")
     return 0
 
 
@@ -258,12 +301,12 @@ def _sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _params_from(args, tokenizer, extra_stops=()):
+def _params_from(args, tokenizer, extra_stops=(), checkpoint=None):
     from .infer import SamplingParams
     from .tokenizer import stop_token_ids
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop_ids=stop_token_ids(tokenizer),
+                          top_p=args.top_p, seed=args.seed, stop_ids=stop_token_ids(tokenizer, checkpoint),
                           stop_strings=tuple(args.stop) + tuple(extra_stops))
 
 
@@ -272,11 +315,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .infer import Engine
 
-    _, model, tok = _load_for_inference(args)
+    ckpt, model, tok = _load_for_inference(args)
     log = (lambda m: print(m, file=sys.stderr)) if args.verbose else None
     engine = Engine(model, tok, max_batch=1, max_len=args.max_len, speculative=args.speculative == "mtp", log=log)
     t = time.perf_counter()
-    req = engine.submit(tok.encode(args.prompt).ids, _params_from(args, tok))
+    req = engine.submit(tok.encode(args.prompt).ids, _params_from(args, tok, checkpoint=ckpt))
     while not req.done:
         engine.step()
     dt = time.perf_counter() - t
@@ -304,9 +347,9 @@ def _chat(args: argparse.Namespace) -> int:
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        prompt = tok.encode(template.render(history)).ids[-(engine.max_len - args.max_new_tokens):]
+        prompt = template.encode(tok, history, sanitize_control_tokens=True)[-(engine.max_len - args.max_new_tokens):]
         print("model> ", end="", flush=True)
-        req = engine.submit(prompt, _params_from(args, tok, template.default_stops),
+        req = engine.submit(prompt, _params_from(args, tok, template.default_stops, ckpt),
                             on_update=lambda r, delta: print(delta, end="", flush=True))
         while not req.done:
             engine.step()
@@ -319,20 +362,25 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .infer import Engine
-    from .infer.server import Server, create_app
+    from .infer.server import Server, bind_warning, create_app
     from .runs import model_name
 
     ckpt, model, tok = _load_for_inference(args)
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
                     speculative=args.speculative == "mtp", log=lambda m: print(m, file=sys.stderr))
-    server = Server(engine, tok, model_name=args.model_name or model_name(ckpt), checkpoint=ckpt)
+    api_key = args.api_key or os.environ.get("DSV3_API_KEY") or None
+    server = Server(engine, tok, model_name=args.model_name or model_name(ckpt), checkpoint=ckpt,
+                    max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=api_key)
     print(f"serving {ckpt} as model '{server.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    if warning := bind_warning(args.host, api_key):
+        print(warning, file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ parser
 CHECKPOINT_HELP = "checkpoint directory, or a training run (its latest checkpoint)"
+OVERWRITE_HELP = "move an existing non-empty --out aside (OUT.old-<timestamp>) instead of stopping"
 
 
 def _model_config_flags(p: argparse.ArgumentParser) -> None:
@@ -356,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("paths", nargs="*", help="text files, folders or JSONL files ({\"text\": ...} per line)")
     q.add_argument("--corpus", choices=["shakespeare"], help="the bundled default corpus (used when no paths)")
     q.add_argument("--out", required=True, help="dataset directory to create")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size (default: 8192)")
     q.add_argument("--val-fraction", type=float, default=0.05,
                    help="held-out share of documents, your own data only (default: 0.05)")
@@ -364,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (flags override --config TOML)")
     p.add_argument("--config", metavar="TOML", help="training settings: TrainConfig keys (top level or [train])")
     p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint, with its settings")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _train_flags(p)
     p.set_defaults(func=_train)
 
@@ -377,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="loss, expert-load and bias plots of a run")
     p.add_argument("run", help="training run directory")
     p.add_argument("--out", help="folder for the PNGs (default RUN/plots)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("simulate-routing", help="aux-loss-free balancing on a skewed synthetic router")
@@ -395,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("legacy_dst", nargs="?", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", help="checkpoint directory to create")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--dtype", choices=["fp8", "bf16", "fp32"], required=True, help="storage format")
     p.set_defaults(func=_convert)
 
@@ -419,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache capacity per sequence, prompt + output (default: the model's context)")
     p.add_argument("--speculative", choices=["mtp", "none"], default="none", help="MTP speculative decoding")
     p.add_argument("--model-name", help="the model id clients send (default: the run's name)")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests that may wait for a free slot; beyond, clients get 429 (default: 64)")
+    p.add_argument("--request-timeout", type=_positive_int, default=600, metavar="SECONDS",
+                   help="end a request with an error after this long, queueing included (default: 600)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route; /health stays open "
+                                     "(default: $DSV3_API_KEY, else none)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("cost", help="training FLOPs, GPU-hours and dollars; pipeline bubbles per schedule")
@@ -437,7 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=10.0, help="training time (default: 10)")
     p.add_argument("--data", default="data/shakespeare", help="dataset directory (prepared there if absent)")
     p.add_argument("--out", default="runs/demo", help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("runs", help="training runs")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
+    q = runs_sub.add_parser("upgrade", help="convert an older run's trainer_state.pt pickle into JSON + safetensors "
+                            "(loads tensors and plain data only; refuses anything else)")
+    q.add_argument("run", help="training run directory (every checkpoint) or one checkpoint directory")
+    q.set_defaults(func=_runs_upgrade, command="runs upgrade")
     return parser
 
 

@@ -27,6 +27,13 @@ class ConfigError(Dsv3Error, ValueError):
 
 @dataclass
 class ModelConfig:
+    """The shape of a DeepSeek-V3-style model; defaults are the 671B release (HF `deepseek-ai/DeepSeek-V3`
+    config.json). Sizes are counts (dims, heads, experts, layers), not bytes. The letters used in the model's
+    shape legends: D hidden_size, H num_attention_heads, r kv_lora_rank, n qk_nope_head_dim,
+    p qk_rope_head_dim, v v_head_dim, E n_routed_experts, K num_experts_per_tok, I moe_intermediate_size,
+    G n_group. Build with `get_config`, `from_dict` / `from_json` or directly, then `validate()`.
+    """
+
     # --- sizes ---
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -73,6 +80,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived
     @property
     def qk_head_dim(self) -> int:
+        """n + p: the width of one query / key head."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
@@ -85,10 +93,12 @@ class ModelConfig:
         return rs if kind == "yarn" else None
 
     def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` (0-based; MTP blocks continue the count) has a MoE FFN (else dense)."""
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     @property
     def num_moe_layers(self) -> int:
+        """MoE layers among the main layers (MTP blocks not counted)."""
         return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
     def moe_layer_names(self) -> list[str]:
@@ -100,6 +110,12 @@ class ModelConfig:
 
     # --------------------------------------------------------------- validation
     def validate(self) -> ModelConfig:
+        """Check the fields against each other; returns self.
+
+        Raises:
+            ConfigError: the first broken rule, naming the field, its value and the rule.
+        """
+
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"invalid config: {name} = {getattr(self, name, None)!r}: {rule}")
@@ -155,7 +171,11 @@ class ModelConfig:
     # ------------------------------------------------------------ (de)serialise
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a DeepSeek or transformers `config.json` dictionary (unknown keys kept in `extra`)."""
+        """Build from a DeepSeek or transformers `config.json` dictionary (unknown keys kept in `extra`).
+
+        Raises:
+            ConfigError: from `validate()`.
+        """
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         # transformers >= 5 folds rope_theta and the scaling into `rope_parameters`.
@@ -195,6 +215,11 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
+        """Read a `config.json` (either dialect, see the module doc).
+
+        Raises:
+            ConfigError: a missing file, invalid JSON, a value of the wrong type, or a config `validate()` refuses.
+        """
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -210,9 +235,11 @@ class ModelConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     def save_json(self, path: str | Path) -> None:
+        """Write `to_dict()` as indented JSON."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with `changes` applied. Raises `ConfigError` like `validate()`."""
         return dataclasses.replace(self, **changes).validate()
 
 
@@ -255,7 +282,11 @@ PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "deepseek-v3-671b": _pr
 
 
 def get_config(name_or_path: str | Path) -> ModelConfig:
-    """A preset name, a `config.json` path, or a directory holding one."""
+    """A preset name (`PRESETS`), a `config.json` path, or a directory holding one.
+
+    Raises:
+        ConfigError: neither a preset nor an existing file, or an invalid config.
+    """
     name = str(name_or_path)
     if name in PRESETS:
         return PRESETS[name]().validate()

@@ -18,14 +18,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .errors import Dsv3Error
 from .params import training_flops_per_token
+
+
+class CostError(Dsv3Error, ValueError):
+    """A cost-model setting out of range (the GPU, the MFU); the message names it."""
+
 
 GPU_PEAK_BF16 = {"h800": 989.5e12, "h100": 989.5e12, "h200": 989.5e12, "a100": 312e12, "b200": 2250e12}
 SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
 def parse_count(text: str) -> float:
-    """'14.8T' -> 1.48e13; plain numbers pass through."""
+    """'14.8T' -> 1.48e13; plain numbers pass through.
+
+    Raises:
+        ValueError: not a number with an optional K / M / B (= G) / T suffix.
+    """
     text = str(text).strip()
     if text and text[-1].upper() in SUFFIX:
         return float(text[:-1]) * SUFFIX[text[-1].upper()]
@@ -34,19 +44,27 @@ def parse_count(text: str) -> float:
 
 @dataclass
 class CostEstimate:
-    flops_per_token: float
+    """One training run's compute and its price, as `training_cost` estimates it."""
+
+    flops_per_token: float  # forward + backward FLOPs per trained token
     total_flops: float
     gpu_hours: float
-    wall_days: float
+    wall_days: float  # on all the GPUs at once
     dollars: float
 
 
 def training_cost(cfg: ModelConfig, tokens: float, gpus: int, gpu: str = "h800", mfu: float = 0.4,
                   seq_len: int = 4096, price_per_gpu_hour: float = 2.0) -> CostEstimate:
+    """Compute, time and price of training `cfg` on `tokens` tokens (at `seq_len` context) with `gpus` GPUs of
+    kind `gpu` (a key of `GPU_PEAK_BF16`) at `mfu` of their dense BF16 peak, paying `price_per_gpu_hour` dollars.
+
+    Raises:
+        CostError: an unknown gpu, or mfu outside (0, 1].
+    """
     if gpu not in GPU_PEAK_BF16:
-        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPU_PEAK_BF16)}")
+        raise CostError(f"unknown gpu {gpu!r}; known: {', '.join(GPU_PEAK_BF16)}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+        raise CostError(f"mfu must be in (0, 1], got {mfu}")
     per_token = training_flops_per_token(cfg, seq_len)
     total = per_token * tokens
     hours = total / (GPU_PEAK_BF16[gpu] * mfu) / 3600

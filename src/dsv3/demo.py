@@ -7,7 +7,6 @@ for a bounded time, evaluate held-out bits-per-byte on two unseen plays, write t
 from __future__ import annotations
 
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from rich.console import Console
 
 from .checkpoint import load_pretrained
 from .infer.engine import sample_text
-from .runs import resolve_checkpoint
+from .runs import claim_output, resolve_checkpoint
 from .tokenizer import load_tokenizer
 from .train.data import prepare
 from .train.evaluate import evaluate
@@ -25,11 +24,25 @@ from .train.trainer import TrainConfig, Trainer
 PROMPT = "HAMLET.\n"
 
 
-def run_demo(minutes: float = 10.0, data_dir: str = "data/shakespeare", run_dir: str = "runs/demo") -> int:
+def run_demo(minutes: float = 10.0, data_dir: str = "data/shakespeare", run_dir: str = "runs/demo",
+             overwrite: bool = False) -> int:
+    """The five steps above; the exit status (0).
+
+    run_dir must be absent or empty; `overwrite` moves an existing one aside (RUN.old-<timestamp>), never deletes
+    it. data_dir is used when it holds a dataset, else prepared there (it must then be absent or empty).
+
+    Raises:
+        OutputExistsError: run_dir (without `overwrite`) or a data_dir without a dataset is not empty.
+    """
     console = Console()
     t0 = time.time()
     data = Path(data_dir)
+    run = Path(run_dir)
+    aside = claim_output(run, overwrite, hint="choose another --out")  # before any work
+    if aside is not None:
+        console.print(f"moved the existing {run} to {aside}")
     if not (data / "meta.json").exists():
+        claim_output(data, hint="choose another --data (a dataset directory or a new one)")
         console.print(f"[bold]1/5 data[/]: preparing the Shakespeare corpus into {data} ...")
         meta = prepare(data)
         s = meta["splits"]
@@ -37,11 +50,8 @@ def run_demo(minutes: float = 10.0, data_dir: str = "data/shakespeare", run_dir:
                       f"held out {s['val']['tokens']:,} tokens (The Tempest, Twelfth Night)")
     else:
         console.print(f"[bold]1/5 data[/]: using {data}")
-    run = Path(run_dir)
-    if run.exists():
-        shutil.rmtree(run)  # the demo's own run directory: start fresh each time
     console.print(f"[bold]2/5 train[/]: preset small for {minutes:g} min -> {run}")
-    cfg = TrainConfig(preset="small", data=str(data), out=str(run), minutes=minutes, checkpoint_every=1000)
+    cfg = TrainConfig(model_config="small", data=str(data), out=str(run), minutes=minutes, checkpoint_every=1000)
     trainer = Trainer(cfg)
     last = trainer.fit()
     train_s = time.time() - t0

@@ -43,6 +43,8 @@ def _component(name: str) -> str:
 
 @dataclass
 class ParamReport:
+    """Parameter counts of one config by component (`COMPONENTS`), as `count_parameters` returns them."""
+
     config: ModelConfig
     main: dict[str, int] = field(default_factory=dict)  # component -> main-model parameters
     active: dict[str, int] = field(default_factory=dict)  # component -> parameters activated per token
@@ -50,14 +52,17 @@ class ParamReport:
 
     @property
     def total(self) -> int:
+        """Main-model parameters (671B: 671.03B)."""
         return sum(self.main.values())
 
     @property
     def activated(self) -> int:
+        """Parameters activated per token, embedding and head included (671B: 37.55B)."""
         return sum(self.active.values())
 
     @property
     def mtp_unique(self) -> int:
+        """The MTP modules' own parameters (the shared embedding and head not counted)."""
         return sum(self.mtp.values())
 
     @property
@@ -74,6 +79,7 @@ class ParamReport:
 
 
 def count_parameters(cfg: ModelConfig) -> ParamReport:
+    """Count every tensor of a `DeepseekV3(cfg)` built on the meta device (no memory), by component."""
     model = DeepseekV3(cfg, device="meta")
     report = ParamReport(cfg, dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0))
     active_share = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 0.0
@@ -116,6 +122,7 @@ def _fmt(n: float) -> str:
 
 
 def print_report(report: ParamReport, name: str) -> None:
+    """Print the `dsv3 params` tables (components, totals, KV cache per token) to the terminal."""
     from rich.console import Console
     from rich.table import Table
 

@@ -24,6 +24,7 @@ output is the same token sequence as plain decoding.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +43,9 @@ class GenerationError(Dsv3Error, ValueError):
 
 @dataclass
 class SamplingParams:
+    """How one request samples: temperature (0 = greedy) with optional top-k / top-p, its own seeded generator,
+    and when it stops (max_new_tokens, stop token ids, stop strings)."""
+
     max_new_tokens: int = 128
     temperature: float = 1.0  # 0: greedy
     top_k: int | None = None
@@ -51,37 +55,57 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
 
     def validate(self) -> SamplingParams:
+        """Itself, when every field is in range (checked before a request joins a batch, so that nothing
+        request-specific can fail inside a batched step).
+
+        Raises:
+            GenerationError: naming the field out of range.
+        """
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise GenerationError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise GenerationError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise GenerationError(f"stop strings must be non-empty strings, got {self.stop_strings!r}")
         return self
 
 
 @dataclass
+class DecodeSlot:
+    """The engine's decode state of one running request (internal; the caller reads `Request`'s result fields)."""
+
+    row: int = -1  # its row in the batched latent cache
+    pos: int = 0  # tokens of this request in the main cache
+    pending: int = -1  # the newest sampled token, not yet read by the model
+    draft: int = -1  # the MTP draft token to verify next step
+    draft_probs: torch.Tensor | None = None  # [V] the draft's sampling distribution (None when greedy)
+    prev_h: torch.Tensor | None = None  # [D] h_{pos-1}: (prev_h, pending) is the newest MTP pair
+    gen: torch.Generator | None = None  # this request's sampler (seeded: same seed, same tokens in any batch)
+    emitted_chars: int = 0  # characters of `text` already passed to on_update
+
+
+@dataclass
 class Request:
+    """One generation: what the caller gave (`prompt`, `params`, `on_update`) and what it gets back (`output`,
+    `text`, `finish_reason`, the MTP `drafted`/`accepted` counts). The engine's per-request decode state lives
+    apart, in `slot`, and is not part of the result."""
+
     prompt: list[int]
     params: SamplingParams
     on_update: Callable[[Request, str], None] | None = None  # called with each new piece of text (or "")
     id: int = 0
     output: list[int] = field(default_factory=list)
     text: str = ""  # decoded output, cut at a stop string
-    finish_reason: str | None = None  # "stop" | "length"
-    # engine state
-    row: int = -1
-    pos: int = 0  # tokens of this request in the main cache
-    pending: int = -1  # the newest sampled token, not yet read by the model
-    draft: int = -1
-    draft_probs: torch.Tensor | None = None
-    prev_h: torch.Tensor | None = None  # (h_{pos-1}, pending) is the newest MTP pair
-    gen: torch.Generator | None = None
-    emitted_chars: int = 0
-    drafted: int = 0
-    accepted: int = 0
+    finish_reason: str | None = None  # "stop" | "length"; "cancelled" | "timeout" | "error" from `cancel` or a server
+    drafted: int = 0  # MTP drafts proposed for this request
+    accepted: int = 0  # ... and accepted by the main model
+    slot: DecodeSlot = field(default_factory=DecodeSlot, repr=False)  # engine state, not a result
 
     @property
     def done(self) -> bool:
@@ -120,12 +144,29 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.
 
 
 class Engine:
+    """Continuous-batching generation over the latent KV cache (DeepSeek-V3 §2.1.1: only the compressed latent
+    and the shared rope key are cached, and decode attends straight over it with the absorbed projections).
+
+    Requests wait in `waiting`, are prefilled one at a time into a free cache row, then decode together in
+    `running` (one token per step, or up to two with MTP speculation: the MTP module drafts, the next main
+    forward verifies, §2.2 / Leviathan et al. 2023's acceptance rule). `step()` advances every running request;
+    `generate()` runs a list of prompts to completion. Tensors live on the model's device.
+
+    Raises:
+        GenerationError: speculative decoding without an MTP module, max_batch < 1 or max_len < 2.
+    """
+
     def __init__(self, model: DeepseekV3, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  speculative: bool = False, log: Callable[[str], None] | None = None):
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
             raise GenerationError("speculative decoding needs a model with an MTP module "
                                   "(num_nextn_predict_layers >= 1)")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise GenerationError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
+            raise GenerationError(f"max_len must be an integer >= 2 (a prompt token and an output token), "
+                                  f"got {max_len!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.speculative = speculative
@@ -145,6 +186,12 @@ class Engine:
 
     # ---------------------------------------------------------------- API
     def submit(self, prompt: list[int], params: SamplingParams, on_update=None) -> Request:
+        """Queue `prompt` (token ids) for generation; the returned Request fills in as `step()` runs.
+
+        Raises:
+            GenerationError: invalid params, an empty prompt, token ids outside the vocabulary, or prompt +
+                max_new_tokens beyond the engine's max_len.
+        """
         params.validate()
         if not prompt:
             raise GenerationError("the prompt is empty: at least one token is needed")
@@ -156,9 +203,19 @@ class Engine:
                                   f"exceeds the context of {self.max_len} tokens")
         req = Request(list(prompt), params, on_update, id=self._next_id)
         self._next_id += 1
-        req.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else req.id)
+        req.slot.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else req.id)
         self.waiting.append(req)
         return req
+
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        """End `req` now with finish reason `reason`: drop it from the queue, or free its cache row (the last
+        running row moves into it). A finished request is left as it is. Call it between steps, from the thread
+        that calls `step`."""
+        if req.done:
+            return
+        req.finish_reason = reason
+        self.waiting = deque(r for r in self.waiting if r is not req)  # identity: Requests hold tensors
+        self._retire_finished()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:
         reqs = [self.submit(p, params) for p in prompts]
@@ -183,44 +240,44 @@ class Engine:
     # ---------------------------------------------------------------- internals
     def _prefill(self, req: Request) -> None:
         t0 = time.perf_counter()
-        req.row = len(self.running)
+        req.slot.row = len(self.running)
         self.running.append(req)
-        view = self.cache.rows(req.row, req.row + 1)
+        view = self.cache.rows(req.slot.row, req.slot.row + 1)
         ids = torch.tensor([req.prompt])
         out = self.model(ids, cache=view, start_pos=0, mtp=False)
-        req.pos = len(req.prompt)
-        req.pending = self._choose(req, out.logits[0, -1])
+        req.slot.pos = len(req.prompt)
+        req.slot.pending = self._choose(req, out.logits[0, -1])
         if self.speculative:
             # MTP over every prompt pair (h_j, t_{j+1}); the last pair uses the token just sampled
-            nxt = torch.tensor([req.prompt[1:] + [req.pending]])
+            nxt = torch.tensor([req.prompt[1:] + [req.slot.pending]])
             _, logits = self.model.mtp_step(1, out.hidden_states, nxt, view, 0)
             self._set_draft(req, logits[0, -1])
-            req.prev_h = out.hidden_states[0, -1]
+            req.slot.prev_h = out.hidden_states[0, -1]
         self.stats["prefill_time"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += len(req.prompt)
-        self._emit(req, [req.pending])
+        self._emit(req, [req.slot.pending])
         self._retire_finished()
 
     def _decode_step(self) -> None:
         reqs = self.running
-        ids = torch.tensor([[r.pending] for r in reqs])
+        ids = torch.tensor([[r.slot.pending] for r in reqs])
         # one row: a plain int position needs no per-row mask
-        start = reqs[0].pos if len(reqs) == 1 else torch.tensor([r.pos for r in reqs])
+        start = reqs[0].slot.pos if len(reqs) == 1 else torch.tensor([r.slot.pos for r in reqs])
         logits = self.model(ids, cache=self.cache, start_pos=start, mtp=False).logits[:, -1]
         for r, row_logits in zip(reqs, logits):
-            r.pos += 1
-            r.pending = self._choose(r, row_logits)
-            self._emit(r, [r.pending])
+            r.slot.pos += 1
+            r.slot.pending = self._choose(r, row_logits)
+            self._emit(r, [r.slot.pending])
         self._retire_finished()
 
     def _speculative_step(self) -> None:
         reqs = self.running
-        ids = torch.tensor([[r.pending, r.draft] for r in reqs])
-        start = torch.tensor([r.pos for r in reqs])
+        ids = torch.tensor([[r.slot.pending, r.slot.draft] for r in reqs])
+        start = torch.tensor([r.slot.pos for r in reqs])
         out = self.model(ids, cache=self.cache, start_pos=start, mtp=False)  # verify
         pairs_h, pairs_tok, pairs_start = [], [], []
         for b, r in enumerate(reqs):
-            n = r.pos
+            n = r.slot.pos
             r.drafted += 1
             accepted, tok = self._verify(r, out.logits[b, 0])
             new = [tok]
@@ -233,13 +290,13 @@ class Engine:
                 pairs_h.append(out.hidden_states[b, :2])
                 pairs_tok.append([tok, bonus])
                 pairs_start.append(n)
-                r.pos, r.pending, r.prev_h = n + 2, bonus, out.hidden_states[b, 1]
+                r.slot.pos, r.slot.pending, r.slot.prev_h = n + 2, bonus, out.hidden_states[b, 1]
             else:
                 # one new pair at n: (h_n, tok); the pair at n-1 is recomputed to keep T = 2
-                pairs_h.append(torch.stack([r.prev_h, out.hidden_states[b, 0]]))
-                pairs_tok.append([r.pending, tok])
+                pairs_h.append(torch.stack([r.slot.prev_h, out.hidden_states[b, 0]]))
+                pairs_tok.append([r.slot.pending, tok])
                 pairs_start.append(n - 1)
-                r.pos, r.pending, r.prev_h = n + 1, tok, out.hidden_states[b, 0]
+                r.slot.pos, r.slot.pending, r.slot.prev_h = n + 1, tok, out.hidden_states[b, 0]
             self._emit(r, new)
         self.stats["drafted"] += len(reqs)
         _, logits = self.model.mtp_step(1, torch.stack(pairs_h), torch.tensor(pairs_tok), self.cache,
@@ -251,20 +308,20 @@ class Engine:
     def _choose(self, req: Request, logits: torch.Tensor) -> int:
         if req.params.temperature == 0:
             return int(logits.argmax())
-        return _sample(_probs(logits, req.params), req.gen)
+        return _sample(_probs(logits, req.params), req.slot.gen)
 
     def _set_draft(self, req: Request, logits: torch.Tensor) -> None:
         if req.params.temperature == 0:
-            req.draft, req.draft_probs = int(logits.argmax()), None
+            req.slot.draft, req.slot.draft_probs = int(logits.argmax()), None
         else:
-            req.draft_probs = _probs(logits, req.params)
-            req.draft = _sample(req.draft_probs, req.gen)
+            req.slot.draft_probs = _probs(logits, req.params)
+            req.slot.draft = _sample(req.slot.draft_probs, req.slot.gen)
 
     def _verify(self, req: Request, logits: torch.Tensor) -> tuple[bool, int]:
         if req.params.temperature == 0:
             best = int(logits.argmax())
-            return best == req.draft, best
-        return speculative_accept(_probs(logits, req.params), req.draft_probs, req.draft, req.gen)
+            return best == req.slot.draft, best
+        return speculative_accept(_probs(logits, req.params), req.slot.draft_probs, req.slot.draft, req.slot.gen)
 
     def _emit(self, req: Request, tokens: list[int]) -> None:
         """Append sampled tokens, applying stop ids, stop strings and the length limit; stream new text."""
@@ -283,23 +340,23 @@ class Engine:
         if self.tokenizer is not None:
             text = self.tokenizer.decode(req.output)
             for s in p.stop_strings:
-                cut = text.find(s, max(0, req.emitted_chars - len(s)))
+                cut = text.find(s, max(0, req.slot.emitted_chars - len(s)))
                 if cut >= 0:
                     text, req.finish_reason = text[:cut], "stop"
             req.text = text
             # hold back an incomplete UTF-8 character and a possible start of a stop string
             safe = len(text) if req.done else _safe_length(text, p.stop_strings)
-            delta = text[req.emitted_chars : safe]
-            req.emitted_chars = max(req.emitted_chars, safe)
+            delta = text[req.slot.emitted_chars : safe]
+            req.slot.emitted_chars = max(req.slot.emitted_chars, safe)
         if req.on_update is not None and (delta or req.done):
             req.on_update(req, delta)
 
     def _retire_finished(self) -> None:
         keep = [r for r in self.running if not r.done]
         for new_row, r in enumerate(keep):
-            if r.row != new_row:
-                self.cache.move_row(r.row, new_row)
-                r.row = new_row
+            if r.slot.row != new_row:
+                self.cache.move_row(r.slot.row, new_row)
+                r.slot.row = new_row
         self.running = keep
 
 

@@ -1,19 +1,29 @@
 """`dsv3 serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent events),
-GET /v1/models, GET /health.
+GET /v1/models, GET /health (open even when an API key is set; 503 when the engine thread is not running).
 
-One background thread owns the engine. Request handlers validate the body, hand the request to that thread and
-await its tokens through an asyncio queue; the thread admits new requests (each prefilled on its own) between
-decode steps that serve every running request at once. A request that fails validation gets a 4xx with an
-OpenAI-style error body and never reaches the engine, so it cannot disturb the others.
+One background thread owns the engine. Request handlers read and validate the body, hand the request to that
+thread and await its text through an asyncio queue; the thread admits new requests (each prefilled on its own)
+between decode steps that serve every running request at once. Failure handling, in order of defence (details
+in infer/DESIGN.md):
+- admission: the body size is limited before parsing (413), the JSON must be an object of bounded nesting (400),
+  every per-request value is checked against an explicit range (400 naming the field), so nothing a client sends
+  can fail inside a batched forward; at most `max_batch + max_queue` requests are in the server (429 beyond);
+- serving: an exception in an engine step fails that step's batch (500 with the message) and the thread goes on;
+  a client that disconnects, or a request past its deadline (504), is ended between steps and its slot freed;
+- the thread itself: if it ever stops, every request it held gets a 503 and /health answers 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import json
+import logging
+import math
 import queue
 import threading
 import time
@@ -21,94 +31,235 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
-from ..tokenizer import ChatTemplate, stop_token_ids
+from ..errors import Dsv3Error
+from ..tokenizer import ChatTemplate, ChatTemplateError, stop_token_ids
 from .engine import Engine, GenerationError, SamplingParams
+
+log = logging.getLogger("dsv3.serve")
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's limit) and characters per stop string
+MAX_NESTING = 64  # JSON arrays / objects inside one another in a request body
+RETRY_AFTER_S = 1  # the Retry-After of a 429
+
+
+class ServerConfigError(Dsv3Error, ValueError):
+    """A server setting out of range (queue length, timeout, body limit); names the setting."""
 
 
 class RequestError(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+    """An HTTP error answered with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
+        self.message, self.param, self.status, self.code, self.headers = message, param, status, code, headers
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
 
 # ------------------------------------------------------------------------------------------------ engine thread
-@dataclass
+@dataclass(eq=False)
 class _Job:
+    """One request on its way through the engine thread. The handler owns `out` and sets `cancelled`; the
+    engine thread owns everything else."""
+
     prompt: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: asyncio.Queue  # (delta, finish_reason, n_output_tokens) tuples, then possibly a RequestError
+    deadline: float  # time.monotonic() after which the engine thread ends the request (504)
+    timeout: float  # seconds, for the message
+    cancelled: bool = False  # the client is gone: free the slot at the next step boundary
+    ended: bool = False  # the job has left the engine thread (finished, failed, cancelled or timed out)
+    request: object = None  # the engine's Request once admitted
+
+    def cancel(self) -> None:
+        self.cancelled = True  # a plain attribute write: safe from the event loop while the engine thread reads it
+
+    def post(self, item) -> None:
+        """(engine thread) Hand `item` to the waiting handler."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
 
 
 class EngineThread:
-    """Runs the engine in its own thread; `submit` is safe to call from the event loop."""
+    """Runs the engine in its own thread. `submit` and `alive` are safe to call from the event loop.
 
-    def __init__(self, engine: Engine):
+    `capacity` bounds the requests in the thread (running + waiting): `submit` raises a 429 `RequestError` when
+    it is reached, a 503 when the thread has stopped. Every submitted job ends exactly once, with its last text
+    and finish reason, or with a `RequestError` posted to its queue (except when cancelled: nobody is listening).
+    """
+
+    def __init__(self, engine: Engine, capacity: int):
         self.engine = engine
-        self.inbox: queue.Queue[_Job] = queue.Queue()
+        self.capacity = capacity
+        self.inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self.jobs: list[_Job] = []  # admitted to the engine and not yet ended (engine thread only)
+        self.pending = 0  # submitted and not yet ended (under `lock`)
+        self.lock = threading.Lock()
+        self.closed = False  # the thread has stopped taking jobs (under `lock`)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
         self.thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.closed
+
     def submit(self, job: _Job) -> None:
-        self.inbox.put(job)
+        """Queue `job` for the engine thread.
+
+        Raises:
+            RequestError: 503 when the thread has stopped, 429 (with Retry-After) when it holds `capacity` jobs.
+        """
+        with self.lock:
+            if self.closed or not self.thread.is_alive():
+                raise RequestError("the engine thread is not running: this server cannot generate (see its log)",
+                                   status=503, code="engine_unavailable")
+            if self.pending >= self.capacity:
+                raise RequestError(f"the server is busy: {self.pending} requests are running or waiting, the "
+                                   f"most it holds; retry later", status=429, code="server_busy",
+                                   headers={"Retry-After": str(RETRY_AFTER_S)})
+            self.pending += 1
+            self.inbox.put(job)
 
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
 
+    # ---------------------------------------------------------------- the thread
     def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                try:
+                    self._iteration()
+                except Exception as e:  # noqa: BLE001 - a failed step fails its batch, never the server
+                    self._fail_running(e)
+        finally:
+            with self.lock:
+                self.closed = True  # from here on `submit` refuses, so the inbox can be drained for good
+            left = self.jobs + _drain(self.inbox)
+            for job in left:
+                self._end(job, RequestError("the engine thread stopped before this request finished", status=503,
+                                            code="engine_unavailable"))
+
+    def _iteration(self) -> None:
         engine = self.engine
-        while not self.stopped.is_set():
-            idle = not engine.running and not engine.waiting
+        busy = engine.running or engine.waiting
+        try:
+            job = self.inbox.get_nowait() if busy else self.inbox.get(timeout=0.05)
+        except queue.Empty:
+            job = None
+        while job is not None:
+            self._admit(job)
             try:
-                job = self.inbox.get(timeout=0.05 if idle else 0)
+                job = self.inbox.get_nowait()
             except queue.Empty:
                 job = None
-            while job is not None:
-                self._admit(job)
-                try:
-                    job = self.inbox.get_nowait()
-                except queue.Empty:
-                    job = None
-            if engine.running or engine.waiting:
-                try:
-                    engine.step()
-                except Exception as e:  # an engine failure fails the running requests, not the server
-                    for r in engine.running + list(engine.waiting):
-                        r.finish_reason = "error"
-                        if r.on_update:
-                            r.on_update(r, f"__error__:{e}")
-                    engine.running, engine.waiting = [], type(engine.waiting)()
+        self._reap()
+        if engine.running or engine.waiting:
+            engine.step()
 
     def _admit(self, job: _Job) -> None:
-        def on_update(req, delta):
-            job.loop.call_soon_threadsafe(job.out.put_nowait, (delta, req.finish_reason, len(req.output)))
+        if job.cancelled:
+            self._end(job)
+            return
+
+        def on_update(req, delta):  # called by the engine, inside `step`, on this thread
+            item = (delta, req.finish_reason, len(req.output))
+            if req.done:
+                self._end(job, item)
+            else:
+                job.post(item)
 
         try:
-            self.engine.submit(job.prompt, job.params, on_update=on_update)
-        except GenerationError as e:
-            job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+            job.request = self.engine.submit(job.prompt, job.params, on_update=on_update)
+        except GenerationError as e:  # the handler validates first, so this is a second line of defence
+            self._end(job, RequestError(str(e)))
+        except Exception as e:  # noqa: BLE001 - one request that cannot be admitted fails alone
+            log.exception("dsv3 serve: could not admit a request")
+            self._end(job, RequestError(f"the engine could not admit this request ({type(e).__name__}: {e})",
+                                        status=500, code="engine_error"))
+        else:
+            self.jobs.append(job)
+
+    def _reap(self) -> None:
+        """End cancelled requests and those past their deadline, freeing their slots."""
+        now = time.monotonic()
+        for job in self.jobs:
+            if job.ended:
+                continue
+            if job.cancelled:
+                self.engine.cancel(job.request)
+                self._end(job)
+            elif now > job.deadline:
+                self.engine.cancel(job.request, "timeout")
+                self._end(job, RequestError(f"the request did not finish within this server's limit of "
+                                            f"{job.timeout:g} s (--request-timeout)", status=504, code="timeout"))
+        self.jobs = [job for job in self.jobs if not job.ended]
+
+    def _fail_running(self, error: Exception) -> None:
+        """After an exception in a step: fail the running batch (500), keep the waiting requests."""
+        log.exception("dsv3 serve: an engine step failed; failing its batch and serving on")
+        engine = self.engine
+        batch = {id(r) for r in engine.running}
+        for r in engine.running:
+            r.finish_reason = "error"
+        engine.running = []  # every cache row is free again; the next prefill overwrites row 0
+        err = RequestError(f"generation failed inside the engine ({type(error).__name__}: {error}); the server "
+                           f"goes on serving", status=500, code="engine_error")
+        for job in self.jobs:
+            if id(job.request) in batch:
+                self._end(job, err)
+        self.jobs = [job for job in self.jobs if not job.ended]
+
+    def _end(self, job: _Job, item=None) -> None:
+        """(engine thread) `job` leaves: release its place in the capacity, then post `item` (its last text or
+        its error) if any, so that a client who has its answer finds the place free."""
+        if job.ended:
+            return
+        job.ended = True
+        with self.lock:
+            self.pending -= 1
+        if item is not None and not job.cancelled:
+            job.post(item)
+
+
+def _drain(q: queue.SimpleQueue) -> list:
+    items = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            items.append(q.get_nowait())
+    return items
 
 
 # ------------------------------------------------------------------------------------------------ validation
 def _get(body: dict, key: str, types, default=None, check=None, rule: str = ""):
-    """body[key] checked for type (booleans are not numbers here) and rule; `default` when absent or null."""
+    """body[key] checked for type (booleans are not numbers here) and rule; `default` when absent or null.
+
+    Raises:
+        RequestError: 400 naming `key`.
+    """
     value = body.get(key)
     if value is None:
         return default
     types = types if isinstance(types, tuple) else (types,)
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise RequestError(f"'{key}' must be of type {_type_name(types)}, got {type(value).__name__}", key)
+        raise RequestError(f"'{key}' must be of type {_type_name(types)}, got {_json_type(value)}", key)
     if check is not None and not check(value):
-        raise RequestError(f"'{key}' {rule} (got {value!r})", key)
+        raise RequestError(f"'{key}' {rule} (got {_short(value)})", key)
     return value
 
 
@@ -117,51 +268,121 @@ def _type_name(types: tuple) -> str:
                         dict: "object"}.get(t, t.__name__) for t in types)
 
 
+def _json_type(value) -> str:
+    return _type_name((type(value),)) if value is not None else "null"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:30] + f"... ({len(text)} characters)"
+
+
+def _nesting_ok(value, limit: int) -> bool:
+    """Whether arrays and objects in `value` nest at most `limit` deep (iterative: no recursion on client data)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return True
+
+
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """The warning `dsv3 serve` prints when it binds `host` without an API key and `host` is not loopback-only
+    (anyone who can reach the address can use the model), else None."""
+    if api_key or host == "localhost":
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    return (f"warning: serving on {host} without an API key: anyone who can reach this address can use the "
+            f"model; set --api-key or DSV3_API_KEY")
+
+
 class Server:
+    """What the HTTP handlers share: the engine thread, the tokenizer and chat template, and the limits.
+
+    Args:
+        engine: the engine; its `max_batch` requests run at once, its `max_len` is the context (tokens).
+        tokenizer: a `tokenizers.Tokenizer`.
+        model_name: the model id clients send and `/v1/models` lists.
+        checkpoint: the checkpoint directory (chat template, end-of-sequence ids), or None.
+        default_max_tokens: completion length when a /v1/completions request gives none (OpenAI's is 16);
+            chat requests default to 256. Either default is cut to the room the context leaves.
+        max_queue: requests that may wait for a free slot; beyond `max_batch + max_queue` requests get 429.
+        request_timeout: seconds from arrival (queueing included) after which a request is ended with 504.
+        api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>` (else 401); /health is open.
+        max_body_bytes: request bodies beyond this get 413, before any parsing.
+
+    Raises:
+        ServerConfigError: a limit out of range.
+        ChatTemplateError, TokenizerError: the checkpoint's chat template or tokenizer files are unusable.
+    """
+
     def __init__(self, engine: Engine, tokenizer, model_name: str = "dsv3", checkpoint: str | Path | None = None,
-                 default_max_tokens: int = 16):
+                 default_max_tokens: int = 16, max_queue: int = 64, request_timeout: float = 600.0,
+                 api_key: str | None = None, max_body_bytes: int = 2 * 2**20):
+        for name, value, low in (("default_max_tokens", default_max_tokens, 1), ("max_queue", max_queue, 0),
+                                 ("max_body_bytes", max_body_bytes, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ServerConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(request_timeout, (int, float)) and math.isfinite(request_timeout)
+                and request_timeout > 0):
+            raise ServerConfigError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.template = ChatTemplate(checkpoint)
+        self.stop_ids = stop_token_ids(tokenizer, checkpoint)
         self.default_max_tokens = default_max_tokens
-        self.runner = EngineThread(engine)
+        self.max_queue = max_queue
+        self.request_timeout = float(request_timeout)
+        self.api_key = api_key or None
+        self.max_body_bytes = max_body_bytes
+        self.runner = EngineThread(engine, capacity=engine.max_batch + max_queue)
         self.created = int(time.time())
 
-    def sampling(self, body: dict, prompt_len: int, default_max: int, extra_stops: tuple[str, ...] = ()
-                 ) -> SamplingParams:
+    def sampling(self, body: dict, prompt_len: int, prompt_param: str, default_max: int,
+                 extra_stops: tuple[str, ...] = ()) -> SamplingParams:
+        """The sampling parameters of `body`, every value checked against its range.
+
+        Raises:
+            RequestError: 400 naming the field (404 for an unknown model); `context_length_exceeded` naming
+                `prompt_param` when the prompt leaves no room, `max_tokens` when it asks for more than the room.
+        """
         model = _get(body, "model", str)
         if model is not None and model != self.model_name:
             raise RequestError(f"The model '{model}' does not exist; this server serves '{self.model_name}'",
                                "model", 404, "model_not_found")
-        n = _get(body, "n", int, 1)
-        if n != 1:
-            raise RequestError("only n = 1 is supported", "n")
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _get(body, key, int, default_max, lambda v: v >= 1, "must be at least 1")
-        context = self.engine.max_len
-        if prompt_len + max_tokens > context:
-            raise RequestError(f"This model's maximum context length is {context} tokens; the prompt has "
-                               f"{prompt_len} and {key} asks for {max_tokens}", key, 400,
-                               "context_length_exceeded")
+        _get(body, "n", int, 1, lambda v: v == 1, "must be 1: one choice per request")
         temperature = _get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]")
         top_p = _get(body, "top_p", (int, float), None, lambda v: 0 < v <= 1, "must be in (0, 1]")
-        top_k = _get(body, "top_k", int, None, lambda v: v >= 1, "must be at least 1")
-        seed = _get(body, "seed", int)
-        stop = body.get("stop")
-        if stop is None:
-            stops: tuple[str, ...] = ()
-        elif isinstance(stop, str):
-            stops = (stop,)
-        elif isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= 4:
-            stops = tuple(stop)
-        else:
-            raise RequestError("'stop' must be a string or an array of up to 4 non-empty strings", "stop")
+        vocab = self.engine.model.config.vocab_size
+        top_k = _get(body, "top_k", int, None, lambda v: 1 <= v <= vocab, f"must be in [1, {vocab}] (the vocabulary)")
+        seed = _get(body, "seed", int, None, lambda v: 0 <= v <= SEED_MAX, "must be in [0, 2**64 - 1]")
+        stops = _stop_strings(body)
         _get(body, "stream", bool)
+        context = self.engine.max_len
+        room = context - prompt_len
+        if room < 1:
+            raise RequestError(f"This model's maximum context length is {context} tokens and the {prompt_param} "
+                               f"has {prompt_len} tokens: it leaves no room for a completion; shorten it",
+                               prompt_param, 400, "context_length_exceeded")
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _get(body, key, int, None, lambda v: 1 <= v <= context, f"must be in [1, {context}]")
+        if max_tokens is None:
+            max_tokens = min(default_max, room)
+        elif max_tokens > room:
+            raise RequestError(f"This model's maximum context length is {context} tokens; the {prompt_param} has "
+                               f"{prompt_len} tokens and {key} asks for {max_tokens} more", key, 400,
+                               "context_length_exceeded")
         return SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature),
                               top_p=None if top_p is None else float(top_p), top_k=top_k, seed=seed,
-                              stop_ids=stop_token_ids(self.tokenizer),
-                              stop_strings=stops + extra_stops)
+                              stop_ids=self.stop_ids, stop_strings=stops + extra_stops)
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text).ids
@@ -170,7 +391,42 @@ class Server:
         return ids
 
 
+def _stop_strings(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(items, list) or len(items) > MAX_STOPS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)):
+        raise RequestError(f"'stop' must be a non-empty string or an array of up to {MAX_STOPS} non-empty strings, "
+                           f"each of at most {MAX_STOP_CHARS} characters", "stop")
+    return tuple(items)
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' is required and must be a non-empty array", "messages")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise RequestError(f"messages[{i}] must be an object with string 'role' and 'content'", f"messages[{i}]")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{i}].role must be system, user or assistant", f"messages[{i}].role")
+
+
+_DISCONNECTED = object()  # put on a job's queue when its client hangs up before the response starts
+
+
+async def _watch_disconnect(request: Request, out: asyncio.Queue) -> None:
+    """Wait (after the body has been read) for the client to hang up, then tell the handler through `out`."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    out.put_nowait(_DISCONNECTED)
+
+
+# ------------------------------------------------------------------------------------------------ the app
 def create_app(server: Server) -> FastAPI:
+    """The FastAPI app serving `server` (kept as `app.state.server`); stops the engine thread on shutdown."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
@@ -178,86 +434,132 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="dsv3", description="OpenAI-compatible API for a dsv3 DeepSeek-V3 checkpoint",
                   lifespan=lifespan)
+    app.state.server = server
 
     @app.exception_handler(RequestError)
     async def _request_error(_, exc: RequestError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return exc.response()
 
     @app.exception_handler(404)
     async def _not_found(request, exc):
-        return JSONResponse(RequestError(f"no route {request.url.path}", status=404).body(), status_code=404)
+        return RequestError(f"no route {request.url.path}", status=404).response()
 
     @app.exception_handler(405)
     async def _bad_method(request, exc):
-        err = RequestError(f"method {request.method} not allowed on {request.url.path}", status=405)
-        return JSONResponse(err.body(), status_code=405)
+        return RequestError(f"method {request.method} not allowed on {request.url.path}", status=405).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc):  # the server's own bug: still an OpenAI-style body (and a traceback in the log)
+        return RequestError(f"internal error ({type(exc).__name__}: {exc})", status=500,
+                            code="internal_error").response()
+
+    async def check_api_key(request: Request) -> None:
+        if server.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+            raise RequestError("Incorrect or missing API key: send 'Authorization: Bearer KEY'", status=401,
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     async def read_body(request: Request) -> dict:
+        limit = server.max_body_bytes
+        too_big = RequestError(f"the request body is larger than this server's limit of {limit} bytes",
+                               status=413, code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise RequestError(f"invalid Content-Length header {length[:40]!r}")
+            if int(length) > limit:
+                raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read as it arrives, so a chunked body cannot run past the limit
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(b"".join(chunks).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise RequestError(f"the request body is not valid UTF-8 ({e})") from None
+        except RecursionError:
+            raise RequestError(f"the request body nests arrays or objects more than {MAX_NESTING} deep") from None
+        except ValueError as e:  # json.JSONDecodeError, or an integer literal of more than 4300 digits
             raise RequestError(f"the request body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
+            raise RequestError(f"the request body must be a JSON object, got {_json_type(body)}")
+        if not _nesting_ok(body, MAX_NESTING):
+            raise RequestError(f"the request body nests arrays or objects more than {MAX_NESTING} deep")
         return body
 
     @app.get("/health")
     async def health():
         e = server.engine
+        if not server.runner.alive:
+            return JSONResponse({"status": "error", "message": "the engine thread is not running"}, status_code=503)
         return {"status": "ok", "running": len(e.running), "waiting": len(e.waiting),
+                "in_server": server.runner.pending, "capacity": server.runner.capacity,
                 "generated_tokens": e.stats["generated"], "acceptance_rate": e.acceptance_rate}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "dsv3"}]}
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         body = await read_body(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
-            raise RequestError("'prompt' is required and must be a string", "prompt")
+            raise RequestError("'prompt' is required and must be a string (or an array of one string)", "prompt")
         ids = server.encode(prompt)
-        params = server.sampling(body, len(ids), server.default_max_tokens)
-        return await respond(body, ids, params, chat=False)
+        params = server.sampling(body, len(ids), "prompt", server.default_max_tokens)
+        return await respond(request, body, ids, params, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(request: Request):
         body = await read_body(request)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("'messages' is required and must be a non-empty array", "messages")
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise RequestError(f"messages[{i}] must be an object with string 'role' and 'content'",
-                                   f"messages[{i}]")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise RequestError(f"messages[{i}].role must be system, user or assistant", f"messages[{i}].role")
-        ids = server.encode(server.template.render(messages))
-        default_max = max(1, min(256, server.engine.max_len - len(ids)))
-        params = server.sampling(body, len(ids), default_max, server.template.default_stops)
-        return await respond(body, ids, params, chat=True)
+        _check_messages(messages)
+        try:
+            ids = server.template.encode(server.tokenizer, messages, sanitize_control_tokens=True)
+        except ChatTemplateError as e:
+            raise RequestError(str(e), "messages") from None
+        if not ids:
+            raise RequestError("the messages render to an empty prompt", "messages")
+        params = server.sampling(body, len(ids), "messages", 256, server.template.default_stops)
+        return await respond(request, body, ids, params, chat=True)
 
-    async def respond(body: dict, ids: list[int], params: SamplingParams, chat: bool):
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue = asyncio.Queue()
-        server.runner.submit(_Job(ids, params, loop, out))
+    app.include_router(v1)
+
+    async def respond(request: Request, body: dict, ids: list[int], params: SamplingParams, chat: bool):
+        job = _Job(ids, params, asyncio.get_running_loop(), asyncio.Queue(),
+                   time.monotonic() + server.request_timeout, server.request_timeout)
+        server.runner.submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        first = await out.get()
-        if isinstance(first, GenerationError):
-            raise RequestError(str(first))
-        if body.get("stream"):
-            return StreamingResponse(stream(first, out, rid, created, len(ids), chat), media_type="text/event-stream")
-        text, finish, n_out = first
-        while finish is None:
-            delta, finish, n_out = await out.get()
-            text += delta
-        if finish == "error":
-            raise RequestError("generation failed inside the engine", status=500)
+        watcher = asyncio.create_task(_watch_disconnect(request, job.out))
+        handed_over = False
+        try:
+            first = _checked(await job.out.get())
+            if body.get("stream"):
+                # from here StreamingResponse watches for the disconnect (and cancels `stream`, whose `finally`
+                # cancels the job); the background task covers a stream that never starts
+                watcher.cancel()
+                handed_over = True
+                return StreamingResponse(stream(first, job, rid, created, chat), media_type="text/event-stream",
+                                         background=BackgroundTask(job.cancel))
+            text, finish, n_out = first
+            while finish is None:
+                delta, finish, n_out = _checked(await job.out.get())
+                text += delta
+        finally:
+            if not handed_over:
+                watcher.cancel()
+                job.cancel()  # frees the slot when this handler stops early; a no-op for a finished job
         usage = {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
@@ -268,7 +570,7 @@ def create_app(server: Server) -> FastAPI:
         return {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
                 "choices": [choice], "usage": usage}
 
-    async def stream(first, out, rid, created, n_prompt, chat):
+    async def stream(first, job: _Job, rid: str, created: int, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
@@ -280,20 +582,34 @@ def create_app(server: Server) -> FastAPI:
             return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": server.model_name,
                                           "choices": [choice]}) + "\n\n"
 
-        if chat:
-            yield chunk(None, None, role=True)
-        item = first
-        while True:
-            delta, finish, _ = item
-            if finish == "error":
-                yield "data: " + json.dumps(RequestError("generation failed", status=500).body()) + "\n\n"
-                break
-            if delta:
-                yield chunk(delta, None)
-            if finish is not None:
-                yield chunk(None, finish)
-                break
-            item = await out.get()
-        yield "data: [DONE]\n\n"
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            item = first
+            while True:
+                if item is _DISCONNECTED:
+                    return
+                if isinstance(item, RequestError):  # an engine failure or a timeout after the stream began
+                    yield "data: " + json.dumps(item.body()) + "\n\n"
+                    break
+                delta, finish, _ = item
+                if delta:
+                    yield chunk(delta, None)
+                if finish is not None:
+                    yield chunk(None, finish)
+                    break
+                item = await job.out.get()
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client hung up (this generator was cancelled) or the stream is done
 
     return app
+
+
+def _checked(item):
+    """A queue item that is text, or the error it carries raised (499 for a client that hung up)."""
+    if item is _DISCONNECTED:
+        raise RequestError("the client closed the connection", status=499, code="client_closed")
+    if isinstance(item, RequestError):
+        raise item
+    return item

@@ -3,8 +3,8 @@
 from .mla import MLA, LatentCache
 from .moe import MLP, MoE, RoutedExperts, Router, RoutingInfo
 from .norm import RMSNorm
-from .rope import RotaryEmbedding, apply_rope
+from .rope import Rope, RotaryEmbedding, apply_rope
 from .transformer import DecoderLayer, DeepseekV3, ModelOutput, MTPModule
 
 __all__ = ["MLA", "LatentCache", "MLP", "MoE", "Router", "RoutedExperts", "RoutingInfo", "RMSNorm",
-           "RotaryEmbedding", "apply_rope", "DecoderLayer", "DeepseekV3", "ModelOutput", "MTPModule"]
+           "Rope", "RotaryEmbedding", "apply_rope", "DecoderLayer", "DeepseekV3", "ModelOutput", "MTPModule"]

@@ -11,6 +11,10 @@ shared by all heads. Only these r + p numbers per token per layer are cached (`L
 - absorbed form (decode): since scores = q_nope · (W_UK c) = (q_nope W_UK) · c, fold W_UK into the query and
   attend over the latent directly; likewise apply W_UV after the attention-weighted sum of latents. Nothing is
   re-expanded per cached token, so decode cost per step no longer scales with H·(n+v)·S.
+
+Sources: DeepSeek-V3 report section 2.1.1 and DeepSeek-V2 report section 2.1 (MLA, decoupled RoPE); the weight
+layout and names of the HF checkpoint (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj` [H·(n+v), r], ...). The
+absorbed form is the `attn_impl = "absorb"` path of DeepSeek's `inference/model.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
-from .rope import apply_rope, softmax_scale
+from .rope import Rope, apply_rope, softmax_scale
 
 
 class LatentCache:
@@ -30,6 +34,7 @@ class LatentCache:
 
     Layers are the main decoder layers followed by the MTP modules' blocks (index num_hidden_layers + k).
     Keeping c_KV and k_pe side by side lets absorbed attention score against both with one product.
+    dtype: the buffers' dtype (the model's, normally); mtp: also allocate the MTP modules' layers.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
@@ -54,10 +59,12 @@ class LatentCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by all layers' buffers."""
         return sum(t.numel() * t.element_size() for t in self.layers)
 
 
-def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos):
+def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int | torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Store the new latents [c_KV; k_pe] at their positions in this layer's buffer [B, S_max, r + p]; return
     everything to attend to [B, S, r + p] and the mask (True = visible).
 
@@ -86,6 +93,16 @@ def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, star
 
 
 class MLA(nn.Module):
+    """Multi-head Latent Attention of one layer (stored as `model.layers.{i}.self_attn`).
+
+    Projections (HF names; q_a_* absent when q_lora_rank is None, then one `q_proj` [H·(n+p), D]):
+      q = q_b_proj(q_a_layernorm(q_a_proj(x)))        [B, T, H, n+p], split into q_nope [.., n] and q_pe [.., p]
+      [c_KV; k_pe] = kv_a_proj_with_mqa(x)            [B, T, r + p]; c_KV is RMS-normed, k_pe roped
+      [k_nope; v] = kv_b_proj(c_KV)                   [B, S, H, n + v] (naive form only)
+      out = o_proj(attention)                         [B, T, D]
+    The softmax scale is 1/sqrt(n+p), times mscale² under YaRN (`rope.softmax_scale`).
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -107,28 +124,30 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
         self.softmax_scale = softmax_scale(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: torch.Tensor | None = None, start_pos: int | torch.Tensor = 0,
-                absorb: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, cache: torch.Tensor | None = None,
+                start_pos: int | torch.Tensor = 0, absorb: bool = False) -> torch.Tensor:
         """x [B, T, D] at positions start_pos..start_pos+T-1 -> [B, T, D].
 
-        cache: this layer's latent buffer [B, S_max, r + p] (c_KV then k_pe); the new latents are written at
-        [start_pos, start_pos+T) and attention covers [0, start_pos+T). Without a cache, start_pos must be 0.
-        start_pos may be a LongTensor [B] of per-row positions.
+        rope: the angles of those positions. cache: this layer's latent buffer [B, S_max, r + p] (c_KV then
+        k_pe); the new latents are written at [start_pos, start_pos+T) and attention covers [0, start_pos+T).
+        start_pos may be a LongTensor [B] of per-row positions. absorb: the absorbed form instead of the naive
+        one (same result to rounding).
+
+        Raises:
+            ValueError: start_pos > 0 without a cache, or start_pos + T beyond the cache length.
         """
         b, t, _ = x.shape
-        cos, sin = rope
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, t, self.n_heads, self.qk_dim)  # [B, T, H, n+p]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
+        q_pe = apply_rope(q_pe, rope, self.interleaved)
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
-        k_pe = apply_rope(k_pe, cos, sin, self.interleaved)  # [B, T, p], one head shared by all
+        k_pe = apply_rope(k_pe, rope, self.interleaved)  # [B, T, p], one head shared by all
         if cache is not None:
             latent, mask = _write_cache(cache, c_kv, k_pe, start_pos)  # [B, S, r + p]
         elif not isinstance(start_pos, int) or start_pos != 0:
@@ -139,7 +158,13 @@ class MLA(nn.Module):
         out = attn(q_nope, q_pe, latent, mask)  # [B, T, H, v]
         return self.o_proj(out.flatten(2))
 
-    def _naive(self, q_nope, q_pe, latent, mask):
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
+               ) -> torch.Tensor:
+        """Expand the latent into per-head keys and values, then one SDPA call.
+
+        q_nope [B, T, H, n], q_pe [B, T, H, p] (roped), latent [B, S, r + p] (c_KV, roped k_pe), mask [T, S] or
+        [B, 1, T, S] (True = visible) or None (causal when T == S, else all visible) -> [B, T, H, v].
+        """
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         b, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope_dim + self.v_dim)
@@ -152,7 +177,14 @@ class MLA(nn.Module):
                                              scale=self.softmax_scale)
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, latent, mask):
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """Attend over the latent itself: W_UK folded into the query, W_UV applied after the weighted sum.
+
+        Same arguments and result as `_naive`: q_nope [B, T, H, n], q_pe [B, T, H, p], latent [B, S, r + p],
+        mask [T, S] / [B, 1, T, S] / None -> [B, T, H, v]. Two batched GEMMs against the latent (scores, then
+        the weighted sum of c_KV rows); softmax in fp32.
+        """
         b, t = q_nope.shape[:2]
         s = latent.shape[1]
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)

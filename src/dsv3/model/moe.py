@@ -15,6 +15,9 @@ With scoring_func = "softmax" (V2-style) the affinities are a softmax and a grou
 Experts (`RoutedExperts`) hold stacked weights [E, ...] and run as grouped GEMMs over tokens sorted by expert,
 so no token ever gathers a private copy of a weight matrix. The checkpoint still names each expert separately
 (`mlp.experts.{j}.gate_proj.weight`); `dsv3.checkpoint` splits / stacks on save / load.
+
+Sources: DeepSeek-V3 report section 2.1.2 (DeepSeekMoE, auxiliary-loss-free load balancing) and the routing code
+of DeepSeek's `inference/model.py` (`Gate`) and transformers' `DeepseekV3TopkRouter`, which agree.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., D]."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -52,6 +56,9 @@ class RoutingInfo:
 
 
 class Router(nn.Module):
+    """The MoE gate (stored as `mlp.gate`): `weight` [E, D] and the routing bias `e_score_correction_bias` [E]
+    (fp32 buffer, moved by the aux-loss-free balancer, never by gradients). See the module doc for the rule."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
@@ -65,6 +72,11 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> RoutingInfo:
+        """x [N, D] (any float dtype; scored in fp32) -> the `RoutingInfo` of these N tokens.
+
+        Selection (group limit, top-K on biased scores) is not differentiable; the weights gather the unbiased
+        affinities, so the gate's gradient flows through them.
+        """
         logits = F.linear(x.float(), self.weight.float())  # [N, E]; routing decisions in fp32
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         with torch.no_grad():
@@ -143,6 +155,7 @@ class _GroupedLinear(torch.autograd.Function):
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`grouped_mm` (x [M, in] grouped by expert, w [E, out, in] -> [M, out]) with autograd when it is needed."""
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return _GroupedLinear.apply(x, w, counts)
     return grouped_mm(x, w, counts)
@@ -164,11 +177,15 @@ class RoutedExperts(nn.Module):
         order = flat.argsort(stable=True)  # slots sorted by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        xs = x[token]  # [N*K, D], grouped by expert
-        h = F.silu(self._linear(xs, self.gate_proj, counts)) * self._linear(xs, self.up_proj, counts)
-        ys = self._linear(h, self.down_proj, counts)  # [N*K, D]
+        ys = self.swiglu(x[token], counts)  # [N*K, D]
         ys = ys * topk_weight.flatten()[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[-1]).index_add_(0, token, ys)
+
+    def swiglu(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows xs [M, D] grouped by expert (counts[e] rows for expert e, in expert order) -> [M, D], each row
+        through its expert's SwiGLU (the part expert parallelism reuses between its dispatch and combine)."""
+        h = F.silu(self._linear(xs, self.gate_proj, counts)) * self._linear(xs, self.up_proj, counts)  # [M, I]
+        return self._linear(h, self.down_proj, counts)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The per-expert GEMM (overridden by the FP8 version in dsv3.quant)."""
@@ -176,6 +193,10 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    """A DeepSeekMoE FFN (stored as `model.layers.{i}.mlp`): `gate` (Router), the routed `experts` and, when
+    n_shared_experts > 0, `shared_experts`, one SwiGLU of width n_shared_experts x moe_intermediate_size that
+    every token goes through. y = shared(x) + sum_k weight_k * expert_k(x)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Router(cfg)
@@ -184,6 +205,7 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
+        """x [B, T, D] (or any [..., D]) -> (y of x's shape, the routing of its B·T tokens, flattened as N)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         route = self.gate(x)

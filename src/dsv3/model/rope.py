@@ -11,11 +11,15 @@ YaRN. Frequencies with wavelengths shorter than the original context are kept (e
 divided by `factor` (interpolation), with a linear ramp between the correction dims set by beta_fast/beta_slow.
 Two temperature terms exist: `attention_factor` scales cos/sin (equal to 1 for V3, where mscale == mscale_all_dim),
 and the softmax scale is multiplied by mscale(factor, mscale_all_dim)^2 (see `softmax_scale`).
+
+Sources: RoPE (Su et al. 2021, "RoFormer"), YaRN (Peng et al. 2023), DeepSeek-V3 report section 2.1.1 (decoupled
+RoPE keys and queries); transformers' DeepSeek-V3 implementation for the YaRN constants and the layouts.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,8 +27,25 @@ from torch import nn
 from ..config import ModelConfig, yarn_mscale
 
 
+class Rope(NamedTuple):
+    """The rotation angles of one forward pass, as `RotaryEmbedding` returns them and `apply_rope` reads them.
+
+    cos, sin: [T, p/2] when every row shares its positions, [B, T, p/2] for per-row positions (p =
+    qk_rope_head_dim); in the activations' dtype, already multiplied by YaRN's `attention_factor`.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def narrow(self, start: int, length: int) -> Rope:
+        """The angles of positions [start, start + length) along the token dim (-2), as views."""
+        return Rope(self.cos.narrow(-2, start, length), self.sin.narrow(-2, start, length))
+
+
 def yarn_inv_freq(dim: int, base: float, yarn: dict) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [dim/2] blended per YaRN, and the cos/sin `attention_factor`."""
+    """Inverse frequencies [dim/2] (radians per position, fp32) blended per YaRN, and the cos/sin
+    `attention_factor`. `yarn` is the config's `rope_scaling` dict (Peng et al. 2023, "YaRN", section 3; the
+    formulas of transformers' `_compute_yarn_parameters`)."""
     factor = float(yarn["factor"])
     original_len = yarn["original_max_position_embeddings"]
     beta_fast = yarn.get("beta_fast") or 32
@@ -66,7 +87,8 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes (cos, sin) [.., T, d/2] for given positions; `apply_rope` rotates with them."""
+    """Turns positions into the `Rope` angles for `apply_rope` (stored as `model.rotary_emb`; its `inv_freq`
+    buffer [p/2] is derived from the config and never saved)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -86,16 +108,20 @@ class RotaryEmbedding(nn.Module):
         """Recompute after `to_empty()` (non-persistent buffers are not in checkpoints)."""
         self.inv_freq = self._inv_freq().to(self.inv_freq.device)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T] or [B, T] (int) -> cos, sin: [T, d/2] or [B, T, d/2]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """positions [T] or [B, T] (integer token positions) -> `Rope` with cos, sin [T, p/2] or [B, T, p/2]
+        in `dtype` (the angles are computed in fp32)."""
         angles = positions.float()[..., None] * self.inv_freq.float()
         cos = (angles.cos() * self.attention_factor).to(dtype)
         sin = (angles.sin() * self.attention_factor).to(dtype)
-        return cos, sin
+        return Rope(cos, sin)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
-    """Rotate the last dim of x [B, T, (H,) d] by angles cos/sin [T or B,T, d/2]; the layout is preserved."""
+def apply_rope(x: torch.Tensor, rope: Rope, interleaved: bool = True) -> torch.Tensor:
+    """Rotate the last dim of x [B, T, p] (the shared k_pe) or [B, T, H, p] (q_pe) by `rope` ([T or B,T, p/2]
+    angles); returns the same shape and layout. interleaved: pairs (x0, x1), (x2, x3), ... as in DeepSeek's
+    checkpoints (`rope_interleave`), else Llama's halves (x_i, x_{i+p/2})."""
+    cos, sin = rope
     if x.dim() == 4:  # per-head tensor: broadcast the angles over heads
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     if interleaved and x.dtype == torch.float32 and x.stride(-1) == 1 and x.storage_offset() % 2 == 0:

@@ -6,6 +6,9 @@ routed experts are stacked ([E, ...] per projection) and the MTP modules share t
 of holding the copies the checkpoint stores as `model.layers.{L}.embed_tokens` / `shared_head.head`.
 
 Shape legend: B batch, T tokens, D hidden, V vocab.
+
+Sources: DeepSeek-V3 report sections 2.1 (the block) and 2.2 (multi-token prediction, Figure 3); names and layout of
+the HF checkpoint `deepseek-ai/DeepSeek-V3`.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from ..config import ModelConfig
 from .mla import MLA, LatentCache
 from .moe import MLP, MoE, RoutingInfo
 from .norm import RMSNorm
-from .rope import RotaryEmbedding
+from .rope import Rope, RotaryEmbedding
 
 
 @dataclass
 class ModelOutput:
+    """What `DeepseekV3.forward` returns."""
+
     logits: torch.Tensor  # [B, T, V]
     hidden_states: torch.Tensor  # [B, T, D] after the final norm (what the head and the first MTP module read)
     # mtp_logits[k-1]: [B, T-k, V]; position i predicts token i+k+1 (the main logits predict token i+1)
@@ -43,18 +48,22 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, rope, cache=None, start_pos=0, absorb=False, routing: list | None = None):
+    def forward(self, h: torch.Tensor, rope: Rope, cache: torch.Tensor | None = None,
+                start_pos: int | torch.Tensor = 0, absorb: bool = False) -> tuple[torch.Tensor, RoutingInfo | None]:
+        """h [B, T, D] at positions start_pos..start_pos+T-1 -> (h' [B, T, D], the MoE's routing or None for a
+        dense layer). rope, cache, start_pos, absorb: as in `MLA.forward`.
+
+        Raises:
+            ValueError: from `MLA.forward` (start_pos > 0 without a cache, or past the cache's length).
+        """
         h = h + self.self_attn(self.input_layernorm(h), rope, cache, start_pos, absorb)
         if self.is_moe:
             out, info = self.mlp(self.post_attention_layernorm(h))
-            if routing is not None:
-                routing.append(info)
-        else:
-            out = self.mlp(self.post_attention_layernorm(h))
-        return h + out
+            return h + out, info
+        return h + self.mlp(self.post_attention_layernorm(h)), None
 
 
-class SharedHead(nn.Module):
+class SharedHead(nn.Module):  # stored as `model.layers.{L}.shared_head`
     """Only the norm is the MTP module's own; the output head is the main model's `lm_head`."""
 
     def __init__(self, cfg: ModelConfig):
@@ -77,13 +86,23 @@ class MTPModule(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb_next, rope, cache=None, start_pos=0, absorb=False, routing=None):
-        """h_prev, emb_next [B, T, D] -> h^k [B, T, D] (before shared_head.norm)."""
-        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return super().forward(h, rope, cache, start_pos, absorb, routing)
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, rope: Rope, cache: torch.Tensor | None = None,
+                start_pos: int | torch.Tensor = 0, absorb: bool = False
+                ) -> tuple[torch.Tensor, RoutingInfo | None]:
+        """h_prev = h^{k-1} [B, T, D] at positions start_pos.., emb_next [B, T, D] the embeddings of the tokens
+        k further -> (h^k [B, T, D] before shared_head.norm, the block's routing or None). rope, cache,
+        start_pos, absorb: as in `DecoderLayer.forward`.
+
+        Raises:
+            ValueError: from `MLA.forward` (start_pos > 0 without a cache, or past the cache's length).
+        """
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, T, 2D] -> [B, T, D]
+        return super().forward(h, rope, cache, start_pos, absorb)
 
 
 class DeepseekV3Model(nn.Module):
+    """The `model.` part of the checkpoint: embedding, layers (main then MTP), final norm, rotary embedding."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n = cfg.num_hidden_layers
@@ -96,7 +115,11 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3(nn.Module):
-    """DeepSeek-V3 causal LM (plain single-process PyTorch; FP8 and parallelism are applied from outside)."""
+    """DeepSeek-V3 causal LM (plain single-process PyTorch; FP8 and parallelism are applied from outside).
+
+    dtype: cast parameters after init (the routing bias stays fp32); device: where to build ("meta" skips the
+    init, for loading). Raises `ConfigError` (from `cfg.validate()`) for an invalid config.
+    """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
@@ -115,10 +138,12 @@ class DeepseekV3(nn.Module):
     # ---------------------------------------------------------------- structure
     @property
     def main_layers(self) -> list[DecoderLayer]:
+        """The num_hidden_layers decoder layers, in order."""
         return list(self.model.layers[: self.config.num_hidden_layers])
 
     @property
     def mtp_modules(self) -> list[MTPModule]:
+        """The MTP modules, depth 1 first (empty when num_nextn_predict_layers is 0)."""
         return list(self.model.layers[self.config.num_hidden_layers :])
 
     def tie_weights(self) -> None:
@@ -154,6 +179,8 @@ class DeepseekV3(nn.Module):
                 mod.e_score_correction_bias.data = mod.e_score_correction_bias.data.float()
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        """A zeroed `LatentCache` of [batch_size, max_len] per layer (MTP layers included), in the model's dtype
+        and on its device unless `dtype` is given."""
         p = self.lm_head.weight
         return LatentCache(self.config, batch_size, max_len, dtype or p.dtype, p.device,
                            mtp=bool(self.config.num_nextn_predict_layers))
@@ -163,8 +190,14 @@ class DeepseekV3(nn.Module):
                 start_pos: int | torch.Tensor = 0, absorb: bool | None = None, mtp: bool = True) -> ModelOutput:
         """input_ids [B, T] at positions start_pos..start_pos+T-1 (start_pos: int, or LongTensor [B] per row).
 
-        absorb: attention form; default naive for a prefill (start_pos == 0) and absorbed for decode steps.
+        cache: the `LatentCache` to write the new latents into and attend over (None: attend within input_ids).
+        absorb: attention form; default naive without a cache or from position 0, absorbed for cached steps after
+            it (decode, chunked prefill, speculative verification).
         mtp: also run the MTP modules (only when there is no cache: speculative decoding drives them itself).
+
+        Raises:
+            ValueError: positions past max_position_embeddings or the cache length, or start_pos > 0 without a
+                cache.
         """
         b, t = input_ids.shape
         positions = self._positions(start_pos, t, input_ids.device)
@@ -176,11 +209,14 @@ class DeepseekV3(nn.Module):
         h = emb
         for i, layer in enumerate(self.main_layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            h = layer(h, rope, layer_cache, start_pos, absorb, routing)
+            h, info = layer(h, rope, layer_cache, start_pos, absorb)
+            if info is not None:
+                routing.append(info)
         h = self.model.norm(h)
         out = ModelOutput(logits=self.lm_head(h), hidden_states=h, routing=routing)
         if mtp and cache is None:
-            out.mtp_logits = self._mtp_forward(h, emb, rope, routing)
+            out.mtp_logits, mtp_routing = run_mtp(self.mtp_modules, self.lm_head, h, emb, rope)
+            out.routing += mtp_routing
         return out
 
     def _positions(self, start_pos: int | torch.Tensor, t: int, device) -> torch.Tensor:
@@ -200,34 +236,41 @@ class DeepseekV3(nn.Module):
         h_prev [B, T, D]: h^{depth-1} at positions start_pos..; next_ids [B, T]: the tokens one further.
         Returns (h^depth [B, T, D], logits [B, T or 1, V] predicting the token after next_ids; with last_only
         only the last position's, which is all a draft needs).
+
+        Raises:
+            ValueError: positions past max_position_embeddings or the cache length.
         """
         module = self.mtp_modules[depth - 1]
         layer = self.config.num_hidden_layers + depth - 1
         positions = self._positions(start_pos, next_ids.shape[1], next_ids.device)
         emb = self.model.embed_tokens(next_ids)
         rope = self.model.rotary_emb(positions, emb.dtype)
-        h = module(h_prev, emb, rope, cache.layers[layer], start_pos, absorb=True)
+        h, _ = module(h_prev, emb, rope, cache.layers[layer], start_pos, absorb=True)
         return h, self.lm_head(module.shared_head.norm(h[:, -1:] if last_only else h))
 
-    def _mtp_forward(self, h, emb, rope, routing) -> list[torch.Tensor]:
-        return run_mtp(self.mtp_modules, self.lm_head, h, emb, rope, routing)
-
     def num_parameters(self) -> int:
+        """Parameters held by the module (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
 
-def run_mtp(modules, head: nn.Module, h: torch.Tensor, emb: torch.Tensor, rope, routing: list | None = None
-            ) -> list[torch.Tensor]:
-    """The MTP modules over a whole window (training and evaluation): h [B, T, D] the main model's final-normed
-    hidden state, emb [B, T, D] the embedded input ids; returns logits [B, T-k, V] for depth k = 1, 2, ...
-    (also used by a pipeline's last stage, which holds its own copy of the embedding)."""
-    logits = []
-    cos, sin = rope
+def run_mtp(modules: list[MTPModule], head: nn.Module, h: torch.Tensor, emb: torch.Tensor, rope: Rope
+            ) -> tuple[list[torch.Tensor], list[RoutingInfo]]:
+    """The MTP modules over a whole window, no cache (training and evaluation; also a pipeline's last stage,
+    which holds its own copy of the embedding).
+
+    h [B, T, D]: the main model's final-normed hidden state; emb [B, T, D]: the embedded input ids; rope: the
+    angles of positions 0..T-1 (shared by the rows). Returns (logits [B, T-k, V] for depth k = 1, 2, ..., where
+    position i predicts token i+k+1; the routing of the MoE blocks among them, in depth order). Depths with
+    T-k <= 0 are skipped.
+    """
+    logits, routing = [], []
     t = h.shape[1]
     for k, module in enumerate(modules, start=1):
         if t - k <= 0:
             break
         # depth k at position i reads h^{k-1}_i and the embedding of token i+k
-        h = module(h[:, :-1], emb[:, k:], (cos[: t - k], sin[: t - k]), routing=routing)
+        h, info = module(h[:, :-1], emb[:, k:], rope.narrow(0, t - k))
+        if info is not None:
+            routing.append(info)
         logits.append(head(module.shared_head.norm(h)))
-    return logits
+    return logits, routing

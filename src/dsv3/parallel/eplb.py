@@ -23,7 +23,11 @@ import torch
 
 
 def balanced_packing(weights: list[float], n_packs: int) -> list[tuple[int, int]]:
-    """(pack, rank within pack) for each item; each pack holds exactly len(weights) / n_packs items."""
+    """(pack, rank within pack) for each item; each pack holds exactly len(weights) / n_packs items.
+
+    Raises:
+        ValueError: len(weights) not divisible by n_packs.
+    """
     n = len(weights)
     if n % n_packs:
         raise ValueError(f"{n} items do not split evenly into {n_packs} packs")
@@ -85,7 +89,14 @@ def _rebalance_layer(w: list[float], n_physical: int, n_groups: int, n_nodes: in
 
 def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight [layers, logical experts] of observed loads -> (phy2log, log2phy, logcnt); see the module doc."""
+    """weight [layers, logical experts] of observed loads (tokens per expert) -> (phy2log [layers, replicas],
+    log2phy [layers, logical, max replicas] (-1 padded), logcnt [layers, logical]), int64; see the module doc.
+    Source: DeepSeek's `eplb.py` (deepseek-ai/EPLB), whose published example this reproduces.
+
+    Raises:
+        ValueError: counts that do not divide: experts by groups, GPUs by nodes, replicas by GPUs, or fewer
+            replicas than experts.
+    """
     layers, n_experts = weight.shape
     for ok, msg in ((n_experts % num_groups == 0, "the number of experts must be divisible by num_groups"),
                     (num_gpus % num_nodes == 0, "num_gpus must be a multiple of num_nodes"),

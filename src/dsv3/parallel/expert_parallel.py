@@ -9,7 +9,8 @@ One MoE forward on each rank (N local tokens, K experts each):
   2. exchange per-expert counts (all_to_all_single on a [P, E/P] count matrix) so every rank knows how many
      rows it will receive from each source, for each of its local experts;
   3. dispatch: all_to_all_single of the sorted rows with variable splits;
-  4. regroup the received rows by local expert (stable sort of their expert labels), run the grouped SwiGLU;
+  4. regroup the received rows by local expert (stable sort of their expert labels), run them through
+     `RoutedExperts.swiglu` with the wrapped experts' own per-expert GEMM (FP8 after `convert_to_fp8`);
   5. combine: undo the regrouping and send the rows back with the inverse all_to_all; the gate weight is applied
      at the source, then index_add into the tokens.
 The all-to-alls are autograd functions whose backward is the opposite exchange, so an expert's weight gradient
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import RoutedExperts, grouped_linear
+from ..model.moe import RoutedExperts
 
 
 class _AllToAll(torch.autograd.Function):
+    """all_to_all_single along dim 0 with variable splits; backward is the reverse exchange."""
+
     @staticmethod
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
@@ -43,11 +45,18 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    """Differentiable all-to-all of rows: x [sum(in_splits), ...], in_splits[r] rows going to rank r ->
+    [sum(out_splits), ...], out_splits[r] rows received from rank r. Collective over `group`."""
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
 class EPExperts(nn.Module):
-    """This rank's slice of the routed experts; same parameter names as `RoutedExperts` (local rows only)."""
+    """This rank's slice of the routed experts; same parameter names as `RoutedExperts` (local rows only):
+    gate/up [E/P, I, D], down [E/P, D, I], copied from `full`.
+
+    Raises:
+        ValueError: n_routed_experts not divisible by the size of `group`.
+    """
 
     def __init__(self, full: RoutedExperts, group=None):
         super().__init__()
@@ -64,8 +73,19 @@ class EPExperts(nn.Module):
         self.gate_proj = nn.Parameter(full.gate_proj.detach()[rows].clone())
         self.up_proj = nn.Parameter(full.up_proj.detach()[rows].clone())
         self.down_proj = nn.Parameter(full.down_proj.detach()[rows].clone())
+        # EP changes where rows are computed, not how: keep the wrapped class's GEMM (FP8RoutedExperts' FP8 one
+        # after convert_to_fp8, which must therefore run first) and its settings
+        self._gemm = type(full)._linear
+        self.pow2_scale = getattr(full, "pow2_scale", False)
+
+    swiglu = RoutedExperts.swiglu  # the expert computation itself: one implementation, over this rank's rows
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return self._gemm(self, x, w, counts)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """As `RoutedExperts.forward`: x [N, D] (this rank's tokens), topk_idx / topk_weight [N, K] (global expert
+        ids) -> [N, D]. Collective: every rank of the group must call it, in the same order."""
         n, k = topk_idx.shape
         flat = topk_idx.flatten()
         order = flat.argsort(stable=True)  # slots sorted by expert, hence by destination rank
@@ -79,9 +99,7 @@ class EPExperts(nn.Module):
         labels = torch.arange(self.n_local, device=x.device).repeat(self.world).repeat_interleave(recv.flatten())
         regroup = labels.argsort(stable=True)  # received rows grouped by local expert
         counts = recv.sum(0).tolist()
-        xs = rows[regroup]
-        h = F.silu(grouped_linear(xs, self.gate_proj, counts)) * grouped_linear(xs, self.up_proj, counts)
-        ys = grouped_linear(h, self.down_proj, counts)
+        ys = self.swiglu(rows[regroup], counts)
         back = torch.empty_like(ys).index_copy(0, regroup, ys)  # undo the regrouping
         out = all_to_all(back, send_splits, recv_splits, self.group)  # combine
         out = out * topk_weight.flatten()[order, None].to(out.dtype)
@@ -89,7 +107,8 @@ class EPExperts(nn.Module):
 
 
 def apply_expert_parallel(model: nn.Module, group=None) -> nn.Module:
-    """Shard every MoE layer's routed experts over `group` (in place); returns the model."""
+    """Shard every MoE layer's routed experts over `group` (in place); returns the model. Must run on every rank
+    of the group (each keeps its own rows) after the model is built identically on all of them."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, RoutedExperts):

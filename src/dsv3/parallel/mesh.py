@@ -22,10 +22,18 @@ from torch import nn
 
 
 def is_expert_param(name: str) -> bool:
+    """Whether parameter `name` is a routed-expert tensor (sharded under EP, not replicated)."""
     return ".mlp.experts." in name
 
 
 class Mesh:
+    """This rank's place in the pp x dp x ep mesh and its process groups (see the module doc). Collective:
+    every rank must build it, with the same arguments, after `dist.init_process_group`.
+
+    Raises:
+        ValueError: pp x dp x ep does not equal the world size (or, dp omitted, pp x ep does not divide it).
+    """
+
     def __init__(self, pp: int = 1, dp: int | None = None, ep: int = 1):
         world, rank = dist.get_world_size(), dist.get_rank()
         if dp is None:
@@ -109,6 +117,7 @@ def global_grad_norm(named_params, mesh: Mesh) -> float:
 
 @torch.no_grad()
 def clip_gradients(params, max_norm: float, norm: float) -> None:
+    """Scale every gradient by max_norm / norm when the (already global) `norm` exceeds `max_norm`."""
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
         for p in params:

@@ -42,6 +42,8 @@ Op = tuple
 
 
 def schedule_1f1b(rank: int, world: int, chunks: int) -> list[Op]:
+    """1F1B for pipeline position `rank` of `world`, over `chunks` micro-batches: P-1-r warm-up forwards, then
+    alternating F and B, then the remaining backwards."""
     warm = min(world - 1 - rank, chunks)
     ops: list[Op] = [("F", 0)] * warm
     for _ in range(chunks - warm):
@@ -94,6 +96,12 @@ def _eight_steps(h: int, half: int, per_phase: int, p0: int, p1: int) -> list[Op
 
 
 def schedule_dualpipe(rank: int, world: int, chunks: int) -> list[Op]:
+    """DualPipe (DeepSeek-V3 report section 3.2.1, Figure 5) for pipeline position `rank` of `world`: the eight
+    steps of the module doc over `chunks` micro-batches, half entering at each end.
+
+    Raises:
+        ValueError: an odd number of ranks or micro-batches, or fewer than 2 x ranks micro-batches.
+    """
     if world % 2 or chunks % 2 or chunks < 2 * world:
         raise ValueError(f"DualPipe needs an even number of ranks ({world}) and an even number of micro-batches "
                          f">= 2 x ranks ({chunks})")
@@ -104,7 +112,11 @@ def schedule_dualpipe(rank: int, world: int, chunks: int) -> list[Op]:
 
 def schedule_dualpipev(rank: int, world: int, chunks: int) -> list[Op]:
     """DualPipeV: one pipeline of 2P stages folded into a V over P ranks (rank r holds stages r and 2P-1-r);
-    phase 0 runs down the V, phase 1 back up; the same eight steps with h = rank, over all micro-batches."""
+    phase 0 runs down the V, phase 1 back up; the same eight steps with h = rank, over all micro-batches.
+
+    Raises:
+        ValueError: fewer than 2 x ranks micro-batches.
+    """
     if chunks < 2 * world:
         raise ValueError(f"DualPipeV needs micro-batches >= 2 x ranks ({chunks} < {2 * world})")
     return _eight_steps(rank, world, chunks, 0, 1)
@@ -257,7 +269,11 @@ class PipelineRunner:
 
 
 def split_stages(model, n_stages: int) -> list[tuple[int, int]]:
-    """Contiguous, as-even-as-possible layer ranges for n_stages stages."""
+    """Contiguous, as-even-as-possible [lo, hi) ranges of the main layers for n_stages stages.
+
+    Raises:
+        ValueError: more stages than layers.
+    """
     n = model.config.num_hidden_layers
     if n_stages > n:
         raise ValueError(f"{n_stages} pipeline stages for {n} layers: at most one stage per layer")

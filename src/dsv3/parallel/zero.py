@@ -17,10 +17,15 @@ from torch import nn
 
 
 class ZeroShardedOptimizer:
+    """ZeRO-1 over `group`: wraps the optimizer `make_optimizer` builds for this rank's owned parameters, with
+    the step / zero_grad / state_dict surface the trainer uses (see the module doc)."""
+
     def __init__(self, named_params: list[tuple[str, nn.Parameter]],
                  make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], weight_decay: float,
                  is_local: Callable[[str], bool], group=None):
-        """named_params: this rank's parameters, the same names in the same order on every rank of `group`."""
+        """named_params: this rank's parameters, the same names in the same order on every rank of `group`;
+        make_optimizer: builds the inner optimizer from param groups; is_local: names of rank-local (expert
+        shard) parameters, always owned here."""
         self.group = group
         self.rank, world = dist.get_rank(group), dist.get_world_size(group)
         load = [0] * world
@@ -45,10 +50,12 @@ class ZeroShardedOptimizer:
 
     @property
     def param_groups(self):
+        """The inner optimizer's param groups (the trainer sets the learning rate there)."""
         return self.optimizer.param_groups
 
     @torch.no_grad()
     def step(self) -> None:
+        """Step the owned parameters, then each owner broadcasts its parameters to the group (collective)."""
         self.optimizer.step()
         for p, r in self.owner:
             dist.broadcast(p.data, src=dist.get_global_rank(self.group, r) if self.group else r, group=self.group)

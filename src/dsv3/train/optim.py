@@ -12,6 +12,10 @@ import torch
 
 
 class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose moments are stored in `state_dtype` (bf16, as in DeepSeek-V3 §3.3.3)
+    while the update is computed in fp32; the master weights stay in their own dtype. Same arguments as
+    `torch.optim.AdamW`."""
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  state_dtype: torch.dtype = torch.bfloat16):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))

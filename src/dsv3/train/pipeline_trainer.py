@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.moe import RoutingInfo
 from ..model.transformer import run_mtp
 from ..parallel.expert_parallel import apply_expert_parallel, unsharded_copy
 from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, sync_gradients
@@ -98,11 +99,15 @@ class ModelStage(nn.Module):
         self.tokens = tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: token ids [B, T] (first stage) or the previous stage's hidden state [B, T, D] -> logits [B, T, V]
+        (last stage, with the MTP and balance losses attached for backward) or the hidden state [B, T, D]."""
         h = self.embed(x) if self.embed is not None else x  # [B, T, D]
         rope = self.rotary(torch.arange(h.shape[1], device=h.device), h.dtype)
-        routing: list = []
+        routing: list[RoutingInfo] = []
         for layer in self.layers:
-            h = layer(h, rope, routing=routing)
+            h, info = layer(h, rope)
+            if info is not None:
+                routing.append(info)
         aux = None
         if self.head is not None:
             h = self.norm(h)
@@ -110,7 +115,9 @@ class ModelStage(nn.Module):
             if len(self.mtp):  # also at weight 0 (a late lambda of 0): metrics, and every parameter in the graph
                 tokens = self.tokens[self._forwards]
                 emb = self.mtp_embed(tokens[:, : h.shape[1]])
-                losses = mtp_losses(run_mtp(self.mtp, self.head, h, emb, rope, routing), tokens, self.eot_id)
+                mtp_logits, mtp_routing = run_mtp(self.mtp, self.head, h, emb, rope)
+                routing += mtp_routing
+                losses = mtp_losses(mtp_logits, tokens, self.eot_id)
                 for k, loss in enumerate(losses):
                     self.mtp_sums[k] += float(loss.detach())
                 aux = self.mtp_scale * sum(losses)
@@ -129,6 +136,9 @@ class ModelStage(nn.Module):
 
 
 class PipelineTrainer(Trainer):
+    """The Trainer with its step run as a pipeline schedule (1F1B, ZB-H1, DualPipe, DualPipeV) over a
+    pipeline x data x expert-parallel mesh; see the module docstring for the order of the gradient reductions."""
+
     def _parallelize(self) -> None:
         cfg, mc = self.cfg, self.model.config
         if cfg.grad_accum != 1:
@@ -194,6 +204,9 @@ class PipelineTrainer(Trainer):
                 named.setdefault(id(prm), (f"{d}.{name}", prm))
         self.model_params = [prm for _, prm in named.values()]
         return super()._optimizer(list(named.values()))
+
+    def _named_params(self):
+        return self._norm_params()  # this rank's unique stages (a DualPipe partner checks the other copy)
 
     def _norm_params(self):
         """(name, parameter) of the unique stages, without the last stage's embedding copy (counted on the first)."""
@@ -266,15 +279,16 @@ class PipelineTrainer(Trainer):
         sums /= mesh.data_size
         sums[2:] /= self.chunks
         loss = float(sums[0])
-        if loss != loss:
-            raise TrainError(f"the loss became nan at step {self.step + 1}; lower lr (now {cfg.lr})")
-        grad_norm = global_grad_norm(self._norm_params(), mesh)
-        clip_gradients(self.model_params, cfg.grad_clip, grad_norm)
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        self._check_finite("the loss", loss, lr)  # the same value on every rank: all stop together
+        grad_norm = global_grad_norm(self._norm_params(), mesh)
+        self._check_finite("the gradient norm", grad_norm, lr)
+        clip_gradients(self.model_params, cfg.grad_clip, grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._check_finite_params(f"after the optimizer step {self.step + 1} at learning rate {lr:.3g}")
         loads = loads.float()
         if cfg.balance == "aux_free":
             for stage in self.stages.values():

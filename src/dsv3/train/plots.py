@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelConfig
-from ..runs import Run, read_metrics
+from ..runs import Run, claim_output, read_metrics
 
 
 def moe_layer_names(run: str | Path, n: int) -> list[str]:
@@ -40,14 +41,29 @@ def _smooth(y: np.ndarray, n: int) -> np.ndarray:
     return np.convolve(y, np.ones(n) / n, mode="valid")
 
 
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG at `path`, through a temporary file and a rename (never a half-written PNG)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """loss.png, expert_load.png and expert_bias.png of a run (in `out_dir`, default RUN/plots); their paths.
+    """loss.png, expert_load.png and expert_bias.png of a run; their paths. By default in RUN/plots (the run's own
+    folder: earlier plots there are replaced); an explicit `out_dir` must be absent or empty (`dsv3 plot
+    --overwrite` moves an existing one aside first).
 
     Raises:
         RunError: the run has no metrics yet.
+        OutputExistsError: `out_dir` exists and is not empty.
     """
     plt = _plt()
     rows = read_metrics(run)
+    if out_dir:
+        claim_output(out_dir)
     out = Path(out_dir) if out_dir else Run(run).plots_dir
     out.mkdir(parents=True, exist_ok=True)
     steps = np.array([r.step for r in rows])
@@ -75,7 +91,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "loss.png")
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1])
     plt.close(fig)
 
     load = np.array([r.load for r in rows], dtype=float)  # [steps, layers, experts]
@@ -91,7 +107,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     fig.suptitle("expert load / mean load per MoE layer (1 = balanced)")
     fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8)
     paths.append(out / "expert_load.png")
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1])
     plt.close(fig)
 
     bias = np.array([r.bias for r in rows])  # [steps, layers, experts]
@@ -104,6 +120,6 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     fig.suptitle("selection bias of each expert (aux-loss-free balancing)")
     fig.tight_layout()
     paths.append(out / "expert_bias.png")
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1])
     plt.close(fig)
     return paths

@@ -35,13 +35,15 @@ from ..params import training_flops_per_token
 from ..quant.linear import convert_to_fp8
 from ..runs import (
     TOKENIZER,
-    TRAINER_STATE,
     MetricsWriter,
+    OutputExistsError,
     Run,
     StepMetrics,
+    claim_output,
     load_trainer_state,
     resolve_checkpoint,
-    trainer_state_bytes,
+    trainer_state_files,
+    write_atomic,
 )
 from .balance import max_violation, sequence_balance_loss, update_expert_bias
 from .data import TokenData
@@ -122,6 +124,11 @@ class TrainConfig:
     progress: bool = _opt(True, "show a progress bar")
 
     def validate(self) -> TrainConfig:
+        """Itself, when every setting is in range.
+
+        Raises:
+            TrainError: the first invalid setting, named with its value and rule.
+        """
         def need(ok, name, rule):
             if not ok:
                 raise TrainError(f"invalid training setting {name} = {getattr(self, name)!r}: {rule}")
@@ -202,8 +209,19 @@ def measured_matmul_flops(device: torch.device, n: int = 2048, reps: int = 3, tr
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    """Single-process, data-parallel and expert-parallel training of DeepSeek-V3 (the pipeline variant is
+    `PipelineTrainer`): AdamW with the report's schedule (§4.2), the MTP loss (§2.2, weight lambda / D),
+    aux-loss-free balancing (§2.1.2: the bias moves by gamma x sign(mean load - load) after each step) plus the
+    sequence-wise balance loss, FP8 or bf16 GEMMs, checkpoints with resumable trainer state in `dsv3.runs`'s
+    run directory. `fit()` runs the loop; `train_step()` is one optimizer step.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
+        """resume: continue the run in cfg.out from its latest checkpoint. Otherwise cfg.out must be absent or an
+        empty directory; `overwrite` moves an existing one aside (`moved_aside` says where), never deletes it."""
         self.cfg = cfg.validate()
+        if resume and overwrite:
+            raise TrainError("resume continues the run in out; overwrite would move it aside: give one of them")
         self.rank, self.world = _init_distributed(cfg)
         self.main_rank = self.rank == 0
         if cfg.pp == 1 and cfg.batch_size % self.world:
@@ -217,6 +235,10 @@ class Trainer:
             raise TrainError(f"ep x pp = {cfg.ep} x {cfg.pp} must divide the number of ranks ({self.world}): "
                              f"ranks form a pipeline x data-parallel x expert-parallel mesh")
         self.run = Run(cfg.out)
+        self.moved_aside: Path | None = None  # where an overwritten run directory went
+        self._written: set[str] = set()  # checkpoint directories (step-N) this trainer saved
+        if not resume and not overwrite:
+            self._claim_run_dir(False)  # refuse an occupied out before the expensive setup
         self.device = torch.device(cfg.device if cfg.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         self.data = TokenData(cfg.data, "train")
@@ -225,8 +247,8 @@ class Trainer:
         state = None
         if resume:
             ckpt = resolve_checkpoint(self.run.root)
+            state = load_trainer_state(ckpt, rank=self.rank, world=self.world)  # JSON + safetensors, never a pickle
             self.model = load_pretrained(ckpt, device=self.device, progress=False)
-            state = load_trainer_state(ckpt)
             self.step = state["step"]
             # the schedule's length is the original run's unless max_steps was given anew (extending the run)
             saved = TrainConfig.from_dict(state["train_config"], f"{ckpt} trainer state")
@@ -250,16 +272,29 @@ class Trainer:
         self.routers = self._routers()
         self.optimizer = self._optimizer()
         if state is not None:
-            optimizer_state = state["optimizer"]
-            if isinstance(optimizer_state, list):  # one per rank (a multi-rank run)
-                if len(optimizer_state) != self.world:
-                    raise TrainError(f"{self.run.root} was trained on {len(optimizer_state)} ranks; resume it on as "
-                                     f"many (now {self.world})")
-                optimizer_state = optimizer_state[self.rank]
-            self.optimizer.load_state_dict(optimizer_state)
+            self.optimizer.load_state_dict(state["optimizer"])  # this rank's (shard of the) optimizer state
             torch.set_rng_state(state["rng"])
         self.flops_per_token = training_flops_per_token(mc, cfg.seq_len, mtp=mc.num_nextn_predict_layers > 0)
         self.peak_flops = measured_matmul_flops(self.device)
+        if not resume and overwrite:
+            self._claim_run_dir(True)  # only once the setup succeeded
+
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        """cfg.out must be free for a new run: rank 0 checks (and with `overwrite` moves the old one aside), every
+        rank learns the outcome, so all of them stop together.
+
+        Raises:
+            TrainError: cfg.out exists and is not empty, without `overwrite`.
+        """
+        message = ""
+        if self.main_rank:
+            try:
+                self.moved_aside = claim_output(self.run.root, overwrite,
+                                                hint=f"continue it with --resume {self.run.root}, choose another --out")
+            except OutputExistsError as e:
+                message = str(e)
+        if self._all_agree(bool(message)):
+            raise TrainError(message or f"{self.run.root} already exists and is not empty (see rank 0)")
 
     # ---------------------------------------------------------------- setup
     def _parallelize(self) -> None:
@@ -338,21 +373,23 @@ class Trainer:
             sums["balance"] += alpha * balance.item() / cfg.grad_accum
             for k, m in enumerate(mtp):
                 sums["mtp"][k] += m.item() / cfg.grad_accum
-        if not math.isfinite(sums["loss"]):
-            raise TrainError(f"the loss became {sums['loss']} at step {self.step + 1}; lower lr (now {cfg.lr}) "
-                             "or check the data")
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         if self.world > 1:
             sync_gradients(model, self.mesh)
-            sums = _mean_over_ranks(sums)
+            sums = _mean_over_ranks(sums)  # every rank sees the same loss and stops at the same step
+        self._check_finite("the loss", sums["loss"], lr)
+        if self.world > 1:
             grad_norm = global_grad_norm(model.named_parameters(), self.mesh)
+            self._check_finite("the gradient norm", grad_norm, lr)
             clip_gradients(model.parameters(), cfg.grad_clip, grad_norm)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            self._check_finite("the gradient norm", grad_norm, lr)  # (before the optimizer step uses it)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._check_finite_params(f"after the optimizer step {self.step + 1} at learning rate {lr:.3g}")
         loads = self.reduce_loads(loads)
         if cfg.balance == "aux_free":
             for router, load in zip(self.routers, loads):
@@ -381,7 +418,7 @@ class Trainer:
         cfg = self.cfg
         if self.main_rank:
             self.run.root.mkdir(parents=True, exist_ok=True)
-            self.run.config_file.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            write_atomic(self.run.config_file, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
         estimating = self.total_steps is None  # time budget only: the step count is estimated, then fixed
         if estimating:
@@ -417,25 +454,66 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
-        """HF-format checkpoint + tokenizer + trainer state, written atomically by rank 0 (collective under EP)."""
-        model, optimizer_state = self._model_to_save(), self.optimizer.state_dict()
-        if self.world > 1:  # every rank's optimizer state (shards under EP and ZeRO-1)
-            states = [None] * self.world
-            dist.all_gather_object(states, optimizer_state)
-            optimizer_state = states
+        """HF-format checkpoint + tokenizer + every rank's trainer state (JSON + safetensors, `dsv3.runs`), written
+        atomically by rank 0 (collective under EP and PP). Then older checkpoints beyond keep_checkpoints are
+        deleted, but only those this trainer wrote or the run's record lists, never any other directory.
+
+        Raises:
+            TrainError: a parameter is NaN or inf: nothing is saved and no checkpoint is rotated out.
+        """
+        self._check_finite_params(f"at step {self.step}, before saving its checkpoint")
+        model = self._model_to_save()
+        state = {"step": self.step, "total_steps": self.total_steps, "optimizer": self.optimizer.state_dict(),
+                 "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
+        files = trainer_state_files(state, self.rank, self.world)
+        if self.world > 1:  # each rank's files (its optimizer shard under EP and ZeRO-1), as bytes, to rank 0
+            parts: list = [None] * self.world
+            dist.all_gather_object(parts, files)
+            files = {name: content for part in parts for name, content in part.items()}
         path = self.run.checkpoint_dir(self.step)
         if self.main_rank:
-            state = {"step": self.step, "total_steps": self.total_steps, "optimizer": optimizer_state,
-                     "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
-            files = {TRAINER_STATE: trainer_state_bytes(state),
-                     TOKENIZER: (Path(self.cfg.data) / TOKENIZER).read_text()}
-            save_pretrained(model, path, extra_files=files)
-            old = self.run.checkpoints()[: -self.cfg.keep_checkpoints]
-            for p in old:
-                shutil.rmtree(p, ignore_errors=True)
+            files[TOKENIZER] = (Path(self.cfg.data) / TOKENIZER).read_bytes()
+            own = set(self.run.recorded_checkpoints()) | self._written
+            save_pretrained(model, path, extra_files=files, replace=path.name in own)  # refuses a foreign dir
+            self._written.add(path.name)
+            own.add(path.name)
+            self.run.record_checkpoints(sorted(own))
+            existing = sorted(name for name in own if (self.run.checkpoints_dir / name).is_dir() and name != path.name)
+            for name in existing[: max(0, len(existing) + 1 - self.cfg.keep_checkpoints)]:  # + the new one
+                shutil.rmtree(self.run.checkpoints_dir / name, ignore_errors=True)
+                own.discard(name)
+                self.run.record_checkpoints(sorted(own))
         if self.world > 1:
             dist.barrier()
         return path
+
+    def _named_params(self):
+        """(name, parameter) of the tensors this rank trains, for the finiteness checks."""
+        return self.model.named_parameters()
+
+    def _check_finite(self, what: str, value: float, lr: float) -> None:
+        """Raises TrainError when `value` (the loss, the gradient norm; the same on every rank) is NaN or inf."""
+        if not math.isfinite(value):
+            raise TrainError(f"the run diverged at step {self.step + 1}: {what} is {value} at learning rate {lr:.3g} "
+                             f"(peak --lr {self.cfg.lr:g}); lower --lr or check the data. Nothing was saved or "
+                             "deleted; the last checkpoint is still there")
+
+    @torch.no_grad()
+    def _check_finite_params(self, when: str) -> None:
+        """Raises TrainError, on every rank, when any rank holds a NaN or inf parameter (named on the rank that
+        does)."""
+        named = list(self._named_params())
+        flags = torch.stack([torch.isfinite(p).all() for _, p in named]) if named else torch.ones(0, dtype=torch.bool)
+        bad = (~flags).nonzero().flatten().tolist()
+        count = float(len(bad))
+        if self.world > 1:
+            total = torch.tensor([count], dtype=torch.float64)
+            host_all_reduce(total)
+            count = float(total)
+        if count:
+            where = f"parameter {named[bad[0]][0]}" if bad else "a parameter on another rank"
+            raise TrainError(f"the run diverged: {where} is NaN or inf {when} (peak --lr {self.cfg.lr:g}); lower "
+                             "--lr. Nothing was saved or deleted; the last checkpoint is still there")
 
     def _model_to_save(self) -> DeepseekV3:
         """The whole model as one process would hold it (collective when it is spread over ranks)."""
