@@ -1,12 +1,24 @@
-"""Decode speed, dsv3 vs Hugging Face transformers `generate`, same weights, same prompts, one run.
+"""Decode and prefill speed, dsv3 vs Hugging Face transformers `generate`, same weights, same prompts, one process.
 
-Rows: batch 1 and batch 16 with short prompts, batch 1 at a 2K-token context; then dsv3 with and without MTP
-speculative decoding (greedy, batch 1) on the given checkpoint (default: the one `make demo` trains).
-Decode throughput excludes the prefill for both systems: each call is timed for N new tokens and for 1 new token
-(which is the prefill plus its first token), and decode tokens/s = batch x (N - 1) / (t_N - t_1). Greedy
-decoding, fp32, no early stop (transformers gets min_new_tokens = max_new_tokens; dsv3 gets no stop token).
+Rows: batch 1 and batch 16 with 32-token prompts, batch 1 at a 2K-token context, prefill tokens/s for 512-token
+prompts, and dsv3's MTP speculative decoding against dsv3 plain (greedy, batch 1, acceptance rate reported).
 
-    python benchmarks/decode_speed.py [--checkpoint runs/demo] [--new-tokens 64]
+How each figure is measured, so that it survives a noisy machine:
+- prefill and decode are timed separately within one call. dsv3: the engine's own clocks (`Engine.stats`
+  prefill_time / decode_time). transformers: a no-op stopping criterion stamps the time after every token, so
+  prefill = start to the first token and decode = first token to last (batch x (N - 1) tokens).
+- the two systems alternate (which goes first rotates every round), `--repeats` rounds; each figure is the
+  median with its min-max spread, and the speedup is the median of the per-round ratios.
+- prompts are a fixed set of `--passages` windows evenly spaced over the dataset's held-out (val) split; batch 16
+  takes the first 16, a batch-1 round r takes passage r (both systems the same one).
+- the batch-1 roofline: active weight bytes per token (fp32; embedding lookup excluded, head included; plus the
+  latent cache read at 2K) / measured stream bandwidth (`_timing.stream_bandwidth`) = the least time a decode step
+  can take on this machine; the table shows dsv3's decode as a fraction of it.
+Greedy, fp32, no early stop (transformers: min_new_tokens = max_new_tokens and a dynamic cache; dsv3: no stop
+token). transformers runs `attn_implementation="sdpa"` and `experts_implementation="grouped_mm"` (its fastest
+CPU paths in 5.x; the one actually used is printed).
+
+    python benchmarks/decode_speed.py RUN_OR_CHECKPOINT [--data data/shakespeare] [--new-tokens 64] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -14,15 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
 import dsv3
+from _timing import alternating, pair_ratios, spread, stream_bandwidth
 from dsv3.infer import Engine, SamplingParams
+from dsv3.params import count_parameters
 from dsv3.runs import resolve_checkpoint
 from dsv3.train.data import TokenData
 
@@ -37,76 +53,167 @@ def with_context(ckpt: Path, tmp: Path, max_pos: int) -> Path:
     return out
 
 
-def prompts_from(data_dir: str, batch: int, length: int) -> list[list[int]]:
-    val = TokenData(data_dir, "val")
-    return [val.ids[i * 997 : i * 997 + length].astype("int64").tolist() for i in range(batch)]
+def passages(data_dir: str, count: int, length: int) -> list[list[int]]:
+    """`count` fixed windows of `length` token ids, evenly spaced over the val split (they may overlap when the
+    split is short). Raises SystemExit naming the split when it holds fewer than `length` tokens."""
+    ids = TokenData(data_dir, "val").ids
+    if len(ids) < length:
+        raise SystemExit(f"{data_dir}: the val split has {len(ids)} tokens, fewer than a {length}-token prompt")
+    starts = np.linspace(0, len(ids) - length, count).astype(int)
+    return [ids[s : s + length].astype("int64").tolist() for s in starts]
 
 
-def time_hf(model, prompts, new_tokens) -> float:
+class _StepClock(transformers.StoppingCriteria):
+    """Never stops; records perf_counter() each time generate has appended a token (after prefill, then after
+    every decode step)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def run_hf(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """One transformers `generate` call: prefill and decode seconds and token counts."""
     ids = torch.tensor(prompts)
-    t = time.perf_counter()
+    clock = _StepClock()
+    t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    dt = time.perf_counter() - t
-    assert out.shape[1] == ids.shape[1] + new_tokens
-    return dt
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             cache_implementation="dynamic",
+                             stopping_criteria=transformers.StoppingCriteriaList([clock]))
+    assert out.shape[1] == ids.shape[1] + new_tokens and len(clock.times) == new_tokens, (out.shape, clock.times)
+    return {"prefill_s": clock.times[0] - t0, "prefill_tokens": ids.numel(),
+            "decode_s": clock.times[-1] - clock.times[0], "decode_tokens": len(prompts) * (new_tokens - 1)}
 
 
-def time_ours(model, prompts, new_tokens, speculative=False) -> tuple[float, Engine]:
+def run_ours(model, prompts: list[list[int]], new_tokens: int, speculative: bool = False) -> dict:
+    """One dsv3 `Engine.generate` call: prefill and decode seconds and token counts from the engine's clocks."""
     engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens + 2,
                     speculative=speculative)
-    t = time.perf_counter()
     reqs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
-    dt = time.perf_counter() - t
     assert all(len(r.output) == new_tokens for r in reqs)
-    return dt, engine
+    s = engine.stats
+    return {"prefill_s": s["prefill_time"], "prefill_tokens": s["prefill_tokens"], "decode_s": s["decode_time"],
+            "decode_tokens": len(prompts) * (new_tokens - 1), "drafted": s["drafted"], "accepted": s["accepted"]}
 
 
-def run_hf(model, prompts, new_tokens) -> float:
-    """Decode tokens/s, prefill excluded."""
-    return len(prompts) * (new_tokens - 1) / (time_hf(model, prompts, new_tokens) - time_hf(model, prompts, 1))
+def decode_tps(results: list[dict]) -> list[float]:
+    return [r["decode_tokens"] / r["decode_s"] for r in results]
 
 
-def run_ours(model, prompts, new_tokens, speculative=False) -> tuple[float, Engine]:
-    t_n, engine = time_ours(model, prompts, new_tokens, speculative)
-    t_1, _ = time_ours(model, prompts, 1, speculative)
-    return len(prompts) * (new_tokens - 1) / (t_n - t_1), engine
+def prefill_tps(results: list[dict]) -> list[float]:
+    return [r["prefill_tokens"] / r["prefill_s"] for r in results]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default="runs/demo")
-    ap.add_argument("--data", default="data/shakespeare")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", nargs="?", default=None, help="a checkpoint directory or a training run")
+    ap.add_argument("--checkpoint", dest="checkpoint_opt", default=None, help="same as the positional argument")
+    ap.add_argument("--data", default="data/shakespeare", help="dataset directory (its val split gives prompts)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode trial (MTP rows: 2x)")
+    ap.add_argument("--repeats", type=int, default=5, help="alternating rounds per row")
+    ap.add_argument("--passages", type=int, default=16, help="held-out prompts (>= 16 for the batch-16 row)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the short-context rows")
+    ap.add_argument("--long-context", type=int, default=2000, help="prompt tokens of the long-context row")
+    ap.add_argument("--prefill-len", type=int, default=512, help="prompt tokens of the prefill row")
+    ap.add_argument("--batch", type=int, default=16, help="batch size of the batched row")
+    ap.add_argument("--stream-mb", type=float, default=32, help="MiB of the fp32 matrix timed for the bandwidth")
     args = ap.parse_args()
-    ckpt = resolve_checkpoint(args.checkpoint)
-    rows = []
+    transformers.logging.set_verbosity_error()  # its load report lists the MTP tensors it does not use
+    transformers.logging.disable_progress_bar()
+    ckpt = resolve_checkpoint(args.checkpoint or args.checkpoint_opt or "runs/demo")
+    if args.passages < args.batch:
+        raise SystemExit(f"--passages ({args.passages}) must be at least --batch ({args.batch})")
+    n = args.new_tokens
+    short = passages(args.data, args.passages, args.prompt_len)
+    long = passages(args.data, args.passages, args.long_context)
+    pre = passages(args.data, args.passages, args.prefill_len)
+
+    bw = stream_bandwidth(args.stream_mb)
+    rows = []  # (label, hf results, ours results, roofline tok/s or None)
     with tempfile.TemporaryDirectory() as tmp:
-        long_ckpt = with_context(ckpt, Path(tmp), 4096)
+        ctx = max(args.long_context, args.prefill_len, args.prompt_len) + 2 * n + 8
+        long_ckpt = with_context(ckpt, Path(tmp), ctx)
         ours = dsv3.load_pretrained(long_ckpt).eval()
-        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(long_ckpt, dtype=torch.float32,
-                                                                attn_implementation="sdpa").eval()
-        for label, batch, length in (("batch 1", 1, 32), ("batch 16", 16, 32), ("batch 1, 2K context", 1, 2000)):
-            prompts = prompts_from(args.data, batch, length)
-            run_ours(ours, prompts, 4)  # warm-up
-            run_hf(hf, prompts, 4)
-            ours_tps, _ = run_ours(ours, prompts, args.new_tokens)
-            hf_tps = run_hf(hf, prompts, args.new_tokens)
-            rows.append((label, hf_tps, ours_tps))
-            print(f"{label:>20}: transformers {hf_tps:7.1f} tok/s | dsv3 {ours_tps:7.1f} tok/s | "
-                  f"{ours_tps / hf_tps:.2f}x", flush=True)
-    model = dsv3.load_pretrained(ckpt).eval()
-    prompts = prompts_from(args.data, 1, 32)
-    plain, _ = run_ours(model, prompts, args.new_tokens * 2)
-    spec, engine = run_ours(model, prompts, args.new_tokens * 2, speculative=True)
-    print(f"{'MTP speculation':>20}: plain {plain:7.1f} tok/s | speculative {spec:7.1f} tok/s | "
-          f"{spec / plain:.2f}x, acceptance {engine.acceptance_rate:.1%}")
-    print("\n| setting | transformers tok/s | dsv3 tok/s | speedup |\n|---|---|---|---|")
-    for label, h, o in rows:
-        print(f"| {label} | {h:.1f} | {o:.1f} | {o / h:.2f}x |")
-    print(f"| MTP speculative decoding, batch 1 (vs dsv3 plain {plain:.1f}) | | {spec:.1f} | {spec / plain:.2f}x "
-          f"(acceptance {engine.acceptance_rate:.0%}) |")
+        kwargs = {"dtype": torch.float32, "attn_implementation": "sdpa", "experts_implementation": "grouped_mm"}
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(long_ckpt, **kwargs).eval()
+        cfg = ours.config
+        report = count_parameters(cfg)
+        weight_bytes = 4 * (report.activated - report.main["embedding"])
+        latent_bytes, _ = report.kv_bytes_per_token(4)
+        print(f"{ckpt}: {report.activated / 1e6:.2f}M active parameters/token; fp32, "
+              f"{torch.get_num_threads()} threads; transformers {transformers.__version__} "
+              f"(attention {hf.config._attn_implementation}, experts "
+              f"{getattr(hf.config, '_experts_implementation', 'n/a')}); {args.repeats} alternating rounds, "
+              f"{n} new tokens")
+        print(f"roofline: stream bandwidth {bw / 1e9:.1f} GB/s (best fp32 x @ W over {args.stream_mb:g} MiB); "
+              f"{weight_bytes / 2**20:.1f} MiB active weights/token -> batch-1 decode step >= "
+              f"{weight_bytes / bw * 1e3:.3f} ms ({bw / weight_bytes:.0f} tok/s)", flush=True)
+
+        settings = (("batch 1", short, 1, n, weight_bytes + latent_bytes * (args.prompt_len + n / 2)),
+                    (f"batch {args.batch}", short, args.batch, n, None),
+                    (f"batch 1, {args.long_context / 1000:g}K context", long, 1, n,
+                     weight_bytes + latent_bytes * (args.long_context + n / 2)),
+                    (f"prefill, {args.prefill_len}-token prompts", pre, 1, 1, None))
+        for label, prompts, batch, new, step_bytes in settings:
+            def pick(r, prompts=prompts, batch=batch):  # round r's prompts: passage r, or the first `batch`
+                return [prompts[r % len(prompts)]] if batch == 1 else prompts[:batch]
+
+            run_ours(ours, pick(0), min(new, 4))  # warm-up
+            run_hf(hf, pick(0), min(new, 4))
+            trials = {"transformers": lambda r, pick=pick, new=new: run_hf(hf, pick(r), new),
+                      "dsv3": lambda r, pick=pick, new=new: run_ours(ours, pick(r), new)}
+            res = alternating(trials, args.repeats)
+            roof = bw / step_bytes if step_bytes else None
+            rows.append((label, res["transformers"], res["dsv3"], roof))
+            h, o = res["transformers"], res["dsv3"]
+            if new > 1:
+                print(f"{label:>28}: decode tok/s transformers {spread(decode_tps(h))} | dsv3 {spread(decode_tps(o))}"
+                      f" | {statistics.median(pair_ratios(decode_tps(o), decode_tps(h))):.2f}x"
+                      f"   (prefill tok/s {spread(prefill_tps(h), '.0f')} | {spread(prefill_tps(o), '.0f')})",
+                      flush=True)
+            else:
+                print(f"{label:>28}: prefill tok/s transformers {spread(prefill_tps(h), '.0f')} | dsv3 "
+                      f"{spread(prefill_tps(o), '.0f')} | "
+                      f"{statistics.median(pair_ratios(prefill_tps(o), prefill_tps(h))):.2f}x", flush=True)
+
+    model = ours  # the same weights (only its position limit was raised)
+    spec_row = None
+    if model.config.num_nextn_predict_layers >= 1:
+        pick = lambda r: [short[r % len(short)]]  # noqa: E731
+        run_ours(model, pick(0), 4)
+        run_ours(model, pick(0), 4, speculative=True)
+        res = alternating({"plain": lambda r: run_ours(model, pick(r), 2 * n),
+                           "speculative": lambda r: run_ours(model, pick(r), 2 * n, speculative=True)},
+                          args.repeats)
+        acc = sum(r["accepted"] for r in res["speculative"]) / max(1, sum(r["drafted"] for r in res["speculative"]))
+        spec_row = (res["plain"], res["speculative"], acc)
+        print(f"{'MTP speculation, batch 1':>28}: decode tok/s plain {spread(decode_tps(res['plain']))} | "
+              f"speculative {spread(decode_tps(res['speculative']))} | "
+              f"{statistics.median(pair_ratios(decode_tps(res['speculative']), decode_tps(res['plain']))):.2f}x,"
+              f" acceptance {acc:.1%}")
+    else:
+        print("MTP speculation: skipped, the checkpoint has no MTP module")
+
+    print(f"\nmedian (min-max) of {args.repeats} alternating rounds; speedup = median of per-round ratios; "
+          f"roofline = stream bandwidth {bw / 1e9:.1f} GB/s / active fp32 weight (+ latent cache) bytes per step\n")
+    print("| setting | transformers tok/s | dsv3 tok/s | dsv3 / transformers | dsv3 / batch-1 roofline |")
+    print("|---|---|---|---|---|")
+    for label, h, o, roof in rows:
+        f = decode_tps if h[0]["decode_tokens"] else prefill_tps
+        fmt = ".1f" if f is decode_tps else ".0f"
+        roof_cell = f"{statistics.median(f(o)) / roof:.1%} of {roof:.0f}" if roof else ""
+        print(f"| {label} | {spread(f(h), fmt)} | {spread(f(o), fmt)} | "
+              f"{statistics.median(pair_ratios(f(o), f(h))):.2f}x | {roof_cell} |")
+    if spec_row:
+        plain, spec, acc = spec_row
+        print(f"| MTP speculative vs dsv3 plain {spread(decode_tps(plain))}, batch 1 greedy | | "
+              f"{spread(decode_tps(spec))} | {statistics.median(pair_ratios(decode_tps(spec), decode_tps(plain))):.2f}x"
+              f" (acceptance {acc:.0%}) | |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,23 @@
-"""Training speed, dsv3 vs Hugging Face transformers, on the same weights, batch and machine, in one run.
+"""Training speed, dsv3 vs Hugging Face transformers, on the same weights, batch and machine, in one process.
 
-Both models run forward + backward (+ no optimizer) on identical inputs; timings alternate between the two so
-that this machine's speed drift hits both equally. dsv3 computes its MTP head too unless --no-mtp (transformers
-has no MTP training), so by default dsv3 does strictly more work per step.
+Each model runs forward + backward (no optimizer) on identical inputs: transformers, dsv3 with its MTP module
+(the full V3 objective, strictly more work) and dsv3 without it. They alternate, the first one rotating every
+round, `--repeats` rounds; step times are medians with their min-max spread, ratios medians of per-round ratios.
 
-    python benchmarks/train_speed.py [--preset small] [--batch 8] [--seq 256] [--steps 8]
+The primary figure is achieved model FLOP/s / shape-matched GEMM FLOP/s, where
+- model FLOP/s = `dsv3.params.training_flops_per_token` (6 x active matmul parameters + causal attention, the
+  MFU numerator used everywhere in dsv3) x tokens / median step time;
+- shape-matched GEMM FLOP/s is what this machine's plain `torch.matmul` achieves on exactly the GEMMs the model
+  runs: every matrix product of one dsv3 forward + backward step is recorded as it is dispatched (q_a/q_b,
+  kv_a/kv_b, o_proj, dense and shared SwiGLU, router, each routed expert's gate/up/down at the token count it was
+  routed, MTP eh_proj, the head; data and weight gradients alike), each distinct shape timed best-of-N as
+  `torch.matmul(a, b)` here, and total GEMM FLOPs / the FLOP-weighted sum of those best times. Attention's
+  score and value products are included as they run: on CPU, SDPA dispatches them as batched GEMMs over the full
+  T x T matrix (so the recorded FLOPs exceed the formula's causal half by about that half).
+So 100% means the step ran at the speed of its own GEMMs with nothing else costing time; it is reported for
+dsv3 with and without MTP (each against its own shapes) and for transformers (against the no-MTP shapes).
+
+    python benchmarks/train_speed.py [--model-config small] [--batch 8] [--seq 256] [--repeats 8]
 """
 
 from __future__ import annotations
@@ -13,12 +26,18 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv3
+from _timing import alternating, best_of, pair_ratios, spread
+from dsv3.params import training_flops_per_token
+
+aten = torch.ops.aten
 
 
 def hf_config(cfg: dsv3.ModelConfig) -> transformers.DeepseekV3Config:
@@ -29,24 +48,76 @@ def hf_config(cfg: dsv3.ModelConfig) -> transformers.DeepseekV3Config:
                                          rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
 
 
+class GemmRecorder(TorchDispatchMode):
+    """Counts every matrix product dispatched while active, as (batch, m, k, n) -> calls: mm, addmm, bmm,
+    baddbmm, and torch's grouped GEMM split into its groups (empty groups dropped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: Counter[tuple[int, int, int, int]] = Counter()
+
+    def _add(self, b: int, m: int, k: int, n: int) -> None:
+        if b and m and k and n:
+            self.shapes[(b, m, k, n)] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = func.overloadpacket
+        if op is aten.mm:
+            (m, k), n = args[0].shape, args[1].shape[1]
+            self._add(1, m, k, n)
+        elif op is aten.addmm:
+            (m, k), n = args[1].shape, args[2].shape[1]
+            self._add(1, m, k, n)
+        elif op in (aten.bmm, aten.baddbmm):
+            a, b = (args[0], args[1]) if op is aten.bmm else (args[1], args[2])
+            self._add(a.shape[0], a.shape[1], a.shape[2], b.shape[2])
+        elif op is aten._grouped_mm:
+            a, b = args[0], args[1]
+            offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+            if a.dim() == 2 and b.dim() == 3 and offs is not None:  # [M, K] rows grouped against [G, K, N]
+                ends = offs.tolist()
+                for lo, hi in zip([0] + ends[:-1], ends):
+                    self._add(1, hi - lo, b.shape[1], b.shape[2])
+            elif a.dim() == 3 and b.dim() == 3:
+                self._add(a.shape[0], a.shape[1], a.shape[2], b.shape[2])
+        return func(*args, **kwargs)
+
+
+def gemm_flops(shapes: Counter) -> float:
+    return sum(2 * b * m * k * n * c for (b, m, k, n), c in shapes.items())
+
+
+def shape_matched_seconds(shapes: Counter, n: int, cache: dict) -> float:
+    """Sum over recorded GEMMs of the best-of-n time of `torch.matmul` of that shape (timed once per shape)."""
+    total = 0.0
+    for (b, m, k, n_), count in shapes.items():
+        if (b, m, k, n_) not in cache:
+            x = torch.randn(m, k) if b == 1 else torch.randn(b, m, k)
+            w = torch.randn(k, n_) if b == 1 else torch.randn(b, k, n_)
+            cache[(b, m, k, n_)] = best_of(lambda x=x, w=w: torch.matmul(x, w), n)
+        total += count * cache[(b, m, k, n_)]
+    return total
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="small")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-config", "--preset", dest="model_config", default="small", help="preset or config.json")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--no-mtp", action="store_true")
+    ap.add_argument("--repeats", "--steps", dest="repeats", type=int, default=8, help="alternating rounds")
+    ap.add_argument("--gemm-repeats", type=int, default=5, help="best-of-N per distinct GEMM shape")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = dsv3.get_config(args.preset)
-    hf = transformers.DeepseekV3ForCausalLM._from_config(hf_config(cfg), attn_implementation="sdpa").float()
+    cfg = dsv3.get_config(args.model_config)
+    hf = transformers.DeepseekV3ForCausalLM._from_config(hf_config(cfg), attn_implementation="sdpa",
+                                                         experts_implementation="grouped_mm").float()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = dsv3.load_pretrained(tmp)
-    if not args.no_mtp:  # add an MTP module (random init) so dsv3 trains the full V3 objective
-        full = dsv3.DeepseekV3(cfg)
-        full.load_state_dict(ours.state_dict(), strict=False)
-        ours = full
+        loaded = dsv3.load_pretrained(tmp)
+    ours = dsv3.DeepseekV3(cfg)  # the same weights plus an MTP module (random init): the full V3 objective
+    ours.load_state_dict(loaded.state_dict(), strict=False)
+    del loaded
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
 
     def step_hf():
@@ -54,29 +125,64 @@ def main() -> None:
         F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         hf.zero_grad(set_to_none=True)
 
-    def step_ours():
-        out = ours(ids[:, :-1])
+    def step_ours(mtp: bool):
+        out = ours(ids[:, :-1], mtp=mtp)
         loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
-        for k, m in enumerate(out.mtp_logits, start=1):
+        for k, m in enumerate(out.mtp_logits or [], start=1):
             loss = loss + 0.3 * F.cross_entropy(m.flatten(0, 1), ids[:, k + 1 :].flatten())
         loss.backward()
         ours.zero_grad(set_to_none=True)
 
-    times = {"transformers": [], "dsv3": []}
-    for fn in (step_hf, step_ours):
-        fn()  # warm-up
-    for _ in range(args.steps):
-        for name, fn in (("transformers", step_hf), ("dsv3", step_ours)):
+    def timed(fn):
+        def trial(_round):
             t = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t)
+            return {"s": time.perf_counter() - t}
+        return trial
+
+    steps = {"transformers": step_hf, "dsv3": lambda: step_ours(True), "dsv3 no MTP": lambda: step_ours(False)}
+    for fn in steps.values():
+        fn()  # warm-up
+    res = alternating({name: timed(fn) for name, fn in steps.items()}, args.repeats)
+    secs = {name: [r["s"] for r in v] for name, v in res.items()}
+
+    shapes, matched = {}, {}
+    cache: dict = {}
+    for name, mtp in (("dsv3", True), ("dsv3 no MTP", False)):
+        rec = GemmRecorder()
+        with rec:
+            step_ours(mtp)
+        shapes[name] = rec.shapes
+        matched[name] = gemm_flops(rec.shapes) / shape_matched_seconds(rec.shapes, args.gemm_repeats, cache)
+    shapes["transformers"], matched["transformers"] = shapes["dsv3 no MTP"], matched["dsv3 no MTP"]
+
     tokens = args.batch * args.seq
-    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
-    print(f"config {args.preset}, batch {args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, "
-          f"forward+backward, median of {args.steps}; dsv3 {'with' if not args.no_mtp else 'without'} MTP")
-    for name, v in tps.items():
-        print(f"  {name:>12}: {v:8.0f} tokens/s")
-    print(f"  dsv3 / transformers = {tps['dsv3'] / tps['transformers']:.2f}x")
+    model_flops = {"transformers": training_flops_per_token(cfg, args.seq, mtp=False) * tokens,
+                   "dsv3": training_flops_per_token(cfg, args.seq, mtp=True) * tokens,
+                   "dsv3 no MTP": training_flops_per_token(cfg, args.seq, mtp=False) * tokens}
+    print(f"config {args.model_config}, batch {args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, "
+          f"forward+backward, {args.repeats} alternating rounds; transformers {transformers.__version__} "
+          f"(attention {hf.config._attn_implementation}, experts {hf.config._experts_implementation})")
+    for name in ("dsv3", "dsv3 no MTP"):
+        g = gemm_flops(shapes[name])
+        batched = gemm_flops(Counter({s: c for s, c in shapes[name].items() if s[0] > 1}))
+        print(f"  {name:>12}: {sum(shapes[name].values())} GEMMs in {len(shapes[name])} shapes, "
+              f"{g / tokens / 1e6:.1f} MFLOP/token recorded ({batched / tokens / 1e6:.1f} of it batched: attention)"
+              f" vs {model_flops[name] / tokens / 1e6:.1f} by formula; "
+              f"shape-matched torch.matmul {matched[name] / 1e9:.2f} GFLOP/s")
+
+    print("\n| model | tokens/s | achieved model GFLOP/s | shape-matched GEMM GFLOP/s | achieved / shape-matched "
+          "| vs transformers |\n|---|---|---|---|---|---|")
+    for name in ("transformers", "dsv3 no MTP", "dsv3"):
+        tps = [tokens / s for s in secs[name]]
+        achieved = [model_flops[name] / s for s in secs[name]]
+        frac = statistics.median(achieved) / matched[name]
+        vs = statistics.median(pair_ratios(secs["transformers"], secs[name]))
+        label = "dsv3 with MTP" if name == "dsv3" else name
+        print(f"| {label} | {spread(tps, '.0f')} | {spread([a / 1e9 for a in achieved], '.2f')} | "
+              f"{matched[name] / 1e9:.2f} | {frac:.0%} | {vs:.2f}x |")
+    print("\n(tokens/s and FLOP/s: median (min-max); 'vs transformers' = median per-round step-time ratio "
+          "transformers / this, so with MTP dsv3 also does the MTP module's extra work)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,42 @@ def test_round_trip_is_exact_including_mtp_and_bias(tmp_path, model):
     assert torch.equal(out.mtp_logits[0], out2.mtp_logits[0])
 
 
+def test_fused_gate_up_is_stored_as_the_official_gate_and_up_tensors(tmp_path, model):
+    """The in-memory `gate_up_proj` ([2I, D], [E, 2I, D] for routed experts) is written as the official
+    `gate_proj` (its first I rows) and `up_proj` (the last I), per expert; nothing fused reaches the files; and a
+    checkpoint whose gate and up tensors are replaced by new ones loads each into its own half."""
+    cfg = model.config
+    dsv3.save_pretrained(model, tmp_path / "c")
+    stored = {}
+    for f in (tmp_path / "c").glob("*.safetensors"):
+        stored.update(load_file(f))
+    assert not [n for n in stored if "gate_up" in n]
+    dense, moe = model.model.layers[0].mlp, model.model.layers[1].mlp
+    i, i_sh, i_dense = cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts, \
+        cfg.intermediate_size
+    expect = {"model.layers.0.mlp.gate_proj.weight": dense.gate_up_proj.weight[:i_dense],
+              "model.layers.0.mlp.up_proj.weight": dense.gate_up_proj.weight[i_dense:],
+              "model.layers.1.mlp.shared_experts.gate_proj.weight": moe.shared_experts.gate_up_proj.weight[:i_sh],
+              "model.layers.1.mlp.shared_experts.up_proj.weight": moe.shared_experts.gate_up_proj.weight[i_sh:]}
+    for j in range(cfg.n_routed_experts):
+        expect[f"model.layers.1.mlp.experts.{j}.gate_proj.weight"] = moe.experts.gate_up_proj[j, :i]
+        expect[f"model.layers.1.mlp.experts.{j}.up_proj.weight"] = moe.experts.gate_up_proj[j, i:]
+        expect[f"model.layers.1.mlp.experts.{j}.down_proj.weight"] = moe.experts.down_proj[j]
+    for name, t in expect.items():
+        assert torch.equal(stored[name], t.detach()), name
+
+    new = {n: torch.randn_like(stored[n]) for n in expect}
+    _edit(tmp_path / "c", lambda t: t.update({n: v for n, v in new.items() if n in t}))
+    back = dsv3.load_pretrained(tmp_path / "c")
+    slots = ckpt.checkpoint_slots(back)
+    for name, t in new.items():
+        assert torch.equal(slots[name].view, t), name
+    b_moe = back.model.layers[1].mlp
+    assert torch.equal(b_moe.experts.gate_up_proj[3], torch.cat([new["model.layers.1.mlp.experts.3.gate_proj.weight"],
+                                                                new["model.layers.1.mlp.experts.3.up_proj.weight"]]))
+    assert torch.equal(back.model.layers[0].mlp.gate_up_proj.weight[i_dense:], new["model.layers.0.mlp.up_proj.weight"])
+
+
 def test_bf16_save_keeps_routing_bias_fp32(tmp_path, model):
     dsv3.save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     tensors = {}

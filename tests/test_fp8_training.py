@@ -123,7 +123,7 @@ def test_converter_swaps_the_right_modules_and_keeps_logits_close():
     assert type(model.lm_head) is torch.nn.Linear  # head stays high precision
     assert isinstance(model.model.layers[0].self_attn.kv_b_proj, FP8Linear)
     assert isinstance(model.model.layers[0].mlp.down_proj, FP8Linear)
-    assert isinstance(model.model.layers[1].mlp.shared_experts.up_proj, FP8Linear)
+    assert isinstance(model.model.layers[1].mlp.shared_experts.gate_up_proj, FP8Linear)
     assert isinstance(model.model.layers[1].mlp.experts, FP8RoutedExperts)
     assert type(model.model.embed_tokens) is torch.nn.Embedding
     with torch.no_grad():
@@ -163,7 +163,8 @@ def test_fp8_experts_equal_a_per_token_fp8_loop():
             acc = layer.shared_experts(xt)
             for k in range(info.topk_idx.shape[1]):
                 e = int(info.topk_idx[t, k])
-                h = F.silu(fp8_linear(xt, ex.gate_proj[e])) * fp8_linear(xt, ex.up_proj[e])
+                i = ex.down_proj.shape[-1]  # gate_up_proj[e] is [gate; up], each [I, D]
+                h = F.silu(fp8_linear(xt, ex.gate_up_proj[e, :i])) * fp8_linear(xt, ex.gate_up_proj[e, i:])
                 acc = acc + info.topk_weight[t, k] * fp8_linear(h, ex.down_proj[e])
             rows.append(acc)
     torch.testing.assert_close(out, torch.cat(rows), atol=1e-5, rtol=1e-5)

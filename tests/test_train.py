@@ -327,3 +327,85 @@ def test_plot_writes_three_pngs_with_layer_names(trained_run, tmp_path, monkeypa
     for texts in figures:  # the legend of loss.png, the rows of expert_load.png, the panels of expert_bias.png
         for layer in layers:
             assert any(layer in t for t in texts), (layer, texts)
+
+
+# ------------------------------------------------------------------------------------------------ time budget
+def _timed_trainer(step_s, checkpoint_s=0.5, kill_at=None):
+    """A Trainer on a fake clock: step n (1-based) takes step_s(n) seconds, a checkpoint checkpoint_s; it dies at
+    the start of step kill_at + 1. `saved_at[step]`: the clock when that step's checkpoint began."""
+
+    class Timed(Trainer):
+        def clock(self):
+            return self.now
+
+        def train_step(self):
+            if self.step == kill_at:
+                raise KeyboardInterrupt
+            metrics = super().train_step()
+            self.now += step_s(self.step)
+            return metrics
+
+        def save_checkpoint(self):
+            self.saved_at[self.step] = self.now
+            self.now += checkpoint_s
+            return super().save_checkpoint()
+
+    Timed.now, Timed.saved_at = 0.0, {}
+    return Timed
+
+
+def _small(dataset, out, **kw):
+    return tiny_cfg(dataset, out, checkpoint_every=10, batch_size=1, seq_len=8, **kw)
+
+
+def test_frozen_total_keeps_the_steps_run_before_the_decay():
+    from dsv3.train.schedule import decay_start_step, frozen_total, mtp_weight_at
+
+    assert frozen_total(40, 50) == 58  # 50 would have put steps 34..39 in the decay; 57 would put step 39 there
+    for step in range(1, 150):
+        for estimate in (1, step // 2, step, step + 1, 2 * step):
+            total = frozen_total(step, estimate)
+            assert total >= estimate and decay_start_step(total) >= step
+            assert all(lr_at(s, total, 1.0, 0) == 1.0 and mtp_weight_at(s, total) == 0.3 for s in range(step))
+            assert total == estimate or decay_start_step(total - 1) < step  # the least such length
+
+
+@pytest.mark.parametrize("step_s", [
+    lambda n: 0.3 if n <= 25 else 0.5,  # slowed mid-run: timing steps 4-13 alone planned 84 steps, cut at 65
+    lambda n: 0.5 if n <= 25 else 0.3,  # busy at the start: ... planned 53 steps, ended after 23.9 s of 30
+], ids=["slowed", "busy-start"])
+def test_time_budget_re_estimates_until_the_decay(dataset, tmp_path, step_s):
+    trainer = _timed_trainer(step_s)(_small(dataset, tmp_path, max_steps=None, minutes=0.5))
+    last = trainer.fit()
+    assert abs(trainer.now - 30.0) <= 0.05 * 30.0, trainer.now  # within 5% of --minutes 0.5 (now: 29.5 s)
+    total = trainer.total_steps  # now 62 (slowed), 70 (busy-start)
+    assert not trainer.estimating and trainer.step == total  # the schedule ran to its end
+    assert last.lr == pytest.approx(3e-3 * 0.1)  # ... down to min_lr_ratio x the peak
+    # the steps run while estimating were all before the decay: the run followed the frozen length's schedule
+    assert [r.lr for r in read_metrics(tmp_path)] == [lr_at(s, total, 3e-3, 2) for s in range(total)]
+
+
+@pytest.mark.parametrize("kill_at", [15, 45], ids=["while-estimating", "after-freezing"])
+def test_time_budget_run_resumes_exactly(dataset, tmp_path, kill_at):
+    """A resumed --minutes run has what its earlier sessions left of the budget (saved with each checkpoint); one
+    killed while estimating goes on estimating against it, one killed later keeps the frozen step count."""
+    killed = _timed_trainer(lambda n: 0.5, kill_at=kill_at)(_small(dataset, tmp_path, max_steps=None, minutes=0.5))
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    before = _metric_rows(tmp_path)
+    assert len(before) == kill_at
+    resumed = _timed_trainer(lambda n: 0.5)(resume_config(tmp_path), resume=True)
+    checkpoint = resumed.step
+    assert checkpoint == kill_at // 10 * 10 and resumed.estimating == (kill_at == 15)
+    assert resumed.budget_spent_s == killed.saved_at[checkpoint]
+    if not resumed.estimating:
+        assert resumed.total_steps == killed.total_steps  # the frozen step count, kept
+    resumed.fit()
+    used = killed.saved_at[checkpoint] + resumed.now  # the steps lost after the checkpoint do not count
+    assert abs(used - 30.0) <= 0.05 * 30.0, used
+    total = resumed.total_steps
+    assert resumed.step == total
+    again = _metric_rows(tmp_path)
+    assert [r.step for r in again] == list(range(1, total + 1))
+    assert again[:kill_at] == before  # the steps run again after the checkpoint: losses, loads, biases bit for bit
+    assert [r.lr for r in again] == [lr_at(s, total, 3e-3, 2) for s in range(total)]  # one schedule throughout

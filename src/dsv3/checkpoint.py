@@ -4,9 +4,12 @@ A checkpoint is a directory with `config.json`, safetensors shards and `model.sa
 ({"metadata": {"total_size": ...}, "weight_map": {tensor name: shard file}}), using the official tensor names.
 A single `model.safetensors` without an index is read too.
 
-Two places where the in-memory model differs from the stored names (see `checkpoint_slots`):
-- routed experts are stacked in memory ([E, I, D]) but stored one tensor per expert
-  (`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`);
+Three places where the in-memory model differs from the stored names (see `checkpoint_slots`):
+- routed experts are stacked in memory ([E, ...]) but stored one tensor per expert
+  (`model.layers.{i}.mlp.experts.{j}.down_proj.weight`);
+- gate and up projections are fused in memory (`gate_up_proj`, [2I, D] or [E, 2I, D], gate rows first) but
+  stored as the official `gate_proj` / `up_proj` tensors: each is a row range of the fused one, so an FP8
+  checkpoint's 128x128 blocks (one scale grid per official tensor) load and save exactly, whatever I is;
 - each MTP module is stored with its own copies of the embedding and output head
   (`model.layers.{L}.embed_tokens.weight`, `model.layers.{L}.shared_head.head.weight`), while the model shares
   the main ones (as in training). On load the copies are checked against the main tensors.
@@ -35,6 +38,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import Dsv3Error
 from .model import DeepseekV3
+from .model.moe import GATE_UP, GATE_UP_PARTS
 from .quant.fp8 import BLOCK, FP8, dequantize_blockwise, quantize_blockwise
 from .quant.precision import STORAGE_HIGH_PRECISION, keeps_high_precision
 
@@ -60,16 +64,20 @@ class CheckpointError(Dsv3Error, RuntimeError):
 
 @dataclass
 class Slot:
-    """Where one stored tensor lives in the model: `target`, or row `index` of a stacked `target`."""
+    """Where one stored tensor lives in the model: `target`, or row `index` of a stacked `target`, then (for a
+    half of a fused gate_up_proj) the row range `rows` of that."""
 
     target: torch.Tensor
     index: int | None = None
     alias: bool = False  # a stored copy of a tensor the model shares (MTP embedding / head)
+    rows: slice | None = None
 
     @property
     def view(self) -> torch.Tensor:
-        """The stored tensor's place: `target`, or its row `index` (one expert's [I, D] / [D, I] matrix)."""
-        return self.target if self.index is None else self.target[self.index]
+        """The stored tensor's place, a view into the model's parameter: `target`, its row `index` (one expert's
+        matrix), and of that the rows `rows` (the [I, D] gate or up half of a [2I, D] gate_up_proj)."""
+        t = self.target if self.index is None else self.target[self.index]
+        return t if self.rows is None else t[self.rows]
 
 
 def checkpoint_slots(model: DeepseekV3) -> dict[str, Slot]:
@@ -78,17 +86,28 @@ def checkpoint_slots(model: DeepseekV3) -> dict[str, Slot]:
     for name, t in model.state_dict(keep_vars=True).items():
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue  # tied: stored once, as the embedding
-        if ".mlp.experts." in name:  # stacked routed experts: `...experts.gate_proj` [E, I, D]
+        if ".mlp.experts." in name:  # stacked routed experts: `...experts.gate_up_proj` [E, 2I, D]
             prefix, proj = name.rsplit(".", 1)
             for j in range(t.shape[0]):
-                slots[f"{prefix}.{j}.{proj}.weight"] = Slot(t, j)
+                slots.update(_unfused(f"{prefix}.{j}.{proj}.weight", t, j))
         else:
-            slots[name] = Slot(t)
+            slots.update(_unfused(name, t, None))
     for k in range(model.config.num_nextn_predict_layers):
         layer = f"model.layers.{model.config.num_hidden_layers + k}"
         slots[f"{layer}.embed_tokens.weight"] = Slot(model.model.embed_tokens.weight, alias=True)
         slots[f"{layer}.shared_head.head.weight"] = Slot(model.lm_head.weight, alias=True)
     return slots
+
+
+def _unfused(name: str, t: torch.Tensor, index: int | None) -> dict[str, Slot]:
+    """{name: Slot(t, index)}, except a fused `...gate_up_proj.weight` ([2I, D] rows of t or t[index]), which is
+    stored as two tensors: `...gate_proj.weight` (rows [0, I)) and `...up_proj.weight` (rows [I, 2I))."""
+    module, _, leaf = name.removesuffix(".weight").rpartition(".")
+    if leaf != GATE_UP:
+        return {name: Slot(t, index)}
+    half = t.shape[-2] // 2
+    return {f"{module}.{part}.weight": Slot(t, index, rows=slice(i * half, (i + 1) * half))
+            for i, part in enumerate(GATE_UP_PARTS)}
 
 
 # ------------------------------------------------------------------------------------------------- reading

@@ -20,14 +20,16 @@ runs no code. One file pair per rank of the run that wrote it:
     trainer_state.json + trainer_state.safetensors                          a single-process run
     trainer_state-rank{r:05d}-of-{n:05d}.json + .safetensors, r = 0..n-1    a run on n ranks (torchrun)
 
-The JSON holds {"format", "version", "rank", "world_size", "step", "total_steps", "train_config", "optimizer",
-"rng"}: numbers, strings, lists and objects as themselves; every tensor is replaced by {"__tensor__": KEY} and
-stored in the safetensors file under KEY, a dotted path from the top (`optimizer.state.3.exp_avg`, `rng`); a
-tuple is {"__tuple__": [...]} and a dict with non-string keys (the optimizer's parameter indices) is
-{"__items__": [[key, value], ...]}. `optimizer` is that rank's `optimizer.state_dict()` (under ZeRO-1 and expert
-parallelism, its shard), `rng` its `torch.get_rng_state()` (a uint8 tensor). Resuming needs as many ranks as
-wrote the state. Older runs stored one `trainer_state.pt` pickle; it is refused (unpickling can run code) until
-`dsv3 runs upgrade RUN` converts it, loading it with `torch.load(weights_only=True)` (tensors and plain data only).
+The JSON holds {"format", "version", "rank", "world_size", "step", "total_steps", "estimating", "budget_spent_s",
+"train_config", "optimizer", "rng"} (`estimating`: a `--minutes` run still re-estimating its step count;
+`budget_spent_s`: the seconds of that budget used so far): numbers, strings, lists and objects as themselves; every
+tensor is replaced by {"__tensor__": KEY} and stored in the safetensors file under KEY, a dotted path from the top
+(`optimizer.state.3.exp_avg`, `rng`); a tuple is {"__tuple__": [...]} and a dict with non-string keys (the
+optimizer's parameter indices) is {"__items__": [[key, value], ...]}. `optimizer` is that rank's
+`optimizer.state_dict()` (under ZeRO-1 and expert parallelism, its shard), `rng` its `torch.get_rng_state()` (a
+uint8 tensor). Resuming needs as many ranks as wrote the state. Older runs stored one `trainer_state.pt` pickle; it
+is refused (unpickling can run code) until `dsv3 runs upgrade RUN` converts it, loading it with
+`torch.load(weights_only=True)` (tensors and plain data only).
 
 Writing outputs (every command that creates something): `claim_output` refuses an existing non-empty target,
 naming it, unless told to overwrite, and then moves the old one aside (`OUT.old-YYYYmmdd-HHMMSS`) rather than

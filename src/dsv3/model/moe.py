@@ -13,8 +13,14 @@ Routing (`Router`, stored as `mlp.gate`):
 With scoring_func = "softmax" (V2-style) the affinities are a softmax and a group scores by its max.
 
 Experts (`RoutedExperts`) hold stacked weights [E, ...] and run as grouped GEMMs over tokens sorted by expert,
-so no token ever gathers a private copy of a weight matrix. The checkpoint still names each expert separately
-(`mlp.experts.{j}.gate_proj.weight`); `dsv3.checkpoint` splits / stacks on save / load.
+so no token ever gathers a private copy of a weight matrix. Gate and up projections are fused into one matrix,
+`gate_up_proj` = [W_gate; W_up] (gate rows first, as transformers 5 stores it), so an expert is two GEMMs:
+  [g; u] = x [W_gate; W_up]^T      [M, 2I]
+  y = (silu(g) * u) W_down^T        [M, D]
+The dense `MLP` and the shared experts are fused the same way (`gate_up_proj` [2I, D], one nn.Linear).
+The checkpoint still uses the official names, one tensor per expert and projection
+(`mlp.experts.{j}.gate_proj.weight`, `mlp.shared_experts.up_proj.weight`); `dsv3.checkpoint` splits / stacks
+on save / load.
 
 Sources: DeepSeek-V3 report section 2.1.2 (DeepSeekMoE, auxiliary-loss-free load balancing) and the routing code
 of DeepSeek's `inference/model.py` (`Gate`) and transformers' `DeepseekV3TopkRouter`, which agree.
@@ -30,19 +36,29 @@ from torch import nn
 
 from ..config import ModelConfig
 
+GATE_UP = "gate_up_proj"  # the fused [gate; up] weight's name, in MLP and RoutedExperts alike
+GATE_UP_PARTS = ("gate_proj", "up_proj")  # the official names of its two halves, in row order
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating: gate_up [..., 2I] (gate columns first) -> silu(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with gate and up as one linear `gate_up_proj`
+    (weight [2I, D], gate rows first; stored as the official `gate_proj` / `up_proj`). Dense layers and shared
+    experts."""
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.gate_up_proj = nn.Linear(dim, 2 * inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 @dataclass
@@ -162,12 +178,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights: gate/up [E, I, D], down [E, D, I]."""
+    """E SwiGLU experts with stacked weights: gate_up_proj [E, 2I, D] (expert e's [W_gate; W_up], gate rows
+    first), down_proj [E, D, I]. Two grouped GEMMs per pass: gate+up, then down."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
-        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
@@ -176,7 +192,7 @@ class RoutedExperts(nn.Module):
         flat = topk_idx.flatten()  # [N*K], slot j belongs to token j // K
         order = flat.argsort(stable=True)  # slots sorted by expert
         token = order // k
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         ys = self.swiglu(x[token], counts)  # [N*K, D]
         ys = ys * topk_weight.flatten()[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[-1]).index_add_(0, token, ys)
@@ -184,11 +200,13 @@ class RoutedExperts(nn.Module):
     def swiglu(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows xs [M, D] grouped by expert (counts[e] rows for expert e, in expert order) -> [M, D], each row
         through its expert's SwiGLU (the part expert parallelism reuses between its dispatch and combine)."""
-        h = F.silu(self._linear(xs, self.gate_proj, counts)) * self._linear(xs, self.up_proj, counts)  # [M, I]
+        h = silu_mul(self._linear(xs, self.gate_up_proj, counts, parts=2))  # [M, 2I] -> [M, I]
         return self._linear(h, self.down_proj, counts)
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """The per-expert GEMM (overridden by the FP8 version in dsv3.quant)."""
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], parts: int = 1) -> torch.Tensor:
+        """The per-expert GEMM, x [M, in] grouped by expert, w [E, out, in] -> [M, out] (overridden by the FP8
+        version in dsv3.quant). parts: w's rows are that many stacked official matrices (2 for gate_up_proj);
+        exact arithmetic does not care, block-scaled FP8 does."""
         return grouped_linear(x, w, counts)
 
 

@@ -2,8 +2,9 @@
 
 Module names follow the checkpoint (`model.layers.{i}.self_attn.kv_b_proj.weight`, ...), so `state_dict()` keys
 are the official tensor names except two documented differences handled in `dsv3.checkpoint`:
-routed experts are stacked ([E, ...] per projection) and the MTP modules share the main embedding and head instead
-of holding the copies the checkpoint stores as `model.layers.{L}.embed_tokens` / `shared_head.head`.
+routed experts are stacked ([E, ...] per projection), gate and up projections are fused (`gate_up_proj`, stored as
+`gate_proj` / `up_proj`), and the MTP modules share the main embedding and head instead of holding the copies the
+checkpoint stores as `model.layers.{L}.embed_tokens` / `shared_head.head`.
 
 Shape legend: B batch, T tokens, D hidden, V vocab.
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .mla import MLA, LatentCache
-from .moe import MLP, MoE, RoutingInfo
+from .moe import GATE_UP, MLP, MoE, RoutingInfo
 from .norm import RMSNorm
 from .rope import Rope, RotaryEmbedding
 
@@ -153,7 +154,11 @@ class DeepseekV3(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias."""
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias.
+
+        A fused `gate_up_proj` ([..., 2I, D]) is drawn as two [..., I, D] tensors, gate then up, in parameter
+        order: the same random stream, hence the same weights for a seed, as separate gate and up parameters.
+        """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         for name, p in self.named_parameters():
@@ -162,7 +167,8 @@ class DeepseekV3(nn.Module):
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+                for part in p.chunk(2, dim=-2) if GATE_UP in name else (p,):
+                    part.copy_(torch.randn(part.shape, generator=gen, dtype=torch.float32) * std)
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()

@@ -52,7 +52,7 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 class EPExperts(nn.Module):
     """This rank's slice of the routed experts; same parameter names as `RoutedExperts` (local rows only):
-    gate/up [E/P, I, D], down [E/P, D, I], copied from `full`.
+    gate_up_proj [E/P, 2I, D], down_proj [E/P, D, I], copied from `full`.
 
     Raises:
         ValueError: n_routed_experts not divisible by the size of `group`.
@@ -63,16 +63,15 @@ class EPExperts(nn.Module):
         self.group = group
         self.world = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        self.n_experts = full.gate_proj.shape[0]
+        self.n_experts = full.gate_up_proj.shape[0]
         if self.n_experts % self.world:
             raise ValueError(f"n_routed_experts ({self.n_experts}) must be divisible by the expert-parallel "
                              f"size ({self.world})")
         self.n_local = self.n_experts // self.world
         self.first = rank * self.n_local
         rows = slice(self.first, self.first + self.n_local)
-        self.gate_proj = nn.Parameter(full.gate_proj.detach()[rows].clone())
-        self.up_proj = nn.Parameter(full.up_proj.detach()[rows].clone())
-        self.down_proj = nn.Parameter(full.down_proj.detach()[rows].clone())
+        for pname, p in full.named_parameters(recurse=False):  # gate_up_proj, down_proj: this rank's experts
+            setattr(self, pname, nn.Parameter(p.detach()[rows].clone()))
         # EP changes where rows are computed, not how: keep the wrapped class's GEMM (FP8RoutedExperts' FP8 one
         # after convert_to_fp8, which must therefore run first) and its settings
         self._gemm = type(full)._linear
@@ -80,8 +79,8 @@ class EPExperts(nn.Module):
 
     swiglu = RoutedExperts.swiglu  # the expert computation itself: one implementation, over this rank's rows
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return self._gemm(self, x, w, counts)
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], parts: int = 1) -> torch.Tensor:
+        return self._gemm(self, x, w, counts, parts)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """As `RoutedExperts.forward`: x [N, D] (this rank's tokens), topk_idx / topk_weight [N, K] (global expert
@@ -135,8 +134,8 @@ def unsharded_copy(model: nn.Module, group=None) -> nn.Module:
             if isinstance(child, EPExperts):
                 experts = RoutedExperts.__new__(RoutedExperts)
                 nn.Module.__init__(experts)
-                for pname in ("gate_proj", "up_proj", "down_proj"):
-                    shard = getattr(child, pname).detach().contiguous()
+                for pname, shard in child.named_parameters(recurse=False):  # gate_up_proj, down_proj
+                    shard = shard.detach().contiguous()
                     parts = [torch.empty_like(shard) for _ in range(child.world)]
                     dist.all_gather(parts, shard, group=group)
                     setattr(experts, pname, nn.Parameter(torch.cat(parts)))

@@ -13,6 +13,15 @@ products are exact in fp32; the partial is multiplied by its two tile scales and
 GEMM per slice). On CUDA devices with compute capability >= 8.9 each slice runs as a real FP8 GEMM
 (`torch._scaled_mm` with row-wise scales) behind the same function.
 
+Fused gate/up weights ([W_gate; W_up], [2I, D] per expert or per MLP): one FP8 GEMM over the fused matrix equals
+the two GEMMs over the official tensors when I is a multiple of 128, because then every 128x128 weight block
+and every 1x128 tile of the output gradient (Dgrad's reduction runs over the 2I rows) lies wholly inside the gate
+or the up half: the scales, hence the quantized values, are those of the separate matrices (the one difference
+is Dgrad's fp32 accumulator, which now sums the gate and up halves' partial products in one chain). DeepSeek-V3
+has I = 2048 (experts) and 18432 (dense). When I is not a multiple of 128 (the tiny test configs) a block would
+straddle the boundary and mix gate and up into one scale, so the halves run as two FP8 GEMMs instead
+(`_fp8_parts`): the quantization is always per official tensor, as in the checkpoint.
+
 The model never sees any of this: `convert_to_fp8(model)` swaps the classes of its linear layers and routed
 experts in place (parameters untouched), as torchtitan's float8 converter does. Kept in higher precision, as in
 the paper: the embedding, the output head, the MoE gate, the norms and the attention core
@@ -24,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.moe import RoutedExperts, expert_rows
+from ..model.moe import GATE_UP, RoutedExperts, expert_rows
 from .fp8 import BLOCK, dequantize_tiles, quantize_blockwise, quantize_tiles
 from .precision import TRAINING_HIGH_PRECISION, keeps_high_precision
 
@@ -89,24 +98,37 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, pow2_scale: bool = False) 
     return _FP8LinearFn.apply(x, weight, pow2_scale)
 
 
+def _fp8_parts(x: torch.Tensor, w: torch.Tensor, parts: int, pow2: bool) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T in FP8 where w stacks `parts` official matrices along N (2 for gate_up_proj): one
+    FP8 GEMM when each part is a whole number of 128-row blocks, else one per part (concatenated along N), so no
+    128x128 block or 1x128 gradient tile straddles two matrices."""
+    if parts == 1 or (w.shape[0] // parts) % BLOCK == 0:
+        return fp8_linear(x, w, pow2)
+    return torch.cat([fp8_linear(x, wp, pow2) for wp in w.chunk(parts, dim=0)], dim=-1)
+
+
 class FP8Linear(nn.Linear):
-    """nn.Linear whose GEMMs run in FP8 (master weight and gradient stay in the parameter's dtype)."""
+    """nn.Linear whose GEMMs run in FP8 (master weight and gradient stay in the parameter's dtype).
+    `parts` > 1: the weight stacks that many official matrices along its rows (a fused gate_up_proj), each
+    quantized as its own (see the module doc)."""
 
     pow2_scale = False
+    parts = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features], as nn.Linear."""
-        y = fp8_linear(x, self.weight, self.pow2_scale)
+        y = _fp8_parts(x, self.weight, self.parts, self.pow2_scale)
         return y + self.bias if self.bias is not None else y
 
 
 class FP8RoutedExperts(RoutedExperts):
-    """Routed experts whose per-expert GEMMs run in FP8 (each expert's weight is its own 128x128-blocked matrix)."""
+    """Routed experts whose per-expert GEMMs run in FP8 (each expert's weight is its own 128x128-blocked matrix;
+    the fused gate_up_proj [2I, D] as one matrix when I is a multiple of 128, else as its two halves)."""
 
     pow2_scale = False
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        pieces = [fp8_linear(x[rows], w[e], self.pow2_scale) for e, rows in expert_rows(counts)]
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], parts: int = 1) -> torch.Tensor:
+        pieces = [_fp8_parts(x[rows], w[e], parts, self.pow2_scale) for e, rows in expert_rows(counts)]
         return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[1])
 
 
@@ -115,12 +137,14 @@ def convert_to_fp8(model: nn.Module, pow2_scale: bool = False) -> nn.Module:
 
     Every plain nn.Linear not matched by `TRAINING_HIGH_PRECISION` becomes an `FP8Linear` (in a DeepseekV3 that
     leaves out only `lm_head`: the embedding, gate and norms are not nn.Linear), and every `RoutedExperts` an
-    `FP8RoutedExperts`. MTP's `eh_proj` is converted (it is stored in BF16, but trains like any linear).
+    `FP8RoutedExperts`. MTP's `eh_proj` is converted (it is stored in BF16, but trains like any linear). A fused
+    `gate_up_proj` linear gets `parts = 2` (its gate and up halves quantized as the official tensors they are).
     """
     for name, module in model.named_modules():
         if type(module) is nn.Linear and not keeps_high_precision(name, TRAINING_HIGH_PRECISION):
             module.__class__ = FP8Linear
             module.pow2_scale = pow2_scale
+            module.parts = 2 if name.rpartition(".")[2] == GATE_UP else 1
         elif type(module) is RoutedExperts:
             module.__class__ = FP8RoutedExperts
             module.pow2_scale = pow2_scale

@@ -29,4 +29,23 @@ def lr_at(step: int, total_steps: int, peak: float, warmup: int, min_ratio: floa
 
 def mtp_weight_at(step: int, total_steps: int, early: float = 0.3, late: float = 0.1,
                   switch: float = DECAY_START) -> float:
+    """MTP loss weight lambda for optimizer step `step` (0-based) of `total_steps`: `early`, then `late` from the
+    step where the LR decay starts."""
     return early if step < switch * total_steps else late
+
+
+def decay_start_step(total_steps: int, decay_start: float = DECAY_START) -> int:
+    """The first optimizer step (0-based) of a `total_steps`-step run whose LR (`lr_at`) or MTP weight
+    (`mtp_weight_at`) depends on `total_steps`; every earlier step is in the warmup or at the peak."""
+    return math.ceil(decay_start * total_steps)  # the same product lr_at compares with
+
+
+def frozen_total(step: int, estimate: int, decay_start: float = DECAY_START) -> int:
+    """The step count to fix, just before optimizer step `step`, for a run whose length was estimated so far: at
+    least `estimate`, and long enough that the decay starts no earlier than `step`. The steps already run (all in
+    the warmup or at the peak) are then exactly the first `step` steps of a run of that length, so the run as a
+    whole follows one schedule, as if its length had been known from the start."""
+    total = max(estimate, math.floor(step / decay_start) - 1, 1)
+    while decay_start_step(total, decay_start) < step:
+        total += 1
+    return total

@@ -18,6 +18,7 @@ import shutil
 import time
 import tomllib
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,10 +50,13 @@ from .balance import max_violation, sequence_balance_loss, update_expert_bias
 from .data import TokenData
 from .losses import lm_loss, mtp_losses
 from .optim import AdamW
-from .schedule import lr_at, mtp_weight_at
+from .schedule import decay_start_step, frozen_total, lr_at, mtp_weight_at
 
 BALANCE_MODES = ("aux_free", "aux_loss", "none")
 UNKNOWN_STEPS = 10**9  # schedule length while a time-budgeted run measures its step time (all in warmup)
+STEP_WINDOW = 8  # the recent steps whose mean wall time estimates a time-budgeted run's step count
+UNTIMED_STEPS = 2  # steps after each (re)start left out of that window (slower: allocations, caches)
+BUDGET_MARGIN = 0.99  # the estimate plans for this fraction of the time left
 
 
 class TrainError(Dsv3Error, ValueError):
@@ -244,6 +248,8 @@ class Trainer:
         self.data = TokenData(cfg.data, "train")
         self.step = 0
         self.total_steps = cfg.max_steps
+        self.estimating = cfg.max_steps is None  # --minutes alone: the step count is re-estimated until the decay
+        self.budget_spent_s = 0.0  # seconds of the --minutes budget this run has used (earlier sessions included)
         state = None
         if resume:
             ckpt = resolve_checkpoint(self.run.root)
@@ -252,7 +258,11 @@ class Trainer:
             self.step = state["step"]
             # the schedule's length is the original run's unless max_steps was given anew (extending the run)
             saved = TrainConfig.from_dict(state["train_config"], f"{ckpt} trainer state")
-            self.total_steps = cfg.max_steps if cfg.max_steps != saved.max_steps else state["total_steps"]
+            if cfg.max_steps == saved.max_steps:
+                self.total_steps = state["total_steps"]  # still an estimate if the run was estimating (fit)
+                self.estimating = state.get("estimating", self.total_steps >= UNKNOWN_STEPS)  # (older states)
+            if cfg.minutes == saved.minutes:  # a --minutes given anew is a new budget
+                self.budget_spent_s = state.get("budget_spent_s", 0.0)
             if self.main_rank:  # only rank 0 writes the metrics file
                 MetricsWriter(self.run.root).truncate_after(self.step)
         else:
@@ -414,43 +424,75 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def fit(self) -> StepMetrics | None:
         """Train until max_steps (or the time budget); checkpoint every checkpoint_every steps and at the end.
-        Returns the last step's metrics, None when the run was already complete."""
+        Returns the last step's metrics, None when the run was already complete.
+
+        With --minutes alone the step count is re-estimated after every step from the recent step times until the
+        LR decay would start, then fixed (`_estimate_total`; DESIGN.md, "Schedules at small scale"). A resumed run
+        has the budget its earlier sessions left (`budget_spent_s`, saved with each checkpoint)."""
         cfg = self.cfg
         if self.main_rank:
             self.run.root.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run.config_file, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
-        estimating = self.total_steps is None  # time budget only: the step count is estimated, then fixed
-        if estimating:
-            self.total_steps = UNKNOWN_STEPS
-        probe_from, probe_t = self.step + 3, 0.0  # skip the slower first steps when timing
+        start, spent = self.clock(), self.budget_spent_s
+        deadline = start + cfg.minutes * 60 - spent if cfg.minutes else None
+        if self.total_steps is None:
+            self.total_steps = UNKNOWN_STEPS  # until the first estimate
+        step_s: deque[float] = deque(maxlen=STEP_WINDOW)  # recent steps' wall times, checkpoints left out
+        checkpoint_s = 0.0  # the last checkpoint's wall time
+        untimed_until = self.step + UNTIMED_STEPS
         last: StepMetrics | None = None
         if self.world > 1:
             dist.barrier()
         log = MetricsWriter(self.run.root, enabled=self.main_rank)
         with _Progress(cfg.progress and self.main_rank) as bar, log:
-            task = bar.add(None if estimating else self.total_steps, self.step)
+            task = bar.add(None if self.estimating else self.total_steps, self.step)
             while self.step < self.total_steps:
-                if deadline and self._all_agree(time.monotonic() > deadline):
+                if deadline is not None and self._all_agree(self.clock() > deadline):
                     break
+                t0 = self.clock()
                 last = self.train_step()
-                if estimating and self.step == probe_from:
-                    probe_t = time.monotonic()
-                elif estimating and self.step == probe_from + 10:
-                    per_step = (time.monotonic() - probe_t) / 10
-                    left = int(self._from_rank0((deadline - time.monotonic()) / per_step * 0.98))
-                    self.total_steps = max(self.step + 1, self.step + left)
-                    estimating = False
-                    bar.set_total(task, self.total_steps)
                 log.write(last)
                 bar.update(task, self.step, last)
+                now = self.clock()
+                if self.step > untimed_until:
+                    step_s.append(now - t0)
+                if self.estimating and step_s:
+                    self._estimate_total(step_s, deadline - now, checkpoint_s)
+                    bar.set_total(task, self.total_steps)
+                self.budget_spent_s = spent + now - start
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-        if estimating:  # the budget ran out before the step time was measured: the run is what it is
-            self.total_steps = self.step
+                    checkpoint_s = self.clock() - now
+        if self.estimating:  # the budget ran out while estimating: the run is as long as it got
+            self.total_steps, self.estimating = self.step, False
         if last and self.step % cfg.checkpoint_every != 0:
             self.save_checkpoint()
         return last
+
+    def clock(self) -> float:
+        """Seconds on the clock the time budget runs on (`time.monotonic`; tests replace it)."""
+        return time.monotonic()
+
+    def _estimate_total(self, step_s: deque[float], left_s: float, checkpoint_s: float) -> None:
+        """Re-estimate total_steps for a time-budgeted run: the most steps that fit in BUDGET_MARGIN x the `left_s`
+        seconds left, at the mean of the recent step times `step_s` (s), with each checkpoint they pass through
+        (every checkpoint_every steps, and the final one) costing `checkpoint_s`; rank 0's estimate holds on every
+        rank. Once the next step would be in the LR decay under the estimate, the estimate is fixed
+        (`frozen_total`) and `estimating` ends."""
+        per_step, every, budget = sum(step_s) / len(step_s), self.cfg.checkpoint_every, left_s * BUDGET_MARGIN
+
+        def cost(n: int) -> float:  # seconds for n more steps and their checkpoints
+            end = self.step + n
+            return n * per_step + (end // every - self.step // every + (end % every != 0)) * checkpoint_s
+
+        n = max(0, int(budget / per_step))
+        while n > 0 and cost(n) > budget:
+            n -= 1
+        estimate = max(int(self._from_rank0(self.step + n)), self.step + 1)
+        if self.step >= decay_start_step(estimate):
+            self.total_steps, self.estimating = frozen_total(self.step, estimate), False
+        else:
+            self.total_steps = estimate
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
@@ -463,7 +505,8 @@ class Trainer:
         """
         self._check_finite_params(f"at step {self.step}, before saving its checkpoint")
         model = self._model_to_save()
-        state = {"step": self.step, "total_steps": self.total_steps, "optimizer": self.optimizer.state_dict(),
+        state = {"step": self.step, "total_steps": self.total_steps, "estimating": self.estimating,
+                 "budget_spent_s": self.budget_spent_s, "optimizer": self.optimizer.state_dict(),
                  "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
         files = trainer_state_files(state, self.rank, self.world)
         if self.world > 1:  # each rank's files (its optimizer shard under EP and ZeRO-1), as bytes, to rank 0

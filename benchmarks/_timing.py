@@ -1,0 +1,60 @@
+"""Timing helpers shared by the speed benchmarks: alternating repeated trials, median and spread, stream bandwidth.
+
+On a shared, noisy machine one timing is worth little: a single slow prefill once turned a 2.3x row into 0.4x.
+So every figure here is a median over repeated trials, the systems under comparison alternate within each round
+(drift hits both equally) and ratios are taken per round before the median, with the min-max spread shown.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def alternating(trials: dict[str, Callable[[int], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Run every trial `repeats` times, one of each per round, rotating which goes first each round.
+
+    trials: name -> fn(round index) returning a dict of measurements. Returns name -> the `repeats` dicts, in
+    round order, so that results[a][r] and results[b][r] come from the same round (a pair).
+    """
+    names = list(trials)
+    out: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            out[n].append(trials[n](r))
+    return out
+
+
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """'median (min-max)' of the values, e.g. '123.4 (110.2-130.9)'."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def pair_ratios(num: list[float], den: list[float]) -> list[float]:
+    """num[r] / den[r] for each round r (same-round pairs)."""
+    return [a / b for a, b in zip(num, den, strict=True)]
+
+
+def best_of(fn: Callable[[], object], n: int) -> float:
+    """Smallest wall time of n calls of fn, in seconds (after one untimed warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def stream_bandwidth(mbytes: float = 32, n: int = 20) -> float:
+    """Measured memory-stream bandwidth in bytes/s: an fp32 matrix-vector product x [1, K] @ W [K, 1024] with W
+    about `mbytes` MiB, best of n. A batch-1 decode step is such products over every active weight, so
+    active weight bytes / this bandwidth is a lower bound on its time (the roofline)."""
+    cols = 1024
+    rows = max(1, int(mbytes * 2**20 / 4 / cols))
+    w = torch.randn(rows, cols)
+    x = torch.randn(1, rows)
+    return w.numel() * 4 / best_of(lambda: x @ w, n)
