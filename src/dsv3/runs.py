@@ -184,10 +184,6 @@ class Run:
         ckpts = self.checkpoints()
         return ckpts[-1] if ckpts else None
 
-    def exists(self) -> bool:
-        """Whether this directory already holds a run (its config, metrics or checkpoints)."""
-        return self.config_file.exists() or self.metrics_file.exists() or self.checkpoints_dir.exists()
-
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (it has a config.json), or a training run directory (its latest checkpoint).
@@ -437,13 +433,6 @@ def _rank0_state(checkpoint: Path) -> tuple[Path, dict] | None:
     if trainer_state_names(0, doc["world_size"])[0] != found[0].name:
         raise RunError(f"{found[0]}: says world_size {doc['world_size']}, which its file name contradicts")
     return found[0], doc
-
-
-def has_trainer_state(checkpoint: str | Path) -> bool:
-    """Whether a checkpoint holds trainer state, in the current format or the old (refused) pickle."""
-    checkpoint = Path(checkpoint)
-    return ((checkpoint / trainer_state_names()[0]).is_file() or (checkpoint / LEGACY_TRAINER_STATE).exists()
-            or any(checkpoint.glob(f"{TRAINER_STATE}-rank00000-of-*.json")))
 
 
 def load_trainer_state(checkpoint: str | Path, rank: int = 0, world: int | None = None) -> dict:

@@ -36,6 +36,8 @@ from ..errors import Dsv3Error
 from ..model import DeepseekV3
 from ..tokenizer import stop_token_ids
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+
 
 class GenerationError(Dsv3Error, ValueError):
     """A request that cannot be served as asked; names the field."""
@@ -69,7 +71,7 @@ class SamplingParams:
             raise GenerationError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX):
             raise GenerationError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise GenerationError(f"stop strings must be non-empty strings, got {self.stop_strings!r}")

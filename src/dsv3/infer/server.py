@@ -37,11 +37,10 @@ from starlette.background import BackgroundTask
 
 from ..errors import Dsv3Error
 from ..tokenizer import ChatTemplate, ChatTemplateError, stop_token_ids
-from .engine import Engine, GenerationError, SamplingParams
+from .engine import SEED_MAX, Engine, GenerationError, SamplingParams
 
 log = logging.getLogger("dsv3.serve")
 
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's limit) and characters per stop string
 MAX_NESTING = 64  # JSON arrays / objects inside one another in a request body
 RETRY_AFTER_S = 1  # the Retry-After of a 429
