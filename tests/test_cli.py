@@ -43,10 +43,11 @@ FLAGS = {
                          "--seed"],  # test_simulate_routing
     "convert": ["--out", "--overwrite", "--dtype"],  # test_convert_bf16
     "generate": ["--prompt", "--verbose", "--max-new-tokens", "--max-len", "--temperature", "--top-k", "--top-p",
-                 "--seed", "--speculative", "--stop"],  # test_generate
-    "chat": ["--max-new-tokens", "--max-len", "--temperature", "--speculative", "--stop"],  # test_chat
-    "serve": ["--host", "--port", "--max-batch", "--max-len", "--speculative", "--model-name", "--max-queue",
-              "--request-timeout", "--api-key"],  # test_serve
+                 "--seed", "--speculative", "--draft-tokens", "--compile", "--stop"],  # test_generate
+    "chat": ["--max-new-tokens", "--max-len", "--temperature", "--speculative", "--draft-tokens", "--compile",
+             "--stop"],  # test_chat
+    "serve": ["--host", "--port", "--max-batch", "--max-len", "--speculative", "--draft-tokens", "--compile",
+              "--model-name", "--max-queue", "--request-timeout", "--api-key"],  # test_serve
     "cost": ["--model-config", "--tokens", "--gpus", "--gpu", "--mfu", "--seq-len", "--price", "--pp",
              "--micro-batches"],  # test_cost
     "demo": ["--minutes", "--data", "--out", "--overwrite"],  # test_demo
@@ -233,10 +234,14 @@ def test_generate(capsys, trained_run):
     ckpt = resolve_checkpoint(trained_run)
     expected = _greedy(ckpt, load_tokenizer(ckpt).encode("KING.\n").ids, 12)
     code, out, err = cli(capsys, "generate", trained_run, "--prompt", "KING.\n", "--max-new-tokens", 12,
-                         "--temperature", 0, "--speculative", "mtp", "-v")
+                         "--temperature", 0, "--speculative", "mtp", "--draft-tokens", 2, "-v")
     assert code == 0, err
     assert out == expected.text + "\n"  # greedy: MTP drafting changes the speed, never the text
     assert f"{len(expected.output)} tokens in " in err and "MTP acceptance" in err
+    code, out, err = cli(capsys, "generate", trained_run, "--prompt", "KING.\n", "--max-new-tokens", 12,
+                         "--temperature", 0, "--max-len", 64, "--compile", "-v")
+    assert code == 0, err
+    assert out == expected.text + "\n" and "compiling took" in err
     code, _, err = cli(capsys, "generate", trained_run, "--prompt", "x", "--max-new-tokens", 0)
     assert code == 2 and "--max-new-tokens" in err
 
@@ -277,7 +282,8 @@ def test_serve(trained_run, tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", str(trained_run), "--port", str(port),
-                                 "--max-len", "128", "--model-name", "cli-test"], stdout=stderr, stderr=stderr)
+                                 "--max-len", "128", "--model-name", "cli-test", "--no-compile"],
+                                stdout=stderr, stderr=stderr)
     try:
         deadline = time.monotonic() + 120  # importing torch on a loaded machine is the slow part
         while True:

@@ -72,6 +72,37 @@ def test_speculative_greedy_equals_plain_greedy(trained, batch):
     assert spec_engine.stats["decode_steps"] < plain[0].params.max_new_tokens - 1
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("k", [2, 3])
+def test_chained_drafts_greedy_equals_plain_greedy(trained, batch, k):
+    """k drafts chained through the one MTP module: the same tokens as plain greedy decoding."""
+    model, tok = trained
+    ps = prompts(tok)[:batch]
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    plain = Engine(model, tok, max_batch=batch, max_len=128).generate(ps, params)
+    engine = Engine(model, tok, max_batch=batch, max_len=128, speculative=True, draft_tokens=k)
+    for a, b in zip(plain, engine.generate(ps, params)):
+        assert a.output == b.output
+    assert engine.stats["drafted"] % k == 0 and engine.stats["accepted"] > 0
+    assert sum(engine.accepted_at) == engine.stats["accepted"]
+    assert engine.accepted_at[0] >= engine.accepted_at[-1]  # a later draft is reached only after the earlier
+
+
+def test_same_seed_same_tokens_alone_and_in_a_batch(trained):
+    """A request's tokens depend on its seed, not on the requests it shares a batch with."""
+    model, tok = trained
+    ps = prompts(tok)
+    params = [SamplingParams(max_new_tokens=16, temperature=0.9, top_k=40, seed=100 + i) for i in range(4)]
+    for speculative in (False, True):
+        engine = Engine(model, tok, max_batch=4, max_len=128, speculative=speculative)
+        batched = [engine.submit(p, sp) for p, sp in zip(ps, params)]
+        while not all(r.done for r in batched):
+            engine.step()
+        for p, sp, r in zip(ps, params, batched):
+            alone = Engine(model, tok, max_batch=1, max_len=128, speculative=speculative).generate([p], sp)[0]
+            assert alone.output == r.output
+
+
 def test_continuous_batching_with_joins_and_leaves(trained):
     """More requests than slots, different lengths: each result equals running that request alone."""
     model, tok = trained
@@ -110,60 +141,73 @@ def flattened_draft(model):
     return model
 
 
-def check_speculative_sampling_statistics(model, tok, n_tokens: int = 100, temperature: float = 1.0) -> dict:
-    """Speculative sampling at temperature > 0 (sixteen requests, fixed seeds), checked against the model's own
-    distributions recomputed without cache over the finished sequences:
-    - bookkeeping: every step verified one draft and emitted 1 token (rejected) or 2 (accepted: the draft and
-      a bonus); the per-request and engine counts and `acceptance_rate` agree with those steps;
-    - acceptance: a draft d ~ q for a token whose main-model distribution is p is kept with probability
-      sum_x min(p(x), q(x)) (Leviathan et al. 2023, speculative sampling), so the accepted count must lie
-      within 4 sigma of the sum of those probabilities over the steps (a rule keeping too many or too few fails);
-    - distribution: every emitted token t_j follows the main model's p_j whatever the draft, so sums of f_j(t_j)
-      must lie within 4 sigma of their expectations under p, for f = log p over all tokens and, sensitive to
-      the draft leaking into the output, f = q (the draft's probability) over the tokens a verification decided.
+def check_speculative_sampling_statistics(model, tok, k: int = 1, n_tokens: int = 100, temperature: float = 1.0
+                                         ) -> dict:
+    """Speculative sampling with k chained drafts at temperature > 0 (sixteen requests, fixed seeds), checked
+    against the main model's distributions p recomputed without cache over the finished sequences and the draft
+    distributions q the engine sampled each draft from (recorded before every decode step):
+    - bookkeeping: every step verified k drafts and emitted a + 1 tokens (a accepted, then a correction or a
+      bonus); the per-request and engine counts and `acceptance_rate` agree with those steps;
+    - acceptance: a draft d_i ~ q_i that is reached (d_1..d_{i-1} accepted) for a token whose main-model
+      distribution is p_i is kept with probability sum_x min(p_i(x), q_i(x)) (Leviathan et al. 2023), so the
+      accepted count must lie within 4 sigma of the sum of those probabilities over the reached drafts (a rule
+      keeping too many or too few fails);
+    - distribution: every emitted token t_j follows the main model's p_j whatever the drafts, so sums of
+      f_j(t_j) must lie within 4 sigma of their expectations under p, for f = log p over all tokens and, sensitive
+      to the draft leaking into the output, f = q_i (the draft's probability) over the tokens a verification
+      decided.
     The draft here is deliberately poor (`flattened_draft`), so that a wrong rule shows: keeping every draft,
     accepting with min(1, q/p), or resampling rejections from p instead of max(0, p - q) each fail.
     Raises AssertionError otherwise; returns the statistics (sums, expectations, sigmas)."""
-    engine = Engine(model, tok, max_batch=16, max_len=128, speculative=True)
+    engine = Engine(model, tok, max_batch=16, max_len=128, speculative=True, draft_tokens=k)
     reqs = [engine.submit(p, SamplingParams(max_new_tokens=n_tokens, temperature=temperature, seed=11 + i))
             for i, p in enumerate(prompts(tok) * 4)]
-    steps = {r.id: [] for r in reqs}  # (tokens emitted before the step, tokens it emitted, whether it finished)
-    while not all(r.done for r in reqs):
-        before = {r.id: max(len(r.output), 1) for r in reqs if not r.done}  # the prefill emits the first token
-        engine.step()
+    # per request and decode step: (tokens emitted before it, the drafts' q, tokens it emitted, whether it finished)
+    steps = {r.id: [] for r in reqs}
+    decode_step = engine._speculative_step
+
+    def recording_step():  # after the prefills, so a request's first verification is recorded too
+        before = {r.id: (len(r.output), list(r.slot.draft_probs)) for r in engine.running}
+        decode_step()
         for r in reqs:
             if r.id in before:
-                steps[r.id].append((before[r.id], len(r.output) - before[r.id], r.done))
+                n, qs = before[r.id]
+                steps[r.id].append((n, qs, len(r.output) - n, r.done))
+
+    engine._speculative_step = recording_step
+    while not all(r.done for r in reqs):
+        engine.step()
     vocab = model.config.vocab_size
     accepted = expected = variance = 0.0
     log_p = log_p_mean = log_p_var = 0.0
     draft_p = draft_p_mean = draft_p_var = 0.0
     for r in reqs:
         assert len(r.output) == n_tokens and all(0 <= t < vocab for t in r.output)
-        assert r.drafted == len(steps[r.id]), (r.drafted, steps[r.id])
+        assert r.drafted == k * len(steps[r.id]), (r.drafted, steps[r.id])
         seq = torch.tensor([r.prompt + r.output])
         with torch.no_grad():
-            out = model(seq)
+            out = model(seq, mtp=False)
         p_all = (out.logits[0].double() / temperature).softmax(-1)  # p_all[j]: distribution of token j + 1
-        q_all = (out.mtp_logits[0][0].double() / temperature).softmax(-1)  # q_all[j]: of token j + 2
         n_prompt = len(r.prompt)
         kept = 0
-        for emitted_before, emitted, finished in steps[r.id]:
-            assert emitted in (1, 2), steps[r.id]
-            kept += emitted == 2
-            if finished and emitted == 1 and emitted_before + 1 == n_tokens:
-                continue  # cut at max_new_tokens: an accepted draft would also have emitted just one token
-            j = n_prompt + emitted_before  # index of the verified token in seq
-            p, q = p_all[j - 1], q_all[j - 2]
-            alpha = float(torch.minimum(p, q).sum())
-            accepted += emitted == 2
-            expected += alpha
-            variance += alpha * (1 - alpha)
-            mean = float((p * q).sum())
-            draft_p += float(q[seq[0, j]])
-            draft_p_mean += mean
-            draft_p_var += float((p * q.square()).sum()) - mean**2
-        assert r.accepted - kept in (0, 1), (r.accepted, kept)  # 1: the last step's draft, accepted but cut
+        for emitted_before, qs, emitted, finished in steps[r.id]:
+            assert 1 <= emitted <= k + 1 and len(qs) == k, steps[r.id]
+            kept += emitted - 1
+            if finished and emitted_before + emitted == n_tokens:
+                continue  # cut at max_new_tokens: how many drafts the rule kept is not seen
+            a = emitted - 1
+            for i in range(1, min(a + 1, k) + 1):  # the reached drafts
+                j = n_prompt + emitted_before - 1 + i  # index in seq of the token draft i proposed
+                p, q = p_all[j - 1], qs[i - 1].double()
+                alpha = float(torch.minimum(p, q).sum())
+                accepted += i <= a
+                expected += alpha
+                variance += alpha * (1 - alpha)
+                mean = float((p * q).sum())
+                draft_p += float(q[seq[0, j]])
+                draft_p_mean += mean
+                draft_p_var += float((p * q.square()).sum()) - mean**2
+        assert 0 <= r.accepted - kept <= k, (r.accepted, kept)  # > 0: the last step's drafts, kept but cut
         for j in range(n_prompt, seq.shape[1]):  # every output token, the prefill's first one included
             p = p_all[j - 1]
             lp = p.clamp(min=1e-300).log()
@@ -186,9 +230,10 @@ def check_speculative_sampling_statistics(model, tok, n_tokens: int = 100, tempe
             "draft_p": (draft_p, draft_p_mean, draft_p_var**0.5)}
 
 
-def test_speculative_sampling_keeps_the_main_models_distribution(trained):
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_sampling_keeps_the_main_models_distribution(trained, k):
     model, tok = trained
-    check_speculative_sampling_statistics(flattened_draft(model), tok)
+    check_speculative_sampling_statistics(flattened_draft(model), tok, k=k)
 
 
 def test_speculative_acceptance_rule_keeps_the_distribution():
@@ -251,3 +296,25 @@ def test_errors_name_the_problem(trained):
     no_mtp = dsv3.DeepseekV3(dsv3.get_config("tiny").replace(num_nextn_predict_layers=0))
     with pytest.raises(GenerationError, match="MTP"):
         Engine(no_mtp, speculative=True)
+
+
+def test_compiled_decode_equals_eager(trained):
+    """The compiled decode step (one batch bucket, static shapes, frozen weights): greedy tokens identical to
+    eager, logits within 1e-4; with speculation (k = 2) the same tokens as plain decoding."""
+    model, tok = trained
+    p = prompts(tok)[1]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    eager = Engine(model, tok, max_batch=1, max_len=64)
+    compiled = Engine(model, tok, max_batch=1, max_len=64, compile=True)
+    a, b = eager.generate([p], params)[0], compiled.generate([p], params)[0]
+    assert a.output == b.output
+    assert compiled.stats["compile_time"] > 0 and eager.stats["compile_time"] == 0
+    pos = len(p) + len(a.output) - 1  # both caches now hold the same positions: one more step on each
+    with torch.no_grad():
+        want, _ = eager._run_main([[a.output[-1]]], [pos])
+        got, _ = compiled._run_main([[a.output[-1]]], [pos])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    spec = Engine(model, tok, max_batch=1, max_len=64, speculative=True, draft_tokens=2, compile=True)
+    assert spec.warmup() > 0
+    assert spec.generate([p], params)[0].output == a.output
+    assert spec.stats["accepted"] > 0

@@ -1,4 +1,5 @@
-"""Generation engine: continuous batching over a preallocated latent cache, with optional MTP speculation.
+"""Generation engine: continuous batching over a preallocated latent cache, with optional MTP speculation and an
+optional compiled decode step.
 
 The cache has `max_batch` rows (slots). Running requests occupy rows 0..n-1 in order; when one finishes, the last
 row is copied into its place, so a decode step always runs on the contiguous batch `[:n]` with per-row positions.
@@ -9,17 +10,28 @@ One `step()`:
 2. one decode step for every running row: plain (one token per row, absorbed attention over the cache), or
    speculative with the MTP module (below).
 
-MTP speculation (depth 1). For a row whose main cache holds positions < n, whose next token t_n is sampled but not
-yet fed, and whose draft d for position n+1 came from the MTP module:
-  verify   the main model reads [t_n, d] at positions n, n+1 in one forward -> distributions p_n, p_{n+1};
-  accept   d with probability min(1, p_n(d) / q(d)) (greedy: iff d = argmax p_n). On acceptance t_{n+1} = d and
-           a bonus token t_{n+2} ~ p_{n+1}: two tokens for one main forward. On rejection
-           t_{n+1} ~ normalise(max(0, p_n - q)) (greedy: argmax p_n) and position n+1 is simply not kept (the
-           per-row length is the rollback; the stale slot is masked and later overwritten);
-  draft    the MTP module reads (h_j, t_{j+1}) pairs for the newest two positions (recomputing the older one
-           when only one is new, which keeps the batch rectangular) and proposes the next draft.
-This is the standard speculative-sampling rule, so the output distribution is exactly the main model's; greedy
-output is the same token sequence as plain decoding.
+MTP speculation with k chained drafts (DeepSeek-V3 section 2.2's module used as a drafter, as vLLM and SGLang do;
+the acceptance rule of Leviathan et al. 2023). Invariant at the start of a step, per row: the main cache holds
+positions < n, the MTP cache holds the pairs (h_j, t_{j+1}) for j < n (the last one reads the pending token t_n,
+sampled but not yet fed to the main model), and drafts d_1..d_k for positions n+1..n+k with their draft
+distributions q_1..q_k.
+  verify   the main model reads [t_n, d_1..d_k] at positions n..n+k in one forward -> p_0..p_k and h_n..h_{n+k};
+  accept   d_i while u * q_i(d_i) <= p_{i-1}(d_i) (greedy: while d_i = argmax p_{i-1}); at the first rejection
+           resample from normalise(max(0, p_{i-1} - q_i)) (greedy: argmax), else a bonus token from p_k. With a
+           drafts kept a + 1 tokens are new; the rejected positions are simply not kept (the per-row length is
+           the rollback: stale cache slots are masked, then overwritten);
+  draft    the MTP module reads the k + 1 pairs (h_{n+i}, t_{n+i+1}) at positions n..n+k, of which the first a + 1
+           are real (the rest keep the batch rectangular and are overwritten later), and its output at position
+           n + a gives d'_1; then it reads its own output hidden state with d'_{j-1} one position further for
+           each next draft d'_j (one module reused k times).
+The output distribution is exactly the main model's; greedy output is the same token sequence as plain decoding.
+
+Compiled decode (`compile=True`): the decode forwards (main model and MTP module) run through `torch.compile` with
+static shapes, one graph per batch-size bucket (powers of two up to max_batch, padded with free cache rows) and
+per token count; the weights are frozen into the graphs (inductor `freezing`), so build a new engine after
+changing them. Under compile the model attends over the whole cache row (masked) and runs the routed experts
+through `RoutedExperts.gathered`; the engine checks every position before the step, since the graph does not.
+Prefill stays eager (its shapes vary with every prompt).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import torch
 
 from ..errors import Dsv3Error
 from ..model import DeepseekV3
+from ..model.moe import RoutedExperts
 from ..tokenizer import stop_token_ids
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
@@ -85,9 +98,8 @@ class DecodeSlot:
     row: int = -1  # its row in the batched latent cache
     pos: int = 0  # tokens of this request in the main cache
     pending: int = -1  # the newest sampled token, not yet read by the model
-    draft: int = -1  # the MTP draft token to verify next step
-    draft_probs: torch.Tensor | None = None  # [V] the draft's sampling distribution (None when greedy)
-    prev_h: torch.Tensor | None = None  # [D] h_{pos-1}: (prev_h, pending) is the newest MTP pair
+    drafts: list[int] = field(default_factory=list)  # MTP drafts for positions pos+1.. to verify next step
+    draft_probs: list[torch.Tensor] = field(default_factory=list)  # [V] each draft's distribution (sampled only)
     gen: torch.Generator | None = None  # this request's sampler (seeded: same seed, same tokens in any batch)
     emitted_chars: int = 0  # characters of `text` already passed to on_update
 
@@ -150,16 +162,22 @@ class Engine:
     and the shared rope key are cached, and decode attends straight over it with the absorbed projections).
 
     Requests wait in `waiting`, are prefilled one at a time into a free cache row, then decode together in
-    `running` (one token per step, or up to two with MTP speculation: the MTP module drafts, the next main
-    forward verifies, §2.2 / Leviathan et al. 2023's acceptance rule). `step()` advances every running request;
-    `generate()` runs a list of prompts to completion. Tensors live on the model's device.
+    `running` (one token per step, or up to draft_tokens + 1 with MTP speculation: the MTP module drafts, the next
+    main forward verifies; see the module doc). `step()` advances every running request; `generate()` runs a list
+    of prompts to completion. Tensors live on the model's device.
+
+    draft_tokens: k, the MTP drafts per step when speculative (the context shrinks by k - 1 positions: a verify
+        step writes k positions past the last kept token). compile: run the decode forwards through
+        `torch.compile` (module doc); `warmup()` compiles every batch bucket up front.
 
     Raises:
-        GenerationError: speculative decoding without an MTP module, max_batch < 1 or max_len < 2.
+        GenerationError: speculative decoding without an MTP module, max_batch < 1, max_len < 2,
+            draft_tokens < 1, or compile=True for a model whose experts have their own GEMM (FP8 training modules).
     """
 
     def __init__(self, model: DeepseekV3, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 speculative: bool = False, log: Callable[[str], None] | None = None):
+                 speculative: bool = False, log: Callable[[str], None] | None = None, draft_tokens: int = 1,
+                 compile: bool = False):
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
             raise GenerationError("speculative decoding needs a model with an MTP module "
@@ -169,18 +187,42 @@ class Engine:
         if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
             raise GenerationError(f"max_len must be an integer >= 2 (a prompt token and an output token), "
                                   f"got {max_len!r}")
+        if not isinstance(draft_tokens, int) or draft_tokens < 1:
+            raise GenerationError(f"draft_tokens must be a positive integer, got {draft_tokens!r}")
+        if compile and any(type(m)._linear is not RoutedExperts._linear for m in model.modules()
+                           if isinstance(m, RoutedExperts)):
+            raise GenerationError("compile=True runs the routed experts through RoutedExperts.gathered, which "
+                                  "bypasses this model's own expert GEMM (FP8?); load the checkpoint unquantized")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.speculative = speculative
+        self.draft_tokens = draft_tokens if speculative else 0
         self.max_batch = max_batch
-        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        # one spare slot: a verify step may write one position past the last kept token
-        self.cache = model.new_cache(max_batch, self.max_len + 1)
+        # a verify step reads positions up to pos + k, which must stay inside the model's context
+        room = cfg.max_position_embeddings - max(self.draft_tokens - 1, 0)
+        self.max_len = min(max_len or room, room)
+        self.cache = model.new_cache(max_batch, self.max_len + 1 + max(self.draft_tokens - 1, 0))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
         self.stats = {"generated": 0, "drafted": 0, "accepted": 0, "decode_steps": 0, "decode_time": 0.0,
-                      "prefill_time": 0.0, "prefill_tokens": 0}
+                      "prefill_time": 0.0, "prefill_tokens": 0, "compile_time": 0.0}
+        self.accepted_at = [0] * self.draft_tokens  # drafts accepted at each draft position (1..k)
+        self.compiled = compile
+        self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self._seen: set[tuple] = set()  # (kind, bucket, tokens) graphs already compiled
+        self._log = log
+        if compile:
+            import torch._dynamo
+
+            # one graph per (forward, bucket, token count): raise dynamo's per-function limit to hold them all
+            graphs = 3 * len(self.buckets)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+            options = {"freezing": True}
+            self._main_fn = torch.compile(self._main_forward, dynamic=False, fullgraph=True, options=options)
+            self._mtp_fn = torch.compile(self._mtp_forward, dynamic=False, fullgraph=True, options=options)
+        else:
+            self._main_fn, self._mtp_fn = self._main_forward, self._mtp_forward
         if log:
             log(f"latent KV cache: {self.cache.nbytes / 2**20:.1f} MiB for {max_batch} sequences x "
                 f"{self.max_len} tokens ({len(self.cache.layers)} layers x (kv_lora_rank {cfg.kv_lora_rank} + "
@@ -230,6 +272,33 @@ class Engine:
         return self.stats["accepted"] / self.stats["drafted"] if self.stats["drafted"] else 0.0
 
     @torch.no_grad()
+    def warmup(self) -> float:
+        """Compile every decode graph now (each batch bucket; with speculation the verify and both MTP shapes),
+        so that no request waits for a compilation. Call it before the first request. Returns the seconds spent
+        (0 when not compiling).
+
+        Raises:
+            GenerationError: requests already submitted (the warm-up writes junk into free cache rows).
+        """
+        if not self.compiled:
+            return 0.0
+        if self.running or self.waiting:
+            raise GenerationError("warmup() runs before the first request")
+        t0 = time.perf_counter()
+        k = self.draft_tokens
+        for n in self.buckets:  # junk ids at position 0 of free rows
+            ids, start = [[0] * (k + 1)] * n, [0] * n
+            logits, hidden = self._run_main(ids, start)
+            if self.speculative:
+                h, _ = self._run_mtp(hidden, ids, start, [0] * n)
+                if k > 1:
+                    self._run_mtp(h[:, :1], [[0]] * n, start)
+        seconds = time.perf_counter() - t0
+        if self._log:
+            self._log(f"compiled the decode step for batch sizes {self.buckets} in {seconds:.0f} s")
+        return seconds
+
+    @torch.no_grad()
     def step(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             self._prefill(self.waiting.popleft())
@@ -239,22 +308,84 @@ class Engine:
             self.stats["decode_time"] += time.perf_counter() - t
             self.stats["decode_steps"] += 1
 
-    # ---------------------------------------------------------------- internals
+    # ---------------------------------------------------------------- forwards
+    def _main_forward(self, ids: torch.Tensor, start: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main model over the cache: ids [B, T] at positions start.. -> (logits [B, T, V], h [B, T, D])."""
+        out = self.model(ids, cache=self.cache, start_pos=start, mtp=False)
+        return out.logits, out.hidden_states
+
+    def _mtp_forward(self, h: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, at: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP module over its cache: pairs (h [B, T, D], ids [B, T]) -> (h^1 [B, T, D], logits [B, V] at
+        position `at` of each row, the last when None)."""
+        return self.model.mtp_step(1, h, ids, self.cache, start, logits_at=at)
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _timed(self, key: tuple, fn, *args):
+        """Run a (maybe compiled) forward; the first call of each graph counts as compile time."""
+        if not self.compiled or key in self._seen:
+            return fn(*args)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self._seen.add(key)
+        self.stats["compile_time"] += time.perf_counter() - t0
+        return out
+
+    def _pad(self, ids: list[list[int]], start: list[int], extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [n, T] and starts [n] as tensors on the model's device, padded with `extra` junk rows at position 0
+        (they write into free cache rows, which a later prefill overwrites)."""
+        device = self.cache.layers[0].device
+        ids_t = torch.tensor(ids + [[0] * len(ids[0])] * extra, device=device)
+        return ids_t, torch.tensor(start + [0] * extra, device=device)
+
+    def _check_positions(self, start: list[int], t: int) -> None:
+        last = max(start) + t
+        if last > self.cache.max_len:  # the compiled step cannot check its own indices
+            raise GenerationError(f"positions up to {last} exceed the cache ({self.cache.max_len})")
+
+    def _run_main(self, ids: list[list[int]], start: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main forward for n rows: (logits [n, T, V], h [n, T, D])."""
+        n, t = len(ids), len(ids[0])
+        if not self.compiled:
+            ids_t, start_t = self._pad(ids, start, 0)
+            # one row: a plain int position needs no per-row mask
+            return self._main_fn(ids_t, start[0] if n == 1 else start_t)
+        self._check_positions(start, t)
+        b = self._bucket(n)
+        logits, h = self._timed(("main", b, t), self._main_fn, *self._pad(ids, start, b - n))
+        return logits[:n], h[:n]
+
+    def _run_mtp(self, h: torch.Tensor, ids: list[list[int]], start: list[int], at: list[int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP forward for n rows (h [n, T, D]): (h^1 [n, T, D], logits [n, V])."""
+        n, t = len(ids), len(ids[0])
+        b = self._bucket(n) if self.compiled else n
+        if b > n:
+            h = torch.cat([h, h.new_zeros(b - n, *h.shape[1:])])
+        ids_t, start_t = self._pad(ids, start, b - n)
+        at_t = None if at is None else torch.tensor(at + [0] * (b - n), device=ids_t.device)
+        if self.compiled:
+            self._check_positions(start, t)
+        h1, logits = self._timed(("mtp", b, t, at is None), self._mtp_fn, h, ids_t, start_t, at_t)
+        return h1[:n], logits[:n]
+
+    # ---------------------------------------------------------------- steps
     def _prefill(self, req: Request) -> None:
         t0 = time.perf_counter()
         req.slot.row = len(self.running)
         self.running.append(req)
         view = self.cache.rows(req.slot.row, req.slot.row + 1)
-        ids = torch.tensor([req.prompt])
+        ids = torch.tensor([req.prompt], device=self.cache.layers[0].device)
         out = self.model(ids, cache=view, start_pos=0, mtp=False)
         req.slot.pos = len(req.prompt)
-        req.slot.pending = self._choose(req, out.logits[0, -1])
+        req.slot.pending = self._choose([req], out.logits[:, -1])[0]
         if self.speculative:
-            # MTP over every prompt pair (h_j, t_{j+1}); the last pair uses the token just sampled
-            nxt = torch.tensor([req.prompt[1:] + [req.slot.pending]])
-            _, logits = self.model.mtp_step(1, out.hidden_states, nxt, view, 0)
-            self._set_draft(req, logits[0, -1])
-            req.slot.prev_h = out.hidden_states[0, -1]
+            # MTP over every prompt pair (h_j, t_{j+1}); the last pair reads the token just sampled
+            nxt = torch.tensor([req.prompt[1:] + [req.slot.pending]], device=ids.device)
+            h1, logits = self.model.mtp_step(1, out.hidden_states, nxt, view, 0)
+            self._draft([req], h1[:, -1:], logits)
         self.stats["prefill_time"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += len(req.prompt)
         self._emit(req, [req.slot.pending])
@@ -262,68 +393,85 @@ class Engine:
 
     def _decode_step(self) -> None:
         reqs = self.running
-        ids = torch.tensor([[r.slot.pending] for r in reqs])
-        # one row: a plain int position needs no per-row mask
-        start = reqs[0].slot.pos if len(reqs) == 1 else torch.tensor([r.slot.pos for r in reqs])
-        logits = self.model(ids, cache=self.cache, start_pos=start, mtp=False).logits[:, -1]
-        for r, row_logits in zip(reqs, logits):
+        logits, _ = self._run_main([[r.slot.pending] for r in reqs], [r.slot.pos for r in reqs])
+        for r, tok in zip(reqs, self._choose(reqs, logits[:, -1])):
             r.slot.pos += 1
-            r.slot.pending = self._choose(r, row_logits)
-            self._emit(r, [r.slot.pending])
+            r.slot.pending = tok
+            self._emit(r, [tok])
         self._retire_finished()
 
     def _speculative_step(self) -> None:
-        reqs = self.running
-        ids = torch.tensor([[r.slot.pending, r.slot.draft] for r in reqs])
-        start = torch.tensor([r.slot.pos for r in reqs])
-        out = self.model(ids, cache=self.cache, start_pos=start, mtp=False)  # verify
-        pairs_h, pairs_tok, pairs_start = [], [], []
+        reqs, k = self.running, self.draft_tokens
+        ids = [[r.slot.pending, *r.slot.drafts] for r in reqs]  # [n, k+1]
+        start = [r.slot.pos for r in reqs]
+        logits, hidden = self._run_main(ids, start)  # verify: [n, k+1, V], [n, k+1, D]
+        greedy = logits.argmax(-1).tolist()  # [n][k+1]
+        pair_ids, at = [], []
         for b, r in enumerate(reqs):
-            n = r.slot.pos
-            r.drafted += 1
-            accepted, tok = self._verify(r, out.logits[b, 0])
-            new = [tok]
-            if accepted:
-                r.accepted += 1
-                self.stats["accepted"] += 1
-                bonus = self._choose(r, out.logits[b, 1])
-                new.append(bonus)
-                # new MTP pairs at n and n+1: (h_n, d), (h_{n+1}, bonus)
-                pairs_h.append(out.hidden_states[b, :2])
-                pairs_tok.append([tok, bonus])
-                pairs_start.append(n)
-                r.slot.pos, r.slot.pending, r.slot.prev_h = n + 2, bonus, out.hidden_states[b, 1]
-            else:
-                # one new pair at n: (h_n, tok); the pair at n-1 is recomputed to keep T = 2
-                pairs_h.append(torch.stack([r.slot.prev_h, out.hidden_states[b, 0]]))
-                pairs_tok.append([r.slot.pending, tok])
-                pairs_start.append(n - 1)
-                r.slot.pos, r.slot.pending, r.slot.prev_h = n + 1, tok, out.hidden_states[b, 0]
+            new = self._accept(r, logits[b], greedy[b])  # a accepted drafts, then one more token
+            a = len(new) - 1
+            r.drafted += k
+            r.accepted += a
+            self.stats["drafted"] += k
+            self.stats["accepted"] += a
+            for i in range(a):
+                self.accepted_at[i] += 1
+            # MTP pairs at positions n..n+k: (h_{n+i}, t_{n+i+1}), real for i <= a, filler after
+            pair_ids.append((new + [new[-1]] * k)[: k + 1])
+            at.append(a)
+            r.slot.pos, r.slot.pending = r.slot.pos + a + 1, new[-1]
             self._emit(r, new)
-        self.stats["drafted"] += len(reqs)
-        _, logits = self.model.mtp_step(1, torch.stack(pairs_h), torch.tensor(pairs_tok), self.cache,
-                                        torch.tensor(pairs_start))
-        for b, r in enumerate(reqs):
-            self._set_draft(r, logits[b, -1])
+        h1, first = self._run_mtp(hidden, pair_ids, start, at)
+        h_at = h1.gather(1, torch.tensor(at, device=h1.device).view(-1, 1, 1).expand(-1, 1, h1.shape[-1]))
+        self._draft(reqs, h_at, first)
         self._retire_finished()
 
-    def _choose(self, req: Request, logits: torch.Tensor) -> int:
-        if req.params.temperature == 0:
-            return int(logits.argmax())
-        return _sample(_probs(logits, req.params), req.slot.gen)
+    def _draft(self, reqs: list[Request], h: torch.Tensor, logits: torch.Tensor) -> None:
+        """Set k drafts per row: the first from `logits` [n, V] (the MTP output at each row's newest pair, whose
+        hidden state is h [n, 1, D]), each next one by feeding the MTP module its own h and the previous draft
+        one position further."""
+        for r in reqs:
+            r.slot.drafts, r.slot.draft_probs = [], []
+        for j in range(self.draft_tokens):
+            if j:
+                start = [r.slot.pos + j - 1 for r in reqs]  # the pair (h^1, d_j) sits at pos + j - 1
+                h, logits = self._run_mtp(h, [[r.slot.drafts[-1]] for r in reqs], start)
+            probs = [None if r.params.temperature == 0 else _probs(row, r.params) for r, row in zip(reqs, logits)]
+            for r, tok, p in zip(reqs, self._choose(reqs, logits, probs), probs):
+                r.slot.drafts.append(tok)
+                if p is not None:
+                    r.slot.draft_probs.append(p)
 
-    def _set_draft(self, req: Request, logits: torch.Tensor) -> None:
-        if req.params.temperature == 0:
-            req.slot.draft, req.slot.draft_probs = int(logits.argmax()), None
-        else:
-            req.slot.draft_probs = _probs(logits, req.params)
-            req.slot.draft = _sample(req.slot.draft_probs, req.slot.gen)
+    def _choose(self, reqs: list[Request], logits: torch.Tensor, probs: list | None = None) -> list[int]:
+        """One token per row from logits [n, V]: one argmax for the greedy rows, the row's own generator for the
+        sampled ones (`probs`: their distributions when already computed)."""
+        greedy = logits.argmax(-1).tolist()
+        out = []
+        for b, r in enumerate(reqs):
+            if r.params.temperature == 0:
+                out.append(greedy[b])
+            else:
+                p = probs[b] if probs is not None else _probs(logits[b], r.params)
+                out.append(_sample(p, r.slot.gen))
+        return out
 
-    def _verify(self, req: Request, logits: torch.Tensor) -> tuple[bool, int]:
-        if req.params.temperature == 0:
-            best = int(logits.argmax())
-            return best == req.slot.draft, best
-        return speculative_accept(_probs(logits, req.params), req.slot.draft_probs, req.slot.draft, req.slot.gen)
+    def _accept(self, req: Request, logits: torch.Tensor, greedy: list[int]) -> list[int]:
+        """Verify req's drafts against the main model's logits [k+1, V] at positions n..n+k (greedy: their
+        argmaxes): the accepted drafts, then the correction or bonus token."""
+        drafts, out = req.slot.drafts, []
+        for i, d in enumerate(drafts):
+            if req.params.temperature == 0:
+                ok, tok = d == greedy[i], greedy[i]
+            else:
+                ok, tok = speculative_accept(_probs(logits[i], req.params), req.slot.draft_probs[i], d,
+                                             req.slot.gen)
+            out.append(tok)
+            if not ok:
+                return out
+        bonus = logits[len(drafts)]
+        out.append(greedy[len(drafts)] if req.params.temperature == 0 else _sample(_probs(bonus, req.params),
+                                                                                  req.slot.gen))
+        return out
 
     def _emit(self, req: Request, tokens: list[int]) -> None:
         """Append sampled tokens, applying stop ids, stop strings and the length limit; stream new text."""

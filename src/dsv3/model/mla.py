@@ -70,7 +70,8 @@ def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, star
 
     start_pos: an int shared by all rows, or a LongTensor [B] of per-row positions (rows of different lengths,
     as in continuous batching and speculative verification). Cache slots past a row's own length may hold stale
-    values from an earlier request; the mask hides them.
+    values from an earlier request; the mask hides them. Under `torch.compile` with per-row positions the result
+    spans the whole buffer (S = S_max, a static shape) and the positions are not checked.
     """
     b, t, _ = c_kv.shape
     new = torch.cat([c_kv, k_pe], dim=-1)
@@ -84,9 +85,14 @@ def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, star
             mask = torch.arange(end, device=c_kv.device) <= torch.arange(start_pos, end, device=c_kv.device)[:, None]
     else:
         cols = start_pos[:, None] + torch.arange(t, device=c_kv.device)  # [B, T] positions of the new tokens
-        end = int(cols.max()) + 1
-        if end > buf.shape[1]:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache length {buf.shape[1]}")
+        if torch.compiler.is_compiling():
+            # static shapes: attend over the whole buffer (the mask hides what lies past each row's length);
+            # the caller (the engine) has checked the positions, which a compiled step cannot read
+            end = buf.shape[1]
+        else:
+            end = int(cols.max()) + 1
+            if end > buf.shape[1]:
+                raise ValueError(f"sequence of {end} tokens exceeds the cache length {buf.shape[1]}")
         buf[torch.arange(b, device=c_kv.device)[:, None], cols] = new
         mask = (torch.arange(end, device=c_kv.device) <= cols[:, :, None])[:, None]  # [B, 1, T, S]
     return buf[:b, :end], mask

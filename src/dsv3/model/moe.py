@@ -111,7 +111,9 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         weight = weight * self.routed_scaling_factor
-        load = torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+        # tokens per expert (a scatter rather than bincount, whose output size depends on the data under compile)
+        load = scores.new_zeros(self.n_experts).index_add_(0, topk_idx.flatten(),
+                                                           scores.new_ones(topk_idx.numel()))
         return RoutingInfo(topk_idx, weight, scores, load)
 
 
@@ -187,7 +189,13 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        """x [N, D], topk_idx / topk_weight [N, K] -> sum_k weight_k * expert_k(x) [N, D]."""
+        """x [N, D], topk_idx / topk_weight [N, K] -> sum_k weight_k * expert_k(x) [N, D].
+
+        Eager: the grouped GEMMs over tokens sorted by expert. Under `torch.compile`: `gathered`, whose shapes do
+        not depend on the routing (the grouped path needs the per-expert counts as Python ints).
+        """
+        if torch.compiler.is_compiling():
+            return self.gathered(x, topk_idx, topk_weight)
         n, k = topk_idx.shape
         flat = topk_idx.flatten()  # [N*K], slot j belongs to token j // K
         order = flat.argsort(stable=True)  # slots sorted by expert
@@ -196,6 +204,23 @@ class RoutedExperts(nn.Module):
         ys = self.swiglu(x[token], counts)  # [N*K, D]
         ys = ys * topk_weight.flatten()[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[-1]).index_add_(0, token, ys)
+
+    def gathered(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """Same result as `forward` with static shapes (the compiled decode step's path): each of the N·K
+        (token, expert) pairs multiplies its expert's rows, indexed by the routing, as products summed over the
+        input dim. x [N, D], topk_idx / topk_weight [N, K] -> [N, D].
+
+        Eager this materialises [N·K, 2I, D] products, so `forward` uses it only under `torch.compile`, where the
+        index, product and sum fuse into one loop that reads just the chosen experts' rows. Measured (the whole
+        compiled `small` decode step, frozen weights, two threads): batch 1 5.0 ms vs 7.4 ms for running every
+        expert on every token with a zero-padded combine matrix; batch 16 16.0 vs 21.7 ms.
+        """
+        n, k = topk_idx.shape
+        flat = topk_idx.flatten()
+        xs = x.repeat_interleave(k, 0)  # [NK, D]
+        h = silu_mul((self.gate_up_proj[flat] * xs[:, None, :]).sum(-1))  # [NK, I]
+        y = (self.down_proj[flat] * h[:, None, :]).sum(-1)  # [NK, D]
+        return (y.view(n, k, -1) * topk_weight.to(y.dtype)[..., None]).sum(1)
 
     def swiglu(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows xs [M, D] grouped by expert (counts[e] rows for expert e, in expert order) -> [M, D], each row

@@ -124,9 +124,10 @@ def apply_rope(x: torch.Tensor, rope: Rope, interleaved: bool = True) -> torch.T
     cos, sin = rope
     if x.dim() == 4:  # per-head tensor: broadcast the angles over heads
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    if interleaved and x.dtype == torch.float32 and x.stride(-1) == 1 and x.storage_offset() % 2 == 0:
+    if (interleaved and x.dtype == torch.float32 and not torch.compiler.is_compiling() and x.stride(-1) == 1
+            and x.storage_offset() % 2 == 0):
         # the pair (x0, x1) as the complex number x0 + i x1, rotated by multiplying with cos + i sin:
-        # the same arithmetic in three kernels instead of seven
+        # the same arithmetic in three kernels instead of seven (eager only: compiled code fuses the real form)
         rotated = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
         return torch.view_as_real(rotated).flatten(-2)
     if interleaved:

@@ -229,6 +229,8 @@ class DeepseekV3(nn.Module):
         """[T] positions for a shared start, [B, T] for per-row starts; checked against the context length."""
         steps = torch.arange(t, device=device)
         positions = steps + start_pos if isinstance(start_pos, int) else start_pos[:, None].to(device) + steps
+        if torch.compiler.is_compiling():  # a compiled step cannot read its positions; its caller checks them
+            return positions
         last = int(positions.max()) + 1 if positions.numel() else 0
         if last > self.config.max_position_embeddings:
             raise ValueError(f"positions up to {last} exceed max_position_embeddings "
@@ -236,15 +238,17 @@ class DeepseekV3(nn.Module):
         return positions
 
     def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
-                 start_pos: int | torch.Tensor, last_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run MTP module `depth` (1-based) incrementally, for speculative decoding.
+                 start_pos: int | torch.Tensor, logits_at: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP module `depth` (1-based) incrementally over the cache, for speculative decoding.
 
         h_prev [B, T, D]: h^{depth-1} at positions start_pos..; next_ids [B, T]: the tokens one further.
-        Returns (h^depth [B, T, D], logits [B, T or 1, V] predicting the token after next_ids; with last_only
-        only the last position's, which is all a draft needs).
+        logits_at: LongTensor [B], the position (0..T-1) in each row whose logits are wanted (default: the last).
+        Returns (h^depth [B, T, D] before shared_head.norm, which a chained draft feeds back as h_prev;
+        logits [B, V] at logits_at, predicting the token after next_ids[b, logits_at[b]]).
 
         Raises:
-            ValueError: positions past max_position_embeddings or the cache length.
+            ValueError: positions past max_position_embeddings or the cache length (eager only).
         """
         module = self.mtp_modules[depth - 1]
         layer = self.config.num_hidden_layers + depth - 1
@@ -252,7 +256,11 @@ class DeepseekV3(nn.Module):
         emb = self.model.embed_tokens(next_ids)
         rope = self.model.rotary_emb(positions, emb.dtype)
         h, _ = module(h_prev, emb, rope, cache.layers[layer], start_pos, absorb=True)
-        return h, self.lm_head(module.shared_head.norm(h[:, -1:] if last_only else h))
+        if logits_at is None:
+            picked = h[:, -1]  # [B, D]
+        else:
+            picked = h.gather(1, logits_at.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+        return h, self.lm_head(module.shared_head.norm(picked))
 
     def num_parameters(self) -> int:
         """Parameters held by the module (a tied head counted once)."""
