@@ -5,8 +5,8 @@ The cache has `max_batch` rows (slots). Running requests occupy rows 0..n-1 in o
 row is copied into its place, so a decode step always runs on the contiguous batch `[:n]` with per-row positions.
 
 One `step()`:
-1. admit waiting requests into free rows, each with its own prefill (naive attention over the prompt; prefill is
-   never mixed into a decode batch), which also samples the request's first token;
+1. admit waiting requests into free rows, prefilled together (naive attention over the right-padded prompts;
+   prefill is never mixed into a decode batch), which also samples each request's first token;
 2. one decode step for every running row: plain (one token per row, absorbed attention over the cache), or
    speculative with the MTP module (below).
 
@@ -161,7 +161,7 @@ class Engine:
     """Continuous-batching generation over the latent KV cache (DeepSeek-V3 §2.1.1: only the compressed latent
     and the shared rope key are cached, and decode attends straight over it with the absorbed projections).
 
-    Requests wait in `waiting`, are prefilled one at a time into a free cache row, then decode together in
+    Requests wait in `waiting`, are prefilled together into free cache rows, then decode together in
     `running` (one token per step, or up to draft_tokens + 1 with MTP speculation: the MTP module drafts, the next
     main forward verifies; see the module doc). `step()` advances every running request; `generate()` runs a list
     of prompts to completion. Tensors live on the model's device.
@@ -300,8 +300,11 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch:
-            self._prefill(self.waiting.popleft())
+        admitted = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+            admitted.append(self.waiting.popleft())
+        if admitted:
+            self._prefill(admitted)
         if self.running:
             t = time.perf_counter()
             (self._speculative_step if self.speculative else self._decode_step)()
@@ -372,23 +375,36 @@ class Engine:
         return h1[:n], logits[:n]
 
     # ---------------------------------------------------------------- steps
-    def _prefill(self, req: Request) -> None:
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Prefill newly admitted requests together into the next free rows: their prompts right-padded to the
+        longest (causal attention keeps the padding out of every real token's view; the padded positions are past
+        each row's length, masked later and overwritten), each row's first token sampled at its own last prompt
+        position."""
         t0 = time.perf_counter()
-        req.slot.row = len(self.running)
-        self.running.append(req)
-        view = self.cache.rows(req.slot.row, req.slot.row + 1)
-        ids = torch.tensor([req.prompt], device=self.cache.layers[0].device)
+        first = len(self.running)
+        for i, r in enumerate(reqs):
+            r.slot.row = first + i
+        self.running.extend(reqs)
+        view = self.cache.rows(first, first + len(reqs))
+        device = self.cache.layers[0].device
+        width = max(len(r.prompt) for r in reqs)
+        ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in reqs], device=device)  # [m, L]
+        last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=device)  # [m]
         out = self.model(ids, cache=view, start_pos=0, mtp=False)
-        req.slot.pos = len(req.prompt)
-        req.slot.pending = self._choose([req], out.logits[:, -1])[0]
+        at = last.view(-1, 1, 1)
+        logits = out.logits.gather(1, at.expand(-1, 1, out.logits.shape[-1])).squeeze(1)  # [m, V]
+        for r, tok in zip(reqs, self._choose(reqs, logits)):
+            r.slot.pos, r.slot.pending = len(r.prompt), tok
         if self.speculative:
             # MTP over every prompt pair (h_j, t_{j+1}); the last pair reads the token just sampled
-            nxt = torch.tensor([req.prompt[1:] + [req.slot.pending]], device=ids.device)
-            h1, logits = self.model.mtp_step(1, out.hidden_states, nxt, view, 0)
-            self._draft([req], h1[:, -1:], logits)
+            nxt = torch.tensor([r.prompt[1:] + [r.slot.pending] + [0] * (width - len(r.prompt)) for r in reqs],
+                               device=device)
+            h1, logits = self.model.mtp_step(1, out.hidden_states, nxt, view, 0, logits_at=last)
+            self._draft(reqs, h1.gather(1, at.expand(-1, 1, h1.shape[-1])), logits)
         self.stats["prefill_time"] += time.perf_counter() - t0
-        self.stats["prefill_tokens"] += len(req.prompt)
-        self._emit(req, [req.slot.pending])
+        self.stats["prefill_tokens"] += sum(len(r.prompt) for r in reqs)
+        for r in reqs:
+            self._emit(r, [r.slot.pending])
         self._retire_finished()
 
     def _decode_step(self) -> None:

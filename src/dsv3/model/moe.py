@@ -191,10 +191,11 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x [N, D], topk_idx / topk_weight [N, K] -> sum_k weight_k * expert_k(x) [N, D].
 
-        Eager: the grouped GEMMs over tokens sorted by expert. Under `torch.compile`: `gathered`, whose shapes do
-        not depend on the routing (the grouped path needs the per-expert counts as Python ints).
+        Eager, and whenever gradients are wanted: the grouped GEMMs over tokens sorted by expert (under
+        `torch.compile` they break the graph: they need the per-expert counts as Python ints). Compiled inference
+        (the engine's decode step): `gathered`, whose shapes do not depend on the routing.
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.gathered(x, topk_idx, topk_weight)
         n, k = topk_idx.shape
         flat = topk_idx.flatten()  # [N*K], slot j belongs to token j // K
