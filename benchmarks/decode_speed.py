@@ -1,11 +1,15 @@
 """Decode and prefill speed, dsv3 vs Hugging Face transformers `generate`, same weights, same prompts, one process.
 
-Rows: batch 1 and batch 16 with 32-token prompts, batch 1 at a 2K-token context, prefill tokens/s for 512-token
-prompts, and dsv3's MTP speculative decoding against dsv3 plain (greedy, batch 1, acceptance rate reported).
+Rows: batch 1 and batch 16 with 32-token prompts, batch 1 at a 2K-token context (each for dsv3 eager and dsv3 with
+the compiled decode step, `Engine(compile=True)`, with its compile time), prefill tokens/s for 512-token prompts,
+and dsv3's MTP speculative decoding against dsv3 plain: batch 1 greedy compiled for k = 1..--max-draft chained
+drafts (acceptance per draft position, tokens per verification and the issue's target 0.8 x that), and batch 8
+at temperature 0.8 (eager, k = 1).
 
 How each figure is measured, so that it survives a noisy machine:
 - prefill and decode are timed separately within one call. dsv3: the engine's own clocks (`Engine.stats`
-  prefill_time / decode_time). transformers: a no-op stopping criterion stamps the time after every token, so
+  prefill_time / decode_time); each engine is built and compiled once per row, before its timed rounds (a timed
+  call that compiles fails the run). transformers: a no-op stopping criterion stamps the time after every token, so
   prefill = start to the first token and decode = first token to last (batch x (N - 1) tokens).
 - the two systems alternate (which goes first rotates every round), `--repeats` rounds; each figure is the
   median with its min-max spread, and the speedup is the median of the per-round ratios.
@@ -90,15 +94,32 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int) -> dict:
             "decode_s": clock.times[-1] - clock.times[0], "decode_tokens": len(prompts) * (new_tokens - 1)}
 
 
-def run_ours(model, prompts: list[list[int]], new_tokens: int, speculative: bool = False) -> dict:
-    """One dsv3 `Engine.generate` call: prefill and decode seconds and token counts from the engine's clocks."""
-    engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens + 2,
-                    speculative=speculative)
-    reqs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
+def run_ours(engine: Engine, prompts: list[list[int]], new_tokens: int, temperature: float = 0.0) -> dict:
+    """One `Engine.generate` call on a reused engine (its compiled graphs too): prefill and decode seconds and
+    token counts from the engine's clocks (counted afresh for this call)."""
+    before = dict(engine.stats)
+    accepted_at = list(engine.accepted_at)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=0)
+    reqs = engine.generate(prompts, params)
     assert all(len(r.output) == new_tokens for r in reqs)
-    s = engine.stats
+    s = {k: v - before[k] for k, v in engine.stats.items()}
+    assert s["compile_time"] == 0, "a graph compiled during a timed call: warm the engine up first"
     return {"prefill_s": s["prefill_time"], "prefill_tokens": s["prefill_tokens"], "decode_s": s["decode_time"],
-            "decode_tokens": len(prompts) * (new_tokens - 1), "drafted": s["drafted"], "accepted": s["accepted"]}
+            "decode_tokens": len(prompts) * (new_tokens - 1), "drafted": s["drafted"], "accepted": s["accepted"],
+            "accepted_at": [x - y for x, y in zip(engine.accepted_at, accepted_at)]}
+
+
+def make_engine(model, batch: int, max_len: int, compile: bool, speculative: bool = False, k: int = 1,
+                temperature: float = 0.0, all_buckets: bool = False) -> tuple[Engine, float]:
+    """An engine, warmed up by one short generation at full batch (which compiles the graphs of that batch
+    size; `all_buckets`: every bucket, via `Engine.warmup`, for rows whose requests end at different steps):
+    (engine, seconds its compilation took)."""
+    engine = Engine(model, max_batch=batch, max_len=max_len, speculative=speculative, draft_tokens=k,
+                    compile=compile)
+    seconds = engine.warmup() if all_buckets else 0.0
+    prompt = [[1] * 8] * batch
+    engine.generate(prompt, SamplingParams(max_new_tokens=4, temperature=temperature, seed=0))
+    return engine, seconds + engine.stats["compile_time"]
 
 
 def decode_tps(results: list[dict]) -> list[float]:
@@ -121,6 +142,8 @@ def main() -> None:
     ap.add_argument("--long-context", type=int, default=2000, help="prompt tokens of the long-context row")
     ap.add_argument("--prefill-len", type=int, default=512, help="prompt tokens of the prefill row")
     ap.add_argument("--batch", type=int, default=16, help="batch size of the batched row")
+    ap.add_argument("--max-draft", type=int, default=3, help="MTP rows for k = 1..this many chained drafts")
+    ap.add_argument("--spec-batch", type=int, default=8, help="batch size of the sampled MTP row")
     ap.add_argument("--stream-mb", type=float, default=32, help="MiB of the fp32 matrix timed for the bandwidth")
     args = ap.parse_args()
     transformers.logging.set_verbosity_error()  # its load report lists the MTP tensors it does not use
@@ -163,58 +186,94 @@ def main() -> None:
             def pick(r, prompts=prompts, batch=batch):  # round r's prompts: passage r, or the first `batch`
                 return [prompts[r % len(prompts)]] if batch == 1 else prompts[:batch]
 
-            run_ours(ours, pick(0), min(new, 4))  # warm-up
-            run_hf(hf, pick(0), min(new, 4))
-            trials = {"transformers": lambda r, pick=pick, new=new: run_hf(hf, pick(r), new),
-                      "dsv3": lambda r, pick=pick, new=new: run_ours(ours, pick(r), new)}
+            max_len = len(prompts[0]) + new + 2
+            systems = {"dsv3": make_engine(ours, batch, max_len, compile=False)[0]}
+            compile_s = None
+            if new > 1:  # decode rows: also the compiled step
+                systems["dsv3 compiled"], compile_s = make_engine(ours, batch, max_len, compile=True)
+            run_hf(hf, pick(0), min(new, 4))  # warm-up
+            trials = {"transformers": lambda r, pick=pick, new=new: run_hf(hf, pick(r), new)}
+            for name, engine in systems.items():
+                run_ours(engine, pick(0), min(new, 4))
+                trials[name] = lambda r, pick=pick, new=new, engine=engine: run_ours(engine, pick(r), new)
             res = alternating(trials, args.repeats)
             roof = bw / step_bytes if step_bytes else None
-            rows.append((label, res["transformers"], res["dsv3"], roof))
-            h, o = res["transformers"], res["dsv3"]
+            rows.append((label, res, roof, compile_s))
+            h = res["transformers"]
             if new > 1:
-                print(f"{label:>28}: decode tok/s transformers {spread(decode_tps(h))} | dsv3 {spread(decode_tps(o))}"
-                      f" | {statistics.median(pair_ratios(decode_tps(o), decode_tps(h))):.2f}x"
-                      f"   (prefill tok/s {spread(prefill_tps(h), '.0f')} | {spread(prefill_tps(o), '.0f')})",
-                      flush=True)
+                cells = " | ".join(f"{name} {spread(decode_tps(res[name]))} "
+                                   f"({statistics.median(pair_ratios(decode_tps(res[name]), decode_tps(h))):.2f}x)"
+                                   for name in systems)
+                print(f"{label:>28}: decode tok/s transformers {spread(decode_tps(h))} | {cells}   "
+                      f"(compile {compile_s:.0f} s)", flush=True)
             else:
+                o = res["dsv3"]
                 print(f"{label:>28}: prefill tok/s transformers {spread(prefill_tps(h), '.0f')} | dsv3 "
                       f"{spread(prefill_tps(o), '.0f')} | "
                       f"{statistics.median(pair_ratios(prefill_tps(o), prefill_tps(h))):.2f}x", flush=True)
 
     model = ours  # the same weights (only its position limit was raised)
-    spec_row = None
+    spec_rows = []  # (label, plain results, speculative results, k, compile seconds)
     if model.config.num_nextn_predict_layers >= 1:
-        pick = lambda r: [short[r % len(short)]]  # noqa: E731
-        run_ours(model, pick(0), 4)
-        run_ours(model, pick(0), 4, speculative=True)
-        res = alternating({"plain": lambda r: run_ours(model, pick(r), 2 * n),
-                           "speculative": lambda r: run_ours(model, pick(r), 2 * n, speculative=True)},
-                          args.repeats)
-        acc = sum(r["accepted"] for r in res["speculative"]) / max(1, sum(r["drafted"] for r in res["speculative"]))
-        spec_row = (res["plain"], res["speculative"], acc)
-        print(f"{'MTP speculation, batch 1':>28}: decode tok/s plain {spread(decode_tps(res['plain']))} | "
-              f"speculative {spread(decode_tps(res['speculative']))} | "
-              f"{statistics.median(pair_ratios(decode_tps(res['speculative']), decode_tps(res['plain']))):.2f}x,"
-              f" acceptance {acc:.1%}")
+        # batch 1 greedy, compiled, k = 1..max: the plain compiled step against each speculative one
+        max_len = args.prompt_len + 2 * n + 2 + args.max_draft
+        one = lambda r: [short[r % len(short)]]  # noqa: E731
+        plain, _ = make_engine(model, 1, max_len, compile=True)
+        trials = {"plain": lambda r: run_ours(plain, one(r), 2 * n)}
+        compile_s = {}
+        for k in range(1, args.max_draft + 1):
+            engine, compile_s[k] = make_engine(model, 1, max_len, compile=True, speculative=True, k=k)
+            trials[f"k={k}"] = lambda r, engine=engine: run_ours(engine, one(r), 2 * n)
+        res = alternating(trials, args.repeats)
+        for k in range(1, args.max_draft + 1):
+            spec_rows.append((f"MTP k={k}, batch 1 greedy, compiled", res["plain"], res[f"k={k}"], k, compile_s[k]))
+        # batch 8, temperature 0.8, eager (requests end at different steps: every bucket would need compiling)
+        eight = lambda r: [short[(r + i) % len(short)] for i in range(args.spec_batch)]  # noqa: E731
+        max_len = args.prompt_len + n + 2 + args.max_draft
+        plain8, _ = make_engine(model, args.spec_batch, max_len, compile=False, temperature=0.8)
+        spec8, _ = make_engine(model, args.spec_batch, max_len, compile=False, speculative=True, temperature=0.8)
+        res8 = alternating({"plain": lambda r: run_ours(plain8, eight(r), n, temperature=0.8),
+                            "spec": lambda r: run_ours(spec8, eight(r), n, temperature=0.8)}, args.repeats)
+        spec_rows.append((f"MTP k=1, batch {args.spec_batch}, temperature 0.8, eager", res8["plain"], res8["spec"],
+                          1, None))
+        for label, p, sp, k, _ in spec_rows:
+            acc = sum(r["accepted"] for r in sp) / max(1, sum(r["drafted"] for r in sp))
+            steps = sum(r["drafted"] for r in sp) / k  # verifications
+            per_pos = [sum(r["accepted_at"][i] for r in sp) / steps for i in range(k)]
+            print(f"{label:>40}: decode tok/s plain {spread(decode_tps(p))} | speculative {spread(decode_tps(sp))}"
+                  f" | {statistics.median(pair_ratios(decode_tps(sp), decode_tps(p))):.2f}x; acceptance {acc:.1%}, "
+                  f"per draft position {', '.join(f'{x:.0%}' for x in per_pos)}; tokens per verification "
+                  f"{1 + sum(per_pos):.2f}", flush=True)
     else:
         print("MTP speculation: skipped, the checkpoint has no MTP module")
 
     print(f"\nmedian (min-max) of {args.repeats} alternating rounds; speedup = median of per-round ratios; "
           f"roofline = stream bandwidth {bw / 1e9:.1f} GB/s / active fp32 weight (+ latent cache) bytes per step\n")
-    print("| setting | transformers tok/s | dsv3 tok/s | dsv3 / transformers | dsv3 / batch-1 roofline |")
-    print("|---|---|---|---|---|")
-    for label, h, o, roof in rows:
+    print("| setting | transformers tok/s | dsv3 eager tok/s | dsv3 compiled tok/s | eager / transformers | "
+          "compiled / transformers | compiled / batch-1 roofline | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, res, roof, compile_s in rows:
+        h, o = res["transformers"], res["dsv3"]
         f = decode_tps if h[0]["decode_tokens"] else prefill_tps
         fmt = ".1f" if f is decode_tps else ".0f"
-        roof_cell = f"{statistics.median(f(o)) / roof:.1%} of {roof:.0f}" if roof else ""
-        print(f"| {label} | {spread(f(h), fmt)} | {spread(f(o), fmt)} | "
-              f"{statistics.median(pair_ratios(f(o), f(h))):.2f}x | {roof_cell} |")
-    if spec_row:
-        plain, spec, acc = spec_row
-        print(f"| MTP speculative vs dsv3 plain {spread(decode_tps(plain))}, batch 1 greedy | | "
-              f"{spread(decode_tps(spec))} | {statistics.median(pair_ratios(decode_tps(spec), decode_tps(plain))):.2f}x"
-              f" (acceptance {acc:.0%}) | |")
-
+        c = res.get("dsv3 compiled")
+        roof_cell = f"{statistics.median(f(c)) / roof:.1%} of {roof:.0f}" if roof and c else ""
+        comp = (f"{spread(f(c), fmt)} | {statistics.median(pair_ratios(f(c), f(h))):.2f}x" if c else " | ")
+        print(f"| {label} | {spread(f(h), fmt)} | {spread(f(o), fmt)} | {comp.split(' | ')[0]} | "
+              f"{statistics.median(pair_ratios(f(o), f(h))):.2f}x | {comp.split(' | ')[1]} | {roof_cell} | "
+              f"{f'{compile_s:.0f}' if compile_s else ''} |")
+    if spec_rows:
+        print("\n| speculation | plain tok/s | speculative tok/s | speedup | acceptance (per draft position) | "
+              "target 0.8 x tokens per verification | compile s |")
+        print("|---|---|---|---|---|---|---|")
+        for label, p, sp, k, compile_s in spec_rows:
+            steps = sum(r["drafted"] for r in sp) / k
+            per_pos = [sum(r["accepted_at"][i] for r in sp) / steps for i in range(k)]
+            acc = sum(r["accepted"] for r in sp) / max(1, sum(r["drafted"] for r in sp))
+            print(f"| {label} | {spread(decode_tps(p))} | {spread(decode_tps(sp))} | "
+                  f"{statistics.median(pair_ratios(decode_tps(sp), decode_tps(p))):.2f}x | {acc:.0%} "
+                  f"({', '.join(f'{x:.0%}' for x in per_pos)}) | {0.8 * (1 + sum(per_pos)):.2f}x | "
+                  f"{f'{compile_s:.0f}' if compile_s else ''} |")
 
 if __name__ == "__main__":
     main()
