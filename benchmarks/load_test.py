@@ -4,7 +4,7 @@ Starts the server itself (or uses --url), then runs `--clients` threads, each se
 until `--seconds` have passed. Reports failures (must be 0), mean and p99 request latency, time to first token,
 and total generated tokens/s.
 
-    python benchmarks/load_test.py [--checkpoint runs/demo] [--clients 32] [--seconds 60]
+    python benchmarks/load_test.py [--checkpoint runs/demo] [--clients 32] [--seconds 60] [--no-compile]
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="the server's --compile (default: on, as `dsv3 serve`); its compile time is reported")
+    ap.add_argument("--startup-timeout", type=float, default=1200, help="seconds to wait for /health")
     args = ap.parse_args()
     proc = None
     url = args.url
@@ -43,13 +46,18 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", args.checkpoint, "--port", str(port),
-                                 "--max-batch", str(args.max_batch), "--model-name", "dsv3"])
-        for _ in range(600):
+                                 "--max-batch", str(args.max_batch), "--model-name", "dsv3",
+                                 "--compile" if args.compile else "--no-compile"])
+        t0 = time.time()
+        while True:  # a compiling server answers /health only once its graphs are built
             try:
                 urllib.request.urlopen(url + "/health", timeout=1)
                 break
             except OSError:
-                time.sleep(0.2)
+                if proc.poll() is not None or time.time() - t0 > args.startup_timeout:
+                    raise SystemExit(f"the server did not come up within {args.startup_timeout:.0f} s") from None
+                time.sleep(0.5)
+        print(f"server up after {time.time() - t0:.0f} s ({'compiled' if args.compile else 'eager'})")
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120, max_retries=0)
     model = client.models.list().data[0].id
     lock = threading.Lock()

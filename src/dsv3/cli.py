@@ -6,8 +6,9 @@ Naming scheme (the same in every subcommand; see `dsv3 --help`):
   CHECKPOINT                 a positional checkpoint directory or training run (its latest checkpoint)
   --out PATH                 always what the command creates (dataset, run, checkpoint, folder, PNG)
   --seq-len N                training / evaluation sample length; --max-len N the serving cache capacity
+  --compile/--no-compile     torch.compile the decode step (generate, chat: off; serve: on)
 Reserved for the open issues: --init-from CKPT, --device, --precision fp32|bf16 (inference compute; `convert
---dtype` is the storage format), --context-lengths, --compile/--no-compile.
+--dtype` is the storage format), --context-lengths.
 Old spellings (`--preset`, a positional config, `convert SRC DST`) still work and print a one-line warning.
 """
 
@@ -26,8 +27,9 @@ SCHEME = """naming scheme, the same in every command:
   --out PATH                what the command creates; it never overwrites what it did not create
   --overwrite               move an existing non-empty --out aside (OUT.old-<timestamp>); nothing is deleted
   --seq-len N               training / evaluation sample length   --max-len N  serving cache capacity
+  --compile/--no-compile    torch.compile the decode step (generate, chat: off by default; serve: on)
 reserved, one meaning each, as features arrive: --init-from CKPT, --device, --precision fp32|bf16 (inference
-  compute; `convert --dtype` is the storage format), --context-lengths, --compile/--no-compile
+  compute; `convert --dtype` is the storage format), --context-lengths
 errors: `dsv3 COMMAND: error: ...` on stderr, exit status 2."""
 
 

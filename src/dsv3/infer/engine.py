@@ -28,8 +28,8 @@ The output distribution is exactly the main model's; greedy output is the same t
 
 Compiled decode (`compile=True`): the decode forwards (main model and MTP module) run through `torch.compile` with
 static shapes, one graph per batch-size bucket (powers of two up to max_batch, padded with free cache rows) and
-per token count; the weights are frozen into the graphs (inductor `freezing`), so build a new engine after
-changing them. Under compile the model attends over the whole cache row (masked) and runs the routed experts
+per token count (the weights stay graph inputs: inductor's `freezing`, which makes them constants, measured no
+faster here, -3% to +5%). Under compile the model attends over the whole cache row (masked) and runs the routed experts
 through `RoutedExperts.gathered`; the engine checks every position before the step, since the graph does not.
 Prefill stays eager (its shapes vary with every prompt).
 """
@@ -218,9 +218,8 @@ class Engine:
             # one graph per (forward, bucket, token count): raise dynamo's per-function limit to hold them all
             graphs = 3 * len(self.buckets)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
-            options = {"freezing": True}
-            self._main_fn = torch.compile(self._main_forward, dynamic=False, fullgraph=True, options=options)
-            self._mtp_fn = torch.compile(self._mtp_forward, dynamic=False, fullgraph=True, options=options)
+            self._main_fn = torch.compile(self._main_forward, dynamic=False, fullgraph=True)
+            self._mtp_fn = torch.compile(self._mtp_forward, dynamic=False, fullgraph=True)
         else:
             self._main_fn, self._mtp_fn = self._main_forward, self._mtp_forward
         if log:
