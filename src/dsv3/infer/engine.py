@@ -166,7 +166,8 @@ class Engine:
     main forward verifies; see the module doc). `step()` advances every running request; `generate()` runs a list
     of prompts to completion. Tensors live on the model's device.
 
-    draft_tokens: k, the MTP drafts per step when speculative (the context shrinks by k - 1 positions: a verify
+    The engine stores the model's output head column-major (`DeepseekV3.head_for_decode_`: same values, faster
+    decode). draft_tokens: k, the MTP drafts per step when speculative (the context shrinks by k - 1 positions: a verify
         step writes k positions past the last kept token). compile: run the decode forwards through
         `torch.compile` (module doc); `warmup()` compiles every batch bucket up front.
 
@@ -194,6 +195,7 @@ class Engine:
             raise GenerationError("compile=True runs the routed experts through RoutedExperts.gathered, which "
                                   "bypasses this model's own expert GEMM (FP8?); load the checkpoint unquantized")
         self.model = model.eval()
+        model.head_for_decode_()  # the model's head, re-laid out in place for matrix-vector products
         self.tokenizer = tokenizer
         self.speculative = speculative
         self.draft_tokens = draft_tokens if speculative else 0

