@@ -88,6 +88,23 @@ def test_chained_drafts_greedy_equals_plain_greedy(trained, batch, k):
     assert engine.accepted_at[0] >= engine.accepted_at[-1]  # a later draft is reached only after the earlier
 
 
+def test_chained_drafts_up_to_the_context_limit(trained, monkeypatch):
+    """Prompts + outputs filling the engine's whole context with k = 3 and every draft accepted (forced: the
+    case that moves a row furthest, k + 1 positions in its last step): no write past a cache row or the model's
+    context, every request ends at its length."""
+    model, tok = trained
+    ps = [[1] * n for n in (5, 8, 11, 14)]
+    max_len = 40
+    monkeypatch.setattr(Engine, "_accept", lambda self, req, logits, greedy: list(req.slot.drafts) + [greedy[-1]])
+    engine = Engine(model, tok, max_batch=4, max_len=max_len, speculative=True, draft_tokens=3)
+    lengths = [max_len - len(p) - i for p in ps for i in range(4)]  # every residue of the 4-token steps
+    reqs = [engine.submit(ps[j // 4], SamplingParams(max_new_tokens=n, temperature=0))
+            for j, n in enumerate(lengths)]
+    while not all(r.done for r in reqs):
+        engine.step()
+    assert [len(r.output) for r in reqs] == lengths
+
+
 def test_same_seed_same_tokens_alone_and_in_a_batch(trained):
     """A request's tokens depend on its seed, not on the requests it shares a batch with."""
     model, tok = trained

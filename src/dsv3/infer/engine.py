@@ -440,8 +440,12 @@ class Engine:
             self._emit(r, new)
         h1, first = self._run_mtp(hidden, pair_ids, start, at)
         h_at = h1.gather(1, torch.tensor(at, device=h1.device).view(-1, 1, 1).expand(-1, 1, h1.shape[-1]))
-        self._draft(reqs, h_at, first)
+        # draft only for the rows that go on (a finished row's chain could run past its cache row); retiring
+        # first compacts the rows, so the kept rows' hidden states and logits follow them in order
+        live = [b for b, r in enumerate(reqs) if not r.done]
         self._retire_finished()
+        if live:
+            self._draft(self.running, h_at[live], first[live])
 
     def _draft(self, reqs: list[Request], h: torch.Tensor, logits: torch.Tensor) -> None:
         """Set k drafts per row: the first from `logits` [n, V] (the MTP output at each row's newest pair, whose
