@@ -26,7 +26,7 @@ from dsv3.cost import pipeline_bubbles, training_cost
 from dsv3.infer import Engine, SamplingParams
 from dsv3.params import count_parameters
 from dsv3.runs import Run, resolve_checkpoint
-from dsv3.tokenizer import ChatTemplate, load_tokenizer, stop_token_ids
+from dsv3.tokenizer import ChatTemplate, ChatTemplateError, load_tokenizer, stop_token_ids
 from dsv3.train.evaluate import evaluate
 from dsv3.train.trainer import BALANCE_MODES, PP_SCHEDULES, PRECISIONS, TrainConfig
 
@@ -268,6 +268,35 @@ def test_chat(capsys, monkeypatch, trained_run):
     ids = template.encode(load_tokenizer(ckpt), [{"role": "user", "content": "speak, good lord"}],
                           sanitize_control_tokens=True)
     assert replies[0] == _greedy(ckpt, ids, 8, template.default_stops).text + "\n"
+
+
+def test_chat_drops_a_message_the_template_refuses(capsys, monkeypatch, trained_run):
+    """A ChatTemplateError (a template's raise_exception, a sandbox refusal) drops that message, says why, and the
+    chat goes on with the history it had."""
+    lines = iter(["speak, good lord", "refuse me", "what say you"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    seen = []
+    encode = ChatTemplate.encode
+
+    def strict_encode(self, tokenizer, messages, *a, **kw):
+        seen.append([m["content"] for m in messages])
+        if any(m["content"] == "refuse me" for m in messages):
+            raise ChatTemplateError("this template refuses 'refuse me'")
+        return encode(self, tokenizer, messages, *a, **kw)
+
+    monkeypatch.setattr(ChatTemplate, "encode", strict_encode)
+    code, out, err = cli(capsys, "chat", trained_run, "--max-new-tokens", 4, "--temperature", 0)
+    assert code == 0, err
+    assert "refused this message, so it was dropped: this template refuses 'refuse me'" in err
+    assert len(out.split("model> ")[1:]) == 2  # the two accepted turns were answered
+    assert seen[-1][0] == "speak, good lord" and "refuse me" not in seen[-1] and seen[-1][-1] == "what say you"
 
 
 def _free_port() -> int:

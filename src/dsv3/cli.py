@@ -350,7 +350,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .tokenizer import ChatTemplate
+    from .tokenizer import ChatTemplate, ChatTemplateError
 
     ckpt, model, tok = _load_for_inference(args)
     template = ChatTemplate(ckpt)
@@ -365,7 +365,13 @@ def _chat(args: argparse.Namespace) -> int:
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        prompt = template.encode(tok, history, sanitize_control_tokens=True)[-(engine.max_len - args.max_new_tokens):]
+        try:
+            prompt = template.encode(tok, history, sanitize_control_tokens=True)
+        except ChatTemplateError as e:  # one refused message ends neither the chat nor its history
+            history.pop()
+            print(f"dsv3 chat: the chat template refused this message, so it was dropped: {e}", file=sys.stderr)
+            continue
+        prompt = prompt[-(engine.max_len - args.max_new_tokens):]
         print("model> ", end="", flush=True)
         req = engine.submit(prompt, _params_from(args, tok, template.default_stops, ckpt),
                             on_update=lambda r, delta: print(delta, end="", flush=True))
