@@ -90,3 +90,15 @@ def test_head_for_decode_keeps_values_and_checkpoints(model, tmp_path):
     dsv3.save_pretrained(model, tmp_path)
     back = dsv3.load_pretrained(tmp_path)
     assert torch.equal(back.lm_head.weight, weight) and back.lm_head.weight.is_contiguous()
+
+
+def test_logits_at_equals_the_full_head_at_those_positions(model):
+    """`forward(logits_at=...)` runs the head on one position per row: those rows of the full logits."""
+    ids = torch.randint(0, 256, (3, 9))
+    at = torch.tensor([8, 0, 4])
+    with torch.no_grad():
+        full = model(ids, mtp=False)
+        picked = model(ids, mtp=False, logits_at=at)
+    assert picked.logits.shape == (3, 1, model.config.vocab_size)
+    torch.testing.assert_close(picked.logits[:, 0], full.logits[torch.arange(3), at], atol=1e-6, rtol=0)
+    assert torch.equal(picked.hidden_states, full.hidden_states)

@@ -47,6 +47,7 @@ import torch
 from ..errors import Dsv3Error
 from ..model import DeepseekV3
 from ..model.moe import RoutedExperts
+from ..model.transformer import at_positions
 from ..tokenizer import stop_token_ids
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
@@ -391,17 +392,15 @@ class Engine:
         width = max(len(r.prompt) for r in reqs)
         ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in reqs], device=device)  # [m, L]
         last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=device)  # [m]
-        out = self.model(ids, cache=view, start_pos=0, mtp=False)
-        at = last.view(-1, 1, 1)
-        logits = out.logits.gather(1, at.expand(-1, 1, out.logits.shape[-1])).squeeze(1)  # [m, V]
-        for r, tok in zip(reqs, self._choose(reqs, logits)):
+        out = self.model(ids, cache=view, start_pos=0, mtp=False, logits_at=last)
+        for r, tok in zip(reqs, self._choose(reqs, out.logits[:, 0])):
             r.slot.pos, r.slot.pending = len(r.prompt), tok
         if self.speculative:
             # MTP over every prompt pair (h_j, t_{j+1}); the last pair reads the token just sampled
             nxt = torch.tensor([r.prompt[1:] + [r.slot.pending] + [0] * (width - len(r.prompt)) for r in reqs],
                                device=device)
             h1, logits = self.model.mtp_step(1, out.hidden_states, nxt, view, 0, logits_at=last)
-            self._draft(reqs, h1.gather(1, at.expand(-1, 1, h1.shape[-1])), logits)
+            self._draft(reqs, at_positions(h1, last)[:, None], logits)
         self.stats["prefill_time"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += sum(len(r.prompt) for r in reqs)
         for r in reqs:
@@ -439,7 +438,7 @@ class Engine:
             r.slot.pos, r.slot.pending = r.slot.pos + a + 1, new[-1]
             self._emit(r, new)
         h1, first = self._run_mtp(hidden, pair_ids, start, at)
-        h_at = h1.gather(1, torch.tensor(at, device=h1.device).view(-1, 1, 1).expand(-1, 1, h1.shape[-1]))
+        h_at = at_positions(h1, torch.tensor(at, device=h1.device))[:, None]  # [n, 1, D]
         # draft only for the rows that go on (a finished row's chain could run past its cache row); retiring
         # first compacts the rows, so the kept rows' hidden states and logits follow them in order
         live = [b for b, r in enumerate(reqs) if not r.done]

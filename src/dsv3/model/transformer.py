@@ -204,13 +204,17 @@ class DeepseekV3(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
-                start_pos: int | torch.Tensor = 0, absorb: bool | None = None, mtp: bool = True) -> ModelOutput:
+                start_pos: int | torch.Tensor = 0, absorb: bool | None = None, mtp: bool = True,
+                logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] at positions start_pos..start_pos+T-1 (start_pos: int, or LongTensor [B] per row).
 
         cache: the `LatentCache` to write the new latents into and attend over (None: attend within input_ids).
         absorb: attention form; default naive without a cache or from position 0, absorbed for cached steps after
             it (decode, chunked prefill, speculative verification).
         mtp: also run the MTP modules (only when there is no cache: speculative decoding drives them itself).
+        logits_at: LongTensor [B]: the head runs only at position logits_at[b] of each row, and `logits` is
+            [B, 1, V] (a prefill wants one row's next token, not T of them: the head is a quarter of `small`'s
+            FLOPs per token); hidden_states stay [B, T, D].
 
         Raises:
             ValueError: positions past max_position_embeddings or the cache length, or start_pos > 0 without a
@@ -230,7 +234,8 @@ class DeepseekV3(nn.Module):
             if info is not None:
                 routing.append(info)
         h = self.model.norm(h)
-        out = ModelOutput(logits=self.lm_head(h), hidden_states=h, routing=routing)
+        logits = self.lm_head(h if logits_at is None else at_positions(h, logits_at)[:, None])
+        out = ModelOutput(logits=logits, hidden_states=h, routing=routing)
         if mtp and cache is None:
             out.mtp_logits, mtp_routing = run_mtp(self.mtp_modules, self.lm_head, h, emb, rope)
             out.routing += mtp_routing
@@ -267,15 +272,18 @@ class DeepseekV3(nn.Module):
         emb = self.model.embed_tokens(next_ids)
         rope = self.model.rotary_emb(positions, emb.dtype)
         h, _ = module(h_prev, emb, rope, cache.layers[layer], start_pos, absorb=True)
-        if logits_at is None:
-            picked = h[:, -1]  # [B, D]
-        else:
-            picked = h.gather(1, logits_at.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+        picked = h[:, -1] if logits_at is None else at_positions(h, logits_at)  # [B, D]
         return h, self.lm_head(module.shared_head.norm(picked))
 
     def num_parameters(self) -> int:
         """Parameters held by the module (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def at_positions(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Row b's entry at position at[b]: x [B, T, ...], at LongTensor [B] (values in 0..T-1) -> [B, ...]."""
+    index = at.view(-1, 1, *([1] * (x.dim() - 2))).expand(-1, 1, *x.shape[2:])
+    return x.gather(1, index).squeeze(1)
 
 
 def run_mtp(modules: list[MTPModule], head: nn.Module, h: torch.Tensor, emb: torch.Tensor, rope: Rope
