@@ -201,10 +201,11 @@ class Engine:
         self.speculative = speculative
         self.draft_tokens = draft_tokens if speculative else 0
         self.max_batch = max_batch
-        # a verify step reads positions up to pos + k, which must stay inside the model's context
-        room = cfg.max_position_embeddings - max(self.draft_tokens - 1, 0)
+        # a verify step reads positions up to pos + k, which must stay inside the model's context and the cache
+        spare = max(self.draft_tokens - 1, 0)
+        room = cfg.max_position_embeddings - spare
         self.max_len = min(max_len or room, room)
-        self.cache = model.new_cache(max_batch, self.max_len + 1 + max(self.draft_tokens - 1, 0))
+        self.cache = model.new_cache(max_batch, self.max_len + 1 + spare)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
