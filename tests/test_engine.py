@@ -7,6 +7,7 @@ import torch
 
 import dsv3
 from dsv3.infer import Engine, GenerationError, SamplingParams, speculative_accept
+from dsv3.infer.head import DecodeHead
 from dsv3.tokenizer import load_tokenizer
 
 
@@ -335,3 +336,27 @@ def test_compiled_decode_equals_eager(trained):
     assert spec.warmup() > 0
     assert spec.generate([p], params)[0].output == a.output
     assert spec.stats["accepted"] > 0
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (16, 64), (3, 2, 64)])
+def test_decode_head_equals_linear(shape):
+    """The engine's head (a packed oneDNN copy on CPU) gives F.linear's logits up to summation order, for 1, 2
+    and 16 rows and for [B, T, D] states; a torch that cannot pack falls back to F.linear itself."""
+    torch.manual_seed(0)
+    weight, h = torch.randn(1000, 64), torch.randn(*shape)
+    head = DecodeHead(weight)
+    assert head.packed == torch.backends.mkldnn.is_available()
+    want = torch.nn.functional.linear(h, weight)
+    torch.testing.assert_close(head(h), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+    assert torch.equal(DecodeHead(weight.double())(h.double()), torch.nn.functional.linear(h.double(),
+                                                                                           weight.double()))
+
+
+def test_decode_head_falls_back_when_packing_fails(monkeypatch):
+    def refuse(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    weight, h = torch.randn(100, 16), torch.randn(2, 16)
+    head = DecodeHead(weight)
+    assert not head.packed and torch.equal(head(h), torch.nn.functional.linear(h, weight))

@@ -76,22 +76,6 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(back(ids).logits, model(ids).logits)
 
 
-def test_head_for_decode_keeps_values_and_checkpoints(model, tmp_path):
-    """The column-major head: same values, strides (1, V), the same logits, and a checkpoint like before."""
-    ids = torch.randint(0, 256, (2, 7))
-    with torch.no_grad():
-        before = model(ids).logits
-    weight = model.lm_head.weight.detach().clone()
-    model.head_for_decode_()
-    assert model.lm_head.weight.stride() == (1, model.config.vocab_size)
-    assert torch.equal(model.lm_head.weight, weight)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=0)  # summation order only
-    dsv3.save_pretrained(model, tmp_path)
-    back = dsv3.load_pretrained(tmp_path)
-    assert torch.equal(back.lm_head.weight, weight) and back.lm_head.weight.is_contiguous()
-
-
 def test_logits_at_equals_the_full_head_at_those_positions(model):
     """`forward(logits_at=...)` runs the head on one position per row: those rows of the full logits."""
     ids = torch.randint(0, 256, (3, 9))

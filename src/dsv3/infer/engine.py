@@ -49,6 +49,7 @@ from ..model import DeepseekV3
 from ..model.moe import RoutedExperts
 from ..model.transformer import at_positions
 from ..tokenizer import stop_token_ids
+from .head import DecodeHead
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
@@ -167,8 +168,8 @@ class Engine:
     main forward verifies; see the module doc). `step()` advances every running request; `generate()` runs a list
     of prompts to completion. Tensors live on the model's device.
 
-    The engine stores the model's output head column-major (`DeepseekV3.head_for_decode_`: same values, faster
-    decode). draft_tokens: k, the MTP drafts per step when speculative (the context shrinks by k - 1 positions: a verify
+    Logits come from the engine's `DecodeHead` (a packed copy of the output head on CPU; see infer/head.py), applied
+    outside the (maybe compiled) forwards. draft_tokens: k, the MTP drafts per step when speculative (the context shrinks by k - 1 positions: a verify
         step writes k positions past the last kept token). compile: run the decode forwards through
         `torch.compile` (module doc); `warmup()` compiles every batch bucket up front.
 
@@ -196,7 +197,7 @@ class Engine:
             raise GenerationError("compile=True runs the routed experts through RoutedExperts.gathered, which "
                                   "bypasses this model's own expert GEMM (FP8?); load the checkpoint unquantized")
         self.model = model.eval()
-        model.head_for_decode_()  # the model's head, re-laid out in place for matrix-vector products
+        self.head = DecodeHead(model.lm_head.weight)
         self.tokenizer = tokenizer
         self.speculative = speculative
         self.draft_tokens = draft_tokens if speculative else 0
@@ -315,16 +316,16 @@ class Engine:
             self.stats["decode_steps"] += 1
 
     # ---------------------------------------------------------------- forwards
-    def _main_forward(self, ids: torch.Tensor, start: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The main model over the cache: ids [B, T] at positions start.. -> (logits [B, T, V], h [B, T, D])."""
-        out = self.model(ids, cache=self.cache, start_pos=start, mtp=False)
-        return out.logits, out.hidden_states
+    def _main_forward(self, ids: torch.Tensor, start: torch.Tensor | int) -> torch.Tensor:
+        """The main model over the cache, without its head: ids [B, T] at positions start.. -> h [B, T, D]
+        (final-normed)."""
+        return self.model(ids, cache=self.cache, start_pos=start, mtp=False, head=False).hidden_states
 
     def _mtp_forward(self, h: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, at: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP module over its cache: pairs (h [B, T, D], ids [B, T]) -> (h^1 [B, T, D], logits [B, V] at
-        position `at` of each row, the last when None)."""
-        return self.model.mtp_step(1, h, ids, self.cache, start, logits_at=at)
+        """The MTP module over its cache, without the head: pairs (h [B, T, D], ids [B, T]) -> (h^1 [B, T, D],
+        the normed state [B, D] the head reads at position `at` of each row, the last when None)."""
+        return self.model.mtp_step(1, h, ids, self.cache, start, logits_at=at, head=False)
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -357,11 +358,12 @@ class Engine:
         if not self.compiled:
             ids_t, start_t = self._pad(ids, start, 0)
             # one row: a plain int position needs no per-row mask
-            return self._main_fn(ids_t, start[0] if n == 1 else start_t)
-        self._check_positions(start, t)
-        b = self._bucket(n)
-        logits, h = self._timed(("main", b, t), self._main_fn, *self._pad(ids, start, b - n))
-        return logits[:n], h[:n]
+            h = self._main_fn(ids_t, start[0] if n == 1 else start_t)
+        else:
+            self._check_positions(start, t)
+            h = self._timed(("main", self._bucket(n), t), self._main_fn,
+                            *self._pad(ids, start, self._bucket(n) - n))[:n]
+        return self.head(h), h
 
     def _run_mtp(self, h: torch.Tensor, ids: list[list[int]], start: list[int], at: list[int] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,8 +376,8 @@ class Engine:
         at_t = None if at is None else torch.tensor(at + [0] * (b - n), device=ids_t.device)
         if self.compiled:
             self._check_positions(start, t)
-        h1, logits = self._timed(("mtp", b, t, at is None), self._mtp_fn, h, ids_t, start_t, at_t)
-        return h1[:n], logits[:n]
+        h1, normed = self._timed(("mtp", b, t, at is None), self._mtp_fn, h, ids_t, start_t, at_t)
+        return h1[:n], self.head(normed[:n])
 
     # ---------------------------------------------------------------- steps
     def _prefill(self, reqs: list[Request]) -> None:
@@ -393,15 +395,15 @@ class Engine:
         width = max(len(r.prompt) for r in reqs)
         ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in reqs], device=device)  # [m, L]
         last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=device)  # [m]
-        out = self.model(ids, cache=view, start_pos=0, mtp=False, logits_at=last)
-        for r, tok in zip(reqs, self._choose(reqs, out.logits[:, 0])):
+        out = self.model(ids, cache=view, start_pos=0, mtp=False, head=False)
+        for r, tok in zip(reqs, self._choose(reqs, self.head(at_positions(out.hidden_states, last)))):
             r.slot.pos, r.slot.pending = len(r.prompt), tok
         if self.speculative:
             # MTP over every prompt pair (h_j, t_{j+1}); the last pair reads the token just sampled
             nxt = torch.tensor([r.prompt[1:] + [r.slot.pending] + [0] * (width - len(r.prompt)) for r in reqs],
                                device=device)
-            h1, logits = self.model.mtp_step(1, out.hidden_states, nxt, view, 0, logits_at=last)
-            self._draft(reqs, at_positions(h1, last)[:, None], logits)
+            h1, normed = self.model.mtp_step(1, out.hidden_states, nxt, view, 0, logits_at=last, head=False)
+            self._draft(reqs, at_positions(h1, last)[:, None], self.head(normed))
         self.stats["prefill_time"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += sum(len(r.prompt) for r in reqs)
         for r in reqs:

@@ -30,7 +30,7 @@ from .rope import Rope, RotaryEmbedding
 class ModelOutput:
     """What `DeepseekV3.forward` returns."""
 
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V] ([B, 1, V] with logits_at; None with head=False)
     hidden_states: torch.Tensor  # [B, T, D] after the final norm (what the head and the first MTP module read)
     # mtp_logits[k-1]: [B, T-k, V]; position i predicts token i+k+1 (the main logits predict token i+1)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
@@ -184,17 +184,6 @@ class DeepseekV3(nn.Module):
             if hasattr(mod, "e_score_correction_bias"):
                 mod.e_score_correction_bias.data = mod.e_score_correction_bias.data.float()
 
-    @torch.no_grad()
-    def head_for_decode_(self) -> None:
-        """Store `lm_head.weight` [V, D] column-major, in place: the same shape and values, strides (1, V), so
-        that a decode step's head product reads it as one contiguous [D, V] matrix. Measured on `small`'s
-        8192 x 256 head: `F.linear` of one row 0.66 vs 1.31 ms (one thread); the compiled decode step +12% tokens/s
-        at batch 1 and +10% at batch 16 (medians of four runs). A tied head is left as it is (the embedding lookup
-        reads rows). Saving is unaffected (checkpoints are written contiguous)."""
-        w = self.lm_head.weight
-        if not self.config.tie_word_embeddings and w.stride(0) != 1:
-            w.data = w.data.t().contiguous().t()
-
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
         """A zeroed `LatentCache` of [batch_size, max_len] per layer (MTP layers included), in the model's dtype
         and on its device unless `dtype` is given."""
@@ -205,7 +194,7 @@ class DeepseekV3(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
                 start_pos: int | torch.Tensor = 0, absorb: bool | None = None, mtp: bool = True,
-                logits_at: torch.Tensor | None = None) -> ModelOutput:
+                logits_at: torch.Tensor | None = None, head: bool = True) -> ModelOutput:
         """input_ids [B, T] at positions start_pos..start_pos+T-1 (start_pos: int, or LongTensor [B] per row).
 
         cache: the `LatentCache` to write the new latents into and attend over (None: attend within input_ids).
@@ -215,6 +204,8 @@ class DeepseekV3(nn.Module):
         logits_at: LongTensor [B]: the head runs only at position logits_at[b] of each row, and `logits` is
             [B, 1, V] (a prefill wants one row's next token, not T of them: the head is a quarter of `small`'s
             FLOPs per token); hidden_states stay [B, T, D].
+        head: False skips the output head (`logits` is None) for a caller that applies its own (the engine's
+            `DecodeHead`) to `hidden_states`, which are the final-normed states the head reads.
 
         Raises:
             ValueError: positions past max_position_embeddings or the cache length, or start_pos > 0 without a
@@ -234,7 +225,9 @@ class DeepseekV3(nn.Module):
             if info is not None:
                 routing.append(info)
         h = self.model.norm(h)
-        logits = self.lm_head(h if logits_at is None else at_positions(h, logits_at)[:, None])
+        logits = None
+        if head:
+            logits = self.lm_head(h if logits_at is None else at_positions(h, logits_at)[:, None])
         out = ModelOutput(logits=logits, hidden_states=h, routing=routing)
         if mtp and cache is None:
             out.mtp_logits, mtp_routing = run_mtp(self.mtp_modules, self.lm_head, h, emb, rope)
@@ -254,14 +247,15 @@ class DeepseekV3(nn.Module):
         return positions
 
     def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
-                 start_pos: int | torch.Tensor, logits_at: torch.Tensor | None = None
+                 start_pos: int | torch.Tensor, logits_at: torch.Tensor | None = None, head: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run MTP module `depth` (1-based) incrementally over the cache, for speculative decoding.
 
         h_prev [B, T, D]: h^{depth-1} at positions start_pos..; next_ids [B, T]: the tokens one further.
         logits_at: LongTensor [B], the position (0..T-1) in each row whose logits are wanted (default: the last).
         Returns (h^depth [B, T, D] before shared_head.norm, which a chained draft feeds back as h_prev;
-        logits [B, V] at logits_at, predicting the token after next_ids[b, logits_at[b]]).
+        logits [B, V] at logits_at, predicting the token after next_ids[b, logits_at[b]]; with head=False the
+        normed hidden state [B, D] the head would read there, for a caller applying its own head).
 
         Raises:
             ValueError: positions past max_position_embeddings or the cache length (eager only).
@@ -273,7 +267,8 @@ class DeepseekV3(nn.Module):
         rope = self.model.rotary_emb(positions, emb.dtype)
         h, _ = module(h_prev, emb, rope, cache.layers[layer], start_pos, absorb=True)
         picked = h[:, -1] if logits_at is None else at_positions(h, logits_at)  # [B, D]
-        return h, self.lm_head(module.shared_head.norm(picked))
+        normed = module.shared_head.norm(picked)
+        return h, self.lm_head(normed) if head else normed
 
     def num_parameters(self) -> int:
         """Parameters held by the module (a tied head counted once)."""
