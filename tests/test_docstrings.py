@@ -105,7 +105,7 @@ def test_the_walk_sees_the_package():
     names = {m.__name__ for m in MODULES}
     assert {"dsv3.model.mla", "dsv3.quant.linear", "dsv3.parallel.pipeline", "dsv3.checkpoint"} <= names
     items = {q for q, _, _ in _public_items()}
-    assert {"dsv3.model.mla.MLA", "dsv3.model.mla.MLA.forward", "dsv3.checkpoint.Slot.view"} <= items
+    assert {"dsv3.model.mla.MLA", "dsv3.model.mla.MLA.forward", "dsv3.model.names.Slot.view"} <= items
     assert {"ConfigError", "CheckpointError"} <= ERRORS
 
 

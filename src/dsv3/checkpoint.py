@@ -4,15 +4,11 @@ A checkpoint is a directory with `config.json`, safetensors shards and `model.sa
 ({"metadata": {"total_size": ...}, "weight_map": {tensor name: shard file}}), using the official tensor names.
 A single `model.safetensors` without an index is read too.
 
-Three places where the in-memory model differs from the stored names (see `checkpoint_slots`):
-- routed experts are stacked in memory ([E, ...]) but stored one tensor per expert
-  (`model.layers.{i}.mlp.experts.{j}.down_proj.weight`);
-- gate and up projections are fused in memory (`gate_up_proj`, [2I, D] or [E, 2I, D], gate rows first) but
-  stored as the official `gate_proj` / `up_proj` tensors: each is a row range of the fused one, so an FP8
-  checkpoint's 128x128 blocks (one scale grid per official tensor) load and save exactly, whatever I is;
-- each MTP module is stored with its own copies of the embedding and output head
-  (`model.layers.{L}.embed_tokens.weight`, `model.layers.{L}.shared_head.head.weight`), while the model shares
-  the main ones (as in training). On load the copies are checked against the main tensors.
+The in-memory model differs from the stored names in three places (stacked routed experts, fused gate_up_proj,
+the MTP modules' stored copies of the shared embedding and head); `dsv3.model.names` maps one to the other.
+Because each official gate / up tensor is a row range of the fused one, an FP8 checkpoint's 128x128 blocks (one
+scale grid per official tensor) load and save exactly, whatever I is. On load the MTP copies are checked against
+the main tensors.
 
 FP8 checkpoints (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block) are dequantized on the fly,
 one tensor at a time, straight into the model's parameters: peak memory is the model plus one tensor.
@@ -28,7 +24,6 @@ import shutil
 import sys
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +33,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import Dsv3Error
 from .model import DeepseekV3
-from .model.moe import GATE_UP, GATE_UP_PARTS
+from .model.names import Slot, official_slots
 from .quant.fp8 import BLOCK, FP8, dequantize_blockwise, quantize_blockwise
 from .quant.precision import STORAGE_HIGH_PRECISION, keeps_high_precision
 
@@ -62,52 +57,9 @@ class CheckpointError(Dsv3Error, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; names the tensor and the file."""
 
 
-@dataclass
-class Slot:
-    """Where one stored tensor lives in the model: `target`, or row `index` of a stacked `target`, then (for a
-    half of a fused gate_up_proj) the row range `rows` of that."""
-
-    target: torch.Tensor
-    index: int | None = None
-    alias: bool = False  # a stored copy of a tensor the model shares (MTP embedding / head)
-    rows: slice | None = None
-
-    @property
-    def view(self) -> torch.Tensor:
-        """The stored tensor's place, a view into the model's parameter: `target`, its row `index` (one expert's
-        matrix), and of that the rows `rows` (the [I, D] gate or up half of a [2I, D] gate_up_proj)."""
-        t = self.target if self.index is None else self.target[self.index]
-        return t if self.rows is None else t[self.rows]
-
-
 def checkpoint_slots(model: DeepseekV3) -> dict[str, Slot]:
-    """Map every official tensor name of this model's checkpoint to its place in the model."""
-    slots: dict[str, Slot] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
-            continue  # tied: stored once, as the embedding
-        if ".mlp.experts." in name:  # stacked routed experts: `...experts.gate_up_proj` [E, 2I, D]
-            prefix, proj = name.rsplit(".", 1)
-            for j in range(t.shape[0]):
-                slots.update(_unfused(f"{prefix}.{j}.{proj}.weight", t, j))
-        else:
-            slots.update(_unfused(name, t, None))
-    for k in range(model.config.num_nextn_predict_layers):
-        layer = f"model.layers.{model.config.num_hidden_layers + k}"
-        slots[f"{layer}.embed_tokens.weight"] = Slot(model.model.embed_tokens.weight, alias=True)
-        slots[f"{layer}.shared_head.head.weight"] = Slot(model.lm_head.weight, alias=True)
-    return slots
-
-
-def _unfused(name: str, t: torch.Tensor, index: int | None) -> dict[str, Slot]:
-    """{name: Slot(t, index)}, except a fused `...gate_up_proj.weight` ([2I, D] rows of t or t[index]), which is
-    stored as two tensors: `...gate_proj.weight` (rows [0, I)) and `...up_proj.weight` (rows [I, 2I))."""
-    module, _, leaf = name.removesuffix(".weight").rpartition(".")
-    if leaf != GATE_UP:
-        return {name: Slot(t, index)}
-    half = t.shape[-2] // 2
-    return {f"{module}.{part}.weight": Slot(t, index, rows=slice(i * half, (i + 1) * half))
-            for i, part in enumerate(GATE_UP_PARTS)}
+    """Map every official tensor name of this model's checkpoint to its place in the model (`model.names`)."""
+    return official_slots(model)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -172,23 +124,43 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
             warnings.warn(f"{path}: the checkpoint has no MTP tensors (model.layers.{cfg.num_hidden_layers}.*); "
                           "building the model without multi-token prediction", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    skipped = {n for n in weight_map if _is_mtp(n, cfg)} if not cfg.num_nextn_predict_layers else set()
-    block = tuple((cfg.extra.get("quantization_config") or {}).get("weight_block_size", (BLOCK, BLOCK)))
-    if block[0] != block[1]:
-        raise CheckpointError(f"{path}: weight_block_size {list(block)} is not square; only square blocks "
-                              "are supported")
-
     model = DeepseekV3(cfg, dtype=dtype, device="meta")
     model.to_empty(device=device)
     model.tie_weights()
     model.keep_fp32_buffers()
     model.reset_buffers()
-    slots = checkpoint_slots(model)
+    load_weights(model, path, progress=progress)
+    return model
+
+
+def load_weights(model: DeepseekV3, path: str | Path, progress: bool | None = False) -> None:
+    """Fill `model`'s tensors from the checkpoint directory `path`, reading only the tensors the model holds off
+    the meta device (a rank with one pipeline stage or an expert shard opens only the files, and reads only the
+    tensors, it needs: safetensors reads one tensor at a time). The names are checked against every tensor the
+    whole model has (meta ones included), so a checkpoint of another shape fails the same way on every rank.
+
+    The model may carry parallel wrappers (expert shards map to their experts' official names). The MTP modules'
+    stored tensors are skipped when the model has none.
+
+    Raises:
+        CheckpointError: as `load_pretrained`.
+    """
+    path = _checkpoint_dir(path)
+    cfg = model.config
+    weight_map = _weight_map(path)
+    stored_cfg = ModelConfig.from_json(path / "config.json")
+    block = tuple((stored_cfg.extra.get("quantization_config") or {}).get("weight_block_size", (BLOCK, BLOCK)))
+    if block[0] != block[1]:
+        raise CheckpointError(f"{path}: weight_block_size {list(block)} is not square; only square blocks "
+                              "are supported")
+    skipped = {n for n in weight_map if _is_mtp(n, cfg)} if not cfg.num_nextn_predict_layers else set()
+    slots = checkpoint_slots(model)  # the tensors this model object holds (an expert shard: its experts only)
+    expected = set(checkpoint_slots(DeepseekV3(cfg, device="meta")))  # the whole model's, whatever the layout
 
     stored = {n for n in weight_map if not n.endswith(SCALE_SUFFIX)} - skipped
     ignorable = {n for n in stored if n.endswith("rotary_emb.inv_freq")}
-    missing = sorted(set(slots) - stored)
-    extra = sorted(stored - set(slots) - ignorable)
+    missing = sorted(expected - stored)
+    extra = sorted(stored - expected - ignorable)
     if missing or extra:
         lines = [f"{path}: checkpoint does not match the config"]
         if missing:
@@ -205,9 +177,12 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     by_file: dict[str, list[str]] = defaultdict(list)
     aliases = []
     for name in sorted(stored - ignorable):
+        if name not in slots or slots[name].view.is_meta:
+            continue  # another rank's tensor
         (aliases if slots[name].alias else by_file[weight_map[name]]).append(name)
     show = sys.stderr.isatty() if progress is None else progress
-    with _progress(len(stored), show, f"loading {path.name}") as advance, torch.no_grad():
+    total = sum(map(len, by_file.values())) + len(aliases)
+    with _progress(total, show, f"loading {path.name}") as advance, torch.no_grad():
         for file, names in by_file.items():
             with _open(path / file) as f:
                 for name in names:
@@ -222,7 +197,6 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
                               "one embedding and head between the model and its MTP modules and keeps the main "
                               "one", stacklevel=2)
             advance()
-    return model
 
 
 def _read(f, name: str, path: Path, file: str, weight_map: dict[str, str], block: int) -> torch.Tensor:

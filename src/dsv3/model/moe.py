@@ -183,6 +183,8 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: gate_up_proj [E, 2I, D] (expert e's [W_gate; W_up], gate rows
     first), down_proj [E, D, I]. Two grouped GEMMs per pass: gate+up, then down."""
 
+    expert_offset = 0  # the layer's index of this stack's first expert (a shard under expert parallelism is not 0)
+
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .mla import MLA, LatentCache
-from .moe import GATE_UP, MLP, MoE, RoutingInfo
+from .moe import MLP, MoE, RoutingInfo
+from .names import keyed_generator, official_slots
 from .norm import RMSNorm
 from .rope import Rope, RotaryEmbedding
 
@@ -154,24 +155,29 @@ class DeepseekV3(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias.
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias, for every
+        tensor the model holds that is not on the meta device.
 
-        A fused `gate_up_proj` ([..., 2I, D]) is drawn as two [..., I, D] tensors, gate then up, in parameter
-        order: the same random stream, hence the same weights for a seed, as separate gate and up parameters.
+        Each official tensor (`model.names`: one expert's `gate_proj`, `up_proj`, `down_proj`, the halves of a fused
+        `gate_up_proj`, ...) is drawn whole from its own generator keyed by (seed, official name), then copied into
+        its place. So the weights do not depend on the layout: a rank holding an expert shard or one pipeline stage
+        (the rest left on `meta`) gets exactly the values one process holding everything gets. seed None draws one
+        from torch's global generator (so `torch.manual_seed` still decides).
         """
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
         std = self.config.initializer_range
-        for name, p in self.named_parameters():
+        for name, slot in official_slots(self).items():
+            view = slot.view
+            if slot.alias or view.is_meta:
+                continue
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
+                view.fill_(1.0)
+            elif name.endswith("bias"):  # the routing bias e_score_correction_bias (a buffer)
+                view.zero_()
             else:
-                for part in p.chunk(2, dim=-2) if GATE_UP in name else (p,):
-                    part.copy_(torch.randn(part.shape, generator=gen, dtype=torch.float32) * std)
-        for name, b in self.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.zero_()
+                draw = torch.randn(view.shape, generator=keyed_generator(seed, name), dtype=torch.float32)
+                view.copy_(draw * std)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:

@@ -68,8 +68,8 @@ class EPExperts(nn.Module):
             raise ValueError(f"n_routed_experts ({self.n_experts}) must be divisible by the expert-parallel "
                              f"size ({self.world})")
         self.n_local = self.n_experts // self.world
-        self.first = rank * self.n_local
-        rows = slice(self.first, self.first + self.n_local)
+        self.expert_offset = rank * self.n_local  # this shard holds experts expert_offset.. of the layer
+        rows = slice(self.expert_offset, self.expert_offset + self.n_local)
         for pname, p in full.named_parameters(recurse=False):  # gate_up_proj, down_proj: this rank's experts
             setattr(self, pname, nn.Parameter(p.detach()[rows].clone()))
         # EP changes where rows are computed, not how: keep the wrapped class's GEMM (FP8RoutedExperts' FP8 one
@@ -124,7 +124,8 @@ def all_reduce_loads(loads: list[torch.Tensor], group=None) -> list[torch.Tensor
 
 def unsharded_copy(model: nn.Module, group=None) -> nn.Module:
     """A copy of an EP model with every expert shard gathered back into full `RoutedExperts` (collective: every
-    rank must call it; every rank gets the copy). Used to write a standard checkpoint."""
+    rank must call it; every rank gets the copy). Shards on the meta device (layers of another pipeline stage,
+    the same on every rank of the group) stay meta. Used to write a standard checkpoint."""
     import copy
 
     groups = {id(m.group): m.group for m in model.modules() if isinstance(m, EPExperts) and m.group is not None}
@@ -135,6 +136,10 @@ def unsharded_copy(model: nn.Module, group=None) -> nn.Module:
                 experts = RoutedExperts.__new__(RoutedExperts)
                 nn.Module.__init__(experts)
                 for pname, shard in child.named_parameters(recurse=False):  # gate_up_proj, down_proj
+                    if shard.is_meta:  # a layer this rank does not hold (pipeline): its whole stack stays meta
+                        full_shape = (shard.shape[0] * child.world, *shard.shape[1:])
+                        setattr(experts, pname, nn.Parameter(shard.new_empty(full_shape)))
+                        continue
                     shard = shard.detach().contiguous()
                     parts = [torch.empty_like(shard) for _ in range(child.world)]
                     dist.all_gather(parts, shard, group=group)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model import DeepseekV3
 from ..model.moe import RoutingInfo
 from ..model.transformer import run_mtp
 from ..parallel.expert_parallel import apply_expert_parallel, unsharded_copy
@@ -194,6 +195,12 @@ class PipelineTrainer(Trainer):
         self.runner = PipelineRunner(self.stages, r, p, (rows, cfg.seq_len, mc.hidden_size), dual=self.dual,
                                      v_shape=self.v, peers=mesh.pp_ranks, device=self.device)
 
+    def _held_models(self) -> list:
+        return list(self.copies.values())
+
+    def _held_modules(self) -> list:
+        return list(self.stages.values())  # the other layers of each copy stay on meta
+
     def _routers(self) -> list:
         return [router for d in self.stage_of for router in self.stages[d].routers]
 
@@ -317,14 +324,13 @@ class PipelineTrainer(Trainer):
         )
 
     def _model_to_save(self):
-        """Every stage's tensors gathered into rank 0's model (the pipeline's copies are the trained ones)."""
+        """Every stage's tensors gathered into a whole model on rank 0 (None elsewhere); the pipeline's copies are
+        the trained ones, and each rank holds only its stages (the rest of its copies are on meta)."""
         n = self.model.config.num_hidden_layers
-        mine, target = {}, self.model
+        mine = {}
         for d in self.unique:
             lo, hi = self.ranges[self.stage_of[d]]
             model = unsharded_copy(self.copies[d], self.mesh.ep_group) if self.cfg.ep > 1 else self.copies[d]
-            if d == 0:
-                target = model  # rank 0's own model, with whole experts
             if self.mesh.data_rank:  # the stage's other replicas hold the same tensors
                 continue
             for name, t in model.state_dict().items():
@@ -338,9 +344,14 @@ class PipelineTrainer(Trainer):
                     mine[name] = t.detach().cpu()
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, mine)
+        if not self.main_rank:
+            return None
         state = {}
         for part in gathered:
             state.update(part)
-        if self.main_rank:
-            target.load_state_dict(state, strict=False)
-        return target
+        whole = DeepseekV3(self.model.config, device="meta")
+        missing, _ = whole.load_state_dict(state, strict=False, assign=True)
+        if missing:
+            raise TrainError(f"saving: no stage held {', '.join(missing[:4])}")
+        whole.tie_weights()
+        return whole

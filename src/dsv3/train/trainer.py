@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_pretrained, save_pretrained
+from ..checkpoint import load_weights, save_pretrained
 from ..config import ModelConfig, get_config
 from ..errors import Dsv3Error
 from ..model import DeepseekV3
@@ -254,7 +254,7 @@ class Trainer:
         if resume:
             ckpt = resolve_checkpoint(self.run.root)
             state = load_trainer_state(ckpt, rank=self.rank, world=self.world)  # JSON + safetensors, never a pickle
-            self.model = load_pretrained(ckpt, device=self.device, progress=False)
+            model_config = ModelConfig.from_json(ckpt / "config.json")
             self.step = state["step"]
             # the schedule's length is the original run's unless max_steps was given anew (extending the run)
             saved = TrainConfig.from_dict(state["train_config"], f"{ckpt} trainer state")
@@ -266,9 +266,9 @@ class Trainer:
             if self.main_rank:  # only rank 0 writes the metrics file
                 MetricsWriter(self.run.root).truncate_after(self.step)
         else:
-            self.model = DeepseekV3(self._model_config(), device=self.device)
-            torch.manual_seed(cfg.seed)
-            self.model.init_weights(seed=cfg.seed)
+            model_config = self._model_config()
+        # built on the meta device, wrapped for the layout, then only what this rank holds is allocated and filled
+        self.model = DeepseekV3(model_config, device="meta")
         mc = self.model.config
         if mc.vocab_size < self.data.meta["vocab_size"]:
             raise TrainError(f"model vocab_size {mc.vocab_size} is smaller than the tokenizer's "
@@ -279,6 +279,14 @@ class Trainer:
         if cfg.precision == "fp8":
             convert_to_fp8(self.model)  # master weights stay fp32; the GEMMs run in FP8
         self._parallelize()
+        self._materialize()
+        if resume:
+            for model in self._held_models():
+                load_weights(model, ckpt)  # each rank reads only the tensors it holds
+        else:
+            torch.manual_seed(cfg.seed)
+            for model in self._held_models():
+                model.init_weights(seed=cfg.seed)  # keyed by (seed, tensor name): the same values in any layout
         self.routers = self._routers()
         self.optimizer = self._optimizer()
         if state is not None:
@@ -312,6 +320,23 @@ class Trainer:
         self.mesh = Mesh(1, self.cfg.dp, self.cfg.ep) if self.world > 1 else None
         if self.cfg.ep > 1:  # ep consecutive ranks hold one full set of experts between them
             apply_expert_parallel(self.model, self.mesh.ep_group)
+
+    def _held_models(self) -> list[DeepseekV3]:
+        """The model objects this rank trains (the pipeline trainer: one per stage copy)."""
+        return [self.model]
+
+    def _held_modules(self) -> list[torch.nn.Module]:
+        """The modules whose tensors this rank holds (the pipeline trainer: its stages)."""
+        return [self.model]
+
+    def _materialize(self) -> None:
+        """Allocate on this rank's device the tensors of `_held_modules()` (the rest stay on meta, never
+        allocated), then re-tie a tied head and recompute the rotary buffers."""
+        for module in self._held_modules():
+            module.to_empty(device=self.device)
+        for model in self._held_models():
+            model.tie_weights()
+            model.reset_buffers()
 
     def _routers(self) -> list:
         """The routers whose biases this rank updates, in metric order."""
