@@ -60,6 +60,16 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     one = dsv3.load_pretrained(dsv3.resolve_checkpoint(tmp_path / "one"))
     for (name, p), q in zip(model.state_dict().items(), one.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=name)
+    # each rank allocated its half of the routed experts only (plus every replicated tensor), and AdamW's two
+    # moments (+ a step counter per tensor) for what it holds
+    experts = sum(p.numel() for n, p in one.named_parameters() if ".mlp.experts." in n)
+    ckpt_ep = dsv3.resolve_checkpoint(tmp_path / "ep")
+    held = [dsv3.runs.load_trainer_state(ckpt_ep, rank=r, world=2)["held"] for r in range(2)]
+    n_tensors = len(list(one.parameters()))
+    for h in held:
+        assert h["parameters"] == one.num_parameters() - experts // 2
+        assert h["parameter_bytes"] == h["gradient_bytes"] == 4 * h["parameters"]
+        assert h["optimizer_state_bytes"] == 8 * h["parameters"] + 4 * n_tensors
     # ZeRO-1 on top: AdamW state sharded over the two ranks, same curve
     for x, y in zip(a, train(tmp_path / "zero", [*common, "--ep", "2", "--zero", "1"], nproc=2)):
         assert abs(x.loss - y.loss) < 1e-4 and x.bias == y.bias
@@ -75,6 +85,9 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     # replicated parameters have one owner; each rank also holds its 2 expert shards (gate_up_proj, down_proj) per
     # MoE layer (3 layers)
     assert sum(held) == n_params + 6 and all(h < n_params for h in held)
+    zero_held = [dsv3.runs.load_trainer_state(ckpt, rank=r, world=2)["held"] for r in range(2)]
+    replicated = one.num_parameters() - experts
+    assert sum(h["optimizer_state_bytes"] for h in zero_held) == 8 * (replicated + experts) + 4 * (n_params + 6)
     # resume on two ranks from the step-4 checkpoint
     resumed = train(tmp_path / "ep", ["--resume", str(tmp_path / "ep"), "--max-steps", "5", "--no-progress"],
                     nproc=2)

@@ -165,6 +165,31 @@ def _same_checkpoint(a, b) -> None:
         torch.testing.assert_close(t2, t1, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _held(run, world: int) -> list[dict]:
+    import dsv3
+
+    ckpt = dsv3.resolve_checkpoint(run)
+    return [dsv3.runs.load_trainer_state(ckpt, rank=r, world=world)["held"] for r in range(world)]
+
+
+def _count(model, lo: int, hi: int, embed: int = 0) -> int:
+    """Parameters of main layers [lo, hi) by name (the reference for a stage), plus the model's non-layer tensors
+    a stage holds: the embedding when it is the first stage (`embed` extra copies), the final norm, the head and
+    the MTP layers when it is the last."""
+    n = model.config.num_hidden_layers
+    total = 0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[1] == "layers":
+            layer = int(parts[2])
+            total += p.numel() if lo <= layer < hi or (hi == n and layer >= n) else 0
+        elif name.startswith("model.embed_tokens"):
+            total += p.numel() * ((lo == 0) + embed)
+        else:  # the final norm and the head
+            total += p.numel() if hi == n else 0
+    return total
+
+
 PIPELINE_RUN = ["--model-config", "tiny", "--max-steps", "3", "--batch-size", "8", "--seq-len", "32", "--no-progress",
                 "--bias-update-speed", "0.01", "--checkpoint-every", "3"]
 
@@ -180,6 +205,16 @@ def test_torchrun_pipeline_training_follows_the_single_process_curve(dataset, tm
     assert a[0].mtp_loss  # the tiny preset trains one MTP depth
     _same_run(a, train(tmp_path / "pp", [*common, "--pp", "2", "--pp-schedule", schedule], nproc=2))
     _same_checkpoint(tmp_path / "one", tmp_path / "pp")
+    # each rank allocated only its stages (the rest of its model copies stayed on meta), counted by name here
+    import dsv3
+
+    model = dsv3.load_pretrained(dsv3.resolve_checkpoint(tmp_path / "one"), progress=False)
+    first, last = _count(model, 0, 2), _count(model, 2, 3, embed=1)  # tiny: 3 layers, split 2 + 1
+    # DualPipe: rank r holds stage r of one copy and stage 1 - r of the other; 1F1B one stage each
+    want = [first + last] * 2 if schedule == "dualpipe" else [first, last]
+    held = _held(tmp_path / "pp", 2)
+    assert [h["parameters"] for h in held] == want
+    assert all(h["parameter_bytes"] == 4 * h["parameters"] == h["gradient_bytes"] for h in held)
 
 
 @pytest.mark.slow

@@ -135,6 +135,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"moved the existing {cfg.out} to {trainer.moved_aside}", file=sys.stderr)
     if args.resume and trainer.main_rank:
         print(f"resuming {args.resume} at step {trainer.step}")
+    if trainer.world > 1:  # each rank says what it holds (its shard), so a layout's memory split is visible
+        from .model import DeepseekV3
+
+        held, whole = trainer.held_memory(), DeepseekV3(trainer.model.config, device="meta").num_parameters()
+        print(f"rank {trainer.rank} of {trainer.world} holds {held['parameters']:,} of the model's {whole:,} "
+              f"parameters ({held['parameter_bytes'] / 2**20:.1f} MiB)", flush=True)
     last = trainer.fit()
     if not trainer.main_rank:
         return 0

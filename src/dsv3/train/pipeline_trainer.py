@@ -294,6 +294,7 @@ class PipelineTrainer(Trainer):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.grad_bytes = self._gradient_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         self._check_finite_params(f"after the optimizer step {self.step + 1} at learning rate {lr:.3g}")
         loads = loads.float()

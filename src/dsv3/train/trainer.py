@@ -280,6 +280,7 @@ class Trainer:
             convert_to_fp8(self.model)  # master weights stay fp32; the GEMMs run in FP8
         self._parallelize()
         self._materialize()
+        self.grad_bytes = 0  # measured at each optimizer step (`held_memory`)
         if resume:
             for model in self._held_models():
                 load_weights(model, ckpt)  # each rank reads only the tensors it holds
@@ -320,6 +321,26 @@ class Trainer:
         self.mesh = Mesh(1, self.cfg.dp, self.cfg.ep) if self.world > 1 else None
         if self.cfg.ep > 1:  # ep consecutive ranks hold one full set of experts between them
             apply_expert_parallel(self.model, self.mesh.ep_group)
+
+    def held_memory(self) -> dict[str, int]:
+        """What this rank holds (its share under EP, PP and ZeRO-1), measured on its tensors: `parameters` and
+        `parameter_bytes` (allocated parameters of its modules, each once; meta ones are not allocated),
+        `gradient_bytes` (the gradients present at the last optimizer step; 0 before one) and
+        `optimizer_state_bytes` (the tensors of its optimizer's state). Saved in each rank's trainer state."""
+        params = self._held_params()
+        state = [t for s in self.optimizer.state_dict()["state"].values() for t in s.values()
+                 if isinstance(t, torch.Tensor)]
+        return {"parameters": sum(p.numel() for p in params),
+                "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+                "gradient_bytes": self.grad_bytes,
+                "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state)}
+
+    def _held_params(self) -> list[torch.nn.Parameter]:
+        return list({id(p): p for m in self._held_modules() for p in m.parameters() if not p.is_meta}.values())
+
+    def _gradient_bytes(self) -> int:
+        """Bytes of the gradients this rank's parameters hold now (all of them, also under ZeRO-1)."""
+        return sum(p.grad.numel() * p.grad.element_size() for p in self._held_params() if p.grad is not None)
 
     def _held_models(self) -> list[DeepseekV3]:
         """The model objects this rank trains (the pipeline trainer: one per stage copy)."""
@@ -423,6 +444,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.grad_bytes = self._gradient_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         self._check_finite_params(f"after the optimizer step {self.step + 1} at learning rate {lr:.3g}")
         loads = self.reduce_loads(loads)
@@ -531,7 +553,8 @@ class Trainer:
         self._check_finite_params(f"at step {self.step}, before saving its checkpoint")
         model = self._model_to_save()
         state = {"step": self.step, "total_steps": self.total_steps, "estimating": self.estimating,
-                 "budget_spent_s": self.budget_spent_s, "optimizer": self.optimizer.state_dict(),
+                 "budget_spent_s": self.budget_spent_s, "held": self.held_memory(),
+                 "optimizer": self.optimizer.state_dict(),
                  "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
         files = trainer_state_files(state, self.rank, self.world)
         if self.world > 1:  # each rank's files (its optimizer shard under EP and ZeRO-1), as bytes, to rank 0
