@@ -169,9 +169,12 @@ class Engine:
     of prompts to completion. Tensors live on the model's device.
 
     Logits come from the engine's `DecodeHead` (a packed copy of the output head on CPU; see infer/head.py), applied
-    outside the (maybe compiled) forwards. draft_tokens: k, the MTP drafts per step when speculative (the context shrinks by k - 1 positions: a verify
-        step writes k positions past the last kept token). compile: run the decode forwards through
-        `torch.compile` (module doc); `warmup()` compiles every batch bucket up front.
+    outside the (maybe compiled) forwards.
+
+    draft_tokens: k, the MTP drafts per step when speculative (the context shrinks by k - 1 positions: a verify
+        step writes k positions past the last kept token).
+    compile: run the decode forwards through `torch.compile` (module doc); `warmup()` compiles every batch
+        bucket up front.
 
     Raises:
         GenerationError: speculative decoding without an MTP module, max_batch < 1, max_len < 2,
