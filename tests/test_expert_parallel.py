@@ -48,10 +48,19 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     import dsv3
 
     common = ["--model-config", "tiny", "--data", str(dataset), "--max-steps", "4", "--batch-size", "4",
-              "--seq-len", "32", "--no-progress", "--checkpoint-every", "2", "--bias-update-speed", "0.01"]
+              "--seq-len", "32", "--no-progress", "--checkpoint-every", "2", "--bias-update-speed", "0.01",
+              "--peak-flops", "1e10"]
     a = train(tmp_path / "one", common)
     b = train(tmp_path / "ep", [*common, "--ep", "2"], nproc=2)
     assert [r.step for r in b] == [1, 2, 3, 4]
+    # MFU counts every rank's peak: each report implies the same model FLOPs per token whatever the layout
+    from dsv3.params import training_flops_per_token
+
+    flops = training_flops_per_token(dsv3.ModelConfig.from_json(dsv3.resolve_checkpoint(tmp_path / "one")
+                                                                / "config.json"), 32)
+    for rows, world in ((a, 1), (b, 2)):
+        for r in rows:
+            assert r.mfu * world * 1e10 / r.tokens_per_s == pytest.approx(flops, rel=1e-9)
     for x, y in zip(a, b):
         assert abs(x.loss - y.loss) < 1e-4
         assert abs(x.grad_norm - y.grad_norm) / x.grad_norm < 1e-3

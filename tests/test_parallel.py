@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.cost import parse_count, pipeline_bubbles, training_cost
+from dsv3.cost import model_flops_utilization, parse_count, pipeline_bubbles, training_cost
 from dsv3.parallel import rebalance_experts
 from dsv3.parallel.pipeline import schedule_1f1b, schedule_dualpipe, schedule_zb1p
 
@@ -150,3 +150,11 @@ def test_bubble_formulas_equal_the_simulated_schedules():
     b = pipeline_bubbles(pp=8, micro_batches=16, f=1, b=2, w=1)
     assert b["DualPipe"]["bubble"] < b["ZB1P"]["bubble"] < b["1F1B"]["bubble"]
 
+
+
+def test_mfu_formula():
+    """MFU = tokens/s x FLOPs/token / (devices x one device's peak), on made-up figures: the same work at the same
+    rate on twice the devices is half the utilisation."""
+    assert model_flops_utilization(1000, 6e6, 1e10, 1) == pytest.approx(0.6)
+    assert model_flops_utilization(1000, 6e6, 1e10, 2) == pytest.approx(0.3)
+    assert model_flops_utilization(4000, 6e6, 1e10, 4) == pytest.approx(0.6)

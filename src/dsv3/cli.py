@@ -90,7 +90,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field: its help text and closed set of values come from the field."""
     from .train.trainer import TrainConfig
 
-    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int, "dp": int}
+    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int, "dp": int,
+                      "peak_flops": float}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text, choices = f.metadata["help"], f.metadata["choices"]

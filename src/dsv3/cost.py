@@ -53,6 +53,16 @@ class CostEstimate:
     dollars: float
 
 
+def model_flops_utilization(tokens_per_s: float, flops_per_token: float, peak_flops: float, devices: int) -> float:
+    """MFU: the model FLOP/s achieved ÷ the peak of every device that achieved them.
+
+    tokens_per_s: the whole run's training rate (all ranks together); flops_per_token: forward + backward model
+    FLOPs per token (`training_flops_per_token`); peak_flops: one device's peak FLOP/s; devices: the ranks.
+    So a layout that splits the same work over more ranks in the same time reports a proportionally lower MFU.
+    """
+    return tokens_per_s * flops_per_token / (peak_flops * devices)
+
+
 def training_cost(cfg: ModelConfig, tokens: float, gpus: int, gpu: str = "h800", mfu: float = 0.4,
                   seq_len: int = 4096, price_per_gpu_hour: float = 2.0) -> CostEstimate:
     """Compute, time and price of training `cfg` on `tokens` tokens (at `seq_len` context) with `gpus` GPUs of

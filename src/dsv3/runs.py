@@ -230,7 +230,7 @@ class StepMetrics:
     lr: float  # learning rate used for this step
     grad_norm: float  # global L2 norm of the gradient before clipping
     tokens_per_s: float  # trained tokens per second of this step (wall clock)
-    mfu: float  # achieved model FLOP/s / the measured matmul peak of this machine, per rank
+    mfu: float  # achieved model FLOP/s / (ranks x one device's peak: --peak-flops or the measured matmul rate)
     tokens: int  # trained tokens so far
     step_time: float  # seconds
     max_vio: list[float] = field(default_factory=list)  # per MoE layer: max load / mean load - 1

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..cost import model_flops_utilization
 from ..model import DeepseekV3
 from ..model.moe import RoutingInfo
 from ..model.transformer import run_mtp
@@ -318,7 +319,7 @@ class PipelineTrainer(Trainer):
         return StepMetrics(
             step=self.step, loss=loss, mtp_loss=sums[2:].tolist(), balance_loss=float(sums[1]),
             lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-            mfu=tokens_per_s * self.flops_per_token / self.peak_flops / self.world,
+            mfu=model_flops_utilization(tokens_per_s, self.flops_per_token, self.peak_flops, self.world),
             tokens=self.step * cfg.batch_size * cfg.seq_len, step_time=dt,
             max_vio=[max_violation(x) for x in loads], load=[x.int().tolist() for x in loads],
             bias=[[round(v, 6) for v in b] for b in bias.tolist()],

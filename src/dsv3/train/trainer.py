@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ..checkpoint import load_weights, save_pretrained
 from ..config import ModelConfig, get_config
+from ..cost import model_flops_utilization
 from ..errors import Dsv3Error
 from ..model import DeepseekV3
 from ..parallel.expert_parallel import all_reduce_loads, apply_expert_parallel, unsharded_copy
@@ -116,6 +117,8 @@ class TrainConfig:
                           "GEMMs, dsv3.quant)", PRECISIONS)
     optimizer_state_dtype: str = _opt("fp32", "AdamW moments' dtype (the paper keeps them in bf16)", STATE_DTYPES)
     device: str = _opt("auto", "cpu, cuda or auto (cuda when available)")
+    peak_flops: float | None = _opt(None, "one device's peak FLOP/s, the MFU denominator (default: this machine's "
+                                          "measured fp32 matmul rate)")
     # scale-out (under torchrun): ranks split the global batch; ep > 1 also shards the routed experts over them
     dp: int | None = _opt(None, "data-parallel size (default: ranks / (ep x pp))")
     ep: int = _opt(1, "expert-parallel size: routed experts sharded over this many consecutive ranks")
@@ -147,6 +150,8 @@ class TrainConfig:
         need(self.minutes is None or self.minutes > 0, "minutes", "must be > 0")
         need(self.max_steps is not None or self.minutes is not None, "max_steps", "give max_steps or minutes")
         need(self.lr > 0, "lr", "must be > 0")
+        need(self.peak_flops is None or (isinstance(self.peak_flops, (int, float)) and self.peak_flops > 0),
+             "peak_flops", "must be a number > 0 (FLOP/s)")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
         need(self.mtp_depth is None or self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
@@ -294,7 +299,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])  # this rank's (shard of the) optimizer state
             torch.set_rng_state(state["rng"])
         self.flops_per_token = training_flops_per_token(mc, cfg.seq_len, mtp=mc.num_nextn_predict_layers > 0)
-        self.peak_flops = measured_matmul_flops(self.device)
+        self.peak_flops = cfg.peak_flops or measured_matmul_flops(self.device)
         if not resume and overwrite:
             self._claim_run_dir(True)  # only once the setup succeeded
 
@@ -457,7 +462,7 @@ class Trainer:
         return StepMetrics(
             step=self.step, loss=sums["loss"], mtp_loss=sums["mtp"], balance_loss=sums["balance"],
             lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
-            mfu=tokens_per_s * self.flops_per_token / self.peak_flops,
+            mfu=model_flops_utilization(tokens_per_s, self.flops_per_token, self.peak_flops, self.world),
             tokens=self.step * cfg.batch_size * cfg.grad_accum * cfg.seq_len, step_time=dt,
             max_vio=[max_violation(load) for load in loads],
             load=[load.int().tolist() for load in loads],
