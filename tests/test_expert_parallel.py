@@ -12,6 +12,8 @@ sys.path.insert(0, str(WORKER.parent))
 import ep_worker  # noqa: E402
 from launch import run_ranks, train  # noqa: E402
 
+from dsv3.parallel.plan import Layout, plan  # noqa: E402
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
@@ -79,6 +81,7 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
         assert h["parameters"] == one.num_parameters() - experts // 2
         assert h["parameter_bytes"] == h["gradient_bytes"] == 4 * h["parameters"]
         assert h["optimizer_state_bytes"] == 8 * h["parameters"] + 4 * n_tensors
+    assert [m.held() for m in plan(one.config, Layout(ep=2))] == held  # the planner, exactly
     # ZeRO-1 on top: AdamW state sharded over the two ranks, same curve
     for x, y in zip(a, train(tmp_path / "zero", [*common, "--ep", "2", "--zero", "1"], nproc=2)):
         assert abs(x.loss - y.loss) < 1e-4 and x.bias == y.bias
@@ -97,6 +100,7 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     zero_held = [dsv3.runs.load_trainer_state(ckpt, rank=r, world=2)["held"] for r in range(2)]
     replicated = one.num_parameters() - experts
     assert sum(h["optimizer_state_bytes"] for h in zero_held) == 8 * (replicated + experts) + 4 * (n_params + 6)
+    assert [m.held() for m in plan(one.config, Layout(ep=2, zero=True))] == zero_held
     # resume on two ranks from the step-4 checkpoint
     resumed = train(tmp_path / "ep", ["--resume", str(tmp_path / "ep"), "--max-steps", "5", "--no-progress"],
                     nproc=2)

@@ -158,3 +158,59 @@ def test_mfu_formula():
     assert model_flops_utilization(1000, 6e6, 1e10, 1) == pytest.approx(0.6)
     assert model_flops_utilization(1000, 6e6, 1e10, 2) == pytest.approx(0.3)
     assert model_flops_utilization(4000, 6e6, 1e10, 4) == pytest.approx(0.6)
+
+
+def test_plan_of_deepseek_v3_671b_equals_hand_count():
+    """The planner on the real config, PP16 x EP64 x DP2 under 1F1B, a middle stage: four MoE layers (main layers
+    30..33 of 61; the stages split 61 layers as round(i x 61 / 16)), each counted here from the published shapes
+    (hidden 7168, 128 heads of 128 + 64 rope dims, value 128, q rank 1536, kv rank 512, 256 experts of 2048, one
+    shared, 8 per token): attention, norms, router, the shared expert and 256 / 64 = 4 routed experts."""
+    from dsv3.parallel.plan import Layout, plan
+
+    d, heads, q_rank, kv_rank, moe_i = 7168, 128, 1536, 512, 2048
+    attention = (d * q_rank + q_rank + q_rank * heads * (128 + 64) + d * (kv_rank + 64) + kv_rank
+                 + kv_rank * heads * (128 + 128) + heads * 128 * d)
+    expert = 3 * d * moe_i
+    layer = attention + 2 * d + 256 * d + expert + (256 // 64) * expert
+    layout = Layout(pp=16, dp=2, ep=64, schedule="1f1b")
+    (m,) = plan(dsv3.get_config("deepseek-v3-671b"), layout, [8 * 128])
+    assert (m.pp_index, m.parameters) == (8, 4 * layer)
+    assert m.parameter_bytes == m.gradient_bytes == 4 * 4 * layer
+    assert m.optimizer_state_bytes == 8 * 4 * layer + 4 * 4 * 14  # moments + a step per tensor (14 per layer)
+    # ZeRO-1 shards the replicated part of that state over the stage's dp x ep = 128 ranks; experts stay local
+    zero = plan(dsv3.get_config("deepseek-v3-671b"), Layout(pp=16, dp=2, ep=64, schedule="1f1b", zero=True),
+                list(range(8 * 128, 9 * 128)))
+    local = 8 * 4 * 4 * expert + 4 * 4 * 2  # each rank's 4 expert stacks x 2 tensors per layer
+    shared = 8 * 4 * (layer - 4 * expert) + 4 * 4 * 12
+    assert sum(z.optimizer_state_bytes for z in zero) == 128 * local + shared
+    # the greedy partition: no rank above an even share plus the largest replicated tensor (o_proj) of state
+    assert max(z.optimizer_state_bytes for z in zero) <= local + shared / 128 + 8 * heads * 128 * d + 4
+
+
+def test_plan_cli_json(capsys):
+    """`dsv3 plan --json`: every rank of a small layout, whether the states fit, what was modelled."""
+    import json
+
+    from dsv3.cli import main
+
+    assert main(["plan", "--model-config", "tiny", "--ep", "2", "--pp", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in out["ranks"]] == [0, 1, 2, 3] and out["fits"] is True
+    assert out["modelled"] == ["parameters", "gradients", "optimizer state"]
+
+
+def test_dry_run_of_the_papers_layout_builds_what_the_planner_counts(capsys):
+    """`dsv3 plan --dry-run`: the trainer itself builds ranks of deepseek-v3-671b on PP16 x EP64 x DP2 (2048 ranks,
+    a fake process group, every tensor on meta) — the first, a middle and the last stage — and each holds exactly
+    the planner's parameters, its experts as [256 / 64, ...] stacks."""
+    import json
+
+    from dsv3.cli import main
+
+    args = ["plan", "--model-config", "deepseek-v3-671b", "--pp", "16", "--ep", "64", "--dp", "2", "--zero", "1"]
+    assert main([*args, "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    planned = {r["rank"]: r["parameters"] for r in out["ranks"]}
+    assert sorted(planned) == [0, 1024, 1920]
+    assert {b["rank"]: b["parameters"] for b in out["dry_run"]} == planned
+    assert all(b["expert_stacks"] == [[4, 4096, 7168], [4, 7168, 2048]] for b in out["dry_run"])

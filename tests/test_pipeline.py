@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dsv3.parallel.pipeline import schedule_1f1b, schedule_dualpipe, schedule_dualpipev, schedule_zb1p
+from dsv3.parallel.plan import Layout, plan
 
 WORKER = Path(__file__).parent / "workers" / "pp_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -215,6 +216,7 @@ def test_torchrun_pipeline_training_follows_the_single_process_curve(dataset, tm
     held = _held(tmp_path / "pp", 2)
     assert [h["parameters"] for h in held] == want
     assert all(h["parameter_bytes"] == 4 * h["parameters"] == h["gradient_bytes"] for h in held)
+    assert [m.held() for m in plan(model.config, Layout(pp=2, schedule=schedule))] == held  # the planner: exact
 
 
 @pytest.mark.slow
@@ -227,6 +229,12 @@ def test_torchrun_3d_mesh_follows_the_single_process_curve(dataset, tmp_path):
     _same_run(one, train(tmp_path / "pe", [*common, "--pp", "2", "--ep", "2", "--zero", "1"], nproc=4))
     _same_checkpoint(tmp_path / "one", tmp_path / "pe")
     _same_run(one, train(tmp_path / "pd", [*common, "--pp", "2", "--dp", "2", "--pp-schedule", "zb1p"], nproc=4))
+    # every rank's measured parameters, gradients and (ZeRO-1-sharded) optimizer state equal the planner's
+    import dsv3
+
+    cfg = dsv3.ModelConfig.from_json(dsv3.resolve_checkpoint(tmp_path / "one") / "config.json")
+    for run, layout in (("pe", Layout(pp=2, ep=2, zero=True)), ("pd", Layout(pp=2, dp=2, schedule="zb1p"))):
+        assert [m.held() for m in plan(cfg, layout)] == _held(tmp_path / run, 4), run
     more = ["--max-steps", "4", "--no-progress"]
     _same_run(train(tmp_path / "one", ["--resume", str(tmp_path / "one"), *more]),
               train(tmp_path / "pe", ["--resume", str(tmp_path / "pe"), *more], nproc=4))

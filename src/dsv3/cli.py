@@ -271,6 +271,103 @@ def _cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import get_config
+    from .cost import GPU_MEMORY_GB
+    from .parallel.plan import Layout, plan
+
+    name = _model_config(args)
+    cfg = get_config(name)
+    layout = Layout(pp=args.pp, dp=args.dp, ep=args.ep, zero=bool(args.zero), schedule=args.pp_schedule,
+                    optimizer_state_dtype=args.optimizer_state_dtype)
+    if args.ranks is not None:
+        ranks = args.ranks
+    elif layout.world <= 8:
+        ranks = list(range(layout.world))
+    else:  # one rank per distinct pipeline position: the first, a middle and the last stage
+        ranks = sorted({s * layout.dp * layout.ep for s in (0, layout.pp // 2, layout.pp - 1)})
+    if any(not 0 <= r < layout.world for r in ranks):
+        raise _UsageError(f"--ranks must lie in 0..{layout.world - 1} for {layout.world} ranks")
+    try:
+        rows = plan(cfg, layout, ranks)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    built = _plan_dry_run(name, layout, rows) if args.dry_run else None
+    memory = args.gpu_memory if args.gpu_memory is not None else GPU_MEMORY_GB[args.gpu]
+    worst = max(rows, key=lambda m: m.total_bytes)
+    fits = worst.total_bytes <= memory * 1e9
+    if args.json:
+        print(json.dumps({"model_config": name, "layout": dataclasses.asdict(layout), "gpu_memory_gb": memory,
+                          "ranks": [dataclasses.asdict(m) | {"total_bytes": m.total_bytes} for m in rows],
+                          "fits": fits, "modelled": ["parameters", "gradients", "optimizer state"],
+                          "dry_run": built}, indent=1))
+        return 0
+    unit, size = ("GiB", 2**30) if worst.total_bytes >= 2**30 else ("MiB", 2**20)
+    table = Table(title=f"{name} on pp {layout.pp} x dp {layout.dp} x ep {layout.ep} = {layout.world} ranks, "
+                        f"{layout.schedule}{', ZeRO-1' if layout.zero else ''}, AdamW moments "
+                        f"{layout.optimizer_state_dtype}", title_justify="left")
+    for col in ("rank", "pp, dp, ep", "parameters", f"params {unit}", f"grads {unit}", f"optimizer {unit}",
+                f"total {unit}"):
+        table.add_column(col, justify="right")
+    for m in rows:
+        table.add_row(str(m.rank), f"{m.pp_index}, {m.dp_index}, {m.ep_index}", f"{m.parameters:,}",
+                      *(f"{b / size:.2f}" for b in (m.parameter_bytes, m.gradient_bytes, m.optimizer_state_bytes,
+                                                    m.total_bytes)))
+    console = Console()
+    for b in built or []:
+        console.print(f"dry run: rank {b['rank']} built {b['parameters']:,} parameters "
+                      f"({b['parameter_bytes'] / 2**30:.2f} GiB) on meta, as planned; routed-expert stacks "
+                      + (", ".join(str(s) for s in b["expert_stacks"]) or "none"))
+    console.print(table)
+    terms = {"parameters": worst.parameter_bytes, "gradients": worst.gradient_bytes,
+             "optimizer state": worst.optimizer_state_bytes}
+    console.print(f"largest: rank {worst.rank}, {worst.total_bytes / 1e9:.1f} GB of {memory:g} GB "
+                  f"({'fits' if fits else 'does NOT fit'}; largest term: {max(terms, key=terms.get)}). Counted: fp32 "
+                  "parameters and gradients, AdamW state; not yet modelled: activations, the serving latent cache "
+                  "(see dsv3/parallel/plan.py for every assumption)")
+    return 0
+
+
+def _plan_dry_run(name: str, layout, rows) -> list[dict]:
+    """Build each planned rank's share with the trainer itself, on the meta device under a fake process group
+    (one rank at a time, in this process), and check it holds exactly the parameters the planner counted.
+    Returns per rank: rank, parameters, parameter_bytes, expert_stacks (the shapes of its routed-expert tensors)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from .config import get_config
+    from .train.trainer import TrainConfig, Trainer
+
+    if dist.is_initialized():
+        raise _UsageError("--dry-run sets up its own fake process group; run it outside torchrun")
+    chunks = 2 * layout.pp
+    cfg = TrainConfig(model_config=name, max_steps=1, pp=layout.pp, dp=layout.dp, ep=layout.ep,
+                      zero=int(layout.zero), pp_schedule=layout.schedule, device="cpu",
+                      optimizer_state_dtype=layout.optimizer_state_dtype,
+                      batch_size=chunks * layout.dp * layout.ep if layout.pp > 1 else layout.world,
+                      seq_len=min(256, get_config(name).max_position_embeddings))
+    if layout.pp > 1:
+        from .train.pipeline_trainer import PipelineTrainer as Trainer  # noqa: N806
+    built = []
+    for m in rows:
+        dist.init_process_group("fake", store=FakeStore(), rank=m.rank, world_size=layout.world)
+        try:
+            trainer = Trainer(cfg, dry_run=True)
+            held = trainer.held_memory()
+            stacks = sorted({tuple(p.shape) for mod in trainer._held_modules()
+                             for n, p in mod.named_parameters() if ".experts." in n})
+        finally:
+            dist.destroy_process_group()
+        if held["parameters"] != m.parameters:
+            raise RuntimeError(f"the dry run of rank {m.rank} built {held['parameters']:,} parameters, the "
+                               f"planner counted {m.parameters:,}: a bug in dsv3, please report it")
+        built.append({"rank": m.rank, **held, "expert_stacks": [list(s) for s in stacks]})
+    return built
+
+
 # ------------------------------------------------------------------------------------------------ inference
 def _load_for_inference(args: argparse.Namespace):
     from .checkpoint import load_pretrained
@@ -523,6 +620,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=_positive_int, default=16, help="pipeline stages (default: 16)")
     p.add_argument("--micro-batches", type=_positive_int, default=32, help="(default: 32)")
     p.set_defaults(func=_cost)
+
+    p = sub.add_parser("plan", help="per-rank memory of a training layout (parameters, gradients, optimizer state)")
+    _model_config_flags(p)
+    p.add_argument("--pp", type=_positive_int, default=1, help="pipeline stages (default: 1)")
+    p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel size (default: 1)")
+    p.add_argument("--ep", type=_positive_int, default=1, help="expert-parallel size (default: 1)")
+    p.add_argument("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1 optimizer state (default: 0)")
+    p.add_argument("--pp-schedule", default="dualpipe", choices=("1f1b", "zb1p", "dualpipe", "dualpipev"),
+                   help="(default: dualpipe)")
+    p.add_argument("--optimizer-state-dtype", default="fp32", choices=("fp32", "bf16"), help="AdamW moments")
+    p.add_argument("--gpu", default="h800", choices=sorted(_gpu_names()), help="its memory decides 'fits'")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GB per device (overrides --gpu)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None,
+                   help="global ranks to show (default: all up to 8, else the first, a middle and the last stage)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--dry-run", action="store_true", help="also build each shown rank's share with the trainer on "
+                   "the meta device under a fake process group, and check it against the plan")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("demo", help="the main job: prepare data, train the small preset, evaluate, plot, sample")
     p.add_argument("--minutes", type=float, default=10.0, help="training time (default: 10)")

@@ -26,6 +26,7 @@ class CostError(Dsv3Error, ValueError):
     """A cost-model setting out of range (the GPU, the MFU); the message names it."""
 
 
+GPU_MEMORY_GB = {"h800": 80, "h100": 80, "h200": 141, "a100": 80, "b200": 192}  # HBM per GPU, GB (10^9 bytes)
 GPU_PEAK_BF16 = {"h800": 989.5e12, "h100": 989.5e12, "h200": 989.5e12, "a100": 312e12, "b200": 2250e12}
 SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 

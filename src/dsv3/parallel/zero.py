@@ -16,6 +16,19 @@ import torch.distributed as dist
 from torch import nn
 
 
+def zero_owners(sizes: list[int], world: int) -> list[int]:
+    """The ZeRO-1 partition: the owner rank of each of the tensors of sizes `sizes` (elements): largest first
+    (ties in the given order), each onto the least-loaded rank so far (the lowest on ties). Deterministic, so every
+    rank computes the same partition, and `parallel.plan` the same figures."""
+    load = [0] * world
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = min(range(world), key=lambda j: load[j])
+        load[r] += sizes[i]
+        owners[i] = r
+    return owners
+
+
 class ZeroShardedOptimizer:
     """ZeRO-1 over `group`: wraps the optimizer `make_optimizer` builds for this rank's owned parameters, with
     the step / zero_grad / state_dict surface the trainer uses (see the module doc)."""
@@ -28,19 +41,10 @@ class ZeroShardedOptimizer:
         shard) parameters, always owned here."""
         self.group = group
         self.rank, world = dist.get_rank(group), dist.get_world_size(group)
-        load = [0] * world
-        self.owner: list[tuple[nn.Parameter, int]] = []
         named = list(named_params)
-        mine = []
-        for name, p in sorted(named, key=lambda np: -np[1].numel()):  # deterministic: same order on every rank
-            if is_local(name):
-                mine.append(p)
-                continue
-            r = min(range(world), key=lambda i: load[i])
-            load[r] += p.numel()
-            self.owner.append((p, r))
-            if r == self.rank:
-                mine.append(p)
+        shared = [p for name, p in named if not is_local(name)]
+        self.owner: list[tuple[nn.Parameter, int]] = list(zip(shared, zero_owners([p.numel() for p in shared], world)))
+        mine = [p for name, p in named if is_local(name)] + [p for p, r in self.owner if r == self.rank]
         ids = {id(p) for p in mine}
         ordered = [p for _, p in named if id(p) in ids]  # model order, for a stable state_dict
         self.params = [p for _, p in named]

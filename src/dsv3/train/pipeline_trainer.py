@@ -178,7 +178,7 @@ class PipelineTrainer(Trainer):
             for model in self.copies.values():
                 apply_expert_parallel(model, mesh.ep_group)
         self.stages = {d: ModelStage(self.copies[d], *ranges[s], balance_scale=alpha / self.chunks,
-                                     eot_id=self.data.eot_id)
+                                     eot_id=self.data.eot_id if self.data is not None else None)
                        for d, s in self.stage_of.items()}
         # stages whose gradients, norms and state this rank speaks for (DualPipe: the other copy is the partner's)
         self.unique = [0] if self.dual else list(self.stage_of)

@@ -225,10 +225,16 @@ class Trainer:
     run directory. `fit()` runs the loop; `train_step()` is one optimizer step.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, dry_run: bool = False):
         """resume: continue the run in cfg.out from its latest checkpoint. Otherwise cfg.out must be absent or an
-        empty directory; `overwrite` moves an existing one aside (`moved_aside` says where), never deletes it."""
+        empty directory; `overwrite` moves an existing one aside (`moved_aside` says where), never deletes it.
+
+        dry_run: build this rank's share of the model on the meta device and stop there (no data, no output
+        directory, no memory, no optimizer): what `dsv3 plan --dry-run` runs under a fake process group for a
+        layout far larger than the machine (`held_memory(meta=True)` then counts what the rank would hold).
+        """
         self.cfg = cfg.validate()
+        self.dry_run = dry_run
         if resume and overwrite:
             raise TrainError("resume continues the run in out; overwrite would move it aside: give one of them")
         self.rank, self.world = _init_distributed(cfg)
@@ -246,11 +252,11 @@ class Trainer:
         self.run = Run(cfg.out)
         self.moved_aside: Path | None = None  # where an overwritten run directory went
         self._written: set[str] = set()  # checkpoint directories (step-N) this trainer saved
-        if not resume and not overwrite:
+        if not resume and not overwrite and not dry_run:
             self._claim_run_dir(False)  # refuse an occupied out before the expensive setup
         self.device = torch.device(cfg.device if cfg.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.data = TokenData(cfg.data, "train")
+        self.data = None if dry_run else TokenData(cfg.data, "train")
         self.step = 0
         self.total_steps = cfg.max_steps
         self.estimating = cfg.max_steps is None  # --minutes alone: the step count is re-estimated until the decay
@@ -275,7 +281,7 @@ class Trainer:
         # built on the meta device, wrapped for the layout, then only what this rank holds is allocated and filled
         self.model = DeepseekV3(model_config, device="meta")
         mc = self.model.config
-        if mc.vocab_size < self.data.meta["vocab_size"]:
+        if self.data is not None and mc.vocab_size < self.data.meta["vocab_size"]:
             raise TrainError(f"model vocab_size {mc.vocab_size} is smaller than the tokenizer's "
                              f"{self.data.meta['vocab_size']} (data {cfg.data})")
         if cfg.seq_len > mc.max_position_embeddings:
@@ -284,6 +290,8 @@ class Trainer:
         if cfg.precision == "fp8":
             convert_to_fp8(self.model)  # master weights stay fp32; the GEMMs run in FP8
         self._parallelize()
+        if dry_run:
+            return
         self._materialize()
         self.grad_bytes = 0  # measured at each optimizer step (`held_memory`)
         if resume:
@@ -331,7 +339,13 @@ class Trainer:
         """What this rank holds (its share under EP, PP and ZeRO-1), measured on its tensors: `parameters` and
         `parameter_bytes` (allocated parameters of its modules, each once; meta ones are not allocated),
         `gradient_bytes` (the gradients present at the last optimizer step; 0 before one) and
-        `optimizer_state_bytes` (the tensors of its optimizer's state). Saved in each rank's trainer state."""
+        `optimizer_state_bytes` (the tensors of its optimizer's state). Saved in each rank's trainer state.
+        After a dry run (nothing allocated): the parameters of the modules the rank would allocate, and only those
+        two figures."""
+        if self.dry_run:
+            params = list({id(p): p for m in self._held_modules() for p in m.parameters()}.values())
+            return {"parameters": sum(p.numel() for p in params),
+                    "parameter_bytes": sum(p.numel() * p.element_size() for p in params)}
         params = self._held_params()
         state = [t for s in self.optimizer.state_dict()["state"].values() for t in s.values()
                  if isinstance(t, torch.Tensor)]
@@ -370,6 +384,8 @@ class Trainer:
 
     def _model_config(self) -> ModelConfig:
         mc = get_config(self.cfg.model_config)
+        if self.data is None:  # a dry run: the config as given
+            return mc
         vocab = self.data.meta["vocab_size"]
         changes = {}
         if mc.vocab_size != vocab:
@@ -628,7 +644,10 @@ class Trainer:
 
 
 def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
-    """(rank, world size): from torchrun's environment when launched by it, else (0, 1)."""
+    """(rank, world size): of the process group already set up (a dry run's fake one), else from torchrun's
+    environment when launched by it, else (0, 1)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         need = cfg.ep * cfg.pp * (cfg.dp or 1)
