@@ -231,7 +231,7 @@ class Trainer:
 
         dry_run: build this rank's share of the model on the meta device and stop there (no data, no output
         directory, no memory, no optimizer): what `dsv3 plan --dry-run` runs under a fake process group for a
-        layout far larger than the machine (`held_memory(meta=True)` then counts what the rank would hold).
+        layout far larger than the machine (`held_memory()` then counts what the rank would hold).
         """
         self.cfg = cfg.validate()
         self.dry_run = dry_run
