@@ -6,6 +6,8 @@ is the identity, so the sharded model must reproduce the unsharded FP8 model exa
 """
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,3 +38,48 @@ def test_ep_keeps_fp8_experts(gloo_world_of_one):
     sharded = apply_expert_parallel(copy.deepcopy(model))
     assert isinstance(sharded.model.layers[1].mlp.experts, EPExperts)
     torch.testing.assert_close(sharded(ids, mtp=False).logits, fp8, atol=0, rtol=0)
+
+
+WORKERS = Path(__file__).parent / "workers"
+sys.path.insert(0, str(WORKERS))
+from launch import run_ranks, train  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--ep", "2"], ["--pp", "2"]], ids=["ep2", "pp2"])
+def test_torchrun_fp8_follows_the_single_process_fp8_curve(dataset, tmp_path, layout):
+    """`--precision fp8` under `--ep 2` and under `--pp 2` (DualPipe) follows the single-process FP8 curve.
+
+    Not to fp32's 1e-6: FP8 Wgrad quantizes the output gradient in 1x128 tiles along the tokens of each GEMM, so a
+    layout that changes which tokens one call sees (the pipeline's micro-batches; per-rank loss normalisers under
+    EP, masked tokens included) changes roundings. Measured over 4 steps: at most 2.4e-4 (EP) and 2.4e-4 (PP),
+    while fp32 under EP stays within 2e-6. FP8 itself moves the tiny model's loss by ~6e-4, so this curve alone
+    cannot show FP8 ran: the spy test below does."""
+    common = ["--model-config", "tiny", "--data", str(dataset), "--max-steps", "3", "--batch-size", "8",
+              "--seq-len", "32", "--no-progress", "--precision", "fp8", "--bias-update-speed", "0.01"]
+    one = train(tmp_path / "one", common)
+    par = train(tmp_path / "par", [*common, *layout], nproc=2)
+    assert len(one) == len(par) == 3
+    for x, y in zip(one, par):
+        assert abs(x.loss - y.loss) < 5e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ep", "pp"), [(2, 1), (1, 2)], ids=["ep2", "pp2"])
+def test_fp8_gemms_run_on_every_rank(dataset, tmp_path, ep, pp):
+    """Two gloo ranks of the real trainer, one step each with a spy on the FP8 GEMM: with --precision fp8 every
+    rank's linears but the head and all its routed-expert groups (EP shards included) are FP8 and ran at least
+    their three GEMMs each (Fprop, Dgrad, Wgrad); with fp32 not one FP8 GEMM runs."""
+    for precision in ("fp8", "fp32"):
+        where = tmp_path / precision
+        where.mkdir()
+        ranks = run_ranks(WORKERS / "fp8_spy_worker.py", 2, where, "--data", str(dataset), "--run",
+                          str(where / "run"), "--precision", precision, "--ep", str(ep), "--pp", str(pp))
+        for r in ranks:
+            f = r["fp8"]
+            if precision == "fp32":
+                assert r["calls"] == 0 and f["fp8_linears"] == f["fp8_expert_groups"] == 0
+                continue
+            assert f["high_linears"] == 1 and f["high_expert_groups"] == 0  # the head, kept as the paper does
+            assert f["fp8_expert_groups"] == 3  # two main MoE layers and the MTP block's (DualPipe: both ends)
+            assert r["calls"] >= 3 * (f["fp8_linears"] + f["fp8_expert_groups"])

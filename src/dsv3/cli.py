@@ -142,6 +142,12 @@ def _train(args: argparse.Namespace) -> int:
         held, whole = trainer.held_memory(), DeepseekV3(trainer.model.config, device="meta").num_parameters()
         print(f"rank {trainer.rank} of {trainer.world} holds {held['parameters']:,} of the model's {whole:,} "
               f"parameters ({held['parameter_bytes'] / 2**20:.1f} MiB)", flush=True)
+    if cfg.precision == "fp8":  # what actually runs in FP8 here (a wrapper that lost it would show)
+        f = trainer.fp8_inventory()
+        who = f"rank {trainer.rank}: " if trainer.world > 1 else ""
+        print(f"{who}FP8 GEMMs in {f['fp8_linears']} of {f['fp8_linears'] + f['high_linears']} linears (the "
+              f"output head stays high precision) and {f['fp8_expert_groups']} of "
+              f"{f['fp8_expert_groups'] + f['high_expert_groups']} routed-expert groups", flush=True)
     last = trainer.fit()
     if not trainer.main_rank:
         return 0

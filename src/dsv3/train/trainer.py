@@ -30,11 +30,12 @@ from ..config import ModelConfig, get_config
 from ..cost import model_flops_utilization
 from ..errors import Dsv3Error
 from ..model import DeepseekV3
-from ..parallel.expert_parallel import all_reduce_loads, apply_expert_parallel, unsharded_copy
+from ..model.moe import RoutedExperts
+from ..parallel.expert_parallel import EPExperts, all_reduce_loads, apply_expert_parallel, unsharded_copy
 from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
 from ..parallel.zero import ZeroShardedOptimizer
 from ..params import training_flops_per_token
-from ..quant.linear import convert_to_fp8
+from ..quant.linear import FP8Linear, FP8RoutedExperts, convert_to_fp8
 from ..runs import (
     TOKENIZER,
     MetricsWriter,
@@ -354,6 +355,20 @@ class Trainer:
                 "gradient_bytes": self.grad_bytes,
                 "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state)}
 
+    def fp8_inventory(self) -> dict[str, int]:
+        """What runs in FP8 on this rank: its linears and routed-expert groups (one per MoE layer held, a shard
+        under EP) whose GEMMs are FP8 (`fp8_*`) or not (`high_*`: the output head and, without --precision fp8,
+        everything). An expert group is FP8 when its per-expert GEMM is `FP8RoutedExperts`' (kept by `EPExperts`)."""
+        counts = dict.fromkeys(("fp8_linears", "high_linears", "fp8_expert_groups", "high_expert_groups"), 0)
+        seen = {id(m): m for held in self._held_modules() for m in held.modules()}.values()
+        for m in seen:
+            if isinstance(m, torch.nn.Linear):
+                counts["fp8_linears" if isinstance(m, FP8Linear) else "high_linears"] += 1
+            elif isinstance(m, (RoutedExperts, EPExperts)):
+                gemm = m._gemm if isinstance(m, EPExperts) else type(m)._linear
+                counts["fp8_expert_groups" if gemm is FP8RoutedExperts._linear else "high_expert_groups"] += 1
+        return counts
+
     def _held_params(self) -> list[torch.nn.Parameter]:
         return list({id(p): p for m in self._held_modules() for p in m.parameters() if not p.is_meta}.values())
 
@@ -574,7 +589,7 @@ class Trainer:
         self._check_finite_params(f"at step {self.step}, before saving its checkpoint")
         model = self._model_to_save()
         state = {"step": self.step, "total_steps": self.total_steps, "estimating": self.estimating,
-                 "budget_spent_s": self.budget_spent_s, "held": self.held_memory(),
+                 "budget_spent_s": self.budget_spent_s, "held": self.held_memory(), "fp8": self.fp8_inventory(),
                  "optimizer": self.optimizer.state_dict(),
                  "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
         files = trainer_state_files(state, self.rank, self.world)
