@@ -82,6 +82,14 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
         assert h["parameter_bytes"] == h["gradient_bytes"] == 4 * h["parameters"]
         assert h["optimizer_state_bytes"] == 8 * h["parameters"] + 4 * n_tensors
     assert [m.held() for m in plan(one.config, Layout(ep=2))] == held  # the planner, exactly
+    # written sharded, nothing gathered: rank 0 wrote the replicated tensors and experts 0-3, rank 1 experts 4-7
+    import json
+
+    index = json.loads((ckpt_ep / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(index.values())) == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    for name, file in index.items():
+        expert = int(name.split(".mlp.experts.")[1].split(".")[0]) if ".mlp.experts." in name else 0
+        assert file.startswith(f"model-0000{1 + expert // 4}"), (name, file)
     # ZeRO-1 on top: AdamW state sharded over the two ranks, same curve
     for x, y in zip(a, train(tmp_path / "zero", [*common, "--ep", "2", "--zero", "1"], nproc=2)):
         assert abs(x.loss - y.loss) < 1e-4 and x.bias == y.bias

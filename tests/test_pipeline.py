@@ -235,6 +235,17 @@ def test_torchrun_3d_mesh_follows_the_single_process_curve(dataset, tmp_path):
     cfg = dsv3.ModelConfig.from_json(dsv3.resolve_checkpoint(tmp_path / "one") / "config.json")
     for run, layout in (("pe", Layout(pp=2, ep=2, zero=True)), ("pd", Layout(pp=2, dp=2, schedule="zb1p"))):
         assert [m.held() for m in plan(cfg, layout)] == _held(tmp_path / run, 4), run
+    # the 3-D run's checkpoint was written sharded by the ranks that hold each tensor (rank = pp x 2 + ep): stage 0
+    # (layers 0-1, the embedding) by ranks 0-1, stage 1 (layer 2, the MTP block, norm, head) by ranks 2-3, each
+    # expert by its EP rank (experts 0-3: ep 0), every replicated tensor by its stage's ep-0 rank
+    import json
+
+    index = json.loads((dsv3.resolve_checkpoint(tmp_path / "pe") / "model.safetensors.index.json").read_text())
+    for name, file in index["weight_map"].items():
+        parts = name.split(".")
+        stage = int(parts[2]) >= 2 if parts[1] == "layers" else not name.startswith("model.embed_tokens")
+        ep = int(name.split(".mlp.experts.")[1].split(".")[0]) // 4 if ".mlp.experts." in name else 0
+        assert file == f"model-0000{1 + 2 * stage + ep}-of-00004.safetensors", (name, file)
     more = ["--max-steps", "4", "--no-progress"]
     _same_run(train(tmp_path / "one", ["--resume", str(tmp_path / "one"), *more]),
               train(tmp_path / "pe", ["--resume", str(tmp_path / "pe"), *more], nproc=4))

@@ -12,18 +12,22 @@ the main tensors.
 
 FP8 checkpoints (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block) are dequantized on the fly,
 one tensor at a time, straight into the model's parameters: peak memory is the model plus one tensor.
-Saving writes to a temporary directory first and renames it into place, so an interrupted save never leaves a
-half-written checkpoint where a good one was.
+Saving writes to a working directory first and renames it into place, so an interrupted save never leaves a
+half-written checkpoint where a good one was. The steps are public for sharded saves (`start_checkpoint`, one
+`write_shard` per writing process, `finish_checkpoint` names the shards and builds the index from their headers):
+the trainer's ranks each write their own tensors, none gathered.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -39,6 +43,7 @@ from .quant.precision import STORAGE_HIGH_PRECISION, keeps_high_precision
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SHARD_PREFIX = "shard-"  # working names of the safetensors shards while a checkpoint is written
 SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of FP8 tensor `X.weight`
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -271,55 +276,43 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
         CheckpointError: `path` exists and is not an empty directory, and `replace` is False (checked before
             writing and again at the final rename).
     """
-    fp8 = dtype == FP8
     path = Path(path)
     if not replace:
-        _refuse_existing(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+        refuse_existing(path)
+    tmp = start_checkpoint(path, f"tmp-{os.getpid()}")
     try:
-        cfg_dict = model.config.to_dict()
-        cfg_dict.pop("quantization_config", None)  # only true of the weights written below if fp8
-        if fp8:
-            cfg_dict["quantization_config"] = FP8_QUANTIZATION_CONFIG
-        stored = torch.bfloat16 if fp8 else (dtype or model.lm_head.weight.dtype)
-        cfg_dict["torch_dtype"] = str(stored).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in _stored_tensors(model, dtype):
-            t = t.to("cpu").contiguous().clone()  # safetensors refuses tensors that share storage
+        shard: list[tuple[str, torch.Tensor]] = []
+        size, part = 0, 0
+        for name, t in stored_tensors(checkpoint_tensors(model), dtype):
             nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes and not name.endswith(SCALE_SUFFIX):
-                shards.append({})  # (a scale stays in the shard of its weight)
-                size = 0
-            shards[-1][name] = t
+            if shard and size + nbytes > max_shard_bytes and not name.endswith(SCALE_SUFFIX):
+                write_shard(shard, tmp / f"{SHARD_PREFIX}{part:05d}.safetensors")  # (a scale stays with its weight)
+                shard, size, part = [], 0, part + 1
+            shard.append((name, t))
             size += nbytes
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, start=1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / file), metadata={"format": "pt"})
-            for name, t in shard.items():
-                weight_map[name] = file
-                total += t.numel() * t.element_size()
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        for name, content in (extra_files or {}).items():
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(tmp / name, mode) as fh:
-                fh.write(content)
-        _replace_dir(tmp, path, replace)
+        write_shard(shard, tmp / f"{SHARD_PREFIX}{part:05d}.safetensors")
+        finish_checkpoint(tmp, path, model.config, dtype or model.lm_head.weight.dtype, extra_files, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _stored_tensors(model: DeepseekV3, dtype: torch.dtype | None):
-    for name, t in checkpoint_tensors(model):
+def start_checkpoint(path: Path, tag: str) -> Path:
+    """A fresh working directory beside `path` (`.NAME.TAG`), where a checkpoint is written before it is moved
+    into place; one left over by an earlier, interrupted save with the same tag (dsv3's own) is cleared first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{tag}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def stored_tensors(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None):
+    """(official name, tensor as stored) for `save_pretrained`'s dtype rule, one tensor at a time; an FP8
+    weight is followed by its `weight_scale_inv`."""
+    for name, t in named:
         if name.endswith("e_score_correction_bias") or dtype is None or not t.is_floating_point():
             yield name, t
         elif dtype == FP8 and fp8_eligible(name, t):
@@ -330,7 +323,60 @@ def _stored_tensors(model: DeepseekV3, dtype: torch.dtype | None):
             yield name, t.to(torch.bfloat16 if dtype == FP8 else dtype)
 
 
-def _refuse_existing(path: Path) -> None:
+def write_shard(tensors: list[tuple[str, torch.Tensor]], file: Path) -> None:
+    """One safetensors file of (official name, stored tensor) pairs (nothing is written for none), named
+    `shard-*.safetensors` in the working directory. Each process of a sharded save writes its own;
+    `finish_checkpoint` names them and indexes them."""
+    if tensors:
+        # safetensors refuses tensors that share storage
+        save_file({n: t.to("cpu").contiguous().clone() for n, t in tensors}, str(file), metadata={"format": "pt"})
+
+
+def finish_checkpoint(tmp: Path, path: Path, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                      extra_files: dict[str, str | bytes] | None = None, replace: bool = False) -> Path:
+    """Complete the checkpoint in `tmp` and move it to `path`: the shard files written there (`shard-*.safetensors`,
+    in name order) are renamed `model-0000i-of-0000n.safetensors`, the index is built from their headers (no tensor
+    is read), and `config.json` (with `torch_dtype` from `dtype`, the dtype the tensors were stored in; FP8 adds
+    the quantization config) and `extra_files` are added.
+
+    Raises:
+        CheckpointError: a tensor name in two shards; `path` occupied (see `save_pretrained`).
+    """
+    fp8 = dtype == FP8
+    cfg_dict = config.to_dict()
+    cfg_dict.pop("quantization_config", None)  # only true of the weights written if fp8
+    if fp8:
+        cfg_dict["quantization_config"] = FP8_QUANTIZATION_CONFIG
+    cfg_dict["torch_dtype"] = str(torch.bfloat16 if fp8 else dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+    parts = sorted(tmp.glob(f"{SHARD_PREFIX}*.safetensors"))
+    weight_map, total = {}, 0
+    for i, part in enumerate(parts, start=1):
+        file = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(part, tmp / file)
+        with _open(tmp / file) as f:
+            for name in f.keys():
+                if name in weight_map:
+                    raise CheckpointError(f"{name} was written twice ({weight_map[name]} and {file})")
+                weight_map[name] = file
+                piece = f.get_slice(name)
+                total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    for name, content in (extra_files or {}).items():
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(tmp / name, mode) as fh:
+            fh.write(content)
+    _replace_dir(tmp, path, replace)
+    return path
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def refuse_existing(path: Path) -> None:
+    """Raises CheckpointError unless `path` is absent or an empty directory."""
     if (path.exists() or path.is_symlink()) and not (path.is_dir() and not any(path.iterdir())):
         raise CheckpointError(f"{path} already exists and is not empty; save the checkpoint to another directory "
                               "(dsv3 does not write over what it did not create)")
@@ -345,7 +391,7 @@ def _replace_dir(src: Path, dst: Path, replace: bool) -> None:
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)
         return
-    _refuse_existing(dst)  # again: something may have appeared there while the checkpoint was written
+    refuse_existing(dst)  # again: something may have appeared there while the checkpoint was written
     try:
         os.replace(src, dst)  # onto nothing, or an empty directory (POSIX rename replaces those only)
     except OSError as e:

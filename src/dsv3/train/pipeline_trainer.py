@@ -25,11 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..cost import model_flops_utilization
-from ..model import DeepseekV3
 from ..model.moe import RoutingInfo
+from ..model.names import official_slots
 from ..model.transformer import run_mtp
-from ..parallel.expert_parallel import apply_expert_parallel, unsharded_copy
-from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, sync_gradients
+from ..parallel.expert_parallel import apply_expert_parallel
+from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
 from ..parallel.pipeline import (
     PipelineRunner,
     schedule_1f1b,
@@ -325,35 +325,20 @@ class PipelineTrainer(Trainer):
             bias=[[round(v, 6) for v in b] for b in bias.tolist()],
         )
 
-    def _model_to_save(self):
-        """Every stage's tensors gathered into a whole model on rank 0 (None elsewhere); the pipeline's copies are
-        the trained ones, and each rank holds only its stages (the rest of its copies are on meta)."""
-        n = self.model.config.num_hidden_layers
-        mine = {}
+    def _checkpoint_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(official name, tensor) this rank writes: the tensors of the stages it speaks for (DualPipe: copy 0;
+        a copy's other layers are on meta), from the first rank of each stage's data group (expert shards: from the
+        first data-parallel replica of each). The embedding is the first stage's; the last stage writes the MTP
+        module's stored copies of the embedding and head."""
+        mesh, n = self.mesh, self.model.config.num_hidden_layers
+        out = []
         for d in self.unique:
             lo, hi = self.ranges[self.stage_of[d]]
-            model = unsharded_copy(self.copies[d], self.mesh.ep_group) if self.cfg.ep > 1 else self.copies[d]
-            if self.mesh.data_rank:  # the stage's other replicas hold the same tensors
-                continue
-            for name, t in model.state_dict().items():
-                parts = name.split(".")
-                if parts[1] == "layers":
-                    layer = int(parts[2])
-                    keep = lo <= layer < hi or (hi == n and layer >= n)  # the last stage holds the MTP modules
-                else:
-                    keep = (lo == 0 and "embed_tokens" in name) or (hi == n and not name.startswith("model.embed"))
-                if keep:
-                    mine[name] = t.detach().cpu()
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, mine)
-        if not self.main_rank:
-            return None
-        state = {}
-        for part in gathered:
-            state.update(part)
-        whole = DeepseekV3(self.model.config, device="meta")
-        missing, _ = whole.load_state_dict(state, strict=False, assign=True)
-        if missing:
-            raise TrainError(f"saving: no stage held {', '.join(missing[:4])}")
-        whole.tie_weights()
-        return whole
+            for name, slot in official_slots(self.copies[d]).items():
+                if slot.view.is_meta or (slot.alias and hi != n):
+                    continue
+                if name == "model.embed_tokens.weight" and lo != 0:
+                    continue  # the last stage's embedding is the MTP copy, written under its own name
+                if mesh.dp_rank == 0 and (mesh.ep_rank == 0 or is_expert_param(name)):
+                    out.append((name, slot.view.detach()))
+        return out

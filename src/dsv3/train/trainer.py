@@ -25,13 +25,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_weights, save_pretrained
+from ..checkpoint import (
+    SHARD_PREFIX,
+    CheckpointError,
+    finish_checkpoint,
+    load_weights,
+    refuse_existing,
+    start_checkpoint,
+    stored_tensors,
+    write_shard,
+)
 from ..config import ModelConfig, get_config
 from ..cost import model_flops_utilization
 from ..errors import Dsv3Error
 from ..model import DeepseekV3
 from ..model.moe import RoutedExperts
-from ..parallel.expert_parallel import EPExperts, all_reduce_loads, apply_expert_parallel, unsharded_copy
+from ..model.names import official_slots
+from ..parallel.expert_parallel import EPExperts, all_reduce_loads, apply_expert_parallel
 from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
 from ..parallel.zero import ZeroShardedOptimizer
 from ..params import training_flops_per_token
@@ -580,28 +590,44 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
         """HF-format checkpoint + tokenizer + every rank's trainer state (JSON + safetensors, `dsv3.runs`), written
-        atomically by rank 0 (collective under EP and PP). Then older checkpoints beyond keep_checkpoints are
-        deleted, but only those this trainer wrote or the run's record lists, never any other directory.
+        sharded and atomically (collective under EP and PP): each rank writes the official tensors it owns
+        (`_checkpoint_tensors`: nothing is gathered, nothing pickled) and its own trainer state into a working
+        directory, then rank 0 indexes the shards from their headers and moves the directory into place. Then
+        older checkpoints beyond keep_checkpoints are deleted, but only those this trainer wrote or the run's record
+        lists, never any other directory.
 
         Raises:
-            TrainError: a parameter is NaN or inf: nothing is saved and no checkpoint is rotated out.
+            TrainError: a parameter is NaN or inf: nothing is saved and no checkpoint is rotated out; the step's
+                directory exists and is not this run's (on every rank).
         """
         self._check_finite_params(f"at step {self.step}, before saving its checkpoint")
-        model = self._model_to_save()
+        path = self.run.checkpoint_dir(self.step)
+        own = set(self.run.recorded_checkpoints()) | self._written if self.main_rank else set()
+        replace = path.name in own
+        message = ""
+        if self.main_rank:
+            try:
+                if not replace:
+                    refuse_existing(path)  # a foreign directory: never written over
+                start_checkpoint(path, PARTIAL)
+            except CheckpointError as e:
+                message = str(e)
+        if self._all_agree(bool(message)):  # (also the barrier: the working directory exists for every rank)
+            raise TrainError(message or f"{path}: cannot be written (see rank 0)")
+        tmp = path.parent / f".{path.name}.{PARTIAL}"
+        shard = tmp / f"{SHARD_PREFIX}rank{self.rank:05d}.safetensors"
+        write_shard(list(stored_tensors(self._checkpoint_tensors())), shard)  # this rank's tensors, once each
         state = {"step": self.step, "total_steps": self.total_steps, "estimating": self.estimating,
                  "budget_spent_s": self.budget_spent_s, "held": self.held_memory(), "fp8": self.fp8_inventory(),
                  "optimizer": self.optimizer.state_dict(),
                  "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
-        files = trainer_state_files(state, self.rank, self.world)
-        if self.world > 1:  # each rank's files (its optimizer shard under EP and ZeRO-1), as bytes, to rank 0
-            parts: list = [None] * self.world
-            dist.all_gather_object(parts, files)
-            files = {name: content for part in parts for name, content in part.items()}
-        path = self.run.checkpoint_dir(self.step)
+        for name, content in trainer_state_files(state, self.rank, self.world).items():
+            (tmp / name).write_bytes(content)  # each rank its own (its optimizer shard under EP and ZeRO-1)
+        if self.world > 1:
+            dist.barrier()
         if self.main_rank:
-            files[TOKENIZER] = (Path(self.cfg.data) / TOKENIZER).read_bytes()
-            own = set(self.run.recorded_checkpoints()) | self._written
-            save_pretrained(model, path, extra_files=files, replace=path.name in own)  # refuses a foreign dir
+            tokenizer = {TOKENIZER: (Path(self.cfg.data) / TOKENIZER).read_bytes()}
+            finish_checkpoint(tmp, path, self.model.config, torch.float32, tokenizer, replace=replace)
             self._written.add(path.name)
             own.add(path.name)
             self.run.record_checkpoints(sorted(own))
@@ -613,6 +639,14 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return path
+
+    def _checkpoint_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(official name, tensor) this rank writes into a checkpoint: every tensor once over all ranks. The
+        replicated ones by the first rank of the data group, each expert shard by its first data-parallel replica.
+        (The pipeline trainer: each stage's, from the rank that holds it.)"""
+        mesh = self.mesh
+        return [(name, slot.view.detach()) for name, slot in official_slots(self.model).items()
+                if mesh is None or (mesh.dp_rank == 0 and (mesh.ep_rank == 0 or is_expert_param(name)))]
 
     def _named_params(self):
         """(name, parameter) of the tensors this rank trains, for the finiteness checks."""
@@ -641,10 +675,6 @@ class Trainer:
             where = f"parameter {named[bad[0]][0]}" if bad else "a parameter on another rank"
             raise TrainError(f"the run diverged: {where} is NaN or inf {when} (peak --lr {self.cfg.lr:g}); lower "
                              "--lr. Nothing was saved or deleted; the last checkpoint is still there")
-
-    def _model_to_save(self) -> DeepseekV3:
-        """The whole model as one process would hold it (collective when it is spread over ranks)."""
-        return unsharded_copy(self.model, self.mesh.ep_group) if self.cfg.ep > 1 else self.model
 
     def _all_agree(self, flag: bool) -> bool:
         """Rank 0's decision, so that every rank stops at the same step."""
@@ -684,6 +714,7 @@ def _mean_over_ranks(sums: dict) -> dict:
     return {"loss": float(flat[0]), "balance": float(flat[1]), "mtp": flat[2:].tolist()}
 
 
+PARTIAL = "partial"  # a sharded save's working directory, .step-N.partial beside the checkpoint it becomes
 RESUME_FIXED = ("model_config", "mtp_depth", "data", "seed")  # settings a resumed run keeps from its start
 
 
