@@ -10,7 +10,7 @@ import torch
 WORKER = Path(__file__).parent / "workers" / "ep_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import ep_worker  # noqa: E402
-from launch import run_ranks, train  # noqa: E402
+from launch import run_ranks, run_train, train  # noqa: E402
 
 from dsv3.parallel.plan import Layout, plan  # noqa: E402
 
@@ -113,6 +113,11 @@ def test_torchrun_ep_training_follows_the_single_process_curve(dataset, tmp_path
     resumed = train(tmp_path / "ep", ["--resume", str(tmp_path / "ep"), "--max-steps", "5", "--no-progress"],
                     nproc=2)
     assert [r.step for r in resumed] == [1, 2, 3, 4, 5]
+    # on another layout of the same two ranks the per-rank optimizer state would not fit: a clear error, both named
+    other = run_train(tmp_path / "ep", ["--resume", str(tmp_path / "ep"), "--max-steps", "6", "--no-progress",
+                                        "--ep", "1"], nproc=2)
+    assert other.returncode != 0
+    assert "--pp 1 --dp 1 --ep 2 --zero 0" in other.stderr and "--pp 1 --dp 2 --ep 1 --zero 0" in other.stderr
 
 
 @pytest.mark.slow

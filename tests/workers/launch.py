@@ -34,6 +34,13 @@ def run_ranks(worker: Path, world: int, tmp_path: Path, *args: str, timeout: int
 
 def train(out: Path, args: list[str], nproc: int = 1) -> list[dict]:
     """`dsv3 train` in one process or under torchrun on loopback; asserts success, returns the metrics rows."""
+    proc = run_train(out, args, nproc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return metrics(out)
+
+
+def run_train(out: Path, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """`dsv3 train` in one process or under torchrun on loopback, whatever its outcome."""
     cmd = [sys.executable, "-m", "dsv3", "train"]
     if nproc > 1:
         with socket.socket() as s:
@@ -41,9 +48,7 @@ def train(out: Path, args: list[str], nproc: int = 1) -> list[dict]:
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                "127.0.0.1", "--master-port", str(port), "-m", "dsv3", "train"]
-    proc = subprocess.run([*cmd, "--out", str(out), *args], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return metrics(out)
+    return subprocess.run([*cmd, "--out", str(out), *args], capture_output=True, text=True, timeout=240)
 
 
 def metrics(run: Path) -> list:

@@ -280,6 +280,10 @@ class Trainer:
             self.step = state["step"]
             # the schedule's length is the original run's unless max_steps was given anew (extending the run)
             saved = TrainConfig.from_dict(state["train_config"], f"{ckpt} trainer state")
+            if _layout(saved, self.world) != _layout(cfg, self.world):  # each rank's optimizer state fits one layout
+                raise TrainError(f"{ckpt} was written on the layout {_layout(saved, self.world)}; this run asks for "
+                                 f"{_layout(cfg, self.world)}, and the optimizer state of one rank does not fit "
+                                 f"another's: resume with the same layout")
             if cfg.max_steps == saved.max_steps:
                 self.total_steps = state["total_steps"]  # still an estimate if the run was estimating (fit)
                 self.estimating = state.get("estimating", self.total_steps >= UNKNOWN_STEPS)  # (older states)
@@ -686,6 +690,13 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(t, src=0)
         return float(t)
+
+
+def _layout(cfg: TrainConfig, world: int) -> str:
+    """The parallel layout a run's optimizer state depends on, as flags (dp resolved from the world size)."""
+    dp = cfg.dp or world // (cfg.ep * cfg.pp)
+    pipeline = f" --pp-schedule {cfg.pp_schedule} --pp-chunks {cfg.pp_chunks or 2 * cfg.pp}" if cfg.pp > 1 else ""
+    return f"--pp {cfg.pp} --dp {dp} --ep {cfg.ep} --zero {cfg.zero}{pipeline}"
 
 
 def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
