@@ -223,13 +223,8 @@ class DeepseekV3(nn.Module):
             absorb = cache is not None and not (isinstance(start_pos, int) and start_pos == 0)
         emb = self.model.embed_tokens(input_ids)  # [B, T, D]
         rope = self.model.rotary_emb(positions, emb.dtype)
-        routing: list[RoutingInfo] = []
-        h = emb
-        for i, layer in enumerate(self.main_layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            h, info = layer(h, rope, layer_cache, start_pos, absorb)
-            if info is not None:
-                routing.append(info)
+        caches = cache.layers[: len(self.main_layers)] if cache is not None else None
+        h, routing = run_layers(self.main_layers, emb, rope, caches, start_pos, absorb)
         h = self.model.norm(h)
         logits = None
         if head:
@@ -285,6 +280,19 @@ def at_positions(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """Row b's entry at position at[b]: x [B, T, ...], at LongTensor [B] (values in 0..T-1) -> [B, ...]."""
     index = at.view(-1, 1, *([1] * (x.dim() - 2))).expand(-1, 1, *x.shape[2:])
     return x.gather(1, index).squeeze(1)
+
+
+def run_layers(layers, h: torch.Tensor, rope: Rope, caches: list | None = None, start_pos: int | torch.Tensor = 0,
+               absorb: bool = False) -> tuple[torch.Tensor, list[RoutingInfo]]:
+    """Decoder layers in order over h [B, T, D] -> (h [B, T, D], the MoE layers' routing in order): the one layer
+    loop of `DeepseekV3.forward` and of a pipeline stage (which runs its range of the same layers). caches: one
+    per layer (a `LatentCache` layer each) or None; start_pos, absorb: as `DeepseekV3.forward`."""
+    routing: list[RoutingInfo] = []
+    for i, layer in enumerate(layers):
+        h, info = layer(h, rope, caches[i] if caches is not None else None, start_pos, absorb)
+        if info is not None:
+            routing.append(info)
+    return h, routing
 
 
 def run_mtp(modules: list[MTPModule], head: nn.Module, h: torch.Tensor, emb: torch.Tensor, rope: Rope

@@ -25,9 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..cost import model_flops_utilization
-from ..model.moe import RoutingInfo
 from ..model.names import official_slots
-from ..model.transformer import run_mtp
+from ..model.transformer import run_layers, run_mtp
 from ..parallel.expert_parallel import apply_expert_parallel
 from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
 from ..parallel.pipeline import (
@@ -105,11 +104,7 @@ class ModelStage(nn.Module):
         (last stage, with the MTP and balance losses attached for backward) or the hidden state [B, T, D]."""
         h = self.embed(x) if self.embed is not None else x  # [B, T, D]
         rope = self.rotary(torch.arange(h.shape[1], device=h.device), h.dtype)
-        routing: list[RoutingInfo] = []
-        for layer in self.layers:
-            h, info = layer(h, rope)
-            if info is not None:
-                routing.append(info)
+        h, routing = run_layers(self.layers, h, rope)  # the model's own layer loop, over this stage's range
         aux = None
         if self.head is not None:
             h = self.norm(h)
