@@ -188,15 +188,18 @@ def test_plan_of_deepseek_v3_671b_equals_hand_count():
 
 
 def test_plan_cli_json(capsys):
-    """`dsv3 plan --json`: every rank of a small layout, whether the states fit, what was modelled."""
+    """`dsv3 plan --json`: every rank of a small layout, whether the states (not yet activations) fit, and what
+    was modelled; a layout whose states cannot fit says so."""
     import json
 
     from dsv3.cli import main
 
     assert main(["plan", "--model-config", "tiny", "--ep", "2", "--pp", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["rank"] for r in out["ranks"]] == [0, 1, 2, 3] and out["fits"] is True
+    assert [r["rank"] for r in out["ranks"]] == [0, 1, 2, 3] and out["states_fit"] is True
     assert out["modelled"] == ["parameters", "gradients", "optimizer state"]
+    assert main(["plan", "--model-config", "deepseek-v3-671b", "--pp", "4", "--ep", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["states_fit"] is False  # a control: 671B on 32 ranks
 
 
 def test_dry_run_of_the_papers_layout_builds_what_the_planner_counts(capsys):

@@ -308,7 +308,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model_config": name, "layout": dataclasses.asdict(layout), "gpu_memory_gb": memory,
                           "ranks": [dataclasses.asdict(m) | {"total_bytes": m.total_bytes} for m in rows],
-                          "fits": fits, "modelled": ["parameters", "gradients", "optimizer state"],
+                          "states_fit": fits, "modelled": ["parameters", "gradients", "optimizer state"],
                           "dry_run": built}, indent=1))
         return 0
     unit, size = ("GiB", 2**30) if worst.total_bytes >= 2**30 else ("MiB", 2**20)
@@ -319,7 +319,7 @@ def _plan(args: argparse.Namespace) -> int:
                 f"total {unit}"):
         table.add_column(col, justify="right")
     for m in rows:
-        table.add_row(str(m.rank), f"{m.pp_index}, {m.dp_index}, {m.ep_index}", f"{m.parameters:,}",
+        table.add_row(str(m.rank), f"{m.pp_index}, {m.dp_index}, {m.ep_index}", _count_text(m.parameters),
                       *(f"{b / size:.2f}" for b in (m.parameter_bytes, m.gradient_bytes, m.optimizer_state_bytes,
                                                     m.total_bytes)))
     console = Console()
@@ -331,10 +331,19 @@ def _plan(args: argparse.Namespace) -> int:
     terms = {"parameters": worst.parameter_bytes, "gradients": worst.gradient_bytes,
              "optimizer state": worst.optimizer_state_bytes}
     console.print(f"largest: rank {worst.rank}, {worst.total_bytes / 1e9:.1f} GB of {memory:g} GB "
-                  f"({'fits' if fits else 'does NOT fit'}; largest term: {max(terms, key=terms.get)}). Counted: fp32 "
+                  f"({'the states fit' if fits else 'the states alone do NOT fit'}; largest term: "
+                  f"{max(terms, key=terms.get)}). Counted: fp32 "
                   "parameters and gradients, AdamW state; not yet modelled: activations, the serving latent cache "
                   "(see dsv3/parallel/plan.py for every assumption)")
     return 0
+
+
+def _count_text(n: int) -> str:
+    """1234 -> '1,234'; 7088222208 -> '7.09B' (a column that fits a terminal)."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:,}"
 
 
 def _plan_dry_run(name: str, layout, rows) -> list[dict]:
