@@ -276,6 +276,25 @@ def test_non_finite_parameters_are_never_saved(run_copy, dataset):
     assert tree(ckpt) == before
 
 
+def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_nothing_behind(run_copy, monkeypatch):
+    """A rank whose shard cannot be written (disk full) stops the save with its reason on every rank (here one),
+    the working directory is removed, and the step's existing checkpoint is untouched."""
+    from dsv3.train import trainer as trainer_mod
+
+    trainer = Trainer(resume_config(run_copy), resume=True)
+    ckpt = runs.resolve_checkpoint(run_copy)
+    before = tree(ckpt)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_mod, "write_shards", full)
+    with pytest.raises(TrainError, match=r"saving step 2 failed on rank 0: .*No space left on device"):
+        trainer.save_checkpoint()
+    assert tree(ckpt) == before
+    assert not any(p.name.endswith(".partial") for p in ckpt.parent.iterdir())
+
+
 @pytest.mark.slow
 def test_a_run_at_lr_3e3_stops_with_a_clear_error_and_finite_checkpoints(dataset, tmp_path, capsys):
     """The reported case: `--lr 3e3` used to save a checkpoint full of NaN."""

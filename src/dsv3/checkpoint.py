@@ -14,7 +14,7 @@ FP8 checkpoints (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 bl
 one tensor at a time, straight into the model's parameters: peak memory is the model plus one tensor.
 Saving writes to a working directory first and renames it into place, so an interrupted save never leaves a
 half-written checkpoint where a good one was. The steps are public for sharded saves (`start_checkpoint`, one
-`write_shard` per writing process, `finish_checkpoint` names the shards and builds the index from their headers):
+`write_shards` per writing process, `finish_checkpoint` names the shards and builds the index from their headers):
 the trainer's ranks each write their own tensors, none gathered.
 """
 
@@ -62,7 +62,7 @@ class CheckpointError(Dsv3Error, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; names the tensor and the file."""
 
 
-def checkpoint_slots(model: DeepseekV3) -> dict[str, Slot]:
+def checkpoint_slots(model: DeepseekV3) -> dict[str, Slot]:  # (the name checkpoint code has always used)
     """Map every official tensor name of this model's checkpoint to its place in the model (`model.names`)."""
     return official_slots(model)
 
@@ -281,16 +281,7 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
         refuse_existing(path)
     tmp = start_checkpoint(path, f"tmp-{os.getpid()}")
     try:
-        shard: list[tuple[str, torch.Tensor]] = []
-        size, part = 0, 0
-        for name, t in stored_tensors(checkpoint_tensors(model), dtype):
-            nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > max_shard_bytes and not name.endswith(SCALE_SUFFIX):
-                write_shard(shard, tmp / f"{SHARD_PREFIX}{part:05d}.safetensors")  # (a scale stays with its weight)
-                shard, size, part = [], 0, part + 1
-            shard.append((name, t))
-            size += nbytes
-        write_shard(shard, tmp / f"{SHARD_PREFIX}{part:05d}.safetensors")
+        write_shards(stored_tensors(checkpoint_tensors(model), dtype), tmp, "", max_shard_bytes)
         finish_checkpoint(tmp, path, model.config, dtype or model.lm_head.weight.dtype, extra_files, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -323,13 +314,23 @@ def stored_tensors(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
             yield name, t.to(torch.bfloat16 if dtype == FP8 else dtype)
 
 
-def write_shard(tensors: list[tuple[str, torch.Tensor]], file: Path) -> None:
-    """One safetensors file of (official name, stored tensor) pairs (nothing is written for none), named
-    `shard-*.safetensors` in the working directory. Each process of a sharded save writes its own;
+def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], tmp: Path, tag: str,
+                 max_shard_bytes: int = 4 << 30) -> None:
+    """Write (official name, stored tensor) pairs into safetensors files of at most `max_shard_bytes` each (a
+    weight's `weight_scale_inv` stays in its file), named `shard-{tag}NNNNN.safetensors` in the working directory
+    `tmp`; nothing is written for no tensors. Each process of a sharded save writes its own with its own `tag`;
     `finish_checkpoint` names them and indexes them."""
-    if tensors:
-        # safetensors refuses tensors that share storage
-        save_file({n: t.to("cpu").contiguous().clone() for n, t in tensors}, str(file), metadata={"format": "pt"})
+    shard: dict[str, torch.Tensor] = {}
+    size, part = 0, 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_shard_bytes and not name.endswith(SCALE_SUFFIX):
+            save_file(shard, str(tmp / f"{SHARD_PREFIX}{tag}{part:05d}.safetensors"), metadata={"format": "pt"})
+            shard, size, part = {}, 0, part + 1
+        shard[name] = t.to("cpu").contiguous().clone()  # safetensors refuses tensors that share storage
+        size += nbytes
+    if shard:
+        save_file(shard, str(tmp / f"{SHARD_PREFIX}{tag}{part:05d}.safetensors"), metadata={"format": "pt"})
 
 
 def finish_checkpoint(tmp: Path, path: Path, config: ModelConfig, dtype: torch.dtype = torch.float32,

@@ -140,8 +140,9 @@ def _train(args: argparse.Namespace) -> int:
         from .model import DeepseekV3
 
         held, whole = trainer.held_memory(), DeepseekV3(trainer.model.config, device="meta").num_parameters()
-        print(f"rank {trainer.rank} of {trainer.world} holds {held['parameters']:,} of the model's {whole:,} "
-              f"parameters ({held['parameter_bytes'] / 2**20:.1f} MiB)", flush=True)
+        copies = " (DualPipe: two stage copies)" if cfg.pp > 1 and cfg.pp_schedule == "dualpipe" else ""
+        print(f"rank {trainer.rank} of {trainer.world} holds {held['parameters']:,} parameters of the model's "
+              f"{whole:,}{copies} ({held['parameter_bytes'] / 2**20:.1f} MiB)", flush=True)
     if cfg.precision == "fp8":  # what actually runs in FP8 here (a wrapper that lost it would show)
         f = trainer.fp8_inventory()
         who = f"rank {trainer.rank}: " if trainer.world > 1 else ""
@@ -351,7 +352,12 @@ def _plan_dry_run(name: str, layout, rows) -> list[dict]:
     (one rank at a time, in this process), and check it holds exactly the parameters the planner counted.
     Returns per rank: rank, parameters, parameter_bytes, expert_stacks (the shapes of its routed-expert tensors)."""
     import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    try:  # torch's fake process group (as torchtitan's dry runs use it): collectives that move nothing
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError:
+        raise _UsageError("--dry-run needs torch's fake process group (torch.testing._internal.distributed."
+                          "fake_pg), which this torch lacks; dsv3 pins the torch it was tested with") from None
 
     from .config import get_config
     from .train.trainer import TrainConfig, Trainer
@@ -642,8 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel size (default: 1)")
     p.add_argument("--ep", type=_positive_int, default=1, help="expert-parallel size (default: 1)")
     p.add_argument("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1 optimizer state (default: 0)")
-    p.add_argument("--pp-schedule", default="dualpipe", choices=("1f1b", "zb1p", "dualpipe", "dualpipev"),
-                   help="(default: dualpipe)")
+    p.add_argument("--pp-schedule", default="dualpipe", choices=_schedules(), help="(default: dualpipe)")
     p.add_argument("--optimizer-state-dtype", default="fp32", choices=("fp32", "bf16"), help="AdamW moments")
     p.add_argument("--gpu", default="h800", choices=sorted(_gpu_names()), help="its memory decides 'fits'")
     p.add_argument("--gpu-memory", type=float, default=None, help="GB per device (overrides --gpu)")
@@ -668,6 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run", help="training run directory (every checkpoint) or one checkpoint directory")
     q.set_defaults(func=_runs_upgrade, command="runs upgrade")
     return parser
+
+
+def _schedules() -> tuple[str, ...]:
+    from .parallel.pipeline import SCHEDULES
+
+    return SCHEDULES
 
 
 def _gpu_names() -> list[str]:

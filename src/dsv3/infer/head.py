@@ -27,8 +27,9 @@ PACK_ROWS_HINT = 2  # oneDNN picks its packed layout for this many rows; 2 measu
 
 
 class DecodeHead:
-    """logits = h @ weight^T for h [..., D] -> [..., V], from a snapshot of `weight` [V, D] taken at construction
-    (the engine's weights do not change while it serves).
+    """logits = h @ weight^T for h [..., D] -> [..., V]. The packed copy is a snapshot of `weight` [V, D] taken at
+    construction (the engine's weights do not change while it serves); the `F.linear` fallback reads the weight
+    itself.
 
     `packed` says whether the oneDNN product is used (CPU, fp32, oneDNN available and the packing succeeded).
     The values equal `F.linear` up to summation order (~1e-6 relative).

@@ -210,8 +210,9 @@ class DeepseekV3(nn.Module):
         logits_at: LongTensor [B]: the head runs only at position logits_at[b] of each row, and `logits` is
             [B, 1, V] (a prefill wants one row's next token, not T of them: the head is a quarter of `small`'s
             FLOPs per token); hidden_states stay [B, T, D].
-        head: False skips the output head (`logits` is None) for a caller that applies its own (the engine's
-            `DecodeHead`) to `hidden_states`, which are the final-normed states the head reads.
+        head: False skips the main output head (`logits` is None; `logits_at` is then unused) for a caller that
+            applies its own (the engine's `DecodeHead`) to `hidden_states`, the final-normed states the head reads.
+            The MTP modules (mtp=True without a cache) still use the model's head for `mtp_logits`.
 
         Raises:
             ValueError: positions past max_position_embeddings or the cache length, or start_pos > 0 without a

@@ -120,29 +120,3 @@ def all_reduce_loads(loads: list[torch.Tensor], group=None) -> list[torch.Tensor
     for load in loads:
         dist.all_reduce(load, group=group)
     return loads
-
-
-def unsharded_copy(model: nn.Module, group=None) -> nn.Module:
-    """A copy of an EP model with every expert shard gathered back into full `RoutedExperts` (collective: every
-    rank must call it; every rank gets the copy). Shards on the meta device (layers of another pipeline stage,
-    the same on every rank of the group) stay meta. Used to write a standard checkpoint."""
-    import copy
-
-    groups = {id(m.group): m.group for m in model.modules() if isinstance(m, EPExperts) and m.group is not None}
-    full = copy.deepcopy(model, memo=groups)  # process groups are shared, not copied
-    for module in list(full.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, EPExperts):
-                experts = RoutedExperts.__new__(RoutedExperts)
-                nn.Module.__init__(experts)
-                for pname, shard in child.named_parameters(recurse=False):  # gate_up_proj, down_proj
-                    if shard.is_meta:  # a layer this rank does not hold (pipeline): its whole stack stays meta
-                        full_shape = (shard.shape[0] * child.world, *shard.shape[1:])
-                        setattr(experts, pname, nn.Parameter(shard.new_empty(full_shape)))
-                        continue
-                    shard = shard.detach().contiguous()
-                    parts = [torch.empty_like(shard) for _ in range(child.world)]
-                    dist.all_gather(parts, shard, group=group)
-                    setattr(experts, pname, nn.Parameter(torch.cat(parts)))
-                setattr(module, name, experts)
-    return full

@@ -268,6 +268,9 @@ class PipelineRunner:
             p.grad += g
 
 
+SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p")  # the pipeline schedules dsv3 runs (zb1p = ZB-H1)
+
+
 def split_stages(model, n_stages: int) -> list[tuple[int, int]]:
     """Contiguous, as-even-as-possible [lo, hi) ranges of the main layers for n_stages stages.
 

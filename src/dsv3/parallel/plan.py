@@ -22,10 +22,9 @@ from dataclasses import asdict, dataclass
 from ..config import ModelConfig
 from ..model import DeepseekV3
 from .mesh import is_expert_param
-from .pipeline import split_stages
+from .pipeline import SCHEDULES, split_stages
 from .zero import zero_owners
 
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 PARAM_BYTES = 4  # fp32 master weights (and their gradients) in every precision dsv3 trains in
 
 
@@ -93,11 +92,13 @@ def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> li
     """Per-rank parameters, gradients and optimizer state of training `cfg` on `layout`, for `ranks` (default all).
 
     Raises:
-        ValueError: an unknown schedule or optimizer state dtype, more stages than layers, or n_routed_experts
-            not divisible by ep.
+        ValueError: an unknown schedule or optimizer state dtype, DualPipe on an odd pp, more stages than layers,
+            or n_routed_experts not divisible by ep.
     """
     if layout.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {layout.schedule!r}")
+    if layout.schedule == "dualpipe" and layout.pp > 1 and layout.pp % 2:
+        raise ValueError(f"DualPipe needs an even number of pipeline ranks, got pp = {layout.pp}")
     if layout.optimizer_state_dtype not in ("fp32", "bf16"):
         raise ValueError(f"optimizer_state_dtype must be fp32 or bf16, got {layout.optimizer_state_dtype!r}")
     if cfg.n_routed_experts and cfg.n_routed_experts % layout.ep:

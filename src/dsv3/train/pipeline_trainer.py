@@ -28,7 +28,7 @@ from ..cost import model_flops_utilization
 from ..model.names import official_slots
 from ..model.transformer import run_layers, run_mtp
 from ..parallel.expert_parallel import apply_expert_parallel
-from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
+from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, sync_gradients
 from ..parallel.pipeline import (
     PipelineRunner,
     schedule_1f1b,
@@ -325,7 +325,7 @@ class PipelineTrainer(Trainer):
         a copy's other layers are on meta), from the first rank of each stage's data group (expert shards: from the
         first data-parallel replica of each). The embedding is the first stage's; the last stage writes the MTP
         module's stored copies of the embedding and head."""
-        mesh, n = self.mesh, self.model.config.num_hidden_layers
+        n = self.model.config.num_hidden_layers
         out = []
         for d in self.unique:
             lo, hi = self.ranges[self.stage_of[d]]
@@ -334,6 +334,6 @@ class PipelineTrainer(Trainer):
                     continue
                 if name == "model.embed_tokens.weight" and lo != 0:
                     continue  # the last stage's embedding is the MTP copy, written under its own name
-                if mesh.dp_rank == 0 and (mesh.ep_rank == 0 or is_expert_param(name)):
+                if self._writes(name):
                     out.append((name, slot.view.detach()))
         return out

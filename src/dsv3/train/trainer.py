@@ -19,21 +19,21 @@ import time
 import tomllib
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from ..checkpoint import (
-    SHARD_PREFIX,
-    CheckpointError,
     finish_checkpoint,
     load_weights,
     refuse_existing,
     start_checkpoint,
     stored_tensors,
-    write_shard,
+    write_shards,
 )
 from ..config import ModelConfig, get_config
 from ..cost import model_flops_utilization
@@ -43,6 +43,7 @@ from ..model.moe import RoutedExperts
 from ..model.names import official_slots
 from ..parallel.expert_parallel import EPExperts, all_reduce_loads, apply_expert_parallel
 from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
+from ..parallel.pipeline import SCHEDULES
 from ..parallel.zero import ZeroShardedOptimizer
 from ..params import training_flops_per_token
 from ..quant.linear import FP8Linear, FP8RoutedExperts, convert_to_fp8
@@ -77,7 +78,7 @@ class TrainError(Dsv3Error, ValueError):
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 STATE_DTYPES = ("fp32", "bf16")
-PP_SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p")
+PP_SCHEDULES = SCHEDULES
 LEGACY_KEYS = {"preset": "model_config"}  # old TrainConfig keys (TOML files, train_config.json of older runs)
 
 
@@ -310,8 +311,11 @@ class Trainer:
         self._materialize()
         self.grad_bytes = 0  # measured at each optimizer step (`held_memory`)
         if resume:
-            for model in self._held_models():
-                load_weights(model, ckpt)  # each rank reads only the tensors it holds
+            def load() -> None:
+                for model in self._held_models():
+                    load_weights(model, ckpt)  # each rank reads only the tensors it holds
+
+            self._on_every_rank(load, f"loading {ckpt}")  # a bad tensor fails on its rank: all stop together
         else:
             torch.manual_seed(cfg.seed)
             for model in self._held_models():
@@ -357,11 +361,10 @@ class Trainer:
         `optimizer_state_bytes` (the tensors of its optimizer's state). Saved in each rank's trainer state.
         After a dry run (nothing allocated): the parameters of the modules the rank would allocate, and only those
         two figures."""
+        params = self._held_params(include_meta=self.dry_run)
         if self.dry_run:
-            params = list({id(p): p for m in self._held_modules() for p in m.parameters()}.values())
             return {"parameters": sum(p.numel() for p in params),
                     "parameter_bytes": sum(p.numel() * p.element_size() for p in params)}
-        params = self._held_params()
         state = [t for s in self.optimizer.state_dict()["state"].values() for t in s.values()
                  if isinstance(t, torch.Tensor)]
         return {"parameters": sum(p.numel() for p in params),
@@ -383,8 +386,10 @@ class Trainer:
                 counts["fp8_expert_groups" if gemm is FP8RoutedExperts._linear else "high_expert_groups"] += 1
         return counts
 
-    def _held_params(self) -> list[torch.nn.Parameter]:
-        return list({id(p): p for m in self._held_modules() for p in m.parameters() if not p.is_meta}.values())
+    def _held_params(self, include_meta: bool = False) -> list[torch.nn.Parameter]:
+        """This rank's parameters, each once (allocated ones; with include_meta those it would allocate)."""
+        return list({id(p): p for m in self._held_modules() for p in m.parameters()
+                     if include_meta or not p.is_meta}.values())
 
     def _gradient_bytes(self) -> int:
         """Bytes of the gradients this rank's parameters hold now (all of them, also under ZeRO-1)."""
@@ -602,36 +607,40 @@ class Trainer:
 
         Raises:
             TrainError: a parameter is NaN or inf: nothing is saved and no checkpoint is rotated out; the step's
-                directory exists and is not this run's (on every rank).
+                directory exists and is not this run's; a write failed on some rank (all ranks raise together,
+                and the working directory is removed).
         """
         self._check_finite_params(f"at step {self.step}, before saving its checkpoint")
         path = self.run.checkpoint_dir(self.step)
         own = set(self.run.recorded_checkpoints()) | self._written if self.main_rank else set()
         replace = path.name in own
-        message = ""
-        if self.main_rank:
-            try:
-                if not replace:
-                    refuse_existing(path)  # a foreign directory: never written over
-                start_checkpoint(path, PARTIAL)
-            except CheckpointError as e:
-                message = str(e)
-        if self._all_agree(bool(message)):  # (also the barrier: the working directory exists for every rank)
-            raise TrainError(message or f"{path}: cannot be written (see rank 0)")
         tmp = path.parent / f".{path.name}.{PARTIAL}"
-        shard = tmp / f"{SHARD_PREFIX}rank{self.rank:05d}.safetensors"
-        write_shard(list(stored_tensors(self._checkpoint_tensors())), shard)  # this rank's tensors, once each
-        state = {"step": self.step, "total_steps": self.total_steps, "estimating": self.estimating,
-                 "budget_spent_s": self.budget_spent_s, "held": self.held_memory(), "fp8": self.fp8_inventory(),
-                 "optimizer": self.optimizer.state_dict(),
-                 "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
-        for name, content in trainer_state_files(state, self.rank, self.world).items():
-            (tmp / name).write_bytes(content)  # each rank its own (its optimizer shard under EP and ZeRO-1)
-        if self.world > 1:
-            dist.barrier()
-        if self.main_rank:
+
+        def start() -> None:
+            if not replace:
+                refuse_existing(path)  # a foreign directory: never written over
+            start_checkpoint(path, PARTIAL)
+
+        def write() -> None:  # this rank's tensors (each written once over all ranks) and its trainer state
+            write_shards(stored_tensors(self._checkpoint_tensors()), tmp, f"rank{self.rank:05d}-")
+            state = {"step": self.step, "total_steps": self.total_steps, "estimating": self.estimating,
+                     "budget_spent_s": self.budget_spent_s, "held": self.held_memory(), "fp8": self.fp8_inventory(),
+                     "optimizer": self.optimizer.state_dict(),
+                     "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
+            for name, content in trainer_state_files(state, self.rank, self.world).items():
+                (tmp / name).write_bytes(content)
+
+        def finish() -> None:
             tokenizer = {TOKENIZER: (Path(self.cfg.data) / TOKENIZER).read_bytes()}
             finish_checkpoint(tmp, path, self.model.config, torch.float32, tokenizer, replace=replace)
+
+        # each phase ends with every rank learning whether any rank failed, so all stop together (the
+        # working directory is shared: every rank writes into the one rank 0 made, as on one machine or a
+        # shared filesystem)
+        self._on_every_rank(start if self.main_rank else None, f"saving step {self.step}", tmp)
+        self._on_every_rank(write, f"saving step {self.step}", tmp)
+        self._on_every_rank(finish if self.main_rank else None, f"saving step {self.step}", tmp)
+        if self.main_rank:
             self._written.add(path.name)
             own.add(path.name)
             self.run.record_checkpoints(sorted(own))
@@ -644,13 +653,36 @@ class Trainer:
             dist.barrier()
         return path
 
+    def _on_every_rank(self, work: Callable[[], None] | None, what: str, partial: Path | None = None) -> None:
+        """Run `work` on this rank (None: nothing here), then learn whether it failed on any rank; if so every
+        rank raises TrainError (the failing one with its reason), after removing the sharded save's working
+        directory `partial` (dsv3's own: `.step-N.partial`), so that no rank waits forever on another."""
+        message = ""
+        if work is not None:
+            try:
+                work()
+            except (OSError, Dsv3Error, SafetensorError) as e:
+                message = f"{what} failed on rank {self.rank}: {e}"
+        failed = float(bool(message))
+        if self.world > 1:
+            flag = torch.tensor([failed], dtype=torch.float64)
+            host_all_reduce(flag)
+            failed = float(flag)
+        if failed:
+            if partial is not None and self.main_rank:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise TrainError(message or f"{what} failed on another rank (see its message)")
+
     def _checkpoint_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """(official name, tensor) this rank writes into a checkpoint: every tensor once over all ranks. The
-        replicated ones by the first rank of the data group, each expert shard by its first data-parallel replica.
+        """(official name, tensor) this rank writes into a checkpoint: every tensor once over all ranks.
         (The pipeline trainer: each stage's, from the rank that holds it.)"""
+        return [(name, slot.view.detach()) for name, slot in official_slots(self.model).items() if self._writes(name)]
+
+    def _writes(self, name: str) -> bool:
+        """Whether this rank writes official tensor `name` of the ones it holds: a replicated tensor from the
+        first rank of its data group, an expert from the first data-parallel replica of its shard."""
         mesh = self.mesh
-        return [(name, slot.view.detach()) for name, slot in official_slots(self.model).items()
-                if mesh is None or (mesh.dp_rank == 0 and (mesh.ep_rank == 0 or is_expert_param(name)))]
+        return mesh is None or (mesh.dp_rank == 0 and (mesh.ep_rank == 0 or is_expert_param(name)))
 
     def _named_params(self):
         """(name, parameter) of the tensors this rank trains, for the finiteness checks."""
@@ -693,9 +725,12 @@ class Trainer:
 
 
 def _layout(cfg: TrainConfig, world: int) -> str:
-    """The parallel layout a run's optimizer state depends on, as flags (dp resolved from the world size)."""
+    """What a rank's optimizer state depends on, as flags (dp resolved from the world size): the mesh, ZeRO-1 and
+    which stages a rank holds (DualPipe: two copies; DualPipeV: two stages; 1F1B and ZB-H1, interchangeable here:
+    one). Micro-batch counts do not matter."""
     dp = cfg.dp or world // (cfg.ep * cfg.pp)
-    pipeline = f" --pp-schedule {cfg.pp_schedule} --pp-chunks {cfg.pp_chunks or 2 * cfg.pp}" if cfg.pp > 1 else ""
+    copies = {"1f1b": "1f1b|zb1p", "zb1p": "1f1b|zb1p"}.get(cfg.pp_schedule, cfg.pp_schedule)
+    pipeline = f" --pp-schedule {copies}" if cfg.pp > 1 else ""
     return f"--pp {cfg.pp} --dp {dp} --ep {cfg.ep} --zero {cfg.zero}{pipeline}"
 
 
