@@ -663,12 +663,7 @@ class Trainer:
                 work()
             except (OSError, Dsv3Error, SafetensorError) as e:
                 message = f"{what} failed on rank {self.rank}: {e}"
-        failed = float(bool(message))
-        if self.world > 1:
-            flag = torch.tensor([failed], dtype=torch.float64)
-            host_all_reduce(flag)
-            failed = float(flag)
-        if failed:
+        if self._sum_over_ranks(float(bool(message))):
             if partial is not None and self.main_rank:
                 shutil.rmtree(partial, ignore_errors=True)
             raise TrainError(message or f"{what} failed on another rank (see its message)")
@@ -702,15 +697,18 @@ class Trainer:
         named = list(self._named_params())
         flags = torch.stack([torch.isfinite(p).all() for _, p in named]) if named else torch.ones(0, dtype=torch.bool)
         bad = (~flags).nonzero().flatten().tolist()
-        count = float(len(bad))
-        if self.world > 1:
-            total = torch.tensor([count], dtype=torch.float64)
-            host_all_reduce(total)
-            count = float(total)
-        if count:
+        if self._sum_over_ranks(float(len(bad))):
             where = f"parameter {named[bad[0]][0]}" if bad else "a parameter on another rank"
             raise TrainError(f"the run diverged: {where} is NaN or inf {when} (peak --lr {self.cfg.lr:g}); lower "
                              "--lr. Nothing was saved or deleted; the last checkpoint is still there")
+
+    def _sum_over_ranks(self, value: float) -> float:
+        """`value` summed over every rank (collective when distributed)."""
+        if self.world == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        host_all_reduce(total)
+        return float(total)
 
     def _all_agree(self, flag: bool) -> bool:
         """Rank 0's decision, so that every rank stops at the same step."""
