@@ -51,7 +51,7 @@ FLAGS = {
     "cost": ["--model-config", "--tokens", "--gpus", "--gpu", "--mfu", "--seq-len", "--price", "--pp",
              "--micro-batches"],  # test_cost
     "plan": ["--model-config", "--pp", "--dp", "--ep", "--zero", "--pp-schedule", "--optimizer-state-dtype", "--gpu",
-             "--gpu-memory", "--ranks", "--json", "--dry-run"],  # test_parallel (test_plan_cli_json, dry run)
+             "--gpu-memory", "--ranks", "--serve-tokens", "--json", "--dry-run"],  # test_parallel
     "demo": ["--minutes", "--data", "--out", "--overwrite"],  # test_demo
     "runs upgrade": [],  # test_runs_upgrade_needs_an_old_run; the conversion itself: test_run_safety.py
 }

@@ -198,6 +198,10 @@ def test_plan_cli_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in out["ranks"]] == [0, 1, 2, 3] and out["states_fit"] is True
     assert out["modelled"] == ["parameters", "gradients", "optimizer state"]
+    # the serving latent cache: the bytes a LatentCache of that many tokens allocates (tiny: 3 layers + 1 MTP)
+    assert main(["plan", "--model-config", "tiny", "--serve-tokens", "640", "--json"]) == 0
+    cache = dsv3.DeepseekV3(dsv3.get_config("tiny")).new_cache(5, 128, dtype=torch.bfloat16)
+    assert json.loads(capsys.readouterr().out)["serving_cache_bytes"] == cache.nbytes == 640 * 4 * (32 + 8) * 2
     assert main(["plan", "--model-config", "deepseek-v3-671b", "--pp", "4", "--ep", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["states_fit"] is False  # a control: 671B on 32 ranks
 

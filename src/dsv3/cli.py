@@ -284,7 +284,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from .config import get_config
     from .cost import GPU_MEMORY_GB
-    from .parallel.plan import Layout, plan
+    from .parallel.plan import Layout, latent_cache_bytes, plan
 
     name = _model_config(args)
     cfg = get_config(name)
@@ -310,6 +310,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps({"model_config": name, "layout": dataclasses.asdict(layout), "gpu_memory_gb": memory,
                           "ranks": [dataclasses.asdict(m) | {"total_bytes": m.total_bytes} for m in rows],
                           "states_fit": fits, "modelled": ["parameters", "gradients", "optimizer state"],
+                          "serving_cache_bytes": latent_cache_bytes(cfg, args.serve_tokens) if args.serve_tokens
+                          else None,
                           "dry_run": built}, indent=1))
         return 0
     unit, size = ("GiB", 2**30) if worst.total_bytes >= 2**30 else ("MiB", 2**20)
@@ -331,11 +333,17 @@ def _plan(args: argparse.Namespace) -> int:
     console.print(table)
     terms = {"parameters": worst.parameter_bytes, "gradients": worst.gradient_bytes,
              "optimizer state": worst.optimizer_state_bytes}
+    if args.serve_tokens:
+        cache = latent_cache_bytes(cfg, args.serve_tokens)
+        console.print(f"serving: a latent cache of {args.serve_tokens:,} tokens takes {cache / 1e9:.2f} GB in bf16 "
+                      f"({cfg.num_hidden_layers + cfg.num_nextn_predict_layers} layers x (kv_lora_rank "
+                      f"{cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x 2 B per token) on a GPU holding every "
+                      "layer (the report's decoding setup)")
     console.print(f"largest: rank {worst.rank}, {worst.total_bytes / 1e9:.1f} GB of {memory:g} GB "
                   f"({'the states fit' if fits else 'the states alone do NOT fit'}; largest term: "
                   f"{max(terms, key=terms.get)}). Counted: fp32 "
-                  "parameters and gradients, AdamW state; not yet modelled: activations, the serving latent cache "
-                  "(see dsv3/parallel/plan.py for every assumption)")
+                  "parameters and gradients, AdamW state; not yet modelled: activations (see "
+                  "dsv3/parallel/plan.py for every assumption; --serve-tokens adds the serving latent cache)")
     return 0
 
 
@@ -654,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=float, default=None, help="GB per device (overrides --gpu)")
     p.add_argument("--ranks", type=int, nargs="+", default=None,
                    help="global ranks to show (default: all up to 8, else the first, a middle and the last stage)")
+    p.add_argument("--serve-tokens", type=_positive_int, default=None,
+                   help="also the bf16 latent cache a server needs for this many cached tokens")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--dry-run", action="store_true", help="also build each shown rank's share with the trainer on "
                    "the meta device under a fake process group, and check it against the plan")

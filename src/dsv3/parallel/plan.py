@@ -12,7 +12,10 @@ Bytes (dsv3's trainer, every precision, FP8 included: FP8 GEMMs quantize fp32 ma
 - AdamW: two moments per element, 4 bytes each (2 with `optimizer_state_dtype` bf16, the report's choice) plus,
   for torch's fp32 AdamW, a 4-byte step counter per tensor; with ZeRO-1 the replicated tensors' state is
   partitioned over the stage's dp x ep ranks (`zero.zero_owners`), expert shards keep theirs.
-Not modelled yet: activations and the serving latent cache (so "fits" below counts the states only).
+Serving: `latent_cache_bytes` is the MLA cache a server allocates (every main and MTP layer's kv_lora_rank +
+qk_rope_head_dim values per token, as `LatentCache` holds them; the report's decoding setup keeps all layers on
+each GPU, attention data-parallel, so a GPU's cache is its own sequences' tokens times this).
+Not modelled yet: activations (so "fits" counts the states only).
 """
 
 from __future__ import annotations
@@ -133,3 +136,10 @@ def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> li
         out.append(RankMemory(rank, pp_index, dp_index, ep_index, held, PARAM_BYTES * held, PARAM_BYTES * held,
                               sum(2 * moment * numel + step for numel in owned)))
     return out
+
+
+def latent_cache_bytes(cfg: ModelConfig, tokens: int, bytes_per_value: int = 2) -> int:
+    """Bytes of the latent KV cache for `tokens` cached tokens over every layer (main + MTP), bf16 by default:
+    tokens x layers x (kv_lora_rank + qk_rope_head_dim) x bytes_per_value (what `LatentCache` allocates)."""
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    return tokens * layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bytes_per_value
