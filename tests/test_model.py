@@ -76,13 +76,17 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(back(ids).logits, model(ids).logits)
 
 
-def test_logits_at_equals_the_full_head_at_those_positions(model):
-    """`forward(logits_at=...)` runs the head on one position per row: those rows of the full logits."""
+def test_head_at_positions_equals_the_full_head_at_those_positions(model):
+    """`forward(head=False)` then the head on one position per row (`at_positions`, what the engine's prefill
+    does): those rows of the full logits."""
+    from dsv3.model.transformer import at_positions
+
     ids = torch.randint(0, 256, (3, 9))
     at = torch.tensor([8, 0, 4])
     with torch.no_grad():
         full = model(ids, mtp=False)
-        picked = model(ids, mtp=False, logits_at=at)
-    assert picked.logits.shape == (3, 1, model.config.vocab_size)
-    torch.testing.assert_close(picked.logits[:, 0], full.logits[torch.arange(3), at], atol=1e-6, rtol=0)
-    assert torch.equal(picked.hidden_states, full.hidden_states)
+        headless = model(ids, mtp=False, head=False)
+        picked = model.lm_head(at_positions(headless.hidden_states, at))
+    assert headless.logits is None and picked.shape == (3, model.config.vocab_size)
+    torch.testing.assert_close(picked, full.logits[torch.arange(3), at], atol=1e-6, rtol=0)
+    assert torch.equal(headless.hidden_states, full.hidden_states)

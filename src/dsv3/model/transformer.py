@@ -31,7 +31,7 @@ from .rope import Rope, RotaryEmbedding
 class ModelOutput:
     """What `DeepseekV3.forward` returns."""
 
-    logits: torch.Tensor | None  # [B, T, V] ([B, 1, V] with logits_at; None with head=False)
+    logits: torch.Tensor | None  # [B, T, V] (None with head=False)
     hidden_states: torch.Tensor  # [B, T, D] after the final norm (what the head and the first MTP module read)
     # mtp_logits[k-1]: [B, T-k, V]; position i predicts token i+k+1 (the main logits predict token i+1)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
@@ -200,18 +200,16 @@ class DeepseekV3(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
                 start_pos: int | torch.Tensor = 0, absorb: bool | None = None, mtp: bool = True,
-                logits_at: torch.Tensor | None = None, head: bool = True) -> ModelOutput:
+                head: bool = True) -> ModelOutput:
         """input_ids [B, T] at positions start_pos..start_pos+T-1 (start_pos: int, or LongTensor [B] per row).
 
         cache: the `LatentCache` to write the new latents into and attend over (None: attend within input_ids).
         absorb: attention form; default naive without a cache or from position 0, absorbed for cached steps after
             it (decode, chunked prefill, speculative verification).
         mtp: also run the MTP modules (only when there is no cache: speculative decoding drives them itself).
-        logits_at: LongTensor [B]: the head runs only at position logits_at[b] of each row, and `logits` is
-            [B, 1, V] (a prefill wants one row's next token, not T of them: the head is a quarter of `small`'s
-            FLOPs per token); hidden_states stay [B, T, D].
-        head: False skips the main output head (`logits` is None; `logits_at` is then unused) for a caller that
-            applies its own (the engine's `DecodeHead`) to `hidden_states`, the final-normed states the head reads.
+        head: False skips the main output head (`logits` is None) for a caller that applies its own where it
+            wants it (the engine's `DecodeHead`, at each row's last prompt position with `at_positions`) to
+            `hidden_states`, the final-normed states the head reads.
             The MTP modules (mtp=True without a cache) still use the model's head for `mtp_logits`.
 
         Raises:
@@ -227,10 +225,7 @@ class DeepseekV3(nn.Module):
         caches = cache.layers[: len(self.main_layers)] if cache is not None else None
         h, routing = run_layers(self.main_layers, emb, rope, caches, start_pos, absorb)
         h = self.model.norm(h)
-        logits = None
-        if head:
-            logits = self.lm_head(h if logits_at is None else at_positions(h, logits_at)[:, None])
-        out = ModelOutput(logits=logits, hidden_states=h, routing=routing)
+        out = ModelOutput(logits=self.lm_head(h) if head else None, hidden_states=h, routing=routing)
         if mtp and cache is None:
             out.mtp_logits, mtp_routing = run_mtp(self.mtp_modules, self.lm_head, h, emb, rope)
             out.routing += mtp_routing
