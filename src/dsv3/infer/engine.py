@@ -364,8 +364,8 @@ class Engine:
             h = self._main_fn(ids_t, start[0] if n == 1 else start_t)
         else:
             self._check_positions(start, t)
-            h = self._timed(("main", self._bucket(n), t), self._main_fn,
-                            *self._pad(ids, start, self._bucket(n) - n))[:n]
+            b = self._bucket(n)
+            h = self._timed(("main", b, t), self._main_fn, *self._pad(ids, start, b - n))[:n]
         return self.head(h), h
 
     def _run_mtp(self, h: torch.Tensor, ids: list[list[int]], start: list[int], at: list[int] | None = None
