@@ -10,8 +10,8 @@ import torch.distributed as dist
 from launch import worker_args
 
 import dsv3
-from dsv3.parallel.expert_parallel import all_reduce_loads, apply_expert_parallel
-from dsv3.parallel.mesh import Mesh, sync_gradients
+from dsv3.parallel.expert_parallel import apply_expert_parallel
+from dsv3.parallel.mesh import Mesh, host_all_reduce, sync_gradients
 from dsv3.train.losses import lm_loss, mtp_losses
 
 
@@ -43,7 +43,7 @@ def main():
     out, loss = loss_of(model, local)
     loss.backward()
     sync_gradients(model, mesh)
-    loads = all_reduce_loads([r.load.clone() for r in out.routing])
+    loads = [host_all_reduce(r.load.clone()) for r in out.routing]
     losses = [torch.zeros(()) for _ in range(args.world)]
     dist.all_gather(losses, loss.detach())
     torch.save({"logits": out.logits.detach(), "loss": torch.stack(losses).mean(), "loads": loads,

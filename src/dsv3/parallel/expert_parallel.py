@@ -114,9 +114,3 @@ def apply_expert_parallel(model: nn.Module, group=None) -> nn.Module:
                 setattr(module, name, EPExperts(child, group))
     return model
 
-
-def all_reduce_loads(loads: list[torch.Tensor], group=None) -> list[torch.Tensor]:
-    """Expert loads of the whole global batch (every rank's tokens), for the aux-loss-free bias update."""
-    for load in loads:
-        dist.all_reduce(load, group=group)
-    return loads

@@ -99,8 +99,9 @@ def sync_gradients(module: nn.Module, mesh: Mesh) -> None:
         p.grad.div_(mesh.data_size)
 
 
-def global_grad_norm(named_params, mesh: Mesh) -> float:
-    """The gradient norm of the whole model, however it is spread over the mesh (call after `sync_gradients`).
+def global_grad_norm(named_params, mesh: Mesh | None) -> float:
+    """The gradient norm of the whole model, however it is spread over the mesh (call after `sync_gradients`;
+    `mesh` None: one process). Squares are summed in float64.
 
     Each rank adds its gradients' squares divided by the number of ranks holding the same tensor (dense: the
     dp x ep replicas of the stage; an expert shard: its dp replicas), so one all-reduce over every rank counts every
@@ -109,9 +110,10 @@ def global_grad_norm(named_params, mesh: Mesh) -> float:
     sq = torch.zeros((), dtype=torch.float64)
     for name, p in named_params:
         if p.grad is not None:
-            holders = mesh.dp if is_expert_param(name) and mesh.ep > 1 else mesh.data_size
+            holders = 1 if mesh is None else mesh.dp if is_expert_param(name) and mesh.ep > 1 else mesh.data_size
             sq += p.grad.detach().double().pow(2).sum().cpu() / holders
-    host_all_reduce(sq)
+    if mesh is not None:
+        host_all_reduce(sq)
     return float(sq.sqrt())
 
 

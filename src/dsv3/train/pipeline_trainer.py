@@ -11,24 +11,23 @@ embedding whose gradient is added to the first stage's).
 After the schedule, in order: the two copies of a DualPipe stage add their gradients; the embedding copies add
 theirs; dense gradients are averaged over the stage's data group and expert shards over their dp group; the
 gradient norm is taken once over the whole mesh; expert loads are summed over every copy and rank, and every
-copy of a router applies the same bias update. Checkpoints gather the stages (and expert shards) into the
-standard format on rank 0.
+copy of a router applies the same bias update (`Trainer.train_step`, shared; this trainer supplies the schedule
+and the gradient sums as its `_forward_backward` and `_sync_gradients`). Checkpoints are written sharded: each
+stage's tensors by the ranks that hold them (`_checkpoint_tensors`), into one standard-format directory.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..cost import model_flops_utilization
 from ..model.names import official_slots
 from ..model.transformer import run_layers, run_mtp
 from ..parallel.expert_parallel import apply_expert_parallel
-from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, sync_gradients
+from ..parallel.mesh import Mesh, sync_gradients
 from ..parallel.pipeline import (
     PipelineRunner,
     schedule_1f1b,
@@ -37,10 +36,8 @@ from ..parallel.pipeline import (
     schedule_zb1p,
     split_stages,
 )
-from ..runs import StepMetrics
-from .balance import max_violation, sequence_balance_loss, update_expert_bias
+from .balance import sequence_balance_loss
 from .losses import lm_loss, mtp_losses
-from .schedule import lr_at, mtp_weight_at
 from .trainer import Trainer, TrainError
 
 
@@ -178,6 +175,7 @@ class PipelineTrainer(Trainer):
         # stages whose gradients, norms and state this rank speaks for (DualPipe: the other copy is the partner's)
         self.unique = [0] if self.dual else list(self.stage_of)
         self.moe_layers = [layer.layer_idx for layer in self.model.model.layers if layer.is_moe]
+        self.row_of = {layer: row for row, layer in enumerate(self.moe_layers)}  # metric row of each MoE layer
         # MTP: the last stage's embedding copy adds its gradient to the first stage's. DualPipe and DualPipeV hold
         # the first and the last stage on the same ranks; 1F1B and ZB-H1 pair each pipeline's two ends in a group.
         self.mtp = mc.num_nextn_predict_layers > 0
@@ -198,14 +196,14 @@ class PipelineTrainer(Trainer):
         return list(self.stages.values())  # the other layers of each copy stay on meta
 
     def _routers(self) -> list:
-        return [router for d in self.stage_of for router in self.stages[d].routers]
+        return [(self.row_of[layer], router) for stage in self.stages.values()
+                for layer, router in zip(stage.router_layers, stage.routers)]
 
     def _optimizer(self, params: list | None = None):
         named: dict[int, tuple] = {}
         for d in self.stage_of:  # this rank's stages only; a parameter of both copies (none today) once
             for name, prm in self.stages[d].named_parameters():
                 named.setdefault(id(prm), (f"{d}.{name}", prm))
-        self.model_params = [prm for _, prm in named.values()]
         return super()._optimizer(list(named.values()))
 
     def _named_params(self):
@@ -233,15 +231,15 @@ class PipelineTrainer(Trainer):
         for m in holders:
             m.weight.grad = total.clone()
 
-    def train_step(self) -> StepMetrics:
+    def _forward_backward(self, mtp_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's schedule over this rank's stages (see `Trainer._forward_backward` for what it returns: here
+        the main loss is the last stage's, the balance and MTP losses those of the stages this rank holds)."""
         cfg, mesh = self.cfg, self.mesh
-        t0 = time.perf_counter()
         depth = self.model.config.num_nextn_predict_layers
-        lam = mtp_weight_at(self.step, self.total_steps, cfg.mtp_lambda, cfg.mtp_lambda_late)
         for stage in self.stages.values():
             stage.train()
             stage.reset_stats()
-            stage.mtp_scale = lam / depth / self.chunks if depth else 0.0
+            stage.mtp_scale = mtp_scale / self.chunks
         tokens = self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, 0).to(self.device)
         mb = cfg.batch_size // self.chunks
         rows, j = mb // mesh.data_size, mesh.data_rank  # this rank's rows of every micro-batch
@@ -260,65 +258,22 @@ class PipelineTrainer(Trainer):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss = self.runner.run(self.ops, inputs,
                                    lambda logits, d, i: lm_loss(logits, target[d][i]) / self.chunks)
+        sums = torch.zeros(2 + depth, dtype=torch.float64)
+        loads = torch.zeros(len(self.moe_layers), self.model.config.n_routed_experts or 0, dtype=torch.float64)
+        sums[0] = loss
+        for stage in self.stages.values():  # every copy adds what it computed
+            sums[1] += stage.balance
+            sums[2 : 2 + len(stage.mtp_sums)] += torch.tensor(stage.mtp_sums, dtype=torch.float64) / self.chunks
+            for layer, load in zip(stage.router_layers, stage.loads):
+                loads[self.row_of[layer]] += load.double()
+        return sums, loads
+
+    def _sync_gradients(self) -> None:
         self.runner.sync_stage_copies()
         if self.mtp:
             self._sum_embedding_grads()
         for stage in self.stages.values():
-            sync_gradients(stage, mesh)
-        # loss, balance and MTP sums, and expert loads: every copy on every rank adds what it computed
-        n_moe = len(self.moe_layers)
-        where = {layer: i for i, layer in enumerate(self.moe_layers)}
-        n_experts = self.model.config.n_routed_experts or 0
-        sums = torch.zeros(2 + depth, dtype=torch.float64)
-        loads = torch.zeros(n_moe, n_experts, dtype=torch.float64)
-        sums[0] = loss
-        for stage in self.stages.values():
-            sums[1] += stage.balance
-            sums[2 : 2 + len(stage.mtp_sums)] += torch.tensor(stage.mtp_sums, dtype=torch.float64)
-            for layer, load in zip(stage.router_layers, stage.loads):
-                loads[where[layer]] += load.double()
-        host_all_reduce(sums)
-        host_all_reduce(loads)
-        sums /= mesh.data_size
-        sums[2:] /= self.chunks
-        loss = float(sums[0])
-        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        self._check_finite("the loss", loss, lr)  # the same value on every rank: all stop together
-        grad_norm = global_grad_norm(self._norm_params(), mesh)
-        self._check_finite("the gradient norm", grad_norm, lr)
-        clip_gradients(self.model_params, cfg.grad_clip, grad_norm)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.grad_bytes = self._gradient_bytes()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._check_finite_params(f"after the optimizer step {self.step + 1} at learning rate {lr:.3g}")
-        loads = loads.float()
-        if cfg.balance == "aux_free":
-            for stage in self.stages.values():
-                for router, layer in zip(stage.routers, stage.router_layers):
-                    update_expert_bias(router.e_score_correction_bias, loads[where[layer]], cfg.bias_update_speed)
-        # the biases for the metrics: each rank adds the routers it holds, divided by how many hold them
-        bias = torch.zeros(n_moe, n_experts, dtype=torch.float64)
-        held = torch.zeros(n_moe, 1, dtype=torch.float64)
-        for stage in self.stages.values():
-            for router, layer in zip(stage.routers, stage.router_layers):
-                bias[where[layer]] += router.e_score_correction_bias.double().cpu()
-                held[where[layer]] += 1
-        host_all_reduce(bias)
-        host_all_reduce(held)
-        bias /= held
-        self.step += 1
-        dt = time.perf_counter() - t0
-        tokens_per_s = cfg.batch_size * cfg.seq_len / dt
-        return StepMetrics(
-            step=self.step, loss=loss, mtp_loss=sums[2:].tolist(), balance_loss=float(sums[1]),
-            lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-            mfu=model_flops_utilization(tokens_per_s, self.flops_per_token, self.peak_flops, self.world),
-            tokens=self.step * cfg.batch_size * cfg.seq_len, step_time=dt,
-            max_vio=[max_violation(x) for x in loads], load=[x.int().tolist() for x in loads],
-            bias=[[round(v, 6) for v in b] for b in bias.tolist()],
-        )
+            sync_gradients(stage, self.mesh)
 
     def _checkpoint_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(official name, tensor) this rank writes: the tensors of the stages it speaks for (DualPipe: copy 0;

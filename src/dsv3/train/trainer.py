@@ -41,7 +41,7 @@ from ..errors import Dsv3Error
 from ..model import DeepseekV3
 from ..model.moe import RoutedExperts
 from ..model.names import official_slots
-from ..parallel.expert_parallel import EPExperts, all_reduce_loads, apply_expert_parallel
+from ..parallel.expert_parallel import EPExperts, apply_expert_parallel
 from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
 from ..parallel.pipeline import SCHEDULES
 from ..parallel.zero import ZeroShardedOptimizer
@@ -391,10 +391,6 @@ class Trainer:
         return list({id(p): p for m in self._held_modules() for p in m.parameters()
                      if include_meta or not p.is_meta}.values())
 
-    def _gradient_bytes(self) -> int:
-        """Bytes of the gradients this rank's parameters hold now (all of them, also under ZeRO-1)."""
-        return sum(p.grad.numel() * p.grad.element_size() for p in self._held_params() if p.grad is not None)
-
     def _held_models(self) -> list[DeepseekV3]:
         """The model objects this rank trains (the pipeline trainer: one per stage copy)."""
         return [self.model]
@@ -413,8 +409,8 @@ class Trainer:
             model.reset_buffers()
 
     def _routers(self) -> list:
-        """The routers whose biases this rank updates, in metric order."""
-        return [layer.mlp.gate for layer in self.model.model.layers if layer.is_moe]
+        """(metric row, router) of the routers whose biases this rank updates (every MoE layer's, in metric order)."""
+        return list(enumerate(layer.mlp.gate for layer in self.model.model.layers if layer.is_moe))
 
     def _model_config(self) -> ModelConfig:
         mc = get_config(self.cfg.model_config)
@@ -454,74 +450,99 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> StepMetrics:
-        """One optimizer step over the global batch (grad_accum micro-batches; this rank's rows of each)."""
+        """One optimizer step over the global batch, for every layout: this rank's forward and backward
+        (`_forward_backward`; the pipeline trainer runs its schedule there), the gradients averaged over the mesh
+        (`_sync_gradients`), the loss, balance and MTP figures and the expert loads summed over every rank, the
+        global gradient norm, clipping, AdamW, then the aux-loss-free bias update from the global batch's loads.
+        Every rank computes the same figures, so all stop together on a non-finite loss or norm."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        depth = self.model.config.num_nextn_predict_layers
+        lam = mtp_weight_at(self.step, self.total_steps, cfg.mtp_lambda, cfg.mtp_lambda_late)
+        sums, loads = self._forward_backward(lam / depth if depth else 0.0)
+        self._sync_gradients()
+        if self.world > 1:  # every rank sees the same figures and stops at the same step
+            host_all_reduce(sums)
+            host_all_reduce(loads)
+            sums /= self.mesh.data_size  # the ranks sharing a stage each added the mean over their rows
+        loss = float(sums[0])
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        self._check_finite("the loss", loss, lr)
+        grad_norm = global_grad_norm(self._named_params(), self.mesh)
+        self._check_finite("the gradient norm", grad_norm, lr)  # (before the optimizer step uses it)
+        params = self._held_params()
+        clip_gradients(params, cfg.grad_clip, grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._check_finite_params(f"after the optimizer step {self.step + 1} at learning rate {lr:.3g}")
+        loads = loads.float()
+        if cfg.balance == "aux_free":
+            for row, router in self.routers:
+                update_expert_bias(router.e_score_correction_bias, loads[row], cfg.bias_update_speed)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens_per_s = cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt
+        return StepMetrics(
+            step=self.step, loss=loss, mtp_loss=sums[2:].tolist(), balance_loss=float(sums[1]),
+            lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+            mfu=model_flops_utilization(tokens_per_s, self.flops_per_token, self.peak_flops, self.world),
+            tokens=self.step * cfg.batch_size * cfg.grad_accum * cfg.seq_len, step_time=dt,
+            max_vio=[max_violation(load) for load in loads], load=[load.int().tolist() for load in loads],
+            bias=[[round(b, 6) for b in row] for row in self._bias_rows().tolist()],
+        )
+
+    def _forward_backward(self, mtp_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of this rank's share of the step's global batch (grad_accum micro-batches, this
+        rank's rows of each), the MTP losses weighted by `mtp_scale` (lambda / D). Returns this rank's
+        contributions, summed over the ranks by `train_step`: `sums` float64 [2 + D] (main loss, weighted balance
+        loss, the D MTP losses), each the mean over this rank's rows, and `loads` [MoE layers, experts] float64,
+        the tokens this rank routed to each expert, rows in metric order (`self.routers`' row indices)."""
         cfg, model = self.cfg, self.model
         model.train()
-        mc = model.config
-        depth = mc.num_nextn_predict_layers
-        lam = mtp_weight_at(self.step, self.total_steps, cfg.mtp_lambda, cfg.mtp_lambda_late)
+        depth = model.config.num_nextn_predict_layers
         alpha = {"aux_free": cfg.seq_aux_alpha, "aux_loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
-        loads = [torch.zeros(r.n_experts, device=self.device) for r in self.routers]
-        sums = {"loss": 0.0, "balance": 0.0, "mtp": [0.0] * depth}
-        t0 = time.perf_counter()
+        sums = torch.zeros(2 + depth, dtype=torch.float64)
+        loads = torch.zeros(len(self.routers), model.config.n_routed_experts or 0, device=self.device)
+        rows = cfg.batch_size // self.world  # this rank's share of the global batch
         for micro in range(cfg.grad_accum):
             tokens = self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, micro).to(self.device)
-            rows = cfg.batch_size // self.world  # this rank's share of the global batch
             tokens = tokens[self.rank * rows : (self.rank + 1) * rows]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = model(tokens[:, :-1])
             main = lm_loss(out.logits, tokens)
             mtp = mtp_losses(out.mtp_logits, tokens, self.data.eot_id)
-            balance = sum((sequence_balance_loss(info, tokens.shape[0]) for info in out.routing),
-                          torch.zeros((), device=self.device))
-            total = main + alpha * balance
-            if mtp:
-                total = total + lam / depth * sum(mtp)
+            balance = alpha * sum((sequence_balance_loss(info, tokens.shape[0]) for info in out.routing),
+                                  torch.zeros((), device=self.device))
+            total = main + balance + mtp_scale * sum(mtp) if mtp else main + balance
             (total / cfg.grad_accum).backward()
-            for acc, info in zip(loads, out.routing):
-                acc += info.load
-            sums["loss"] += main.item() / cfg.grad_accum
-            sums["balance"] += alpha * balance.item() / cfg.grad_accum
-            for k, m in enumerate(mtp):
-                sums["mtp"][k] += m.item() / cfg.grad_accum
-        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        if self.world > 1:
-            sync_gradients(model, self.mesh)
-            sums = _mean_over_ranks(sums)  # every rank sees the same loss and stops at the same step
-        self._check_finite("the loss", sums["loss"], lr)
-        if self.world > 1:
-            grad_norm = global_grad_norm(model.named_parameters(), self.mesh)
-            self._check_finite("the gradient norm", grad_norm, lr)
-            clip_gradients(model.parameters(), cfg.grad_clip, grad_norm)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            self._check_finite("the gradient norm", grad_norm, lr)  # (before the optimizer step uses it)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.grad_bytes = self._gradient_bytes()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._check_finite_params(f"after the optimizer step {self.step + 1} at learning rate {lr:.3g}")
-        loads = self.reduce_loads(loads)
-        if cfg.balance == "aux_free":
-            for router, load in zip(self.routers, loads):
-                update_expert_bias(router.e_score_correction_bias, load, cfg.bias_update_speed)
-        self.step += 1
-        dt = time.perf_counter() - t0
-        tokens_per_s = cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt
-        return StepMetrics(
-            step=self.step, loss=sums["loss"], mtp_loss=sums["mtp"], balance_loss=sums["balance"],
-            lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
-            mfu=model_flops_utilization(tokens_per_s, self.flops_per_token, self.peak_flops, self.world),
-            tokens=self.step * cfg.batch_size * cfg.grad_accum * cfg.seq_len, step_time=dt,
-            max_vio=[max_violation(load) for load in loads],
-            load=[load.int().tolist() for load in loads],
-            bias=[[round(b, 6) for b in r.e_score_correction_bias.tolist()] for r in self.routers],
-        )
+            for row, info in enumerate(out.routing):  # routing comes in metric order, as self.routers
+                loads[row] += info.load
+            sums += torch.stack([main.detach(), balance.detach(), *(m.detach() for m in mtp)]).double().cpu()
+        return sums / cfg.grad_accum, loads.double().cpu()
 
-    def reduce_loads(self, loads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Expert loads over the whole global batch: every micro-batch, and every rank's share of it."""
-        return all_reduce_loads(loads) if self.world > 1 else loads
+    def _sync_gradients(self) -> None:
+        """Average the gradients over the data-parallel and expert-parallel ranks (the pipeline trainer first
+        adds the copies of a DualPipe stage and of the embedding)."""
+        if self.mesh is not None:
+            sync_gradients(self.model, self.mesh)
+
+    @torch.no_grad()
+    def _bias_rows(self) -> torch.Tensor:
+        """Every MoE layer's e_score_correction_bias [MoE layers, experts] float64, in metric order: each rank adds
+        the routers it holds, divided by how many hold them (every copy is equal)."""
+        n = len(self.model.config.moe_layer_names())
+        bias = torch.zeros(n, self.model.config.n_routed_experts or 0, dtype=torch.float64)
+        held = torch.zeros(n, 1, dtype=torch.float64)
+        for row, router in self.routers:
+            bias[row] += router.e_score_correction_bias.double().cpu()
+            held[row] += 1
+        if self.world > 1:
+            host_all_reduce(bias)
+            host_all_reduce(held)
+        return bias / held.clamp(min=1)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> StepMetrics | None:
@@ -749,13 +770,6 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def _mean_over_ranks(sums: dict) -> dict:
-    flat = torch.tensor([sums["loss"], sums["balance"], *sums["mtp"]], dtype=torch.float64)
-    host_all_reduce(flat)
-    flat /= dist.get_world_size()
-    return {"loss": float(flat[0]), "balance": float(flat[1]), "mtp": flat[2:].tolist()}
 
 
 PARTIAL = "partial"  # a sharded save's working directory, .step-N.partial beside the checkpoint it becomes
