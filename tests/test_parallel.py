@@ -188,22 +188,45 @@ def test_plan_of_deepseek_v3_671b_equals_hand_count():
 
 
 def test_plan_cli_json(capsys):
-    """`dsv3 plan --json`: every rank of a small layout, whether the states (not yet activations) fit, and what
-    was modelled; a layout whose states cannot fit says so."""
+    """`dsv3 plan --json`: every rank of a small layout, whether it fits (states and activations) and what was
+    modelled; a layout whose states cannot fit says so."""
     import json
 
     from dsv3.cli import main
 
     assert main(["plan", "--model-config", "tiny", "--ep", "2", "--pp", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["rank"] for r in out["ranks"]] == [0, 1, 2, 3] and out["states_fit"] is True
-    assert out["modelled"] == ["parameters", "gradients", "optimizer state"]
+    assert [r["rank"] for r in out["ranks"]] == [0, 1, 2, 3] and out["fits"] is out["states_fit"] is True
+    assert out["modelled"] == ["parameters", "gradients", "optimizer state", "activations"]
+    assert all(r["activation_bytes"] > 0 and r["total_bytes"] > r["activation_bytes"] for r in out["ranks"])
     # the serving latent cache: the bytes a LatentCache of that many tokens allocates (tiny: 3 layers + 1 MTP)
     assert main(["plan", "--model-config", "tiny", "--serve-tokens", "640", "--json"]) == 0
     cache = dsv3.DeepseekV3(dsv3.get_config("tiny")).new_cache(5, 128, dtype=torch.bfloat16)
     assert json.loads(capsys.readouterr().out)["serving_cache_bytes"] == cache.nbytes == 640 * 4 * (32 + 8) * 2
     assert main(["plan", "--model-config", "deepseek-v3-671b", "--pp", "4", "--ep", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["states_fit"] is False  # a control: 671B on 32 ranks
+
+
+def test_plan_of_the_papers_recipe_on_its_layout(capsys):
+    """The report's recipe on PP16 x EP64 x DP2 with ZeRO-1: a MoE layer saves what a hand count from the
+    published shapes gives per token, DualPipe holds PP + 1 micro-batches (report Table 2), and the verdict is
+    what those figures add up to (they exceed 80 GB: see the planner's design note)."""
+    import json
+
+    from dsv3.cli import main
+    from dsv3.parallel.plan import FP8_BYTES
+
+    d, qr, r, p, h, v, e, k, inter, t = 7168, 1536, 512, 64, 128, 128, 256, 8, 2048, 4096
+    per_token = (2 * d + 2 * qr + 2 * (r + p) + 1.5 * h * v + 4 * h + 2 * d  # attention, bf16 / E5M6 / lse
+                 + 4 * e + 8 * k + FP8_BYTES * (k * d + k * 2 * inter + 2 * inter) + 2 * k * d  # MoE
+                 + 4 + 4 * e / t)  # the balance loss's sums and f
+    assert main(["plan", "--model-config", "deepseek-v3-671b", "--pp", "16", "--ep", "64", "--dp", "2", "--zero",
+                 "1", "--recipe", "paper", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sum(i["bytes"] for i in out["moe_layer_activations"]) == per_token * t
+    assert all(m["in_flight"] == 17 for m in out["ranks"])
+    worst = max(m["total_bytes"] for m in out["ranks"])
+    assert out["fits"] is (worst <= 80e9) and out["states_fit"] is True
 
 
 def test_dry_run_of_the_papers_layout_builds_what_the_planner_counts(capsys):

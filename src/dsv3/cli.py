@@ -284,12 +284,14 @@ def _plan(args: argparse.Namespace) -> int:
 
     from .config import get_config
     from .cost import GPU_MEMORY_GB
-    from .parallel.plan import Layout, latent_cache_bytes, plan
+    from .parallel.plan import Layout, latent_cache_bytes, plan, saved_activations
 
     name = _model_config(args)
     cfg = get_config(name)
+    seq_len = args.seq_len or min(4096, cfg.max_position_embeddings)
     layout = Layout(pp=args.pp, dp=args.dp, ep=args.ep, zero=bool(args.zero), schedule=args.pp_schedule,
-                    optimizer_state_dtype=args.optimizer_state_dtype)
+                    optimizer_state_dtype=args.optimizer_state_dtype, recipe=args.recipe, rows=args.micro_batch,
+                    seq_len=seq_len, chunks=args.pp_chunks)
     if args.ranks is not None:
         ranks = args.ranks
     elif layout.world <= 8:
@@ -300,31 +302,42 @@ def _plan(args: argparse.Namespace) -> int:
         raise _UsageError(f"--ranks must lie in 0..{layout.world - 1} for {layout.world} ranks")
     try:
         rows = plan(cfg, layout, ranks)
+        # the dry run builds dsv3's own trainer: it is held against the dsv3 recipe's tensors
+        ours = dataclasses.replace(layout, recipe="dsv3")
+        built = _plan_dry_run(name, ours, plan(cfg, ours, ranks)) if args.dry_run else None
     except ValueError as e:
         raise _UsageError(str(e)) from None
-    built = _plan_dry_run(name, layout, rows) if args.dry_run else None
     memory = args.gpu_memory if args.gpu_memory is not None else GPU_MEMORY_GB[args.gpu]
     worst = max(rows, key=lambda m: m.total_bytes)
     fits = worst.total_bytes <= memory * 1e9
+    states_fit = max(m.total_bytes - m.activation_bytes for m in rows) <= memory * 1e9
+    block = "moe" if cfg.n_routed_experts else "dense"
+    items = saved_activations(cfg, block, layout.rows, seq_len, layout.recipe)
+    largest_item = max(items, key=lambda item: item[1])
     if args.json:
         print(json.dumps({"model_config": name, "layout": dataclasses.asdict(layout), "gpu_memory_gb": memory,
                           "ranks": [dataclasses.asdict(m) | {"total_bytes": m.total_bytes} for m in rows],
-                          "states_fit": fits, "modelled": ["parameters", "gradients", "optimizer state"],
+                          "fits": fits, "states_fit": states_fit,
+                          "modelled": ["parameters", "gradients", "optimizer state", "activations"],
+                          f"{block}_layer_activations": [{"what": w, "bytes": b} for w, b in items],
                           "serving_cache_bytes": latent_cache_bytes(cfg, args.serve_tokens) if args.serve_tokens
                           else None,
                           "dry_run": built}, indent=1))
         return 0
     unit, size = ("GiB", 2**30) if worst.total_bytes >= 2**30 else ("MiB", 2**20)
+    recipe = ("the report's recipe (bf16 weights, fp32 gradients and masters, bf16 moments, recomputation, FP8 "
+              "caching)" if layout.recipe == "paper" else f"dsv3's trainer (fp32, AdamW moments "
+              f"{layout.optimizer_state_dtype})")
     table = Table(title=f"{name} on pp {layout.pp} x dp {layout.dp} x ep {layout.ep} = {layout.world} ranks, "
-                        f"{layout.schedule}{', ZeRO-1' if layout.zero else ''}, AdamW moments "
-                        f"{layout.optimizer_state_dtype}", title_justify="left")
-    for col in ("rank", "pp, dp, ep", "parameters", f"params {unit}", f"grads {unit}", f"optimizer {unit}",
-                f"total {unit}"):
+                        f"{layout.schedule}{', ZeRO-1' if layout.zero else ''}; {recipe}; micro-batches of "
+                        f"{layout.rows} x {seq_len} tokens; bytes in {unit}", title_justify="left")
+    for col in ("rank", "pp,dp,ep", "parameters", "params", "grads", "optimizer", "in flight", "activations",
+                "total"):
         table.add_column(col, justify="right")
     for m in rows:
-        table.add_row(str(m.rank), f"{m.pp_index}, {m.dp_index}, {m.ep_index}", _count_text(m.parameters),
-                      *(f"{b / size:.2f}" for b in (m.parameter_bytes, m.gradient_bytes, m.optimizer_state_bytes,
-                                                    m.total_bytes)))
+        table.add_row(str(m.rank), f"{m.pp_index},{m.dp_index},{m.ep_index}", _count_text(m.parameters),
+                      *(f"{b / size:.2f}" for b in (m.parameter_bytes, m.gradient_bytes, m.optimizer_state_bytes)),
+                      f"{m.in_flight:g}", f"{m.activation_bytes / size:.2f}", f"{m.total_bytes / size:.2f}")
     console = Console()
     for b in built or []:
         console.print(f"dry run: rank {b['rank']} built {b['parameters']:,} parameters "
@@ -332,18 +345,20 @@ def _plan(args: argparse.Namespace) -> int:
                       + (", ".join(str(s) for s in b["expert_stacks"]) or "none"))
     console.print(table)
     terms = {"parameters": worst.parameter_bytes, "gradients": worst.gradient_bytes,
-             "optimizer state": worst.optimizer_state_bytes}
+             "optimizer state": worst.optimizer_state_bytes, "activations": worst.activation_bytes}
     if args.serve_tokens:
         cache = latent_cache_bytes(cfg, args.serve_tokens)
         console.print(f"serving: a latent cache of {args.serve_tokens:,} tokens takes {cache / 1e9:.2f} GB in bf16 "
                       f"({cfg.num_hidden_layers + cfg.num_nextn_predict_layers} layers x (kv_lora_rank "
                       f"{cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x 2 B per token) on a GPU holding every "
                       "layer (the report's decoding setup)")
-    console.print(f"largest: rank {worst.rank}, {worst.total_bytes / 1e9:.1f} GB of {memory:g} GB "
-                  f"({'the states fit' if fits else 'the states alone do NOT fit'}; largest term: "
-                  f"{max(terms, key=terms.get)}). Counted: fp32 "
-                  "parameters and gradients, AdamW state; not yet modelled: activations (see "
-                  "dsv3/parallel/plan.py for every assumption; --serve-tokens adds the serving latent cache)")
+    verdict = "fits" if fits else "does NOT fit" + ("" if not states_fit else " (the states alone would)")
+    console.print(f"largest: rank {worst.rank}, {worst.total_bytes / 1e9:.1f} GB of {memory:g} GB: {verdict}; "
+                  f"largest term: {max(terms, key=terms.get)}; largest saved activation of a {block} layer: "
+                  f"{largest_item[0]} ({largest_item[1] / sum(b for _, b in items):.0%} of its "
+                  f"{sum(b for _, b in items) / 1e6:,.0f} MB per micro-batch). Not counted: temporary buffers "
+                  "(all-to-all, gathered weights, the allocator's fragmentation). Every assumption: "
+                  "dsv3/parallel/plan.py")
     return 0
 
 
@@ -650,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=_positive_int, default=32, help="(default: 32)")
     p.set_defaults(func=_cost)
 
-    p = sub.add_parser("plan", help="per-rank memory of a training layout (parameters, gradients, optimizer state)")
+    p = sub.add_parser("plan", help="per-rank memory of a training layout (parameters, gradients, optimizer state, "
+                       "activations)")
     _model_config_flags(p)
     p.add_argument("--pp", type=_positive_int, default=1, help="pipeline stages (default: 1)")
     p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel size (default: 1)")
@@ -658,6 +674,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1 optimizer state (default: 0)")
     p.add_argument("--pp-schedule", default="dualpipe", choices=_schedules(), help="(default: dualpipe)")
     p.add_argument("--optimizer-state-dtype", default="fp32", choices=("fp32", "bf16"), help="AdamW moments")
+    p.add_argument("--recipe", default="dsv3", choices=("dsv3", "paper"),
+                   help="dsv3: what dsv3's trainer holds (fp32 weights, gradients and activations, nothing "
+                   "recomputed); paper: the DeepSeek-V3 report's recipe (bf16 weights, fp32 gradients and master "
+                   "weights, bf16 moments, RMSNorm and MLA up-projections recomputed, FP8-cached activations, "
+                   "the MTP embedding shared); default dsv3")
+    p.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per micro-batch per rank "
+                   "(default: 1)")
+    p.add_argument("--seq-len", type=_positive_int, default=None,
+                   help="tokens per sequence (default: 4096, the report's pre-training length, or the config's "
+                   "context if shorter)")
+    p.add_argument("--pp-chunks", type=_positive_int, default=None, help="micro-batches per step under a pipeline "
+                   "(default: 2 x pp; DualPipe's peak does not grow with it)")
     p.add_argument("--gpu", default="h800", choices=sorted(_gpu_names()), help="its memory decides 'fits'")
     p.add_argument("--gpu-memory", type=float, default=None, help="GB per device (overrides --gpu)")
     p.add_argument("--ranks", type=int, nargs="+", default=None,
