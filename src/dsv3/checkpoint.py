@@ -138,11 +138,13 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     return model
 
 
-def load_weights(model: DeepseekV3, path: str | Path, progress: bool | None = False) -> None:
+def load_weights(model: DeepseekV3, path: str | Path, progress: bool | None = False, only: set[int] | None = None
+                 ) -> None:
     """Fill `model`'s tensors from the checkpoint directory `path`, reading only the tensors the model holds off
     the meta device (a rank with one pipeline stage or an expert shard opens only the files, and reads only the
     tensors, it needs: safetensors reads one tensor at a time). The names are checked against every tensor the
     whole model has (meta ones included), so a checkpoint of another shape fails the same way on every rank.
+    only: fill just the parameters and buffers whose `id` is in it (one layer, before a wrapper shards it).
 
     The model may carry parallel wrappers (expert shards map to their experts' official names). The MTP modules'
     stored tensors are skipped when the model has none.
@@ -182,8 +184,8 @@ def load_weights(model: DeepseekV3, path: str | Path, progress: bool | None = Fa
     by_file: dict[str, list[str]] = defaultdict(list)
     aliases = []
     for name in sorted(stored - ignorable):
-        if name not in slots or slots[name].view.is_meta:
-            continue  # another rank's tensor
+        if name not in slots or slots[name].view.is_meta or (only is not None and id(slots[name].target) not in only):
+            continue  # another rank's tensor (or another layer's)
         (aliases if slots[name].alias else by_file[weight_map[name]]).append(name)
     show = sys.stderr.isatty() if progress is None else progress
     total = sum(map(len, by_file.values())) + len(aliases)

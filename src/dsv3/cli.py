@@ -289,7 +289,7 @@ def _plan(args: argparse.Namespace) -> int:
     name = _model_config(args)
     cfg = get_config(name)
     seq_len = args.seq_len or min(4096, cfg.max_position_embeddings)
-    layout = Layout(pp=args.pp, dp=args.dp, ep=args.ep, zero=bool(args.zero), schedule=args.pp_schedule,
+    layout = Layout(pp=args.pp, dp=args.dp, ep=args.ep, zero=args.zero, schedule=args.pp_schedule,
                     optimizer_state_dtype=args.optimizer_state_dtype, recipe=args.recipe, rows=args.micro_batch,
                     seq_len=seq_len, chunks=args.pp_chunks)
     if args.ranks is not None:
@@ -302,8 +302,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise _UsageError(f"--ranks must lie in 0..{layout.world - 1} for {layout.world} ranks")
     try:
         rows = plan(cfg, layout, ranks)
-        # the dry run builds dsv3's own trainer: it is held against the dsv3 recipe's tensors
-        ours = dataclasses.replace(layout, recipe="dsv3")
+        # the dry run builds dsv3's own trainer: it is held against the dsv3 recipe's tensors (under FSDP2, those
+        # it builds before sharding them)
+        ours = dataclasses.replace(layout, recipe="dsv3", zero=0 if layout.zero == 3 else layout.zero)
         built = _plan_dry_run(name, ours, plan(cfg, ours, ranks)) if args.dry_run else None
     except ValueError as e:
         raise _UsageError(str(e)) from None
@@ -328,9 +329,10 @@ def _plan(args: argparse.Namespace) -> int:
     recipe = ("the report's recipe (bf16 weights, fp32 gradients and masters, bf16 moments, recomputation, FP8 "
               "caching)" if layout.recipe == "paper" else f"dsv3's trainer (fp32, AdamW moments "
               f"{layout.optimizer_state_dtype})")
+    sharding = {1: ", ZeRO-1", 3: ", FSDP2"}.get(layout.zero, "")
     table = Table(title=f"{name} on pp {layout.pp} x dp {layout.dp} x ep {layout.ep} = {layout.world} ranks, "
-                        f"{layout.schedule}{', ZeRO-1' if layout.zero else ''}; {recipe}; micro-batches of "
-                        f"{layout.rows} x {seq_len} tokens; bytes in {unit}", title_justify="left")
+                        f"{layout.schedule}{sharding}; {recipe}; micro-batches of {layout.rows} x {seq_len} tokens; "
+                        f"bytes in {unit}", title_justify="left")
     for col in ("rank", "pp,dp,ep", "parameters", "params", "grads", "optimizer", "in flight", "activations",
                 "total"):
         table.add_column(col, justify="right")
@@ -671,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=_positive_int, default=1, help="pipeline stages (default: 1)")
     p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel size (default: 1)")
     p.add_argument("--ep", type=_positive_int, default=1, help="expert-parallel size (default: 1)")
-    p.add_argument("--zero", type=int, choices=(0, 1), default=0, help="1: ZeRO-1 optimizer state (default: 0)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 3), default=0,
+                   help="1: ZeRO-1 optimizer state; 3: FSDP2, everything sharded (default: 0)")
     p.add_argument("--pp-schedule", default="dualpipe", choices=_schedules(), help="(default: dualpipe)")
     p.add_argument("--optimizer-state-dtype", default="fp32", choices=("fp32", "bf16"), help="AdamW moments")
     p.add_argument("--recipe", default="dsv3", choices=("dsv3", "paper"),

@@ -154,9 +154,10 @@ class DeepseekV3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None, only: set[int] | None = None) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias, for every
-        tensor the model holds that is not on the meta device.
+        tensor the model holds that is not on the meta device (only: just the parameters and buffers whose `id` is
+        in it, e.g. one layer's, filled before a wrapper shards them).
 
         Each official tensor (`model.names`: one expert's `gate_proj`, `up_proj`, `down_proj`, the halves of a fused
         `gate_up_proj`, ...) is drawn whole from its own generator keyed by (seed, official name), then copied into
@@ -169,7 +170,7 @@ class DeepseekV3(nn.Module):
         std = self.config.initializer_range
         for name, slot in official_slots(self).items():
             view = slot.view
-            if slot.alias or view.is_meta:
+            if slot.alias or view.is_meta or (only is not None and id(slot.target) not in only):
                 continue
             if name.endswith("norm.weight"):
                 view.fill_(1.0)

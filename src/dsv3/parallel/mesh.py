@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def is_expert_param(name: str) -> bool:
@@ -89,7 +90,7 @@ def sync_gradients(module: nn.Module, mesh: Mesh) -> None:
     global-batch mean loss.
     """
     for name, p in module.named_parameters():
-        if p.grad is None:
+        if p.grad is None or isinstance(p.grad, DTensor):  # FSDP2 has reduce-scattered and averaged it
             continue
         if is_expert_param(name) and mesh.ep > 1:
             if mesh.dp > 1:
@@ -110,8 +111,12 @@ def global_grad_norm(named_params, mesh: Mesh | None) -> float:
     sq = torch.zeros((), dtype=torch.float64)
     for name, p in named_params:
         if p.grad is not None:
-            holders = 1 if mesh is None else mesh.dp if is_expert_param(name) and mesh.ep > 1 else mesh.data_size
-            sq += p.grad.detach().double().pow(2).sum().cpu() / holders
+            grad = p.grad.detach()
+            if isinstance(grad, DTensor):  # an FSDP2 shard: every element lives on one rank of the data group
+                grad, holders = grad.to_local(), 1
+            else:
+                holders = 1 if mesh is None else mesh.dp if is_expert_param(name) and mesh.ep > 1 else mesh.data_size
+            sq += grad.double().pow(2).sum().cpu() / holders
     if mesh is not None:
         host_all_reduce(sq)
     return float(sq.sqrt())

@@ -11,7 +11,9 @@ Bytes (dsv3's trainer, every precision, FP8 included: FP8 GEMMs quantize fp32 ma
 - parameters and gradients: 4 bytes per element;
 - AdamW: two moments per element, 4 bytes each (2 with `optimizer_state_dtype` bf16, the report's choice) plus,
   for torch's fp32 AdamW, a 4-byte step counter per tensor; with ZeRO-1 the replicated tensors' state is
-  partitioned over the stage's dp x ep ranks (`zero.zero_owners`), expert shards keep theirs.
+  partitioned over the stage's dp x ep ranks (`zero.zero_owners`), expert shards keep theirs;
+- FSDP2 (`zero` 3, `parallel.fsdp`): every tensor but an expert-parallel shard is cut along its first dimension
+  into `torch.chunk` pieces over the dp x ep ranks, and its gradient and AdamW state with it.
 Activations (`saved_activations`, `stage_activation_bytes`, `in_flight`): what one micro-batch leaves saved for
 backward in each block of a stage, itemised (recipe "dsv3": exactly what dsv3's fp32 eager autograd keeps, held
 equal to saved-tensor hooks in tests/test_plan.py; recipe "paper": the report's stated recipe plus named
@@ -50,13 +52,14 @@ PARAM_BYTES = 4  # fp32 master weights (and their gradients) in every precision 
 
 @dataclass(frozen=True)
 class Layout:
-    """A training layout: pp x dp x ep ranks (rank = (pp_index x dp + dp_index) x ep + ep_index), ZeRO-1 or not,
-    the pipeline schedule and the AdamW moments' dtype ("fp32" or "bf16")."""
+    """A training layout: pp x dp x ep ranks (rank = (pp_index x dp + dp_index) x ep + ep_index), how data
+    parallelism shards (`zero`), the pipeline schedule and the AdamW moments' dtype ("fp32" or "bf16"); for the
+    activations, the recipe and the micro-batch."""
 
     pp: int = 1
     dp: int = 1
     ep: int = 1
-    zero: bool = False
+    zero: int = 0  # 0: replicated; 1: ZeRO-1 (optimizer state partitioned); 3: FSDP2 (everything sharded)
     schedule: str = "dualpipe"
     optimizer_state_dtype: str = "fp32"
     recipe: str = "dsv3"  # "dsv3": what dsv3's trainer holds; "paper": the report's precision and memory recipe
@@ -127,12 +130,15 @@ def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> li
         raise ValueError(f"DualPipe needs an even number of pipeline ranks, got pp = {layout.pp}")
     if layout.optimizer_state_dtype not in ("fp32", "bf16"):
         raise ValueError(f"optimizer_state_dtype must be fp32 or bf16, got {layout.optimizer_state_dtype!r}")
+    if layout.zero not in (0, 1, 3) or (layout.zero == 3 and layout.pp > 1):
+        raise ValueError(f"zero must be 0, 1 or 3 (3, FSDP2: without a pipeline), got {layout.zero}")
     if cfg.n_routed_experts and cfg.n_routed_experts % layout.ep:
         raise ValueError(f"n_routed_experts ({cfg.n_routed_experts}) is not divisible by ep ({layout.ep})")
     if layout.recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {layout.recipe!r}")
     model = DeepseekV3(cfg, device="meta")
     names = [(name, p.numel()) for name, p in model.named_parameters()]  # a tied head is listed once
+    first_dim = {name: p.shape[0] for name, p in model.named_parameters()}
     n, mtp, p = cfg.num_hidden_layers, cfg.num_nextn_predict_layers > 0, layout.pp
     paper = layout.recipe == "paper"
     if p == 1:
@@ -163,11 +169,19 @@ def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> li
                                          for lo, hi in held.values()]  # the paper shares the MTP embedding
         tensors = [(name, numel // layout.ep if is_expert_param(name) else numel)
                    for copy in copies for name, numel in copy]
+        me = dp_index * layout.ep + ep_index  # the rank's place in its stage's data group
+        if layout.zero == 3 and data_size > 1:  # FSDP2: dim 0 in torch.chunk pieces over the data group
+            def shard(name: str, numel: int, me: int = me) -> int:
+                rows = first_dim[name]
+                per = -(-rows // data_size)
+                return max(0, min(per, rows - me * per)) * (numel // rows)
+
+            tensors = [(name, numel if layout.ep > 1 and is_expert_param(name) else shard(name, numel))
+                       for name, numel in tensors]
         elements = sum(numel for _, numel in tensors)
-        if layout.zero and data_size > 1:
+        if layout.zero == 1 and data_size > 1:
             local = [numel for name, numel in tensors if layout.ep > 1 and is_expert_param(name)]
             shared = [numel for name, numel in tensors if not (layout.ep > 1 and is_expert_param(name))]
-            me = dp_index * layout.ep + ep_index
             owned = local + [numel for numel, r in zip(shared, zero_owners(shared, data_size)) if r == me]
         else:
             owned = [numel for _, numel in tensors]

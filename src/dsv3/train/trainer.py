@@ -19,13 +19,14 @@ import time
 import tomllib
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
+from torch.distributed.device_mesh import DeviceMesh
 
 from ..checkpoint import (
     finish_checkpoint,
@@ -42,6 +43,7 @@ from ..model import DeepseekV3
 from ..model.moe import RoutedExperts
 from ..model.names import official_slots
 from ..parallel.expert_parallel import EPExperts, apply_expert_parallel
+from ..parallel.fsdp import distribute_state, gathered_slots, local, local_state, materialize_sharded
 from ..parallel.mesh import Mesh, clip_gradients, global_grad_norm, host_all_reduce, is_expert_param, sync_gradients
 from ..parallel.pipeline import SCHEDULES
 from ..parallel.zero import ZeroShardedOptimizer
@@ -134,7 +136,8 @@ class TrainConfig:
     # scale-out (under torchrun): ranks split the global batch; ep > 1 also shards the routed experts over them
     dp: int | None = _opt(None, "data-parallel size (default: ranks / (ep x pp))")
     ep: int = _opt(1, "expert-parallel size: routed experts sharded over this many consecutive ranks")
-    zero: int = _opt(0, "1: ZeRO-1, AdamW state sharded over the data-parallel ranks", (0, 1))
+    zero: int = _opt(0, "1: ZeRO-1, AdamW state sharded over the data-parallel ranks; 3: FSDP2 (torch's "
+                     "fully_shard), parameters, gradients and AdamW state sharded (not with pp > 1)", (0, 1, 3))
     pp: int = _opt(1, "pipeline-parallel stages' ranks (dsv3.train.pipeline_trainer)")
     pp_schedule: str = _opt("dualpipe", "pipeline schedule (zb1p = ZB-H1)", PP_SCHEDULES)
     pp_chunks: int | None = _opt(None, "micro-batches per step under pp (default 2 x pp)")
@@ -168,7 +171,9 @@ class TrainConfig:
         need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
         need(self.mtp_depth is None or self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
         need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
-        need(self.zero in (0, 1), "zero", "must be 0 or 1 (ZeRO-1)")
+        need(self.zero in (0, 1, 3), "zero", "must be 0, 1 (ZeRO-1) or 3 (FSDP2)")
+        need(self.zero != 3 or self.pp == 1, "zero", "3 (FSDP2) runs without a pipeline; the pipeline trainer "
+             "shards its AdamW state with --zero 1")
         need(isinstance(self.pp, int) and self.pp >= 1, "pp", "must be an integer >= 1")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
         return self
@@ -262,6 +267,7 @@ class Trainer:
             raise TrainError(f"ep x pp = {cfg.ep} x {cfg.pp} must divide the number of ranks ({self.world}): "
                              f"ranks form a pipeline x data-parallel x expert-parallel mesh")
         self.run = Run(cfg.out)
+        self.fsdp: DeviceMesh | None = None  # FSDP2's mesh under --zero 3 (`_parallelize`)
         self.moved_aside: Path | None = None  # where an overwritten run directory went
         self._written: set[str] = set()  # checkpoint directories (step-N) this trainer saved
         if not resume and not overwrite and not dry_run:
@@ -308,22 +314,28 @@ class Trainer:
         self._parallelize()
         if dry_run:
             return
-        self._materialize()
         self.grad_bytes = 0  # measured at each optimizer step (`held_memory`)
         if resume:
-            def load() -> None:
+            def load(only: set[int] | None = None) -> None:
                 for model in self._held_models():
-                    load_weights(model, ckpt)  # each rank reads only the tensors it holds
+                    load_weights(model, ckpt, only=only)  # each rank reads only the tensors it holds
 
-            self._on_every_rank(load, f"loading {ckpt}")  # a bad tensor fails on its rank: all stop together
+            # a bad tensor fails on its rank: all stop together
+            self._on_every_rank(lambda: self._materialize(load), f"loading {ckpt}")
         else:
             torch.manual_seed(cfg.seed)
-            for model in self._held_models():
-                model.init_weights(seed=cfg.seed)  # keyed by (seed, tensor name): the same values in any layout
+
+            def init(only: set[int] | None = None) -> None:
+                for model in self._held_models():  # keyed by (seed, tensor name): the same values in any layout
+                    model.init_weights(seed=cfg.seed, only=only)
+
+            self._materialize(init)
         self.routers = self._routers()
         self.optimizer = self._optimizer()
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])  # this rank's (shard of the) optimizer state
+            if self.fsdp is not None:
+                distribute_state(self.optimizer)
             torch.set_rng_state(state["rng"])
         self.flops_per_token = training_flops_per_token(mc, cfg.seq_len, mtp=mc.num_nextn_predict_layers > 0)
         self.peak_flops = cfg.peak_flops or measured_matmul_flops(self.device)
@@ -349,10 +361,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def _parallelize(self) -> None:
-        """Apply the parallel layout to the built model (the pipeline trainer overrides this)."""
+        """Apply the parallel layout to the built model (the pipeline trainer overrides this); `fsdp` is the
+        device mesh FSDP2 shards over under `--zero 3` (applied as the model is materialised), else None."""
         self.mesh = Mesh(1, self.cfg.dp, self.cfg.ep) if self.world > 1 else None
         if self.cfg.ep > 1:  # ep consecutive ranks hold one full set of experts between them
             apply_expert_parallel(self.model, self.mesh.ep_group)
+        if self.cfg.zero == 3 and self.mesh is not None and self.mesh.data_size > 1:
+            if self.model.config.tie_word_embeddings:
+                raise TrainError("zero 3 (FSDP2) needs untied embeddings (tie_word_embeddings = false, as in "
+                                 "DeepSeek-V3)")
+            self.fsdp = DeviceMesh.from_group(self.mesh.data_group, self.device.type)
 
     def held_memory(self) -> dict[str, int]:
         """What this rank holds (its share under EP, PP and ZeRO-1), measured on its tensors: `parameters` and
@@ -365,8 +383,9 @@ class Trainer:
         if self.dry_run:
             return {"parameters": sum(p.numel() for p in params),
                     "parameter_bytes": sum(p.numel() * p.element_size() for p in params)}
-        state = [t for s in self.optimizer.state_dict()["state"].values() for t in s.values()
+        state = [local(t) for s in self.optimizer.state_dict()["state"].values() for t in s.values()
                  if isinstance(t, torch.Tensor)]
+        params = [local(p) for p in params]  # under FSDP2, this rank's shards
         return {"parameters": sum(p.numel() for p in params),
                 "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
                 "gradient_bytes": self.grad_bytes,
@@ -399,11 +418,16 @@ class Trainer:
         """The modules whose tensors this rank holds (the pipeline trainer: its stages)."""
         return [self.model]
 
-    def _materialize(self) -> None:
+    def _materialize(self, fill: Callable[..., None]) -> None:
         """Allocate on this rank's device the tensors of `_held_modules()` (the rest stay on meta, never
-        allocated), then re-tie a tied head and recompute the rotary buffers."""
-        for module in self._held_modules():
-            module.to_empty(device=self.device)
+        allocated) and `fill` them (initialise or load); re-tie a tied head, recompute the rotary buffers. Under
+        FSDP2 (`--zero 3`), one unit at a time, each sharded once filled (`parallel.fsdp.materialize_sharded`)."""
+        if self.fsdp is not None:
+            materialize_sharded(self.model, self.fsdp, self.device, fill)
+        else:
+            for module in self._held_modules():
+                module.to_empty(device=self.device)
+            fill()
         for model in self._held_models():
             model.tie_weights()
             model.reset_buffers()
@@ -440,7 +464,7 @@ class Trainer:
             return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, foreach=self.device.type == "cuda")
 
         named = list(self.model.named_parameters()) if params is None else params
-        if self.cfg.zero and self.mesh is not None and self.mesh.data_size > 1:
+        if self.cfg.zero == 1 and self.mesh is not None and self.mesh.data_size > 1:
             sharded = self.cfg.ep > 1
             return ZeroShardedOptimizer(named, make, self.cfg.weight_decay, group=self.mesh.data_group,
                                         is_local=lambda name: sharded and is_expert_param(name))
@@ -475,7 +499,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        self.grad_bytes = sum(local(p.grad).numel() * p.grad.element_size() for p in params if p.grad is not None)
         self.optimizer.zero_grad(set_to_none=True)
         self._check_finite_params(f"after the optimizer step {self.step + 1} at learning rate {lr:.3g}")
         loads = loads.float()
@@ -643,10 +667,15 @@ class Trainer:
             start_checkpoint(path, PARTIAL)
 
         def write() -> None:  # this rank's tensors (each written once over all ranks) and its trainer state
-            write_shards(stored_tensors(self._checkpoint_tensors()), tmp, f"rank{self.rank:05d}-")
+            tensors = iter(self._checkpoint_tensors())
+            try:
+                write_shards(stored_tensors(tensors), tmp, f"rank{self.rank:05d}-")
+            finally:
+                for _ in tensors:  # a failed write still takes part in the remaining (collective) gathers
+                    pass
             state = {"step": self.step, "total_steps": self.total_steps, "estimating": self.estimating,
                      "budget_spent_s": self.budget_spent_s, "held": self.held_memory(), "fp8": self.fp8_inventory(),
-                     "optimizer": self.optimizer.state_dict(),
+                     "optimizer": local_state(self.optimizer.state_dict()),
                      "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(self.cfg)}
             for name, content in trainer_state_files(state, self.rank, self.world).items():
                 (tmp / name).write_bytes(content)
@@ -689,9 +718,12 @@ class Trainer:
                 shutil.rmtree(partial, ignore_errors=True)
             raise TrainError(message or f"{what} failed on another rank (see its message)")
 
-    def _checkpoint_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """(official name, tensor) this rank writes into a checkpoint: every tensor once over all ranks.
-        (The pipeline trainer: each stage's, from the rank that holds it.)"""
+    def _checkpoint_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """(official name, tensor) this rank writes into a checkpoint: every tensor once over all ranks. Under
+        FSDP2 each parameter is all-gathered in turn (every rank must exhaust this). (The pipeline trainer: each
+        stage's, from the rank that holds it.)"""
+        if self.fsdp is not None:
+            return gathered_slots(self.model, self._writes)
         return [(name, slot.view.detach()) for name, slot in official_slots(self.model).items() if self._writes(name)]
 
     def _writes(self, name: str) -> bool:
@@ -716,7 +748,8 @@ class Trainer:
         """Raises TrainError, on every rank, when any rank holds a NaN or inf parameter (named on the rank that
         does)."""
         named = list(self._named_params())
-        flags = torch.stack([torch.isfinite(p).all() for _, p in named]) if named else torch.ones(0, dtype=torch.bool)
+        flags = (torch.stack([torch.isfinite(local(p)).all() for _, p in named]) if named
+                 else torch.ones(0, dtype=torch.bool))
         bad = (~flags).nonzero().flatten().tolist()
         if self._sum_over_ranks(float(len(bad))):
             where = f"parameter {named[bad[0]][0]}" if bad else "a parameter on another rank"
