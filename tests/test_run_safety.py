@@ -246,15 +246,14 @@ def checkpoint_is_finite(ckpt: Path) -> bool:
 def test_a_non_finite_gradient_stops_the_run_before_the_step_and_saves_nothing(dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
     trainer = Trainer(tiny(dataset, run, max_steps=6, checkpoint_every=2, keep_checkpoints=1))
-    real = torch.nn.utils.clip_grad_norm_
+    real = trainer._sync_gradients
 
-    def poisoned(params, max_norm, *a, **kw):
-        params = [p for p in params if p.grad is not None]
+    def poisoned():  # the gradients as the step's norm and clipping see them
+        real()
         if trainer.step == 3:  # during step 4
-            params[0].grad.fill_(float("inf"))
-        return real(params, max_norm, *a, **kw)
+            next(p for p in trainer.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    monkeypatch.setattr(trainer, "_sync_gradients", poisoned)
     with pytest.raises(TrainError, match=r"diverged at step 4: the gradient norm is (inf|nan) at learning rate "):
         trainer.fit()
     ckpts = runs.Run(run).checkpoints()

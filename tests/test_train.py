@@ -124,8 +124,11 @@ def _metric_rows(run):
     return rows
 
 
-def test_resume_equals_uninterrupted_run(dataset, tmp_path):
-    Trainer(tiny_cfg(dataset, tmp_path / "straight")).fit()
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_resume_equals_uninterrupted_run(dataset, tmp_path, moments):
+    """Also with bf16 AdamW moments: they come back as bf16 (torch's load_state_dict casts them to fp32), so the
+    resumed steps round them as the uninterrupted ones do."""
+    Trainer(tiny_cfg(dataset, tmp_path / "straight", optimizer_state_dtype=moments)).fit()
 
     class Killed(Trainer):
         def train_step(self):
@@ -134,10 +137,12 @@ def test_resume_equals_uninterrupted_run(dataset, tmp_path):
             return super().train_step()
 
     with pytest.raises(KeyboardInterrupt):
-        Killed(tiny_cfg(dataset, tmp_path / "killed")).fit()
+        Killed(tiny_cfg(dataset, tmp_path / "killed", optimizer_state_dtype=moments)).fit()
     assert len(_metric_rows(tmp_path / "killed")) == 4
     resumed = Trainer(resume_config(tmp_path / "killed"), resume=True)
     assert resumed.step == 3
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[moments]
+    assert all(s["exp_avg"].dtype == dtype for s in resumed.optimizer.state.values())
     resumed.fit()
     straight, again = _metric_rows(tmp_path / "straight"), _metric_rows(tmp_path / "killed")
     assert [r.step for r in again] == [1, 2, 3, 4, 5, 6]

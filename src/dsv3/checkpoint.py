@@ -184,8 +184,8 @@ def load_weights(model: DeepseekV3, path: str | Path, progress: bool | None = Fa
     by_file: dict[str, list[str]] = defaultdict(list)
     aliases = []
     for name in sorted(stored - ignorable):
-        if name not in slots or slots[name].view.is_meta or (only is not None and id(slots[name].target) not in only):
-            continue  # another rank's tensor (or another layer's)
+        if name not in slots or slots[name].target.is_meta or (only is not None and id(slots[name].target) not in only):
+            continue  # another rank's tensor (or another layer's; the target, not a view: that could gather it)
         (aliases if slots[name].alias else by_file[weight_map[name]]).append(name)
     show = sys.stderr.isatty() if progress is None else progress
     total = sum(map(len, by_file.values())) + len(aliases)

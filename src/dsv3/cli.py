@@ -290,7 +290,8 @@ def _plan(args: argparse.Namespace) -> int:
     cfg = get_config(name)
     seq_len = args.seq_len or min(4096, cfg.max_position_embeddings)
     layout = Layout(pp=args.pp, dp=args.dp, ep=args.ep, zero=args.zero, schedule=args.pp_schedule,
-                    optimizer_state_dtype=args.optimizer_state_dtype, recipe=args.recipe, rows=args.micro_batch,
+                    optimizer_state_dtype="bf16" if args.recipe == "paper" else args.optimizer_state_dtype,
+                    recipe=args.recipe, rows=args.micro_batch,
                     seq_len=seq_len, chunks=args.pp_chunks)
     if args.ranks is not None:
         ranks = args.ranks

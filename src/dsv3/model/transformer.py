@@ -169,9 +169,9 @@ class DeepseekV3(nn.Module):
             seed = int(torch.randint(0, 2**62, ()))
         std = self.config.initializer_range
         for name, slot in official_slots(self).items():
+            if slot.alias or slot.target.is_meta or (only is not None and id(slot.target) not in only):
+                continue  # (checked before taking the view: a view of a sharded tensor would gather it)
             view = slot.view
-            if slot.alias or view.is_meta or (only is not None and id(slot.target) not in only):
-                continue
             if name.endswith("norm.weight"):
                 view.fill_(1.0)
             elif name.endswith("bias"):  # the routing bias e_score_correction_bias (a buffer)

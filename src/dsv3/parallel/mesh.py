@@ -108,7 +108,7 @@ def global_grad_norm(named_params, mesh: Mesh | None) -> float:
     dp x ep replicas of the stage; an expert shard: its dp replicas), so one all-reduce over every rank counts every
     tensor once. `named_params` must hold each of this rank's stages once (not DualPipe's second copy).
     """
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = None
     for name, p in named_params:
         if p.grad is not None:
             grad = p.grad.detach()
@@ -116,7 +116,9 @@ def global_grad_norm(named_params, mesh: Mesh | None) -> float:
                 grad, holders = grad.to_local(), 1
             else:
                 holders = 1 if mesh is None else mesh.dp if is_expert_param(name) and mesh.ep > 1 else mesh.data_size
-            sq += grad.double().pow(2).sum().cpu() / holders
+            term = torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2 / holders  # on the gradient's device
+            sq = term if sq is None else sq + term
+    sq = torch.zeros((), dtype=torch.float64) if sq is None else sq.cpu()  # one transfer
     if mesh is not None:
         host_all_reduce(sq)
     return float(sq.sqrt())

@@ -271,6 +271,29 @@ class PipelineRunner:
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p")  # the pipeline schedules dsv3 runs (zb1p = ZB-H1)
 
 
+def schedule_ops(schedule: str, rank: int, world: int, chunks: int) -> list[Op]:
+    """The op list of `schedule` (one of SCHEDULES) for pipeline position `rank` of `world` over `chunks`
+    micro-batches.
+
+    Raises:
+        ValueError: an unknown schedule, or one the schedule's own rules refuse (see each schedule_*)."""
+    make = {"1f1b": schedule_1f1b, "zb1p": schedule_zb1p, "dualpipe": schedule_dualpipe,
+            "dualpipev": schedule_dualpipev}.get(schedule)
+    if make is None:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    return make(rank, world, chunks)
+
+
+def held_stages(schedule: str, rank: int, world: int) -> dict[int, int]:
+    """direction -> the stage pipeline position `rank` of `world` runs for it: stage r (1F1B, ZB-H1); r and
+    P-1-r (DualPipe, each from its own copy of the model); r and 2P-1-r of 2P stages (DualPipeV)."""
+    if schedule == "dualpipe":
+        return {0: rank, 1: world - 1 - rank}
+    if schedule == "dualpipev":
+        return {0: rank, 1: 2 * world - 1 - rank}
+    return {0: rank}
+
+
 def split_stages(model, n_stages: int) -> list[tuple[int, int]]:
     """Contiguous, as-even-as-possible [lo, hi) ranges of the main layers for n_stages stages.
 

@@ -37,14 +37,7 @@ from dataclasses import asdict, dataclass
 from ..config import ModelConfig
 from ..model import DeepseekV3
 from .mesh import is_expert_param
-from .pipeline import (
-    SCHEDULES,
-    schedule_1f1b,
-    schedule_dualpipe,
-    schedule_dualpipev,
-    schedule_zb1p,
-    split_stages,
-)
+from .pipeline import SCHEDULES, held_stages, schedule_ops, split_stages
 from .zero import zero_owners
 
 PARAM_BYTES = 4  # fp32 master weights (and their gradients) in every precision dsv3 trains in
@@ -79,7 +72,8 @@ class Layout:
 
 @dataclass
 class RankMemory:
-    """What one rank holds; the keys of `Trainer.held_memory` plus its place in the mesh."""
+    """What one rank holds, in bytes: the states (the keys of `Trainer.held_memory`), the activations at the peak
+    of its schedule, and its place in the mesh."""
 
     rank: int
     pp_index: int
@@ -118,11 +112,12 @@ def _stage_tensors(names: list[tuple[str, int]], n_layers: int, lo: int, hi: int
 
 
 def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> list[RankMemory]:
-    """Per-rank parameters, gradients and optimizer state of training `cfg` on `layout`, for `ranks` (default all).
+    """Per-rank parameters, gradients, optimizer state and activations (the peak of the micro-batches in flight)
+    of training `cfg` on `layout`, for `ranks` (default all), in bytes (see the module doc for every rule).
 
     Raises:
-        ValueError: an unknown schedule or optimizer state dtype, DualPipe on an odd pp, more stages than layers,
-            or n_routed_experts not divisible by ep.
+        ValueError: an unknown schedule, optimizer state dtype, recipe or zero mode (3 with a pipeline), DualPipe on
+            an odd pp, more stages than layers, or n_routed_experts not divisible by ep.
     """
     if layout.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {layout.schedule!r}")
@@ -146,12 +141,9 @@ def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> li
     else:
         v = layout.schedule == "dualpipev"
         ranges = split_stages(model, 2 * p if v else p)
-        mine = {"1f1b": lambda r: [r], "zb1p": lambda r: [r], "dualpipe": lambda r: [r, p - 1 - r],
-                "dualpipev": lambda r: [r, 2 * p - 1 - r]}[layout.schedule]
-        stages = {r: {d: ranges[s] for d, s in enumerate(mine(r))} for r in range(p)}  # direction -> layers
+        stages = {r: {d: ranges[s] for d, s in held_stages(layout.schedule, r, p).items()}
+                  for r in range(p)}  # direction -> layers
         chunks = layout.chunks or 2 * p
-        make = {"1f1b": schedule_1f1b, "zb1p": schedule_zb1p, "dualpipe": schedule_dualpipe,
-                "dualpipev": schedule_dualpipev}[layout.schedule]
     if paper:  # bf16 compute weights, fp32 gradients; fp32 master weights and bf16 moments in the optimizer
         param_bytes, grad_bytes, state_bytes, step = 2, 4, 4 + 2 + 2, 0
     else:
@@ -189,8 +181,8 @@ def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> li
             if lo_hi not in activations:
                 activations[lo_hi] = stage_activation_bytes(cfg, *lo_hi, layout.rows, layout.seq_len, layout.recipe)
         sizes = {d: activations[lo_hi] for d, lo_hi in held.items()}
-        peak = sizes[0] if p == 1 else in_flight(make(pp_index, p, chunks), sizes)
-        count = 1.0 if p == 1 else in_flight(make(pp_index, p, chunks), dict.fromkeys(sizes, 1.0))
+        ops = [("F", 0), ("B", 0)] if p == 1 else schedule_ops(layout.schedule, pp_index, p, chunks)
+        peak, count = in_flight(ops, sizes), in_flight(ops, dict.fromkeys(sizes, 1.0))
         out.append(RankMemory(rank, pp_index, dp_index, ep_index, elements, param_bytes * elements,
                               grad_bytes * elements, sum(state_bytes * numel + step for numel in owned),
                               int(peak), count))

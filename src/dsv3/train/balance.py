@@ -47,5 +47,6 @@ def max_violation(load: torch.Tensor) -> float:
 def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
     """b_i += gamma * sign(mean load - load_i), in place; `load` summed over the whole global batch."""
     if gamma:
-        bias.add_(gamma * torch.sign(load.float().mean() - load.float()))
+        load = load.to(bias.device, torch.float32)
+        bias.add_(gamma * torch.sign(load.mean() - load))
     return bias

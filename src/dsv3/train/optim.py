@@ -21,6 +21,15 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's `load_state_dict`, which casts the moments to each parameter's dtype, then the moments back to
+        `state_dtype` (so a resumed run keeps bf16 moments, their memory and their rounding)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.state_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:

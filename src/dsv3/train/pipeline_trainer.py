@@ -28,14 +28,7 @@ from ..model.names import official_slots
 from ..model.transformer import run_layers, run_mtp
 from ..parallel.expert_parallel import apply_expert_parallel
 from ..parallel.mesh import Mesh, sync_gradients
-from ..parallel.pipeline import (
-    PipelineRunner,
-    schedule_1f1b,
-    schedule_dualpipe,
-    schedule_dualpipev,
-    schedule_zb1p,
-    split_stages,
-)
+from ..parallel.pipeline import PipelineRunner, held_stages, schedule_ops, split_stages
 from .balance import sequence_balance_loss
 from .losses import lm_loss, mtp_losses
 from .trainer import Trainer, TrainError
@@ -150,10 +143,8 @@ class PipelineTrainer(Trainer):
                              f"{self.chunks} x {mesh.dp} x {mesh.ep}")
         schedule = cfg.pp_schedule
         self.v, self.dual = schedule == "dualpipev", schedule == "dualpipe"
-        make = {"1f1b": schedule_1f1b, "zb1p": schedule_zb1p, "dualpipe": schedule_dualpipe,
-                "dualpipev": schedule_dualpipev}[schedule]
         try:
-            self.ops = make(r, p, self.chunks)
+            self.ops = schedule_ops(schedule, r, p, self.chunks)
         except ValueError as e:
             raise TrainError(f"pp_schedule {schedule}: {e}") from None
         n_stages = 2 * p if self.v else p
@@ -163,8 +154,8 @@ class PipelineTrainer(Trainer):
             raise TrainError(str(e)) from None
         self.ranges, self.n_stages = ranges, n_stages
         two = self.v or self.dual  # two stages per rank
-        self.stage_of = {0: r, 1: (2 * p - 1 - r) if self.v else (p - 1 - r)} if two else {0: r}
-        alpha = {"aux_free": cfg.seq_aux_alpha, "aux_loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
+        self.stage_of = held_stages(schedule, r, p)
+        alpha = cfg.balance_alpha
         self.copies = {d: (self.model if d == 0 else copy.deepcopy(self.model)) for d in self.stage_of}
         if cfg.ep > 1:
             for model in self.copies.values():
@@ -207,9 +198,6 @@ class PipelineTrainer(Trainer):
         return super()._optimizer(list(named.values()))
 
     def _named_params(self):
-        return self._norm_params()  # this rank's unique stages (a DualPipe partner checks the other copy)
-
-    def _norm_params(self):
         """(name, parameter) of the unique stages, without the last stage's embedding copy (counted on the first)."""
         for d in self.unique:
             for name, prm in self.stages[d].named_parameters():

@@ -145,6 +145,11 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "checkpoints kept; older ones of this run are deleted")
     progress: bool = _opt(True, "show a progress bar")
 
+    @property
+    def balance_alpha(self) -> float:
+        """The weight of the balance loss the balancing mode adds (sequence-wise for aux_free, 0 for none)."""
+        return {"aux_free": self.seq_aux_alpha, "aux_loss": self.aux_loss_alpha, "none": 0.0}[self.balance]
+
     def validate(self) -> TrainConfig:
         """Itself, when every setting is in range.
 
@@ -373,7 +378,8 @@ class Trainer:
             self.fsdp = DeviceMesh.from_group(self.mesh.data_group, self.device.type)
 
     def held_memory(self) -> dict[str, int]:
-        """What this rank holds (its share under EP, PP and ZeRO-1), measured on its tensors: `parameters` and
+        """What this rank holds (its share under EP, PP, ZeRO-1 and FSDP2), measured on its tensors (a sharded
+        tensor: its local shard): `parameters` and
         `parameter_bytes` (allocated parameters of its modules, each once; meta ones are not allocated),
         `gradient_bytes` (the gradients present at the last optimizer step; 0 before one) and
         `optimizer_state_bytes` (the tensors of its optimizer's state). Saved in each rank's trainer state.
@@ -527,7 +533,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         depth = model.config.num_nextn_predict_layers
-        alpha = {"aux_free": cfg.seq_aux_alpha, "aux_loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
+        alpha = cfg.balance_alpha
         sums = torch.zeros(2 + depth, dtype=torch.float64)
         loads = torch.zeros(len(self.routers), model.config.n_routed_experts or 0, device=self.device)
         rows = cfg.batch_size // self.world  # this rank's share of the global batch
@@ -563,7 +569,7 @@ class Trainer:
         for row, router in self.routers:
             bias[row] += router.e_score_correction_bias.double().cpu()
             held[row] += 1
-        if self.world > 1:
+        if self.cfg.pp > 1:  # (without a pipeline every rank holds every router)
             host_all_reduce(bias)
             host_all_reduce(held)
         return bias / held.clamp(min=1)
@@ -644,9 +650,10 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
         """HF-format checkpoint + tokenizer + every rank's trainer state (JSON + safetensors, `dsv3.runs`), written
-        sharded and atomically (collective under EP and PP): each rank writes the official tensors it owns
-        (`_checkpoint_tensors`: nothing is gathered, nothing pickled) and its own trainer state into a working
-        directory, then rank 0 indexes the shards from their headers and moves the directory into place. Then
+        sharded and atomically (collective under EP, PP and FSDP2): each rank writes the official tensors it owns
+        (`_checkpoint_tensors`: nothing is gathered, except one parameter at a time under FSDP2; nothing pickled)
+        and its own trainer state into a working directory, then rank 0 indexes the shards from their headers and
+        moves the directory into place. Then
         older checkpoints beyond keep_checkpoints are deleted, but only those this trainer wrote or the run's record
         lists, never any other directory.
 
@@ -733,7 +740,8 @@ class Trainer:
         return mesh is None or (mesh.dp_rank == 0 and (mesh.ep_rank == 0 or is_expert_param(name)))
 
     def _named_params(self):
-        """(name, parameter) of the tensors this rank trains, for the finiteness checks."""
+        """(name, parameter) of the tensors this rank trains, each stage once (a DualPipe partner holds the other
+        copy): the global gradient norm and the finiteness checks."""
         return self.model.named_parameters()
 
     def _check_finite(self, what: str, value: float, lr: float) -> None:
