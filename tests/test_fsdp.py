@@ -16,10 +16,13 @@ from launch import train  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--ep", "2"], ["--dp", "2"]], ids=["ep2", "dp2"])
-def test_torchrun_fsdp_follows_the_single_process_curve(dataset, tmp_path, layout):
+@pytest.mark.parametrize(("layout", "extra"), [
+    (["--ep", "2"], []),
+    (["--dp", "2"], ["--optimizer-state-dtype", "bf16", "--grad-accum", "2"]),
+], ids=["ep2", "dp2-bf16-moments-accumulating"])
+def test_torchrun_fsdp_follows_the_single_process_curve(dataset, tmp_path, layout, extra):
     common = ["--model-config", "tiny", "--data", str(dataset), "--batch-size", "4", "--seq-len", "32",
-              "--no-progress", "--checkpoint-every", "2", "--bias-update-speed", "0.01"]
+              "--no-progress", "--checkpoint-every", "2", "--bias-update-speed", "0.01", *extra]
     one = train(tmp_path / "one", [*common, "--max-steps", "4"])
     par = train(tmp_path / "par", [*common, "--max-steps", "3", *layout, "--zero", "3"], nproc=2)
     for x, y in zip(one, par):

@@ -124,6 +124,24 @@ def _metric_rows(run):
     return rows
 
 
+def test_mtp_loss_shares_add_up_to_the_global_mean():
+    """Ranks (or micro-batches) with unevenly masked MTP targets: each divides its sum by its share of the global
+    count, so their mean is the one-process loss; per-part means would not be."""
+    from dsv3.train.losses import mtp_losses, mtp_valid_counts
+
+    torch.manual_seed(0)
+    tokens = torch.randint(2, 50, (4, 17))
+    tokens[0, 3] = tokens[0, 9] = tokens[1, 5] = 1  # end-of-text tokens in the first half's rows only
+    logits = [torch.randn(4, 16 - k, 50) for k in (1, 2)]
+    whole = mtp_losses(logits, tokens, eot_id=1)
+    share = [c / 2 for c in mtp_valid_counts(tokens, 2, eot_id=1)]
+    halves = [mtp_losses([x[r] for x in logits], tokens[r], 1, over=share) for r in (slice(0, 2), slice(2, 4))]
+    for k in range(2):
+        assert (halves[0][k] + halves[1][k]) / 2 == pytest.approx(float(whole[k]), rel=1e-6)
+        means = [mtp_losses([x[r] for x in logits], tokens[r], 1)[k] for r in (slice(0, 2), slice(2, 4))]
+        assert abs((means[0] + means[1]) / 2 - whole[k]) > 1e-3  # what the trainers did before
+
+
 @pytest.mark.parametrize("moments", ["fp32", "bf16"])
 def test_resume_equals_uninterrupted_run(dataset, tmp_path, moments):
     """Also with bf16 AdamW moments: they come back as bf16 (torch's load_state_dict casts them to fp32), so the

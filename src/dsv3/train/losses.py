@@ -37,12 +37,26 @@ def mtp_targets(tokens: torch.Tensor, depth: int, eot_id: int | None) -> torch.T
     return targets
 
 
-def mtp_losses(mtp_logits: list[torch.Tensor], tokens: torch.Tensor, eot_id: int | None) -> list[torch.Tensor]:
-    """CE of each MTP depth (mean over its unmasked positions)."""
+def mtp_valid_counts(tokens: torch.Tensor, depth: int, eot_id: int | None) -> list[int]:
+    """Per MTP depth k = 1..depth, how many targets of the window `tokens` [B, T+1] are not masked: what the depth's
+    loss averages over."""
+    return [int((mtp_targets(tokens, k, eot_id) != IGNORE).sum()) for k in range(1, depth + 1)]
+
+
+def mtp_losses(mtp_logits: list[torch.Tensor], tokens: torch.Tensor, eot_id: int | None,
+               over: list[float] | None = None) -> list[torch.Tensor]:
+    """CE of each MTP depth: the mean over its unmasked positions, or, with `over`, their sum divided by over[k-1].
+    A trainer passes its share of the whole step's unmasked targets (`mtp_valid_counts` of the global batch / the
+    ranks sharing it), so that the sum over micro-batches and ranks is the global batch's mean whatever the layout
+    (a mean per rank or per micro-batch would weight unevenly masked shares differently)."""
     losses = []
     for k, logits in enumerate(mtp_logits, start=1):
         targets = mtp_targets(tokens, k, eot_id)[:, : logits.shape[1]]
-        if (targets != IGNORE).any():
+        if over is not None:
+            total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                    reduction="sum")
+            losses.append(total / over[k - 1] if over[k - 1] else total * 0.0)
+        elif (targets != IGNORE).any():
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE))
         else:
             losses.append(logits.sum() * 0.0)

@@ -30,7 +30,7 @@ from ..parallel.expert_parallel import apply_expert_parallel
 from ..parallel.mesh import Mesh, sync_gradients
 from ..parallel.pipeline import PipelineRunner, held_stages, schedule_ops, split_stages
 from .balance import sequence_balance_loss
-from .losses import lm_loss, mtp_losses
+from .losses import lm_loss, mtp_losses, mtp_valid_counts
 from .trainer import Trainer, TrainError
 
 
@@ -55,7 +55,8 @@ class ModelStage(nn.Module):
     The last stage also runs the MTP modules (they read the main model's final hidden state and share its head),
     with the embedding of its own model copy (`mtp_embed`): the trainer adds its gradient to the first stage's
     embedding gradient, as for tied embeddings, so both copies stay equal. It needs each micro-batch's tokens
-    (`set_tokens`) and attaches `mtp_scale` x the sum of the depth losses to its output.
+    and each depth's share of the step's unmasked MTP targets (`set_tokens`), and attaches `mtp_scale` x the sum of
+    the depth losses to its output.
 
     balance_scale: weight of this stage's sequence-wise balance loss (alpha / micro-batches), attached to its
     output; `loads`, `balance` and `mtp_sums` accumulate over the forwards of a step (reset with `reset_stats`)."""
@@ -77,6 +78,7 @@ class ModelStage(nn.Module):
         self.routers = [layer.mlp.gate for layer in moe]
         self.router_layers = [layer.layer_idx for layer in moe]  # the model's layer index of each router
         self.tokens: list[torch.Tensor] = []
+        self.share: list[float] = []
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -85,9 +87,10 @@ class ModelStage(nn.Module):
         self.mtp_sums = [0.0] * len(self.mtp)
         self._forwards = 0
 
-    def set_tokens(self, tokens: list[torch.Tensor]) -> None:
-        """The windows [B, T+1] of this stage's micro-batches, in forward order (the MTP targets)."""
-        self.tokens = tokens
+    def set_tokens(self, tokens: list[torch.Tensor], share: list[float]) -> None:
+        """The windows [B, T+1] of this stage's micro-batches, in forward order (the MTP targets), and per depth
+        this rank's share of the step's unmasked MTP targets (what each depth's loss sum is divided by)."""
+        self.tokens, self.share = tokens, share
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: token ids [B, T] (first stage) or the previous stage's hidden state [B, T, D] -> logits [B, T, V]
@@ -104,7 +107,7 @@ class ModelStage(nn.Module):
                 emb = self.mtp_embed(tokens[:, : h.shape[1]])
                 mtp_logits, mtp_routing = run_mtp(self.mtp, self.head, h, emb, rope)
                 routing += mtp_routing
-                losses = mtp_losses(mtp_logits, tokens, self.eot_id)
+                losses = mtp_losses(mtp_logits, tokens, self.eot_id, over=self.share)
                 for k, loss in enumerate(losses):
                     self.mtp_sums[k] += float(loss.detach())
                 aux = self.mtp_scale * sum(losses)
@@ -227,7 +230,7 @@ class PipelineTrainer(Trainer):
         for stage in self.stages.values():
             stage.train()
             stage.reset_stats()
-            stage.mtp_scale = mtp_scale / self.chunks
+            stage.mtp_scale = mtp_scale  # (each loss is already this micro-batch's part of the step's mean)
         tokens = self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, 0).to(self.device)
         mb = cfg.batch_size // self.chunks
         rows, j = mb // mesh.data_size, mesh.data_rank  # this rank's rows of every micro-batch
@@ -241,8 +244,9 @@ class PipelineTrainer(Trainer):
             second = [] if self.v or r != p - 1 else ids[half:]
             inputs = {0: ids[:half] if r == 0 else [], 1: second}
             target = {0: micro[:half], 1: micro if self.v else micro[half:]}
+        share = [c / mesh.data_size for c in mtp_valid_counts(tokens, depth, self.data.eot_id)]
         for d, stage in self.stages.items():
-            stage.set_tokens(target[d])
+            stage.set_tokens(target[d], share)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss = self.runner.run(self.ops, inputs,
                                    lambda logits, d, i: lm_loss(logits, target[d][i]) / self.chunks)
@@ -251,7 +255,7 @@ class PipelineTrainer(Trainer):
         sums[0] = loss
         for stage in self.stages.values():  # every copy adds what it computed
             sums[1] += stage.balance
-            sums[2 : 2 + len(stage.mtp_sums)] += torch.tensor(stage.mtp_sums, dtype=torch.float64) / self.chunks
+            sums[2 : 2 + len(stage.mtp_sums)] += torch.tensor(stage.mtp_sums, dtype=torch.float64)
             for layer, load in zip(stage.router_layers, stage.loads):
                 loads[self.row_of[layer]] += load.double()
         return sums, loads

@@ -63,7 +63,7 @@ from ..runs import (
 )
 from .balance import max_violation, sequence_balance_loss, update_expert_bias
 from .data import TokenData
-from .losses import lm_loss, mtp_losses
+from .losses import lm_loss, mtp_losses, mtp_valid_counts
 from .optim import AdamW
 from .schedule import decay_start_step, frozen_total, lr_at, mtp_weight_at
 
@@ -539,11 +539,12 @@ class Trainer:
         rows = cfg.batch_size // self.world  # this rank's share of the global batch
         for micro in range(cfg.grad_accum):
             tokens = self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, micro).to(self.device)
+            share = [c / self.world for c in mtp_valid_counts(tokens, depth, self.data.eot_id)]  # of the MTP mean
             tokens = tokens[self.rank * rows : (self.rank + 1) * rows]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = model(tokens[:, :-1])
             main = lm_loss(out.logits, tokens)
-            mtp = mtp_losses(out.mtp_logits, tokens, self.data.eot_id)
+            mtp = mtp_losses(out.mtp_logits, tokens, self.data.eot_id, over=share)
             balance = alpha * sum((sequence_balance_loss(info, tokens.shape[0]) for info in out.routing),
                                   torch.zeros((), device=self.device))
             total = main + balance + mtp_scale * sum(mtp) if mtp else main + balance
