@@ -527,9 +527,10 @@ class Trainer:
     def _forward_backward(self, mtp_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of this rank's share of the step's global batch (grad_accum micro-batches, this
         rank's rows of each), the MTP losses weighted by `mtp_scale` (lambda / D). Returns this rank's
-        contributions, summed over the ranks by `train_step`: `sums` float64 [2 + D] (main loss, weighted balance
-        loss, the D MTP losses), each the mean over this rank's rows, and `loads` [MoE layers, experts] float64,
-        the tokens this rank routed to each expert, rows in metric order (`self.routers`' row indices)."""
+        contributions, summed over the ranks by `train_step`: `sums` float64 [2 + D] (main loss and weighted
+        balance loss, the means over this rank's rows; the D MTP losses, this rank's part of the global batch's
+        mean, `losses.mtp_losses`), and `loads` [MoE layers, experts] float64, the tokens this rank routed to each
+        expert, rows in metric order (`self.routers`' row indices)."""
         cfg, model = self.cfg, self.model
         model.train()
         depth = model.config.num_nextn_predict_layers
@@ -654,9 +655,8 @@ class Trainer:
         sharded and atomically (collective under EP, PP and FSDP2): each rank writes the official tensors it owns
         (`_checkpoint_tensors`: nothing is gathered, except one parameter at a time under FSDP2; nothing pickled)
         and its own trainer state into a working directory, then rank 0 indexes the shards from their headers and
-        moves the directory into place. Then
-        older checkpoints beyond keep_checkpoints are deleted, but only those this trainer wrote or the run's record
-        lists, never any other directory.
+        moves the directory into place. Then older checkpoints beyond keep_checkpoints are deleted, but only those
+        this trainer wrote or the run's record lists, never any other directory.
 
         Raises:
             TrainError: a parameter is NaN or inf: nothing is saved and no checkpoint is rotated out; the step's
