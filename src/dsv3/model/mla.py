@@ -177,11 +177,17 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, S, H, n], [B, S, H, v]
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        # SDPA's fused kernels (flash on CPU) need one head size for q, k and v: v is zero-padded from v to n + p
+        # (the padded output columns are zero and cut off), else SDPA takes its math path, which builds and keeps
+        # the T x S probabilities (slower, and quadratic memory in training)
+        pad = self.qk_dim - self.v_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         # SDPA wants [B, H, T, d]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, is_causal=mask is None and q.shape[1] == s,
                                              scale=self.softmax_scale)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., : self.v_dim]
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:

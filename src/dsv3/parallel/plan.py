@@ -210,7 +210,8 @@ def saved_activations(cfg: ModelConfig, block: str, rows: int, seq_len: int, rec
 
     recipe "dsv3": what dsv3's trainer keeps, fp32 eager autograd with nothing recomputed: each saved tensor's
     storage once (a view keeps its whole storage: the split `kv_a_proj_with_mqa` output, the fused gate/up output).
-    Attention on CPU takes SDPA's math path (qk and v head sizes differ), which saves the T x T probabilities.
+    Attention runs SDPA's flash kernel (v zero-padded to the qk head size, `MLA._naive`): q, k, v, the output and
+    the log-sum-exp, no T x T matrix.
     `tests/test_plan.py` holds every block equal to the bytes saved-tensor hooks count on tiny and small.
 
     recipe "paper": the report's training recipe, as stated there and otherwise assumed (each item says which):
@@ -265,9 +266,8 @@ def saved_activations(cfg: ModelConfig, block: str, rows: int, seq_len: int, rec
               ("kv norm: normalised, rstd", 4 * n * (r + 1)),
               ("latent [c_KV; k_pe] (kv up-projection input)", 4 * n * (r + p)),
               ("RoPE angles, complex (q and k; per position)", 8 * p * seq_len),
-              ("SDPA math path: q and k", 4 * n * 2 * h * qk),
-              ("SDPA math path: T x T probabilities", 4 * n * h * seq_len),
-              ("SDPA math path: v", 4 * n * h * v), ("o_proj input", 4 * n * h * v),
+              ("SDPA flash kernel: q, k, v (zero-padded to the qk head size) and its output", 4 * n * 4 * h * qk),
+              ("SDPA flash kernel: log-sum-exp", 4 * n * h), ("o_proj input", 4 * n * h * v),
               ("FFN norm: input, normalised, rstd", 4 * n * (2 * d + 1))]
     if block == "dense":
         return items + [("FFN input", 4 * n * d), ("gate_up output", 4 * n * 2 * inter),
