@@ -7,7 +7,8 @@ Naming scheme (the same in every subcommand; see `dsv3 --help`):
   --out PATH                 always what the command creates (dataset, run, checkpoint, folder, PNG)
   --seq-len N                training / evaluation sample length; --max-len N the serving cache capacity
   --compile/--no-compile     torch.compile the decode step (generate, chat: off; serve: on)
-Reserved for the open issues: --init-from CKPT, --device, --precision fp32|bf16 (inference compute; `convert
+  --init-from CKPT           train from a checkpoint's weights and config (fresh optimizer; --extend-context F)
+Reserved for the open issues: --device, --precision fp32|bf16 (inference compute; `convert
 --dtype` is the storage format), --context-lengths.
 Old spellings (`--preset`, a positional config, `convert SRC DST`) still work and print a one-line warning.
 """
@@ -28,7 +29,8 @@ SCHEME = """naming scheme, the same in every command:
   --overwrite               move an existing non-empty --out aside (OUT.old-<timestamp>); nothing is deleted
   --seq-len N               training / evaluation sample length   --max-len N  serving cache capacity
   --compile/--no-compile    torch.compile the decode step (generate, chat: off by default; serve: on)
-reserved, one meaning each, as features arrive: --init-from CKPT, --device, --precision fp32|bf16 (inference
+  --init-from CKPT          train from a checkpoint's weights and config (fresh optimizer); --extend-context F: YaRN
+reserved, one meaning each, as features arrive: --device, --precision fp32|bf16 (inference
   compute; `convert --dtype` is the storage format), --context-lengths
 errors: `dsv3 COMMAND: error: ...` on stderr, exit status 2."""
 

@@ -54,6 +54,7 @@ from ..runs import (
     MetricsWriter,
     OutputExistsError,
     Run,
+    RunError,
     StepMetrics,
     claim_output,
     load_trainer_state,
@@ -99,6 +100,10 @@ class TrainConfig:
                              "config.json path")
     data: str = _opt("data/shakespeare", "dataset directory (from `dsv3 data prepare`)")
     out: str = _opt("runs/run", "run directory to create")
+    init_from: str | None = _opt(None, "start from this checkpoint's (or run's latest) weights and config, with a "
+                                 "fresh optimizer and schedule (context extension, continued training)")
+    extend_context: float | None = _opt(None, "with init_from: YaRN (rope_scaling written as DeepSeek-V3's config "
+                                        "writes it) for this factor over the length the checkpoint was trained at")
     # how long (optimizer steps; `minutes` bounds wall time; with minutes only, steps are estimated)
     max_steps: int | None = _opt(None, "optimizer steps (the LR schedule's length)")
     minutes: float | None = _opt(None, "wall-time budget; alone, the step count is estimated from the step time")
@@ -175,6 +180,9 @@ class TrainConfig:
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
         need(self.mtp_depth is None or self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
+        need(self.extend_context is None or self.init_from is not None, "extend_context",
+             "extends a pre-trained checkpoint: give init_from too")
+        need(self.extend_context is None or self.extend_context >= 1, "extend_context", "must be >= 1")
         need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
         need(self.zero in (0, 1, 3), "zero", "must be 0, 1 (ZeRO-1) or 3 (FSDP2)")
         need(self.zero != 3 or self.pp == 1, "zero", "3 (FSDP2) runs without a pipeline; the pipeline trainer "
@@ -327,6 +335,14 @@ class Trainer:
 
             # a bad tensor fails on its rank: all stop together
             self._on_every_rank(lambda: self._materialize(load), f"loading {ckpt}")
+        elif cfg.init_from:
+            source = self._init_source
+
+            def load_source(only: set[int] | None = None) -> None:
+                for model in self._held_models():
+                    load_weights(model, source, only=only)
+
+            self._on_every_rank(lambda: self._materialize(load_source), f"loading {source}")
         else:
             torch.manual_seed(cfg.seed)
 
@@ -443,6 +459,8 @@ class Trainer:
         return list(enumerate(layer.mlp.gate for layer in self.model.model.layers if layer.is_moe))
 
     def _model_config(self) -> ModelConfig:
+        if self.cfg.init_from:
+            return self._init_config()
         mc = get_config(self.cfg.model_config)
         if self.data is None:  # a dry run: the config as given
             return mc
@@ -458,6 +476,46 @@ class Trainer:
         if self.cfg.seq_len > mc.max_position_embeddings:
             changes["max_position_embeddings"] = self.cfg.seq_len
         return mc.replace(**changes) if changes else mc
+
+    def _init_config(self) -> ModelConfig:
+        """The config of `init_from`'s checkpoint (kept in `_init_source`), with YaRN for `extend_context`:
+        rope_scaling {"type": "yarn", "factor", "original_max_position_embeddings": the sequence length the
+        checkpoint was trained at (from its trainer state), "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+        "mscale_all_dim": 1.0} as the released DeepSeek-V3 config writes it (report section 4.3: s = 40, alpha = 1,
+        beta = 32, the mscale correction of the softmax), and max_position_embeddings = original length x factor.
+
+        Raises:
+            TrainError: no checkpoint there; the data's tokenizer is not the checkpoint's; an MTP depth other than
+                the checkpoint's; extending a checkpoint that is already extended, or one without a trainer state.
+        """
+        cfg = self.cfg
+        try:
+            source = resolve_checkpoint(cfg.init_from)
+            mc = ModelConfig.from_json(source / "config.json")
+        except (RunError, Dsv3Error) as e:
+            raise TrainError(f"init_from {cfg.init_from}: {e}") from None
+        self._init_source = source
+        theirs, ours = source / TOKENIZER, Path(cfg.data) / TOKENIZER
+        if self.data is not None and theirs.exists() and theirs.read_bytes() != ours.read_bytes():
+            raise TrainError(f"init_from {source}: its tokenizer differs from the data's ({ours}); prepare the data "
+                             f"with the checkpoint's tokenizer")
+        if cfg.mtp_depth is not None and cfg.mtp_depth != mc.num_nextn_predict_layers:
+            raise TrainError(f"mtp_depth {cfg.mtp_depth}: init_from {source} has {mc.num_nextn_predict_layers} MTP "
+                             "module(s); its weights decide the depth")
+        if cfg.extend_context is None:
+            return mc
+        if mc.rope_scaling:
+            raise TrainError(f"init_from {source} is already extended (rope_scaling {mc.rope_scaling}); continue "
+                             "it without extend_context (YaRN is set once, for the final length)")
+        try:
+            trained = int(load_trainer_state(source)["train_config"]["seq_len"])
+        except (RunError, KeyError) as e:
+            raise TrainError(f"init_from {source}: cannot tell the length it was trained at (the YaRN original "
+                             f"length) from its trainer state: {e}") from None
+        factor = float(cfg.extend_context)
+        yarn = {"type": "yarn", "factor": factor, "original_max_position_embeddings": trained, "beta_fast": 32,
+                "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+        return mc.replace(rope_scaling=yarn, max_position_embeddings=max(int(trained * factor), cfg.seq_len))
 
     def _optimizer(self, params: list | None = None):
         """AdamW over `params` ((name, parameter) pairs; default: the model's), weight decay on matrices only;

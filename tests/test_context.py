@@ -1,0 +1,78 @@
+"""Context extension (`dsv3 train --init-from CKPT --extend-context FACTOR`): the run starts from the checkpoint's
+weights with a fresh optimizer; YaRN is written into its config as DeepSeek-V3's config writes it, over the length
+the checkpoint was trained at; transformers reads the extended checkpoint with equal logits past the original
+length."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import dsv3
+from dsv3.train.data import TokenData
+from dsv3.train.losses import lm_loss
+from dsv3.train.trainer import TrainConfig, Trainer, TrainError
+
+
+def cfg(dataset, out, **kw):
+    base = dict(model_config="tiny", data=str(dataset), out=str(out), max_steps=3, batch_size=4, seq_len=32,
+                checkpoint_every=3, progress=False, bias_update_speed=0.01)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def source(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ctx") / "source"
+    Trainer(cfg(dataset, run)).fit()
+    return run
+
+
+@pytest.mark.parametrize("factor", [None, 1.0])
+def test_init_from_starts_at_the_checkpoints_loss(dataset, source, tmp_path, factor):
+    """The first step's loss (before its update) is the source checkpoint's on the same batch: with its weights
+    and, at YaRN factor 1, the same positions."""
+    trainer = Trainer(cfg(dataset, tmp_path / "run", max_steps=1, init_from=str(source), extend_context=factor))
+    first = trainer.fit()
+    model = dsv3.load_pretrained(dsv3.resolve_checkpoint(source)).eval()
+    tokens = TokenData(dataset, "train").batch(4, 32, 0, 0, 0)
+    with torch.no_grad():
+        ref = float(lm_loss(model(tokens[:, :-1]).logits, tokens))
+    assert first.loss == pytest.approx(ref, abs=1e-6)
+    assert first.step == 1  # a fresh schedule
+
+
+def test_extended_checkpoint_writes_yarn_and_transformers_agrees_past_the_trained_length(dataset, source,
+                                                                                         tmp_path):
+    Trainer(cfg(dataset, tmp_path / "ext", max_steps=1, seq_len=64, init_from=str(source),
+                extend_context=4)).fit()
+    ckpt = dsv3.resolve_checkpoint(tmp_path / "ext")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["max_position_embeddings"] == 128
+    scaling = config["rope_scaling"]
+    assert {k: scaling[k] for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                                    "mscale", "mscale_all_dim")} == {
+        "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+        "mscale_all_dim": 1.0}
+    ours = dsv3.load_pretrained(ckpt).eval()
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 128))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+        plain = dsv3.DeepseekV3(ours.config.replace(rope_scaling=None)).eval()  # the same weights without YaRN
+        plain.load_state_dict(ours.state_dict())
+        assert not torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-3)  # YaRN is really on
+
+
+def test_bad_extensions_are_refused(dataset, source, tmp_path):
+    with pytest.raises(TrainError, match="give init_from too"):
+        cfg(dataset, tmp_path / "a", extend_context=4).validate()
+    with pytest.raises(TrainError, match="mtp_depth 0"):
+        Trainer(cfg(dataset, tmp_path / "b", init_from=str(source), mtp_depth=0))
+    ext = tmp_path / "ext"
+    Trainer(cfg(dataset, ext, max_steps=1, seq_len=64, init_from=str(source), extend_context=2)).fit()
+    with pytest.raises(TrainError, match="already extended"):
+        Trainer(cfg(dataset, tmp_path / "c", init_from=str(ext), extend_context=2))
+    with pytest.raises(TrainError, match="init_from .*nowhere"):
+        Trainer(cfg(dataset, tmp_path / "d", init_from=str(tmp_path / "nowhere")))
