@@ -76,3 +76,27 @@ def test_bad_extensions_are_refused(dataset, source, tmp_path):
         Trainer(cfg(dataset, tmp_path / "c", init_from=str(ext), extend_context=2))
     with pytest.raises(TrainError, match="init_from .*nowhere"):
         Trainer(cfg(dataset, tmp_path / "d", init_from=str(tmp_path / "nowhere")))
+
+
+def test_eval_by_context_length_and_position(dataset, source, tmp_path, capsys):
+    """`dsv3 eval RUN --context-lengths`: per length the mean of its per-position losses, over the same tokens;
+    the per-position buckets average to the length's loss; a length past the model's positions is refused."""
+    from dsv3.cli import main
+    from dsv3.train.evaluate import evaluate
+
+    out = tmp_path / "by_position.png"
+    assert main(["eval", str(source), "--context-lengths", "16,32", "--max-tokens", "256", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)["context_lengths"]
+    assert out.stat().st_size > 0
+    model = dsv3.load_pretrained(dsv3.resolve_checkpoint(source))
+    for length in (16, 32):
+        r = result[str(length)]
+        assert r["tokens"] == 256
+        weights = [b["stop"] - b["start"] for b in r["by_position"]]
+        assert sum(weights) == length
+        mean = sum(w * b["loss"] for w, b in zip(weights, r["by_position"])) / length
+        assert mean == pytest.approx(r["loss"], rel=1e-6)
+        # the plain evaluator over the same windows gives the same loss
+        assert evaluate(model, dataset, seq_len=length, max_tokens=256)["loss"] == pytest.approx(r["loss"], rel=1e-5)
+    assert main(["eval", str(source), "--context-lengths", "16,4096"]) == 2
+    assert "exceeds the model's max_position_embeddings" in capsys.readouterr().err

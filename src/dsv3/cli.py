@@ -8,8 +8,9 @@ Naming scheme (the same in every subcommand; see `dsv3 --help`):
   --seq-len N                training / evaluation sample length; --max-len N the serving cache capacity
   --compile/--no-compile     torch.compile the decode step (generate, chat: off; serve: on)
   --init-from CKPT           train from a checkpoint's weights and config (fresh optimizer; --extend-context F)
+  --context-lengths L1,L2    eval: held-out loss per evaluation length and by position
 Reserved for the open issues: --device, --precision fp32|bf16 (inference compute; `convert
---dtype` is the storage format), --context-lengths.
+--dtype` is the storage format).
 Old spellings (`--preset`, a positional config, `convert SRC DST`) still work and print a one-line warning.
 """
 
@@ -30,8 +31,9 @@ SCHEME = """naming scheme, the same in every command:
   --seq-len N               training / evaluation sample length   --max-len N  serving cache capacity
   --compile/--no-compile    torch.compile the decode step (generate, chat: off by default; serve: on)
   --init-from CKPT          train from a checkpoint's weights and config (fresh optimizer); --extend-context F: YaRN
+  --context-lengths L1,L2   eval: held-out loss per evaluation length and by position (--out PNG)
 reserved, one meaning each, as features arrive: --device, --precision fp32|bf16 (inference
-  compute; `convert --dtype` is the storage format), --context-lengths
+  compute; `convert --dtype` is the storage format)
 errors: `dsv3 COMMAND: error: ...` on stderr, exit status 2."""
 
 
@@ -173,6 +175,19 @@ def _eval(args: argparse.Namespace) -> int:
     if not data:
         raise _UsageError("this checkpoint does not record its dataset; pass --data DIR")
     model = load_pretrained(ckpt)
+    if args.context_lengths:
+        from .train.evaluate import EvalError, evaluate_lengths, plot_lengths
+
+        if args.out:
+            _claim_out(args.out, args.overwrite)
+        try:
+            by_length = evaluate_lengths(model, data, args.context_lengths, max_tokens=args.max_tokens or 16384)
+        except EvalError as e:
+            raise _UsageError(str(e)) from None
+        print(json.dumps({"checkpoint": str(ckpt), "data": str(data), "context_lengths": by_length}, indent=2))
+        if args.out:
+            print(plot_lengths(by_length, args.out, f"{ckpt.name}: held-out loss by position"), file=sys.stderr)
+        return 0
     result = evaluate(model, data, seq_len=seq_len, max_tokens=args.max_tokens)
     print(json.dumps({"checkpoint": str(ckpt), "data": str(data), **result}, indent=2))
     return 0
@@ -434,6 +449,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _length_list(text: str) -> list[int]:
+    """'256,1024,4096' -> [256, 1024, 4096] (each at least 2)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of token counts, got {text!r}") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"lengths must be at least 2 tokens, got {text!r}")
+    return values
+
+
 def _count(text: str) -> float:
     from .cost import parse_count
 
@@ -601,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset directory (default: the one the checkpoint was trained on)")
     p.add_argument("--seq-len", type=_positive_int, help="evaluation sample length (default: the training one)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--context-lengths", type=_length_list, default=None, metavar="L1,L2,...",
+                   help="held-out loss at each evaluation length and by position, over the same tokens (e.g. "
+                   "256,1024,4096; --max-tokens default 16384)")
+    p.add_argument("--out", help="with --context-lengths: a PNG of the loss by position")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="loss, expert-load and bias plots of a run")
