@@ -100,3 +100,36 @@ def test_eval_by_context_length_and_position(dataset, source, tmp_path, capsys):
         assert evaluate(model, dataset, seq_len=length, max_tokens=256)["loss"] == pytest.approx(r["loss"], rel=1e-5)
     assert main(["eval", str(source), "--context-lengths", "16,4096"]) == 2
     assert "exceeds the model's max_position_embeddings" in capsys.readouterr().err
+
+
+def test_passkey_trials_are_reproducible_and_the_checker_is_exact(dataset):
+    from dsv3.tokenizer import load_tokenizer
+    from dsv3.train.passkey import check_answer, passkey_prompt
+
+    tok = load_tokenizer(dataset)
+    a, key = passkey_prompt(tok, 240, 0.5, seed=3)
+    assert (a, key) == passkey_prompt(tok, 240, 0.5, seed=3) and len(key) == 5
+    assert passkey_prompt(tok, 240, 0.5, seed=4)[1] != key
+    assert 200 <= len(a) <= 240  # about the asked length (the test tokenizer spends ~175 on the fixed text)
+    text = tok.decode(a)
+    assert text.count(key) == 2  # stated twice in the key sentence, never elsewhere
+    early, late = (tok.decode(passkey_prompt(tok, 240, d, seed=3)[0]).index(key) for d in (0.0, 1.0))
+    assert early < late  # the depth moves the key
+    assert check_answer(f" {key}.", key) and check_answer(f"{key} is", key)
+    for near in (key[:-1], key + "1", str(int(key) + 1), f"the {key}", ""):
+        assert not check_answer(near, key), near
+    with pytest.raises(ValueError, match="no room"):
+        passkey_prompt(tok, 100, 0.5, seed=0)
+
+
+def test_passkey_grid_and_heatmap(source, tmp_path, capsys):
+    from dsv3.cli import main
+
+    out = tmp_path / "passkey.png"
+    assert main(["eval", str(source), "--passkey", "--context-lengths", "220,240", "--depths", "0,1", "--trials", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    grid = result["passkey"]["accuracy"]
+    assert len(grid) == 2 and all(len(row) == 2 and all(0 <= a <= 1 for a in row) for row in grid)
+    assert out.stat().st_size > 0
+    assert main(["eval", str(source), "--passkey", "--context-lengths", "4096"]) == 2  # past the model's positions

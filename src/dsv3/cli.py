@@ -175,6 +175,8 @@ def _eval(args: argparse.Namespace) -> int:
     if not data:
         raise _UsageError("this checkpoint does not record its dataset; pass --data DIR")
     model = load_pretrained(ckpt)
+    if args.passkey:
+        return _passkey(args, ckpt, model)
     if args.context_lengths:
         from .train.evaluate import EvalError, evaluate_lengths, plot_lengths
 
@@ -190,6 +192,32 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     result = evaluate(model, data, seq_len=seq_len, max_tokens=args.max_tokens)
     print(json.dumps({"checkpoint": str(ckpt), "data": str(data), **result}, indent=2))
+    return 0
+
+
+def _passkey(args: argparse.Namespace, ckpt, model) -> int:
+    """`dsv3 eval CKPT --passkey`: the lengths x depths grid (`train.passkey`), JSON on stdout, a heatmap PNG."""
+    from .tokenizer import load_tokenizer
+    from .train.passkey import passkey_grid, plot_passkey
+
+    if args.out:
+        _claim_out(args.out, args.overwrite)
+    lengths = args.context_lengths or [n for n in (256, 1024, 4096) if n + 8 <= model.config.max_position_embeddings]
+    show = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            print(f"\rpasskey {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    try:
+        result = passkey_grid(model, load_tokenizer(ckpt), lengths, args.depths, args.trials, progress=progress)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    cells = [a for row in result["accuracy"] for a in row]
+    print(json.dumps({"checkpoint": str(ckpt), "passkey": result, "mean_accuracy": sum(cells) / len(cells),
+                      "worst_cell": min(cells)}, indent=2))
+    if args.out:
+        print(plot_passkey(result, args.out, f"{ckpt.name}: passkey retrieval"), file=sys.stderr)
     return 0
 
 
@@ -460,6 +488,17 @@ def _length_list(text: str) -> list[int]:
     return values
 
 
+def _fraction_list(text: str) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0] (each in [0, 1])."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of fractions, got {text!r}") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must lie in [0, 1], got {text!r}")
+    return values
+
+
 def _count(text: str) -> float:
     from .cost import parse_count
 
@@ -630,7 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-lengths", type=_length_list, default=None, metavar="L1,L2,...",
                    help="held-out loss at each evaluation length and by position, over the same tokens (e.g. "
                    "256,1024,4096; --max-tokens default 16384)")
-    p.add_argument("--out", help="with --context-lengths: a PNG of the loss by position")
+    p.add_argument("--passkey", action="store_true", help="passkey retrieval over --context-lengths (default "
+                   "256,1024,4096 where the model reaches) x --depths, greedy exact match")
+    p.add_argument("--depths", type=_fraction_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D1,D2,...",
+                   help="with --passkey: where the key sits in the filler, 0 (start) to 1 (end)")
+    p.add_argument("--trials", type=_positive_int, default=20, help="with --passkey: trials per cell (default 20)")
+    p.add_argument("--out", help="with --context-lengths: a PNG of the loss by position; with --passkey: the "
+                   "heatmap PNG")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_eval)
 

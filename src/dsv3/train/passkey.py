@@ -1,0 +1,130 @@
+"""Passkey retrieval, the long-context probe of the report's Needle-in-a-Haystack figure: a random number stated once
+inside filler text at a chosen depth, asked for at the end; greedy decoding must reproduce it exactly.
+
+The filler is neutral prose repeated (the classic passkey filler of Mohtashami & Jaggi, "Landmark Attention",
+2023), not the training corpus, and the phrasing of the key and the question is fixed here, so nothing in a
+pre-training corpus matches it; a run that trains on retrieval-style documents must use other wording.
+
+`passkey_prompt` builds one trial from a seed (reproducible), `check_answer` is the exact-match rule (a near miss
+— one digit off, a digit missing or added — fails), `passkey_grid` runs lengths x depths x trials with greedy
+decoding over the model's latent cache, and `plot_passkey` draws the heatmap.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from ..model import DeepseekV3
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+INTRO = "There is an important number hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+KEY = "The pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+DIGITS = 5
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, seed: int) -> tuple[list[int], str]:
+    """One trial: token ids of about `length` tokens (intro, filler, the key sentence at fraction `depth` of the
+    filler, more filler, the question) and the key as a string of DIGITS digits; the same (length, depth, seed)
+    always gives the same trial.
+
+    Raises:
+        ValueError: depth outside [0, 1], or a length too short to hold the key and the question.
+    """
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+    key = str(random.Random(f"passkey:{seed}").randrange(10 ** (DIGITS - 1), 10**DIGITS))
+    fixed = len(tokenizer.encode(INTRO + KEY.format(key=key) + QUESTION).ids)
+    sentences = [f"{s.strip()}. " for s in FILLER.split(". ") if s.strip()]
+    sizes = [len(tokenizer.encode(s).ids) for s in sentences]
+    room, filler = length - fixed, []
+    while room >= sizes[len(filler) % len(sentences)]:  # whole sentences, cycling, while they fit
+        room -= sizes[len(filler) % len(sentences)]
+        filler.append(sentences[len(filler) % len(sentences)])
+    if not filler:
+        raise ValueError(f"a passkey prompt of {length} tokens has no room for filler ({fixed} tokens are fixed)")
+    before = round(len(filler) * depth)
+    text = INTRO + "".join(filler[:before]) + KEY.format(key=key) + "".join(filler[before:]) + QUESTION
+    return tokenizer.encode(text).ids, key
+
+
+def check_answer(generated: str, key: str) -> bool:
+    """Whether the generated continuation states exactly `key` as its first number (leading spaces and a trailing
+    period allowed; any other digit string — one digit off, one missing or extra — is wrong)."""
+    match = re.match(r"\s*(\d+)", generated)
+    return match is not None and match.group(1) == key
+
+
+@torch.no_grad()
+def greedy(model: DeepseekV3, ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation of `ids` by `new_tokens` tokens: one prefill into a latent cache, then cached steps."""
+    device = model.lm_head.weight.device
+    cache = model.new_cache(1, len(ids) + new_tokens)
+    logits = model(torch.tensor([ids], device=device), cache=cache, start_pos=0, mtp=False).logits
+    out = []
+    pos = len(ids)
+    for _ in range(new_tokens):
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        logits = model(torch.tensor([[token]], device=device), cache=cache, start_pos=pos, mtp=False).logits
+        pos += 1
+    return out
+
+
+def passkey_grid(model: DeepseekV3, tokenizer, lengths: list[int], depths: list[float], trials: int = 20,
+                 seed: int = 0, progress=None) -> dict:
+    """Exact-match accuracy for every (length, depth) cell over `trials` seeded trials (greedy, DIGITS + 2 new
+    tokens). Returns {"lengths", "depths", "trials", "accuracy": [[cell for each depth] for each length]}.
+    progress: called with (done, total) after each trial.
+
+    Raises:
+        ValueError: a length beyond the model's max_position_embeddings (or too short, `passkey_prompt`).
+    """
+    model.eval()
+    limit = model.config.max_position_embeddings
+    if max(lengths) + DIGITS + 2 > limit:
+        raise ValueError(f"passkey length {max(lengths)} (+ {DIGITS + 2} generated) exceeds the model's "
+                         f"max_position_embeddings {limit}")
+    accuracy, done, total = [], 0, len(lengths) * len(depths) * trials
+    for length in lengths:
+        row = []
+        for depth in depths:
+            hits = 0
+            for t in range(trials):
+                ids, key = passkey_prompt(tokenizer, length, depth, seed * 100_003 + t)
+                hits += check_answer(tokenizer.decode(greedy(model, ids, DIGITS + 2)), key)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            row.append(hits / trials)
+        accuracy.append(row)
+    return {"lengths": lengths, "depths": depths, "trials": trials, "accuracy": accuracy}
+
+
+def plot_passkey(result: dict, path: str | Path, title: str = "") -> Path:
+    """The grid as a heatmap (rows: depth, columns: length; green = retrieved), PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = torch.tensor(result["accuracy"]).T  # [depths, lengths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(result["lengths"]) + 2, 0.5 * len(result["depths"]) + 1.5))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(result["lengths"])), [str(n) for n in result["lengths"]])
+    ax.set_yticks(range(len(result["depths"])), [f"{d:.0%}" for d in result["depths"]])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("key depth")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
+    ax.set_title(title or f"passkey retrieval ({result['trials']} trials per cell)")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
