@@ -52,8 +52,8 @@ FP8_RUN = ["--model-config", "tiny", "--max-steps", "3", "--batch-size", "8", "-
 @pytest.mark.parametrize(("layout", "first", "norm", "later"), [
     (["--pp", "2", "--pp-schedule", "1f1b", "--pp-chunks", "1"], 0.0, 1e-8, 0.0),  # (the embedding's two
     # gradient parts, first stage and MTP copy, are added in another order: the norm moves in its last bits)
-    (["--ep", "2"], 1e-6, 1e-5, 5e-4),
-    (["--pp", "2"], 1e-6, 1e-3, 5e-4),
+    (["--ep", "2"], 1e-6, 1e-5, 2e-3),
+    (["--pp", "2"], 1e-6, 1e-3, 2e-3),
 ], ids=["pp2-one-micro-batch", "ep2", "pp2-dualpipe"])
 def test_torchrun_fp8_follows_the_single_process_fp8_curve(dataset, tmp_path, layout, first, norm, later):
     """`--precision fp8` under a pipeline and under expert parallelism follows the single-process FP8 curve.
@@ -61,8 +61,9 @@ def test_torchrun_fp8_follows_the_single_process_fp8_curve(dataset, tmp_path, la
     When every GEMM sees the tokens one process's does (a pipeline of one micro-batch: 256 tokens per call, as in
     one process), the loss curve is the same bit for bit. Otherwise the loss before the first update agrees to fp32
     rounding and the first gradient norm to 6e-6 under EP (3e-4 under DualPipe, whose micro-batches tile Wgrad's
-    tokens differently; measured), which a mis-scaled gradient would not; later steps drift (2.4e-4 at the third
-    step, 5e-4 at the fourth): not a layout effect but FP8's own sensitivity.
+    tokens differently; measured), which a mis-scaled gradient would not; later steps drift (2.4e-4 to 7.9e-4 at
+    the third step, depending on code revisions that change nothing but fp32 roundings): not a layout effect but
+    FP8's own sensitivity, so the later bound (2e-3) only catches a divergence.
     Quantization is discontinuous, so the fp32-rounding differences a layout must make (the gradient all-reduce
     sums in another order; DualPipe's micro-batches tile Wgrad's token dimension differently) flip single FP8
     roundings, and the flips grow: `test_the_fp8_curve_is_this_sensitive_in_one_process` moves one process's
