@@ -12,8 +12,9 @@ The primary figure is achieved model FLOP/s / shape-matched GEMM FLOP/s, where
   kv_a/kv_b, o_proj, dense and shared SwiGLU, router, each routed expert's gate/up/down at the token count it was
   routed, MTP eh_proj, the head; data and weight gradients alike), each distinct shape timed best-of-N as
   `torch.matmul(a, b)` here, and total GEMM FLOPs / the FLOP-weighted sum of those best times. Attention's
-  score and value products are included as they run: on CPU, SDPA dispatches them as batched GEMMs over the full
-  T x T matrix (so the recorded FLOPs exceed the formula's causal half by about that half).
+  score and value products run inside SDPA's fused flash kernel (dsv3 zero-pads v to the q/k head size so that
+  SDPA can take it), not as GEMMs, so they are not among the recorded shapes (were SDPA to fall back to its math
+  path, they would appear as batched GEMMs over the full T x T matrix).
 So 100% means the step ran at the speed of its own GEMMs with nothing else costing time; it is reported for
 dsv3 with and without MTP (each against its own shapes) and for transformers (against the no-MTP shapes).
 
