@@ -477,26 +477,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _length_list(text: str) -> list[int]:
-    """'256,1024,4096' -> [256, 1024, 4096] (each at least 2)."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a comma-separated list of token counts, got {text!r}") from None
-    if not values or min(values) < 2:
-        raise argparse.ArgumentTypeError(f"lengths must be at least 2 tokens, got {text!r}")
-    return values
+def _comma_list(cast, ok, what: str):
+    """An argparse type for 'a,b,c': each item cast (int, float) and checked by ok(value); `what` names the
+    rule in the error."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"a comma-separated list of {what}, got {text!r}")
+        return values
+    return parse
 
 
-def _fraction_list(text: str) -> list[float]:
-    """'0,0.5,1' -> [0.0, 0.5, 1.0] (each in [0, 1])."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a comma-separated list of fractions, got {text!r}") from None
-    if not values or not all(0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"fractions must lie in [0, 1], got {text!r}")
-    return values
+_length_list = _comma_list(int, lambda n: n >= 2, "token counts of at least 2")  # '256,1024,4096'
+_fraction_list = _comma_list(float, lambda f: 0 <= f <= 1, "fractions in [0, 1]")  # '0,0.5,1'
 
 
 def _count(text: str) -> float:
