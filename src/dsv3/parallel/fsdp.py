@@ -69,9 +69,9 @@ def materialize_sharded(model: nn.Module, mesh: DeviceMesh, device: torch.device
 
 def gathered_slots(model: nn.Module, keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     """(official name, full tensor) of every official tensor (the MTP module's stored copies of the embedding and
-    head included), gathered one parameter at a time (the
-    all-gather is collective: every rank of the mesh must exhaust this in the same order); yields only names for
-    which `keep(name)` holds (the writing rank's), so peak memory is one full parameter."""
+    head included), gathered one parameter at a time (the all-gather is collective: every rank of the mesh must
+    exhaust this in the same order); yields only names for which `keep(name)` holds (the writing rank's), so peak
+    memory is one full parameter."""
     groups: dict[int, list[tuple[str, Slot]]] = defaultdict(list)
     targets: dict[int, torch.Tensor] = {}
     for name, slot in official_slots(model).items():
