@@ -20,6 +20,7 @@ the trainer's ranks each write their own tensors, none gathered.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -68,6 +69,13 @@ def checkpoint_slots(model: DeepseekV3) -> dict[str, Slot]:  # (the name checkpo
 
 
 # ------------------------------------------------------------------------------------------------- reading
+@functools.lru_cache(maxsize=4)
+def _all_names(config_json: str) -> frozenset[str]:
+    """Every official tensor name of the whole model of this config (JSON), built once on the meta device: a
+    layer-by-layer load (FSDP2) checks each layer against the same set without rebuilding it."""
+    return frozenset(checkpoint_slots(DeepseekV3(ModelConfig.from_dict(json.loads(config_json)), device="meta")))
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     index = path / INDEX_FILE
     if index.exists():
@@ -162,7 +170,7 @@ def load_weights(model: DeepseekV3, path: str | Path, progress: bool | None = Fa
                               "are supported")
     skipped = {n for n in weight_map if _is_mtp(n, cfg)} if not cfg.num_nextn_predict_layers else set()
     slots = checkpoint_slots(model)  # the tensors this model object holds (an expert shard: its experts only)
-    expected = set(checkpoint_slots(DeepseekV3(cfg, device="meta")))  # the whole model's, whatever the layout
+    expected = _all_names(json.dumps(cfg.to_dict(), sort_keys=True))  # the whole model's, whatever the layout
 
     stored = {n for n in weight_map if not n.endswith(SCALE_SUFFIX)} - skipped
     ignorable = {n for n in stored if n.endswith("rotary_emb.inv_freq")}
