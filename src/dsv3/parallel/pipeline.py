@@ -268,7 +268,9 @@ class PipelineRunner:
             p.grad += g
 
 
-SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p")  # the pipeline schedules dsv3 runs (zb1p = ZB-H1)
+_SCHEDULE_OPS = {"dualpipe": schedule_dualpipe, "dualpipev": schedule_dualpipev, "1f1b": schedule_1f1b,
+                 "zb1p": schedule_zb1p}
+SCHEDULES = tuple(_SCHEDULE_OPS)  # the pipeline schedules dsv3 runs (zb1p = ZB-H1)
 
 
 def schedule_ops(schedule: str, rank: int, world: int, chunks: int) -> list[Op]:
@@ -277,8 +279,7 @@ def schedule_ops(schedule: str, rank: int, world: int, chunks: int) -> list[Op]:
 
     Raises:
         ValueError: an unknown schedule, or one the schedule's own rules refuse (see each schedule_*)."""
-    make = {"1f1b": schedule_1f1b, "zb1p": schedule_zb1p, "dualpipe": schedule_dualpipe,
-            "dualpipev": schedule_dualpipev}.get(schedule)
+    make = _SCHEDULE_OPS.get(schedule)
     if make is None:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     return make(rank, world, chunks)

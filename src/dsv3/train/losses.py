@@ -52,12 +52,8 @@ def mtp_losses(mtp_logits: list[torch.Tensor], tokens: torch.Tensor, eot_id: int
     losses = []
     for k, logits in enumerate(mtp_logits, start=1):
         targets = mtp_targets(tokens, k, eot_id)[:, : logits.shape[1]]
-        if over is not None:
-            total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                    reduction="sum")
-            losses.append(total / over[k - 1] if over[k - 1] else total * 0.0)
-        elif (targets != IGNORE).any():
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE))
-        else:
-            losses.append(logits.sum() * 0.0)
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                reduction="sum")  # 0, still in the graph, when every target is masked
+        count = over[k - 1] if over is not None else int((targets != IGNORE).sum())
+        losses.append(total / count if count else total * 0.0)
     return losses

@@ -328,21 +328,14 @@ class Trainer:
         if dry_run:
             return
         self.grad_bytes = 0  # measured at each optimizer step (`held_memory`)
-        if resume:
+        source = ckpt if resume else self._init_source if cfg.init_from else None  # weights to load, if any
+        if source is not None:
             def load(only: set[int] | None = None) -> None:
                 for model in self._held_models():
-                    load_weights(model, ckpt, only=only)  # each rank reads only the tensors it holds
+                    load_weights(model, source, only=only)  # each rank reads only the tensors it holds
 
             # a bad tensor fails on its rank: all stop together
-            self._on_every_rank(lambda: self._materialize(load), f"loading {ckpt}")
-        elif cfg.init_from:
-            source = self._init_source
-
-            def load_source(only: set[int] | None = None) -> None:
-                for model in self._held_models():
-                    load_weights(model, source, only=only)
-
-            self._on_every_rank(lambda: self._materialize(load_source), f"loading {source}")
+            self._on_every_rank(lambda: self._materialize(load), f"loading {source}")
         else:
             torch.manual_seed(cfg.seed)
 
