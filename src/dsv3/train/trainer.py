@@ -59,6 +59,7 @@ from ..runs import (
     claim_output,
     load_trainer_state,
     resolve_checkpoint,
+    train_setting,
     trainer_state_files,
     write_atomic,
 )
@@ -501,10 +502,13 @@ class Trainer:
             raise TrainError(f"init_from {source} is already extended (rope_scaling {mc.rope_scaling}); continue "
                              "it without extend_context (YaRN is set once, for the final length)")
         try:
-            trained = int(load_trainer_state(source)["train_config"]["seq_len"])
-        except (RunError, KeyError) as e:
+            trained = train_setting(source, "seq_len")  # its trainer state's JSON only, not the optimizer tensors
+        except RunError as e:
+            raise TrainError(f"init_from {source}: {e}") from None
+        if trained is None:
             raise TrainError(f"init_from {source}: cannot tell the length it was trained at (the YaRN original "
-                             f"length) from its trainer state: {e}") from None
+                             "length): it records no trainer state")
+        trained = int(trained)
         factor = float(cfg.extend_context)
         yarn = {"type": "yarn", "factor": factor, "original_max_position_embeddings": trained, "beta_fast": 32,
                 "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
