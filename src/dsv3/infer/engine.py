@@ -5,10 +5,16 @@ The cache has `max_batch` rows (slots). Running requests occupy rows 0..n-1 in o
 row is copied into its place, so a decode step always runs on the contiguous batch `[:n]` with per-row positions.
 
 One `step()`:
-1. admit waiting requests into free rows, prefilled together (naive attention over the right-padded prompts;
-   prefill is never mixed into a decode batch), which also samples each request's first token;
+1. one prefill forward (never mixed into the decode batch): either several waiting prompts together, whole
+   (naive attention over the right-padded prompts), or the next chunk of one prompt — a prompt longer than
+   `prefill_chunk` tokens, or one whose start was found in the prefix store (`infer/prefix.py`: those latent rows
+   are copied into its slot and only the rest is prefilled). A prompt's last piece also samples its first token,
+   and the request joins the decode batch;
 2. one decode step for every running row: plain (one token per row, absorbed attention over the cache), or
    speculative with the MTP module (below).
+So a long prompt is prefilled in chunks interleaved with the running requests' decode steps (chunked prefill, as
+in Sarathi-Serve and vLLM), each step stalling them by one chunk, not by the whole prompt. A request in the middle
+of its prefill holds the row just after the decode rows (`prefilling`).
 
 MTP speculation with k chained drafts (DeepSeek-V3 section 2.2's module used as a drafter, as vLLM and SGLang do;
 the acceptance rule of Leviathan et al. 2023). Invariant at the start of a step, per row: the main cache holds
@@ -50,6 +56,7 @@ from ..model.moe import RoutedExperts
 from ..model.transformer import at_positions
 from ..tokenizer import stop_token_ids
 from .head import DecodeHead
+from .prefix import PrefixStore
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
@@ -98,7 +105,9 @@ class DecodeSlot:
     """The engine's decode state of one running request (internal; the caller reads `Request`'s result fields)."""
 
     row: int = -1  # its row in the batched latent cache
-    pos: int = 0  # tokens of this request in the main cache
+    pos: int = 0  # tokens of this request in the main cache (while prefilling: prompt tokens done)
+    reuse: int | None = None  # prompt tokens to copy from the prefix store (None: not looked up yet)
+    entry: object = None  # the prefix store's entry holding them
     pending: int = -1  # the newest sampled token, not yet read by the model
     drafts: list[int] = field(default_factory=list)  # MTP drafts for positions pos+1.. to verify next step
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # [V] each draft's distribution (sampled only)
@@ -175,15 +184,20 @@ class Engine:
         step writes k positions past the last kept token).
     compile: run the decode forwards through `torch.compile` (module doc); `warmup()` compiles every batch
         bucket up front.
+    prefill_chunk: the most prompt tokens one prefill forward takes (padding included): longer prompts are
+        prefilled a chunk per step between decode steps. None: every prompt in one piece.
+    prefix_cache_bytes: the prefix store's bound (0: no store). Each request's latent rows are stored when it
+        leaves its slot; a prompt starting with stored tokens gets those rows copied instead of prefilled.
 
     Raises:
         GenerationError: speculative decoding without an MTP module, max_batch < 1, max_len < 2,
-            draft_tokens < 1, or compile=True for a model whose experts have their own GEMM (FP8 training modules).
+            draft_tokens < 1, prefill_chunk < 1, prefix_cache_bytes < 0, or compile=True for a model whose
+            experts have their own GEMM (FP8 training modules).
     """
 
     def __init__(self, model: DeepseekV3, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  speculative: bool = False, log: Callable[[str], None] | None = None, draft_tokens: int = 1,
-                 compile: bool = False):
+                 compile: bool = False, prefill_chunk: int | None = None, prefix_cache_bytes: int = 0):
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
             raise GenerationError("speculative decoding needs a model with an MTP module "
@@ -195,6 +209,10 @@ class Engine:
                                   f"got {max_len!r}")
         if not isinstance(draft_tokens, int) or draft_tokens < 1:
             raise GenerationError(f"draft_tokens must be a positive integer, got {draft_tokens!r}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise GenerationError(f"prefill_chunk must be a positive number of tokens or None, got {prefill_chunk!r}")
+        if not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
+            raise GenerationError(f"prefix_cache_bytes must be an integer >= 0, got {prefix_cache_bytes!r}")
         if compile and any(type(m)._linear is not RoutedExperts._linear for m in model.modules()
                            if isinstance(m, RoutedExperts)):
             raise GenerationError("compile=True runs the routed experts through RoutedExperts.gathered, which "
@@ -211,10 +229,13 @@ class Engine:
         self.max_len = min(max_len or room, room)
         self.cache = model.new_cache(max_batch, self.max_len + 1 + spare)
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # decoding, in rows 0..n-1
+        self.prefilling: Request | None = None  # part-way through its prompt, in row n
+        self.prefill_chunk = prefill_chunk
+        self.prefix = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
         self._next_id = 0
         self.stats = {"generated": 0, "drafted": 0, "accepted": 0, "decode_steps": 0, "decode_time": 0.0,
-                      "prefill_time": 0.0, "prefill_tokens": 0, "compile_time": 0.0}
+                      "prefill_time": 0.0, "prefill_tokens": 0, "reused_tokens": 0, "compile_time": 0.0}
         self.accepted_at = [0] * self.draft_tokens  # drafts accepted at each draft position (1..k)
         self.compiled = compile
         self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
@@ -266,7 +287,19 @@ class Engine:
             return
         req.finish_reason = reason
         self.waiting = deque(r for r in self.waiting if r is not req)  # identity: Requests hold tensors
+        if req is self.prefilling:
+            self.prefilling = None  # its row, past the decode rows, is free again
         self._retire_finished()
+
+    def abandon(self, reason: str = "error") -> list[Request]:
+        """End every request holding a cache row (running or part-way through its prefill) with `reason`, without
+        storing their rows (after a failed step they may be half written); the waiting ones stay queued. Returns
+        the ended requests."""
+        ended = self.running + ([self.prefilling] if self.prefilling is not None else [])
+        for r in ended:
+            r.finish_reason = reason
+        self.running, self.prefilling = [], None  # every row is free; the next prefill overwrites them
+        return ended
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:
         reqs = [self.submit(p, params) for p in prompts]
@@ -305,13 +338,18 @@ class Engine:
             self._log(f"compiled the decode step for batch sizes {self.buckets} in {seconds:.0f} s")
         return seconds
 
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting, prefilling or decoding."""
+        return bool(self.waiting or self.running or self.prefilling is not None)
+
     @torch.no_grad()
     def step(self) -> None:
-        admitted = []
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-            admitted.append(self.waiting.popleft())
-        if admitted:
-            self._prefill(admitted)
+        """One prefill forward when a prompt is waiting or part-way (module doc), then one decode step."""
+        if self.prefilling is None:
+            self._admit()
+        if self.prefilling is not None:
+            self._prefill_chunk()
         if self.running:
             t = time.perf_counter()
             (self._speculative_step if self.speculative else self._decode_step)()
@@ -383,32 +421,91 @@ class Engine:
         return h1[:n], self.head(normed[:n])
 
     # ---------------------------------------------------------------- steps
-    def _prefill(self, reqs: list[Request]) -> None:
-        """Prefill newly admitted requests together into the next free rows: their prompts right-padded to the
-        longest (causal attention keeps the padding out of every real token's view; the padded positions are past
-        each row's length, masked later and overwritten), each row's first token sampled at its own last prompt
-        position."""
+    def _lookup(self, req: Request) -> int:
+        """Prompt tokens of `req` to copy from the prefix store (once per request): the stored match, less one
+        token (the last prompt position is always computed, for its logits; and the MTP row before the match's
+        end reads the token after it), so at most len(prompt) - 1."""
+        if req.slot.reuse is None:
+            entry, hit = self.prefix.lookup(req.prompt) if self.prefix is not None else (None, 0)
+            req.slot.reuse, req.slot.entry = max(min(hit, len(req.prompt)) - 1, 0), entry
+        return req.slot.reuse
+
+    def _admit(self) -> None:
+        """Take waiting requests into the rows after the decode rows: several whole prompts that fit one chunk
+        together (prefilled now), or a single one to prefill a chunk per step (`prefilling`): a prompt longer
+        than a chunk, or one with a stored prefix (those rows are copied into its slot)."""
+        budget = self.prefill_chunk or math.inf
+        group: list[Request] = []
+        while self.waiting and len(self.running) + len(group) < self.max_batch:
+            r = self.waiting[0]
+            if self._lookup(r) or len(r.prompt) > budget:
+                if group:
+                    break  # it goes alone, next
+                self.waiting.popleft()
+                r.slot.row, r.slot.pos = len(self.running), r.slot.reuse
+                if r.slot.pos:
+                    rows = r.slot.entry.rows
+                    for layer, stored in zip(self.cache.layers, rows):
+                        layer[r.slot.row, : r.slot.pos] = stored[: r.slot.pos]
+                    self.stats["reused_tokens"] += r.slot.pos
+                r.slot.entry = None
+                self.prefilling = r
+                return
+            if (len(group) + 1) * max(len(g.prompt) for g in [*group, r]) > budget:
+                break
+            group.append(self.waiting.popleft())
+        if group:
+            for i, r in enumerate(group):
+                r.slot.row = len(self.running) + i
+            self.running.extend(group)  # before the forward: a failed step then ends them with the batch
+            self._prefill(group, 0, max(len(r.prompt) for r in group))
+            self._started(group)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of `prefilling`'s prompt; its row first follows the decode rows if some of them left."""
+        r = self.prefilling
+        if r.slot.row != len(self.running):
+            self.cache.move_row(r.slot.row, len(self.running), r.slot.pos)
+            r.slot.row = len(self.running)
+        if self._prefill([r], r.slot.pos, min(len(r.prompt), r.slot.pos + (self.prefill_chunk or len(r.prompt)))):
+            self.running.append(r)
+            self.prefilling = None
+            self._started([r])
+
+    def _prefill(self, reqs: list[Request], start: int, stop: int) -> bool:
+        """Prefill prompt positions [start, stop) of `reqs` (consecutive rows from reqs[0]'s) in one naive-attention
+        forward, their pieces right-padded to the longest (causal attention keeps the padding out of every real
+        token's view; the padded positions are past each row's length, masked later and overwritten). A row whose
+        prompt ends here samples its first token at its own last position (and its first drafts); one whose prompt
+        goes on (a chunk, only ever alone) just advances. Returns whether the prompts ended."""
         t0 = time.perf_counter()
-        first = len(self.running)
-        for i, r in enumerate(reqs):
-            r.slot.row = first + i
-        self.running.extend(reqs)
+        first = reqs[0].slot.row
         view = self.cache.rows(first, first + len(reqs))
         device = self.cache.layers[0].device
-        width = max(len(r.prompt) for r in reqs)
-        ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in reqs], device=device)  # [m, L]
-        last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=device)  # [m]
-        out = self.model(ids, cache=view, start_pos=0, mtp=False, head=False)
-        for r, tok in zip(reqs, self._choose(reqs, self.head(at_positions(out.hidden_states, last)))):
-            r.slot.pos, r.slot.pending = len(r.prompt), tok
+        pieces = [r.prompt[start:stop] for r in reqs]
+        width = stop - start
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in pieces], device=device)  # [m, width]
+        last = torch.tensor([len(p) - 1 for p in pieces], device=device)  # [m]
+        out = self.model(ids, cache=view, start_pos=start, absorb=False, mtp=False, head=False)
+        ends = all(start + len(p) == len(r.prompt) for r, p in zip(reqs, pieces))
+        if ends:
+            for r, tok in zip(reqs, self._choose(reqs, self.head(at_positions(out.hidden_states, last)))):
+                r.slot.pending = tok
+        for r, p in zip(reqs, pieces):
+            r.slot.pos = start + len(p)
         if self.speculative:
-            # MTP over every prompt pair (h_j, t_{j+1}); the last pair reads the token just sampled
-            nxt = torch.tensor([r.prompt[1:] + [r.slot.pending] + [0] * (width - len(r.prompt)) for r in reqs],
-                               device=device)
-            h1, normed = self.model.mtp_step(1, out.hidden_states, nxt, view, 0, logits_at=last, head=False)
-            self._draft(reqs, at_positions(h1, last)[:, None], self.head(normed))
+            # MTP over every pair (h_j, t_{j+1}) of the piece; at a prompt's end the last pair reads the sampled token
+            nxt = [r.prompt[start + 1 : r.slot.pos + 1] + ([r.slot.pending] if ends else []) for r in reqs]
+            nxt = torch.tensor([n + [0] * (width - len(n)) for n in nxt], device=device)
+            h1, normed = self.model.mtp_step(1, out.hidden_states, nxt, view, start, logits_at=last, head=False)
+            if ends:
+                self._draft(reqs, at_positions(h1, last)[:, None], self.head(normed))
         self.stats["prefill_time"] += time.perf_counter() - t0
-        self.stats["prefill_tokens"] += sum(len(r.prompt) for r in reqs)
+        self.stats["prefill_tokens"] += sum(len(p) for p in pieces)
+        return ends
+
+    def _started(self, reqs: list[Request]) -> None:
+        """Emit the first token of requests whose prompt is now in the cache (they are in the decode rows)."""
         for r in reqs:
             self._emit(r, [r.slot.pending])
         self._retire_finished()
@@ -528,7 +625,14 @@ class Engine:
             req.on_update(req, delta)
 
     def _retire_finished(self) -> None:
+        """Drop finished requests from the decode rows (storing their rows in the prefix store, if any), moving the
+        last rows into the holes."""
         keep = [r for r in self.running if not r.done]
+        if self.prefix is not None:
+            for r in self.running:
+                if r.done:  # the cache holds (prompt + output)[:pos]: the pending token was never read
+                    m = min(r.slot.pos, len(r.prompt) + len(r.output))
+                    self.prefix.put((r.prompt + r.output)[:m], [t[r.slot.row, :m] for t in self.cache.layers])
         for new_row, r in enumerate(keep):
             if r.slot.row != new_row:
                 self.cache.move_row(r.slot.row, new_row)

@@ -156,9 +156,8 @@ class EngineThread:
 
     def _iteration(self) -> None:
         engine = self.engine
-        busy = engine.running or engine.waiting
         try:
-            job = self.inbox.get_nowait() if busy else self.inbox.get(timeout=0.05)
+            job = self.inbox.get_nowait() if engine.busy else self.inbox.get(timeout=0.05)
         except queue.Empty:
             job = None
         while job is not None:
@@ -168,7 +167,7 @@ class EngineThread:
             except queue.Empty:
                 job = None
         self._reap()
-        if engine.running or engine.waiting:
+        if engine.busy:
             engine.step()
 
     def _admit(self, job: _Job) -> None:
@@ -212,11 +211,7 @@ class EngineThread:
     def _fail_running(self, error: Exception) -> None:
         """After an exception in a step: fail the running batch (500), keep the waiting requests."""
         log.exception("dsv3 serve: an engine step failed; failing its batch and serving on")
-        engine = self.engine
-        batch = {id(r) for r in engine.running}
-        for r in engine.running:
-            r.finish_reason = "error"
-        engine.running = []  # every cache row is free again; the next prefill overwrites row 0
+        batch = {id(r) for r in self.engine.abandon("error")}
         err = RequestError(f"generation failed inside the engine ({type(error).__name__}: {error}); the server "
                            f"goes on serving", status=500, code="engine_error")
         for job in self.jobs:
@@ -498,6 +493,7 @@ def create_app(server: Server) -> FastAPI:
         if not server.runner.alive:
             return JSONResponse({"status": "error", "message": "the engine thread is not running"}, status_code=503)
         return {"status": "ok", "running": len(e.running), "waiting": len(e.waiting),
+                "prefilling": int(e.prefilling is not None),
                 "in_server": server.runner.pending, "capacity": server.runner.capacity,
                 "generated_tokens": e.stats["generated"], "acceptance_rate": e.acceptance_rate}
 

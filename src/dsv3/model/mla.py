@@ -52,10 +52,11 @@ class LatentCache:
         view.layers = [t[start:stop] for t in self.layers]
         return view
 
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row src into row dst in every layer (compacting the running batch)."""
+    def move_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy row src into row dst in every layer (compacting the running batch); only its first `length`
+        positions when given."""
         for t in self.layers:
-            t[dst] = t[src]
+            t[dst, :length] = t[src, :length]
 
     @property
     def nbytes(self) -> int:
