@@ -1,8 +1,4 @@
-import contextlib
 import random
-import socket
-import threading
-import time
 
 import pytest
 import torch
@@ -47,25 +43,8 @@ def trained_run(tmp_path_factory, dataset):
     return out
 
 
-@contextlib.contextmanager
 def live_server(server):
     """A `dsv3.infer.server.Server` served by uvicorn on a free loopback port for the duration: yields the port."""
-    import uvicorn
+    from dsv3.infer.server import serve_in_thread
 
-    from dsv3.infer.server import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    try:
-        yield port
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    return serve_in_thread(server)

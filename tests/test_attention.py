@@ -116,3 +116,14 @@ def test_errors_name_the_problem():
         model(torch.zeros(1, cfg.max_position_embeddings + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="cache"):
         model(torch.zeros(1, 4, dtype=torch.long), start_pos=3)
+
+
+def test_the_cheaper_attention_form_follows_the_flop_count():
+    """absorbed iff t(2r - n - v) < r(n + v): decode and short chunks absorbed, long prompts naive."""
+    from dsv3.config import get_config
+    from dsv3.model.mla import absorbed_is_cheaper
+
+    small, big = get_config("small"), get_config("deepseek-v3-671b")
+    assert absorbed_is_cheaper(small, 63) and not absorbed_is_cheaper(small, 64)
+    assert absorbed_is_cheaper(big, 170) and not absorbed_is_cheaper(big, 171)
+    assert absorbed_is_cheaper(big, 1) and not absorbed_is_cheaper(big, 4096)

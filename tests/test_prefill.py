@@ -193,3 +193,47 @@ def test_prefix_store_drops_prefixes_and_survives_hash_collisions(monkeypatch):
     store = PrefixStore(capacity_bytes=2**20, block=4)
     store.put(list(range(20)), fake_rows(20))
     assert store.lookup(list(range(50, 70))) == (None, 0)
+
+
+def test_the_next_chat_turn_reuses_the_first_through_the_server(trained_run):
+    """Through `/v1/chat/completions`: the second turn (the first answer re-sent as the assistant message) finds
+    the first turn's rows — the whole first prompt at least — and answers as a server without the store does."""
+    import openai
+
+    from conftest import live_server
+    from dsv3.infer.server import Server
+
+    ckpt = dsv3.resolve_checkpoint(trained_run)
+    model, tok = dsv3.load_pretrained(ckpt).eval(), load_tokenizer(ckpt)
+    first = [{"role": "user", "content": TEXT}]
+    answers = {}
+    for store_mb in (1, 0):
+        engine = Engine(model, tok, max_batch=2, max_len=256, prefix_cache_bytes=store_mb << 20)
+        server = Server(engine, tok, model_name="tiny", checkpoint=ckpt)
+        with live_server(server) as port:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=60, max_retries=0)
+            a = client.chat.completions.create(model="tiny", messages=first, max_tokens=12, temperature=0)
+            answer = a.choices[0].message.content
+            second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "FOOL"}]
+            b = client.chat.completions.create(model="tiny", messages=second, max_tokens=12, temperature=0)
+            answers[store_mb] = (answer, b.choices[0].message.content)
+        if store_mb:
+            prompt1 = server.template.encode(tok, first, sanitize_control_tokens=True)
+            assert engine.prefix.stats["hits"] == 1 and engine.prefix.stats["hit_tokens"] >= len(prompt1)
+            assert engine.stats["reused_tokens"] == engine.prefix.stats["hit_tokens"] - 1
+        else:
+            assert engine.prefix is None and engine.stats["reused_tokens"] == 0
+    assert answers[1] == answers[0]
+
+
+def test_cancel_during_a_chunked_prefill_frees_its_row(trained):
+    model, tok = trained
+    engine = Engine(model, tok, max_batch=1, max_len=160, prefill_chunk=16)
+    req = engine.submit(long_prompt(tok, 100), greedy(4))
+    engine.step()
+    assert engine.prefilling is req and not engine.running
+    engine.cancel(req)
+    assert req.finish_reason == "cancelled" and engine.prefilling is None and not engine.busy
+    again = engine.generate([long_prompt(tok, 50)], greedy(4))[0]  # the one row is usable again
+    assert again.output == Engine(model, tok, max_batch=1, max_len=160).generate([long_prompt(tok, 50)],
+                                                                                greedy(4))[0].output

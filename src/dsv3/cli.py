@@ -477,6 +477,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _comma_list(cast, ok, what: str):
     """An argparse type for 'a,b,c': each item cast (int, float) and checked by ok(value); `what` names the
     rule in the error."""
@@ -504,7 +511,7 @@ def _count(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 14.8T, 500B, 1e9)") from None
 
 
-def _sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:
+def _sampling_flags(p: argparse.ArgumentParser, max_new: int, prefix_mb: int = 0) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=max_new, help=f"(default: {max_new})")
     p.add_argument("--max-len", type=_positive_int, default=None,
                    help="cache capacity per sequence, prompt + output (default: the model's context)")
@@ -512,11 +519,15 @@ def _sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    _decode_flags(p, compile_default=False)
+    _decode_flags(p, compile_default=False, prefix_mb=prefix_mb)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _decode_flags(p: argparse.ArgumentParser, compile_default: bool) -> None:
+PREFILL_CHUNK = 256  # tokens; see benchmarks/long_prompts.py for the stall it bounds
+PREFIX_CACHE_MB = 256  # chat and serve: ~120K tokens of `small`'s latent rows (fp32), ~3.8K of the 671B model's (bf16)
+
+
+def _decode_flags(p: argparse.ArgumentParser, compile_default: bool, prefix_mb: int = 0) -> None:
     p.add_argument("--speculative", choices=["mtp", "none"], default="none",
                    help="MTP speculative decoding: the MTP module drafts, the model verifies (default: none)")
     p.add_argument("--draft-tokens", type=_positive_int, default=1, metavar="K",
@@ -524,13 +535,21 @@ def _decode_flags(p: argparse.ArgumentParser, compile_default: bool) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
                    help="torch.compile the decode step: faster steps after a compilation of about a minute per "
                         f"batch size on a laptop CPU (default: {'on' if compile_default else 'off'})")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=PREFILL_CHUNK, metavar="TOKENS",
+                   help="prefill a longer prompt this many tokens per step, between the running requests' decode "
+                        f"steps; also bounds prefill memory (default: {PREFILL_CHUNK})")
+    p.add_argument("--prefix-cache-mb", type=_non_negative_int, default=prefix_mb, metavar="MIB",
+                   help="keep the latent cache rows of finished requests, up to this many MiB, and copy them into "
+                        "a new request whose prompt starts with the same tokens (a chat's next turn, a shared "
+                        f"system prompt) instead of prefilling them; 0 turns it off (default: {prefix_mb})")
 
 
 def _engine(args, model, tok, max_batch: int, log=None):
     from .infer import Engine
 
     return Engine(model, tok, max_batch=max_batch, max_len=args.max_len, speculative=args.speculative == "mtp",
-                  draft_tokens=args.draft_tokens, compile=args.compile, log=log)
+                  draft_tokens=args.draft_tokens, compile=args.compile, log=log, prefill_chunk=args.prefill_chunk,
+                  prefix_cache_bytes=args.prefix_cache_mb << 20)
 
 
 def _params_from(args, tokenizer, extra_stops=(), checkpoint=None):
@@ -710,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive streaming chat")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    _sampling_flags(p, 256)
+    _sampling_flags(p, 256, prefix_mb=PREFIX_CACHE_MB)
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
@@ -720,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
     p.add_argument("--max-len", type=_positive_int, default=None,
                    help="cache capacity per sequence, prompt + output (default: the model's context)")
-    _decode_flags(p, compile_default=True)
+    _decode_flags(p, compile_default=True, prefix_mb=PREFIX_CACHE_MB)
     p.add_argument("--model-name", help="the model id clients send (default: the run's name)")
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="requests that may wait for a free slot; beyond, clients get 429 (default: 64)")

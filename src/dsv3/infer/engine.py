@@ -473,11 +473,12 @@ class Engine:
             self._started([r])
 
     def _prefill(self, reqs: list[Request], start: int, stop: int) -> bool:
-        """Prefill prompt positions [start, stop) of `reqs` (consecutive rows from reqs[0]'s) in one naive-attention
-        forward, their pieces right-padded to the longest (causal attention keeps the padding out of every real
-        token's view; the padded positions are past each row's length, masked later and overwritten). A row whose
-        prompt ends here samples its first token at its own last position (and its first drafts); one whose prompt
-        goes on (a chunk, only ever alone) just advances. Returns whether the prompts ended."""
+        """Prefill prompt positions [start, stop) of `reqs` (consecutive rows from reqs[0]'s) in one forward (the
+        model picks the attention form by cost), their pieces right-padded to the longest (causal attention keeps
+        the padding out of every real token's view; the padded positions are past each row's length, masked later
+        and overwritten). A row whose prompt ends here samples its first token at its own last position (and its
+        first drafts); one whose prompt goes on (a chunk, only ever alone) just advances. Returns whether the
+        prompts ended."""
         t0 = time.perf_counter()
         first = reqs[0].slot.row
         view = self.cache.rows(first, first + len(reqs))
@@ -486,7 +487,7 @@ class Engine:
         width = stop - start
         ids = torch.tensor([p + [0] * (width - len(p)) for p in pieces], device=device)  # [m, width]
         last = torch.tensor([len(p) - 1 for p in pieces], device=device)  # [m]
-        out = self.model(ids, cache=view, start_pos=start, absorb=False, mtp=False, head=False)
+        out = self.model(ids, cache=view, start_pos=start, mtp=False, head=False)
         ends = all(start + len(p) == len(r.prompt) for r, p in zip(reqs, pieces))
         if ends:
             for r, tok in zip(reqs, self._choose(reqs, self.head(at_positions(out.hidden_states, last)))):

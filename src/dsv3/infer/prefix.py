@@ -1,11 +1,11 @@
 """Prefix store: latent-cache rows of recent sequences, reused when a new prompt starts with one of them.
 
 MLA caches only the compressed latent and the shared RoPE key per token and layer (`LatentCache`), so the rows of a
-whole conversation are small (`small`: 80 values x 7 layers x 4 bytes = 2.2 KiB per token, ~4.4 MiB for 2,048
-tokens; the 671B model: 576 x 61 x 2 bytes = 69 KiB per token). The engine stores a request's rows when it
-leaves its slot and copies the longest stored prefix of a new prompt into the new request's slot on admission;
-only the rest of the prompt is prefilled. This is the idea of SGLang's RadixAttention and vLLM's automatic prefix
-caching, kept to what contiguous slots need: whole sequences, not paged blocks.
+whole conversation are small: `small` has 80 values x 7 layers x 4 bytes = 2.2 KiB per token (4.4 MiB for 2,048
+tokens); the 671B model 576 x 62 layers (61 + its MTP layer) x 2 bytes = 70 KiB per token. The engine stores a
+request's rows when it leaves its slot and copies the longest stored prefix of a new prompt into the new request's
+slot on admission; only the rest of the prompt is prefilled. This is the idea of SGLang's RadixAttention and vLLM's
+automatic prefix caching, kept to what contiguous slots need: whole sequences, not paged blocks.
 
 Lookup is by hashes of block-aligned token prefixes (a chained BLAKE2b over `block` tokens at a time, the way vLLM
 keys its blocks): the deepest block hash a prompt shares with the store names the entry to use, and the match is

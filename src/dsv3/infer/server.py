@@ -601,6 +601,37 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
+@contextlib.contextmanager
+def serve_in_thread(server: Server, host: str = "127.0.0.1", startup_timeout: float = 30.0):
+    """Serve `server` with uvicorn on a free port of `host` in a background thread while the block runs (tests,
+    benchmarks, notebooks): yields the port. The thread is stopped on exit.
+
+    Raises:
+        RuntimeError: uvicorn did not start within `startup_timeout` seconds.
+    """
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level="critical"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not srv.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.02)
+    if not srv.started:
+        srv.should_exit = True
+        raise RuntimeError(f"uvicorn did not start on {host}:{port} within {startup_timeout:g} s")
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
 def _checked(item):
     """A queue item that is text, or the error it carries raised (499 for a client that hung up)."""
     if item is _DISCONNECTED:

@@ -99,6 +99,16 @@ def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, star
     return buf[:b, :end], mask
 
 
+def absorbed_is_cheaper(cfg: ModelConfig, t: int) -> bool:
+    """Whether `t` new tokens attend over a cache in fewer FLOPs absorbed than naive, per cached token and head:
+    naive expands each cached latent through `kv_b_proj` (r(n + v)) and then scores and sums (t(n + p + v));
+    absorbed scores and sums against the latent itself (t(2r + p)). So absorbed iff t(2r - n - v) < r(n + v):
+    t < 64 on `small`, t < 171 on the 671B model (r 512, n = v = 128): decode, speculative verification and
+    short prefill chunks. (The query/output folding, t·(n + v)·r per head, does not grow with the cache.)"""
+    r, n, v = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+    return t * (2 * r - n - v) < r * (n + v)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention of one layer (stored as `model.layers.{i}.self_attn`).
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .mla import MLA, LatentCache
+from .mla import MLA, LatentCache, absorbed_is_cheaper
 from .moe import MLP, MoE, RoutingInfo
 from .names import keyed_generator, official_slots
 from .norm import RMSNorm
@@ -205,8 +205,9 @@ class DeepseekV3(nn.Module):
         """input_ids [B, T] at positions start_pos..start_pos+T-1 (start_pos: int, or LongTensor [B] per row).
 
         cache: the `LatentCache` to write the new latents into and attend over (None: attend within input_ids).
-        absorb: attention form; default naive without a cache or from position 0, absorbed for cached steps after
-            it (decode, chunked prefill, speculative verification).
+        absorb: attention form; default naive without a cache, else whichever costs fewer FLOPs for T new tokens
+            (`mla.absorbed_is_cheaper`: absorbed for decode, speculative verification and short prefill chunks,
+            naive for long prompts).
         mtp: also run the MTP modules (only when there is no cache: speculative decoding drives them itself).
         head: False skips the main output head (`logits` is None) for a caller that applies its own where it
             wants it (the engine's `DecodeHead`, at each row's last prompt position with `at_positions`) to
@@ -220,7 +221,7 @@ class DeepseekV3(nn.Module):
         b, t = input_ids.shape
         positions = self._positions(start_pos, t, input_ids.device)
         if absorb is None:
-            absorb = cache is not None and not (isinstance(start_pos, int) and start_pos == 0)
+            absorb = cache is not None and absorbed_is_cheaper(self.config, t)
         emb = self.model.embed_tokens(input_ids)  # [B, T, D]
         rope = self.model.rotary_emb(positions, emb.dtype)
         caches = cache.layers[: len(self.main_layers)] if cache is not None else None
@@ -263,7 +264,8 @@ class DeepseekV3(nn.Module):
         positions = self._positions(start_pos, next_ids.shape[1], next_ids.device)
         emb = self.model.embed_tokens(next_ids)
         rope = self.model.rotary_emb(positions, emb.dtype)
-        h, _ = module(h_prev, emb, rope, cache.layers[layer], start_pos, absorb=True)
+        h, _ = module(h_prev, emb, rope, cache.layers[layer], start_pos,
+                      absorb=absorbed_is_cheaper(self.config, next_ids.shape[1]))
         picked = h[:, -1] if logits_at is None else at_positions(h, logits_at)  # [B, D]
         normed = module.shared_head.norm(picked)
         return h, self.lm_head(normed) if head else normed
