@@ -18,6 +18,11 @@ How each figure is measured, so that it survives a noisy machine:
 - the batch-1 roofline: active weight bytes per token (fp32; embedding lookup excluded, head included; plus the
   latent cache read at 2K) / measured stream bandwidth (`_timing.stream_bandwidth`) = the least time a decode step
   can take on this machine; the table shows dsv3's decode as a fraction of it.
+- attention forms at long context (`--form-contexts`, 2K/4K/8K tokens): batch-1 greedy decode through the model's
+  own cached forward (no engine), every step once with `absorb=True` (attend over the latent, W_UK and W_UV
+  folded into the query and output) and once with `absorb=False` (expand the whole cached latent through
+  `kv_b_proj` every step, then SDPA), against transformers' `generate` on the same prompt (it caches expanded keys
+  and values). Prefill uses the model's default form in both.
 Greedy, fp32, no early stop (transformers: min_new_tokens = max_new_tokens and a dynamic cache; dsv3: no stop
 token). transformers runs `attn_implementation="sdpa"` and `experts_implementation="grouped_mm"` (its fastest
 CPU paths in 5.x; the one actually used is printed).
@@ -122,6 +127,24 @@ def make_engine(model, batch: int, max_len: int, compile: bool, speculative: boo
     return engine, seconds + engine.stats["compile_time"]
 
 
+def run_form(model, prompt: list[int], new_tokens: int, absorb: bool) -> dict:
+    """Batch-1 greedy decode of `new_tokens` after `prompt` through the model's cached forward with the given
+    attention form: prefill and decode seconds and token counts."""
+    cache = model.new_cache(1, len(prompt) + new_tokens + 1)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = model(torch.tensor([prompt]), cache=cache, mtp=False).logits
+        t1 = time.perf_counter()
+        pos = len(prompt)
+        for _ in range(new_tokens - 1):
+            token = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+            logits = model(token, cache=cache, start_pos=pos, absorb=absorb, mtp=False).logits
+            pos += 1
+        t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "prefill_tokens": len(prompt), "decode_s": t2 - t1,
+            "decode_tokens": new_tokens - 1}
+
+
 def decode_tps(results: list[dict]) -> list[float]:
     return [r["decode_tokens"] / r["decode_s"] for r in results]
 
@@ -145,6 +168,9 @@ def main() -> None:
     ap.add_argument("--max-draft", type=int, default=3, help="MTP rows for k = 1..this many chained drafts")
     ap.add_argument("--spec-batch", type=int, default=8, help="batch size of the sampled MTP row")
     ap.add_argument("--stream-mb", type=float, default=32, help="MiB of the fp32 matrix timed for the bandwidth")
+    ap.add_argument("--form-contexts", default="2000,4000,8000",
+                    help="contexts (tokens) of the absorbed-vs-naive rows; empty to skip them")
+    ap.add_argument("--only-forms", action="store_true", help="run only the absorbed-vs-naive rows")
     args = ap.parse_args()
     transformers.logging.set_verbosity_error()  # its load report lists the MTP tensors it does not use
     transformers.logging.disable_progress_bar()
@@ -159,7 +185,8 @@ def main() -> None:
     bw = stream_bandwidth(args.stream_mb)
     rows = []  # (label, hf results, ours results, roofline tok/s or None)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = max(args.long_context, args.prefill_len, args.prompt_len) + 2 * n + 8
+        form_contexts = [int(c) for c in args.form_contexts.split(",") if c]
+        ctx = max(args.long_context, args.prefill_len, args.prompt_len, *form_contexts) + 2 * n + 8
         long_ckpt = with_context(ckpt, Path(tmp), ctx)
         ours = dsv3.load_pretrained(long_ckpt).eval()
         kwargs = {"dtype": torch.float32, "attn_implementation": "sdpa", "experts_implementation": "grouped_mm"}
@@ -182,7 +209,7 @@ def main() -> None:
                     (f"batch 1, {args.long_context / 1000:g}K context", long, 1, n,
                      weight_bytes + latent_bytes * (args.long_context + n / 2)),
                     (f"prefill, {args.prefill_len}-token prompts", pre, 1, 1, None))
-        for label, prompts, batch, new, step_bytes in settings:
+        for label, prompts, batch, new, step_bytes in settings if not args.only_forms else ():
             def pick(r, prompts=prompts, batch=batch):  # round r's prompts: passage r, or the first `batch`
                 return [prompts[r % len(prompts)]] if batch == 1 else prompts[:batch]
 
@@ -212,9 +239,22 @@ def main() -> None:
                       f"{spread(prefill_tps(o), '.0f')} | "
                       f"{statistics.median(pair_ratios(prefill_tps(o), prefill_tps(h))):.2f}x", flush=True)
 
+        form_rows = []  # (context, results of transformers / absorbed / naive)
+        for length in form_contexts:
+            (prompt,) = passages(args.data, 1, length)
+            run_hf(hf, [prompt], 2)  # warm-up
+            res = alternating({"transformers": lambda r, p=prompt: run_hf(hf, [p], n),
+                               "absorbed": lambda r, p=prompt: run_form(ours, p, n, True),
+                               "naive": lambda r, p=prompt: run_form(ours, p, n, False)}, args.repeats)
+            form_rows.append((length, res))
+            print(f"{length:>6}-token context: decode tok/s " + " | ".join(
+                f"{k} {spread(decode_tps(v))}" for k, v in res.items()), flush=True)
+
     model = ours  # the same weights (only its position limit was raised)
     spec_rows = []  # (label, plain results, speculative results, k, compile seconds)
-    if model.config.num_nextn_predict_layers >= 1:
+    if args.only_forms:
+        pass
+    elif model.config.num_nextn_predict_layers >= 1:
         # batch 1 greedy, compiled, k = 1..max: the plain compiled step against each speculative one
         max_len = args.prompt_len + 2 * n + 2 + args.max_draft
         one = lambda r: [short[r % len(short)]]  # noqa: E731
@@ -249,9 +289,10 @@ def main() -> None:
 
     print(f"\nmedian (min-max) of {args.repeats} alternating rounds; speedup = median of per-round ratios; "
           f"roofline = stream bandwidth {bw / 1e9:.1f} GB/s / active fp32 weight (+ latent cache) bytes per step\n")
-    print("| setting | transformers tok/s | dsv3 eager tok/s | dsv3 compiled tok/s | eager / transformers | "
-          "compiled / transformers | compiled / batch-1 roofline | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    if rows:
+        print("| setting | transformers tok/s | dsv3 eager tok/s | dsv3 compiled tok/s | eager / transformers | "
+              "compiled / transformers | compiled / batch-1 roofline | compile s |")
+        print("|---|---|---|---|---|---|---|---|")
     for label, res, roof, compile_s in rows:
         h, o = res["transformers"], res["dsv3"]
         f = decode_tps if h[0]["decode_tokens"] else prefill_tps
@@ -262,6 +303,14 @@ def main() -> None:
         print(f"| {label} | {spread(f(h), fmt)} | {spread(f(o), fmt)} | {comp.split(' | ')[0]} | "
               f"{statistics.median(pair_ratios(f(o), f(h))):.2f}x | {comp.split(' | ')[1]} | {roof_cell} | "
               f"{f'{compile_s:.0f}' if compile_s else ''} |")
+    if form_rows:
+        print("\n| batch-1 decode, context | transformers tok/s | dsv3 absorbed tok/s | dsv3 naive tok/s | "
+              "absorbed / naive | absorbed / transformers |")
+        print("|---|---|---|---|---|---|")
+        for length, res in form_rows:
+            h, a, v = (decode_tps(res[k]) for k in ("transformers", "absorbed", "naive"))
+            print(f"| {length / 1000:g}K | {spread(h)} | {spread(a)} | {spread(v)} | "
+                  f"{statistics.median(pair_ratios(a, v)):.2f}x | {statistics.median(pair_ratios(a, h)):.2f}x |")
     if spec_rows:
         print("\n| speculation | plain tok/s | speculative tok/s | speedup | acceptance (per draft position) | "
               "target 0.8 x tokens per verification | compile s |")

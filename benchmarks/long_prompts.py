@@ -4,11 +4,12 @@ and prefix reuse (time to first token of a chat's second turn through `dsv3 serv
 1. Chunked prefill. Eight requests with 32-token prompts decode (greedy) in one engine; once each has 8 tokens, a
    4,000-token prompt arrives. Each step is timed; the figures are the running requests' inter-token latency (one
    step each gives every running request one token) over the window from the long prompt's arrival to its first
-   token — median, 90th percentile and max — against the same requests' latency with no long prompt, and the long
-   prompt's own time to first token. Policies: no long prompt, one-shot prefill (`prefill_chunk=None`), and
-   chunks of `--chunks` tokens. One engine serves every policy (`engine.prefill_chunk` is set per trial) with the
-   decode step compiled as `dsv3 serve` runs it (`--no-compile` for eager); policies alternate within each of
-   `--repeats` rounds and each figure is the median over rounds.
+   token — median, mean, 90th percentile and max — against the same requests' latency with no long prompt, and
+   the long prompt's own time to first token. Policies: no long prompt, one-shot prefill (`prefill_chunk=None`),
+   and chunks of `--chunks` tokens at each of `--shares` (`prefill_share`; 1 = a chunk every step). One engine
+   serves every policy (its `prefill_chunk` and `prefill_share` are set per trial) with the decode step compiled
+   as `dsv3 serve` runs it (`--no-compile` for eager); policies alternate within each of `--repeats` rounds and
+   each figure is the median over rounds.
 2. Prefix reuse. Two servers on loopback over the same weights, one with the prefix store and one without
    (`prefix_cache_bytes` 0). Per round a fresh ~2K-token conversation (a different held-out passage as the user's
    message): turn 1 (greedy, 32 tokens) on each server, then turn 2 — the first turn's answer re-sent as the
@@ -24,13 +25,12 @@ The model's position limit is raised to fit the prompts (speed only; quality at 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import openai
 import torch
 
 import dsv3
@@ -44,10 +44,10 @@ GREEDY = dict(temperature=0.0, seed=0)
 
 
 def itl_trial(engine: Engine, short: list[list[int]], long: list[int] | None, chunk: int | None,
-              settle: int = 8) -> dict:
+              share: float = 1.0, settle: int = 8) -> dict:
     """One trial of part 1 (module doc): step times in the window, the long prompt's time to first token, and the
     step times with no long prompt (when `long` is None: the next 32 steps after settling)."""
-    engine.prefill_chunk = chunk
+    engine.prefill_chunk, engine.prefill_share = chunk, share
     reqs = [engine.submit(p, SamplingParams(max_new_tokens=engine.max_len - len(p) - 1, **GREEDY)) for p in short]
     while min(len(r.output) for r in reqs) < settle:
         engine.step()
@@ -68,7 +68,7 @@ def itl_trial(engine: Engine, short: list[list[int]], long: list[int] | None, ch
     return {"gaps": gaps, "ttft": ttft, "steps": len(gaps)}
 
 
-def chunked_prefill(model, short, long, chunks, repeats, compile: bool) -> None:
+def chunked_prefill(model, short, long, chunks, shares, repeats, compile: bool) -> None:
     max_len = len(long) + 64
     engine = Engine(model, max_batch=16, max_len=max_len, compile=compile)
     t0 = time.perf_counter()
@@ -79,37 +79,38 @@ def chunked_prefill(model, short, long, chunks, repeats, compile: bool) -> None:
     trials = {"no long prompt": lambda r: itl_trial(engine, short, None, None),
               "one-shot prefill": lambda r: itl_trial(engine, short, long, None)}
     for c in chunks:
-        trials[f"chunks of {c}"] = lambda r, c=c: itl_trial(engine, short, long, c)
+        for f in shares:
+            trials[f"chunks of {c}, share {f:g}"] = lambda r, c=c, f=f: itl_trial(engine, short, long, c, f)
     res = alternating(trials, repeats)
     base = [statistics.median(t["gaps"]) for t in res["no long prompt"]]
-    print("\n| prefill policy | inter-token latency ms: median | p90 | max | median / no long prompt | "
-          "long prompt: time to first token s | steps |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| prefill policy | inter-token latency ms: median | mean | p90 | max | median / no long prompt | "
+          "mean / no long prompt | long prompt: time to first token s | steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base_mean = [statistics.mean(t["gaps"]) for t in res["no long prompt"]]
     for name, rs in res.items():
         med = [statistics.median(t["gaps"]) for t in rs]
+        mean = [statistics.mean(t["gaps"]) for t in rs]
         p90 = [statistics.quantiles(t["gaps"], n=10)[-1] if len(t["gaps"]) > 1 else t["gaps"][0] for t in rs]
         mx = [max(t["gaps"]) for t in rs]
         ratio = statistics.median(pair_ratios(med, base))
         ttft = spread([t["ttft"] for t in rs], ".2f") if rs[0]["ttft"] is not None else ""
         steps = statistics.median(t["steps"] for t in rs)
-        print(f"| {name} | {spread([m * 1e3 for m in med])} | {statistics.median(p90) * 1e3:.1f} | "
-              f"{statistics.median(mx) * 1e3:.1f} | {ratio:.2f}x | {ttft} | {steps:.0f} |", flush=True)
+        print(f"| {name} | {spread([m * 1e3 for m in med])} | {statistics.median(mean) * 1e3:.1f} | "
+              f"{statistics.median(p90) * 1e3:.1f} | {statistics.median(mx) * 1e3:.1f} | {ratio:.2f}x | "
+              f"{statistics.median(pair_ratios(mean, base_mean)):.2f}x | {ttft} | {steps:.0f} |", flush=True)
 
 
 def chat_turn(port: int, messages: list[dict], max_tokens: int) -> tuple[str, float]:
     """One streamed greedy chat completion: (its text, seconds to the first content chunk)."""
-    body = {"model": "dsv3", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=600, max_retries=0)
     t0 = time.perf_counter()
     first, text = None, []
-    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-            if delta and first is None:
-                first = time.perf_counter() - t0
-            text.append(delta)
+    for chunk in client.chat.completions.create(model="dsv3", messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True):
+        delta = chunk.choices[0].delta.content if chunk.choices else None
+        if delta and first is None:
+            first = time.perf_counter() - t0
+        text.append(delta or "")
     return "".join(text), first if first is not None else time.perf_counter() - t0
 
 
@@ -161,7 +162,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     ap.add_argument("--long", type=int, default=4000, help="tokens of the long prompt (part 1)")
     ap.add_argument("--running", type=int, default=8, help="requests decoding when it arrives (part 1)")
-    ap.add_argument("--chunks", default="32,64,128,256", help="chunk sizes to compare (part 1)")
+    ap.add_argument("--chunks", default="64,256", help="chunk sizes to compare (part 1)")
+    ap.add_argument("--shares", default="1,0.5", help="prefill shares to compare with each chunk size (part 1)")
     ap.add_argument("--chat", type=int, default=2000, help="tokens of the conversation's first message (part 2)")
     ap.add_argument("--prefix-cache-mb", type=int, default=256, help="the store's bound in part 2 (MiB)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -178,7 +180,8 @@ def main() -> None:
         if args.part in ("1", "both"):
             short = passages(args.data, args.running, 32)
             (long,) = passages(args.data, 1, args.long)
-            chunked_prefill(model, short, long, chunks, args.repeats, args.compile)
+            shares = [float(f) for f in args.shares.split(",")]
+            chunked_prefill(model, short, long, chunks, shares, args.repeats, args.compile)
         if args.part in ("2", "both"):
             convs = passages(args.data, args.repeats, args.chat)
             prefix_reuse(model, tok, long_ckpt, convs, args.repeats, args.prefix_cache_mb)

@@ -33,21 +33,24 @@ from dsv3.train.trainer import BALANCE_MODES, PP_SCHEDULES, PRECISIONS, TrainCon
 # the documented flags of each subcommand (what its --help must list); the test of each command is named beside it
 FLAGS = {
     "params": ["--model-config"],  # test_params
-    "data prepare": ["--out", "--overwrite", "--corpus", "--vocab-size", "--val-fraction"],  # test_data_prepare
+    "data prepare": ["--out", "--overwrite", "--corpus", "--vocab-size", "--val-fraction",
+                     "--retrieval-docs", "--retrieval-words"],  # test_data_prepare; test_context.py
     "train": ["--config", "--resume", "--overwrite", "--model-config", "--data", "--out", "--max-steps", "--minutes",
               "--batch-size", "--grad-accum", "--seq-len", "--lr", "--balance", "--precision", "--pp-schedule",
               "--keep-checkpoints", "--no-progress"],  # test_train_then_resume
-    "eval": ["--data", "--seq-len", "--max-tokens"],  # test_eval
+    "eval": ["--data", "--seq-len", "--max-tokens", "--device", "--precision"],  # test_eval, test_device_and_precision
     "plot": ["--out", "--overwrite"],  # test_train.py::test_plot_writes_three_pngs_with_layer_names
     "simulate-routing": ["--out", "--experts", "--groups", "--topk-groups", "--top-k", "--steps", "--gamma", "--skew",
                          "--seed"],  # test_simulate_routing
     "convert": ["--out", "--overwrite", "--dtype"],  # test_convert_bf16
     "generate": ["--prompt", "--verbose", "--max-new-tokens", "--max-len", "--temperature", "--top-k", "--top-p",
-                 "--seed", "--speculative", "--draft-tokens", "--compile", "--stop"],  # test_generate
+                 "--seed", "--speculative", "--draft-tokens", "--compile", "--stop", "--prefill-chunk",
+                 "--prefill-share", "--prefix-cache-mb", "--device", "--precision"],  # test_generate, test_device_...
     "chat": ["--max-new-tokens", "--max-len", "--temperature", "--speculative", "--draft-tokens", "--compile",
-             "--stop"],  # test_chat
+             "--stop", "--prefix-cache-mb", "--device", "--precision"],  # test_chat
     "serve": ["--host", "--port", "--max-batch", "--max-len", "--speculative", "--draft-tokens", "--compile",
-              "--model-name", "--max-queue", "--request-timeout", "--api-key"],  # test_serve
+              "--model-name", "--max-queue", "--request-timeout", "--api-key", "--prefill-chunk", "--prefill-share",
+              "--prefix-cache-mb", "--device", "--precision"],  # test_serve; test_prefill.py, test_logprobs.py
     "cost": ["--model-config", "--tokens", "--gpus", "--gpu", "--mfu", "--seq-len", "--price", "--pp",
              "--micro-batches"],  # test_cost
     "plan": ["--model-config", "--pp", "--dp", "--ep", "--zero", "--pp-schedule", "--optimizer-state-dtype", "--gpu",
@@ -157,6 +160,14 @@ def test_data_prepare(capsys, tmp_path):
     assert len(meta["splits"]["val"]["documents"]) == 1
     code, _, err = cli(capsys, "data", "prepare", src, "--corpus", "shakespeare", "--out", tmp_path / "x")
     assert_usage_error(code, err, "data prepare", "--corpus")
+    code, out, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "r", "--vocab-size", 280,
+                         "--retrieval-docs", 3, "--retrieval-words", "5,20")
+    assert code == 0, err
+    train = json.loads((tmp_path / "r" / "meta.json").read_text())["splits"]["train"]["documents"]
+    assert sum(d.startswith("retrieval-") for d in train) == 3
+    for bad in ("20,5", "5", "0,5"):
+        code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "y", "--retrieval-words", bad)
+        assert_usage_error(code, err, "data prepare", "--retrieval-words")
 
 
 def test_train_then_resume(capsys, dataset, tmp_path):
@@ -246,6 +257,19 @@ def test_generate(capsys, trained_run):
     assert out == expected.text + "\n" and "compiling took" in err
     code, _, err = cli(capsys, "generate", trained_run, "--prompt", "x", "--max-new-tokens", 0)
     assert code == 2 and "--max-new-tokens" in err
+
+
+def test_device_and_precision(capsys, trained_run):
+    """--precision bf16 generates (the engine's cache and head in bf16); a device that is not here, or not a
+    device, is a usage error naming the flag."""
+    code, out, err = cli(capsys, "generate", trained_run, "--prompt", "KING.\n", "--max-new-tokens", 6,
+                         "--temperature", 0, "--precision", "bf16", "-v")
+    assert code == 0 and out.strip(), err
+    code, _, err = cli(capsys, "eval", trained_run, "--max-tokens", 256, "--precision", "bf16")
+    assert code == 0, err
+    for device in (["cuda:7"] if torch.cuda.is_available() else ["cuda"]) + ["tpu", "nonsense"]:
+        code, _, err = cli(capsys, "generate", trained_run, "--prompt", "x", "--device", device)
+        assert_usage_error(code, err, "generate", f"--device {device}")
 
 
 def test_chat(capsys, monkeypatch, trained_run):

@@ -65,6 +65,56 @@ def test_extended_checkpoint_writes_yarn_and_transformers_agrees_past_the_traine
         assert not torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-3)  # YaRN is really on
 
 
+@pytest.mark.parametrize("rope", ["linear", "none"])
+def test_the_baseline_extensions_write_their_config_and_transformers_agrees(dataset, source, tmp_path, rope):
+    """--extend-rope linear writes {"type": "linear", "factor"} (every frequency / factor), none only raises the
+    position limit; transformers reads both with equal logits at 4x the trained length."""
+    Trainer(cfg(dataset, tmp_path / "ext", max_steps=1, seq_len=64, init_from=str(source), extend_context=4,
+                extend_rope=rope)).fit()
+    ckpt = dsv3.resolve_checkpoint(tmp_path / "ext")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["max_position_embeddings"] == 128
+    assert config.get("rope_scaling") == ({"type": "linear", "factor": 4.0} if rope == "linear" else None)
+    ours = dsv3.load_pretrained(ckpt).eval()
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 128))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+    plain = dsv3.DeepseekV3(ours.config.replace(rope_scaling=None)).eval()
+    assert torch.allclose(ours.model.rotary_emb.inv_freq * (4.0 if rope == "linear" else 1.0),
+                          plain.model.rotary_emb.inv_freq)
+
+
+def test_retrieval_documents_share_no_wording_with_the_passkey_evaluation(tmp_path):
+    """`prepare(..., retrieval_docs=N)` adds N documents to the training split only, reproducibly; each states
+    its number twice, and none contains the evaluation's filler, key or question sentences."""
+    import random
+
+    from dsv3.train import passkey
+    from dsv3.train.data import prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        text = "\n".join(f"LORD {i}.\nline {j} of the play, my lord." for j in range(200))
+        (corpus / f"play{i}.txt").write_text(text)
+    meta = [prepare(tmp_path / f"d{k}", [corpus], vocab_size=300, retrieval_docs=5) for k in (1, 2)]
+    assert (tmp_path / "d1" / "train.bin").read_bytes() == (tmp_path / "d2" / "train.bin").read_bytes()
+    train, val = meta[0]["splits"]["train"]["documents"], meta[0]["splits"]["val"]["documents"]
+    assert sum(n.startswith("retrieval-") for n in train) == 5 and not any(n.startswith("retrieval") for n in val)
+    lines = [f"line {j}, my lord." for j in range(50)]
+    banned = [passkey.INTRO.strip(), passkey.QUESTION.strip(), "pass key", "Remember it"]
+    banned += [s.strip() + "." for s in passkey.FILLER.split(".") if s.strip()]
+    rng = random.Random(0)
+    for words in (5, 60, 400):
+        doc = passkey.retrieval_document(lines, words, rng)
+        key = [w.strip(".") for w in doc.split() if w.strip(".").isdigit() and len(w.strip(".")) == passkey.DIGITS]
+        assert len(key) == 2 and key[0] == key[1] and doc.rstrip().endswith(key[0] + ".")
+        assert not any(b in doc for b in banned)
+        assert len(doc.split()) >= words
+
+
 def test_bad_extensions_are_refused(dataset, source, tmp_path):
     with pytest.raises(TrainError, match="give init_from too"):
         cfg(dataset, tmp_path / "a", extend_context=4).validate()

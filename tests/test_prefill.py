@@ -237,3 +237,39 @@ def test_cancel_during_a_chunked_prefill_frees_its_row(trained):
     again = engine.generate([long_prompt(tok, 50)], greedy(4))[0]  # the one row is usable again
     assert again.output == Engine(model, tok, max_batch=1, max_len=160).generate([long_prompt(tok, 50)],
                                                                                 greedy(4))[0].output
+
+
+@pytest.mark.parametrize(("share", "every"), [(0.5, 3), (0.75, 1), (0.2, 12)])
+def test_prefill_share_bounds_the_time_chunks_take(trained, monkeypatch, share, every):
+    """On a fake clock where a chunk takes 3 units and a decode step 1: with share s, chunks take at most s of
+    the time while others decode — after a chunk, the next waits for 3(1 - s)/s units of decode steps."""
+    import types
+
+    import dsv3.infer.engine as engine_mod
+
+    model, tok = trained
+    now = [0.0]
+    monkeypatch.setattr(engine_mod, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    engine = Engine(model, tok, max_batch=2, max_len=200, prefill_chunk=8, prefill_share=share)
+    chunk, decode = engine._prefill_chunk, engine._decode_step
+    chunks_at = []
+
+    def timed_chunk():
+        chunks_at.append(engine.stats["decode_steps"])
+        chunk()
+        now[0] += 3
+
+    def timed_decode():
+        decode()
+        now[0] += 1
+
+    monkeypatch.setattr(engine, "_prefill_chunk", timed_chunk)
+    monkeypatch.setattr(engine, "_decode_step", timed_decode)
+    short = engine.submit(tok.encode("KING.\nthe").ids, greedy(150))
+    engine.step()
+    late = engine.submit(long_prompt(tok, 80), greedy(2))
+    while not late.output:
+        engine.step()
+    assert len(chunks_at) == 10
+    assert [b - a for a, b in zip(chunks_at, chunks_at[1:])] == [every] * 9
+    assert not short.done

@@ -9,8 +9,9 @@ Naming scheme (the same in every subcommand; see `dsv3 --help`):
   --compile/--no-compile     torch.compile the decode step (generate, chat: off; serve: on)
   --init-from CKPT           train from a checkpoint's weights and config (fresh optimizer; --extend-context F)
   --context-lengths L1,L2    eval: held-out loss per evaluation length and by position
-Reserved for the open issues: --device, --precision fp32|bf16 (inference compute; `convert
---dtype` is the storage format).
+  --device cpu|cuda[:N]      generate, chat, serve, eval: where the model runs (default cpu)
+  --precision fp32|bf16      the compute precision: training's GEMMs (train adds fp8), inference's weights and
+                             cache (`convert --dtype` is the storage format)
 Old spellings (`--preset`, a positional config, `convert SRC DST`) still work and print a one-line warning.
 """
 
@@ -32,8 +33,8 @@ SCHEME = """naming scheme, the same in every command:
   --compile/--no-compile    torch.compile the decode step (generate, chat: off by default; serve: on)
   --init-from CKPT          train from a checkpoint's weights and config (fresh optimizer); --extend-context F: YaRN
   --context-lengths L1,L2   eval: held-out loss per evaluation length and by position (--out PNG)
-reserved, one meaning each, as features arrive: --device, --precision fp32|bf16 (inference
-  compute; `convert --dtype` is the storage format)
+  --device cpu|cuda[:N]     generate, chat, serve, eval: where the model runs (default: cpu)
+  --precision fp32|bf16     compute precision (train also fp8); `convert --dtype` is the storage format
 errors: `dsv3 COMMAND: error: ...` on stderr, exit status 2."""
 
 
@@ -81,8 +82,12 @@ def _data_prepare(args: argparse.Namespace) -> int:
     inputs = args.paths or None
     if inputs and args.corpus:
         raise _UsageError("give either --corpus or input paths, not both")
+    words = args.retrieval_words
+    if len(words) != 2 or words[0] > words[1]:
+        raise _UsageError(f"--retrieval-words takes MIN,MAX with MIN <= MAX, got {','.join(map(str, words))}")
     _claim_out(args.out, args.overwrite)
-    meta = prepare(args.out, inputs, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+    meta = prepare(args.out, inputs, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                   retrieval_docs=args.retrieval_docs, retrieval_words=tuple(args.retrieval_words))
     for split, s in meta["splits"].items():
         print(f"{split}: {s['tokens']:,} tokens from {len(s['documents'])} document(s), {s['bytes']:,} bytes")
     print(f"vocab {meta['vocab_size']:,}; written to {args.out}")
@@ -165,7 +170,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_pretrained
     from .runs import resolve_checkpoint, train_setting
     from .train.evaluate import evaluate
 
@@ -174,7 +178,7 @@ def _eval(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or train_setting(ckpt, "seq_len") or 256
     if not data:
         raise _UsageError("this checkpoint does not record its dataset; pass --data DIR")
-    model = load_pretrained(ckpt)
+    model = _load_model(args, ckpt)
     if args.passkey:
         return _passkey(args, ckpt, model)
     if args.context_lengths:
@@ -461,13 +465,46 @@ def _plan_dry_run(name: str, layout, rows) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ inference
-def _load_for_inference(args: argparse.Namespace):
+def _compute_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="weights, activations and latent cache in this precision (default: fp32; on CPU fp32 is "
+                        "the faster one)")
+
+
+def _load_model(args: argparse.Namespace, ckpt):
+    """The checkpoint's model on --device in --precision, for inference.
+
+    Raises:
+        _UsageError: a device torch cannot parse, or CUDA asked for where there is none (or not that index).
+    """
+    import torch
+
     from .checkpoint import load_pretrained
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise _UsageError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise _UsageError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}"
+                              f"{', a CPU-only build' if torch.version.cuda is None else ''})")
+        if device.index is not None and device.index >= count:
+            raise _UsageError(f"--device {args.device}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise _UsageError(f"--device {args.device}: only cpu and cuda[:N] are supported")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    return load_pretrained(ckpt, dtype=dtype, device=device).eval()
+
+
+def _load_for_inference(args: argparse.Namespace):
     from .runs import resolve_checkpoint
     from .tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    return ckpt, load_pretrained(ckpt).eval(), load_tokenizer(ckpt)
+    return ckpt, _load_model(args, ckpt), load_tokenizer(ckpt)
 
 
 def _positive_int(text: str) -> int:
@@ -481,6 +518,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
 
 
@@ -500,6 +544,7 @@ def _comma_list(cast, ok, what: str):
 
 _length_list = _comma_list(int, lambda n: n >= 2, "token counts of at least 2")  # '256,1024,4096'
 _fraction_list = _comma_list(float, lambda f: 0 <= f <= 1, "fractions in [0, 1]")  # '0,0.5,1'
+_word_counts = _comma_list(int, lambda n: n >= 1, "word counts of at least 1")  # '50,2800'
 
 
 def _count(text: str) -> float:
@@ -520,10 +565,12 @@ def _sampling_flags(p: argparse.ArgumentParser, max_new: int, prefix_mb: int = 0
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     _decode_flags(p, compile_default=False, prefix_mb=prefix_mb)
+    _compute_flags(p)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-PREFILL_CHUNK = 256  # tokens; see benchmarks/long_prompts.py for the stall it bounds
+PREFILL_CHUNK = 256  # tokens; benchmarks/long_prompts.py measures the stall it bounds
+PREFILL_SHARE = 0.5  # mean inter-token latency of running requests at most ~2x while a long prompt is prefilled
 PREFIX_CACHE_MB = 256  # chat and serve: ~120K tokens of `small`'s latent rows (fp32), ~3.8K of the 671B model's (bf16)
 
 
@@ -538,6 +585,9 @@ def _decode_flags(p: argparse.ArgumentParser, compile_default: bool, prefix_mb: 
     p.add_argument("--prefill-chunk", type=_positive_int, default=PREFILL_CHUNK, metavar="TOKENS",
                    help="prefill a longer prompt this many tokens per step, between the running requests' decode "
                         f"steps; also bounds prefill memory (default: {PREFILL_CHUNK})")
+    p.add_argument("--prefill-share", type=_fraction, default=PREFILL_SHARE, metavar="F",
+                   help="the most of the time a long prompt's chunks may take while other requests decode, in "
+                        f"(0, 1]; 1 = a chunk every step (default: {PREFILL_SHARE})")
     p.add_argument("--prefix-cache-mb", type=_non_negative_int, default=prefix_mb, metavar="MIB",
                    help="keep the latent cache rows of finished requests, up to this many MiB, and copy them into "
                         "a new request whose prompt starts with the same tokens (a chat's next turn, a shared "
@@ -549,7 +599,7 @@ def _engine(args, model, tok, max_batch: int, log=None):
 
     return Engine(model, tok, max_batch=max_batch, max_len=args.max_len, speculative=args.speculative == "mtp",
                   draft_tokens=args.draft_tokens, compile=args.compile, log=log, prefill_chunk=args.prefill_chunk,
-                  prefix_cache_bytes=args.prefix_cache_mb << 20)
+                  prefill_share=args.prefill_share, prefix_cache_bytes=args.prefix_cache_mb << 20)
 
 
 def _params_from(args, tokenizer, extra_stops=(), checkpoint=None):
@@ -667,6 +717,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size (default: 8192)")
     q.add_argument("--val-fraction", type=float, default=0.05,
                    help="held-out share of documents, your own data only (default: 0.05)")
+    q.add_argument("--retrieval-docs", type=_non_negative_int, default=0, metavar="N",
+                   help="add N retrieval documents (a number stated once in the corpus' own text and again at the "
+                        "end) to the training split, for long-context runs; none of their wording is used by "
+                        "`dsv3 eval --passkey` (default: 0)")
+    q.add_argument("--retrieval-words", type=_word_counts, default=[50, 2800], metavar="MIN,MAX",
+                   help="the retrieval documents' lengths in words, log-uniform between MIN and MAX (default: "
+                        "50,2800, about 70 to 4,000 tokens)")
     q.set_defaults(func=_data_prepare, command="data prepare")
 
     p = sub.add_parser("train", help="train a model (flags override --config TOML)")
@@ -692,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --context-lengths: a PNG of the loss by position; with --passkey: the "
                    "heatmap PNG")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _compute_flags(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="loss, expert-load and bias plots of a run")
@@ -740,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=_positive_int, default=None,
                    help="cache capacity per sequence, prompt + output (default: the model's context)")
     _decode_flags(p, compile_default=True, prefix_mb=PREFIX_CACHE_MB)
+    _compute_flags(p)
     p.add_argument("--model-name", help="the model id clients send (default: the run's name)")
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="requests that may wait for a free slot; beyond, clients get 429 (default: 64)")

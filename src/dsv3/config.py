@@ -84,6 +84,13 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def linear_rope_factor(self) -> float:
+        """Linear position interpolation (`rope_scaling: {"type": "linear", "factor": f}`, Chen et al. 2023): every
+        RoPE frequency divided by f; 1.0 when not used."""
+        rs = self.rope_scaling or {}
+        return float(rs["factor"]) if rs.get("type", rs.get("rope_type")) == "linear" else 1.0
+
+    @property
     def yarn(self) -> dict | None:
         """The YaRN parameters, or None when plain RoPE is used."""
         rs = self.rope_scaling
@@ -158,8 +165,11 @@ class ModelConfig:
         rs = self.rope_scaling
         if rs:
             kind = rs.get("type", rs.get("rope_type"))
-            if kind not in ("yarn", "default", None):
-                raise ConfigError(f"invalid config: rope_scaling.type = {kind!r}: only 'yarn' is supported")
+            if kind not in ("yarn", "linear", "default", None):
+                raise ConfigError(f"invalid config: rope_scaling.type = {kind!r}: 'yarn' and 'linear' are supported")
+            if kind == "linear" and not rs.get("factor", 0) >= 1:
+                raise ConfigError(f"invalid config: rope_scaling.factor = {rs.get('factor')!r}: linear position "
+                                  "interpolation needs a factor >= 1")
             if kind == "yarn":
                 for key in ("factor", "original_max_position_embeddings"):
                     if key not in rs:

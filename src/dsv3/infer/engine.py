@@ -6,15 +6,16 @@ row is copied into its place, so a decode step always runs on the contiguous bat
 
 One `step()`:
 1. one prefill forward (never mixed into the decode batch): either several waiting prompts together, whole
-   (naive attention over the right-padded prompts), or the next chunk of one prompt — a prompt longer than
+   (right-padded to the longest), or the next chunk of one prompt — a prompt longer than
    `prefill_chunk` tokens, or one whose start was found in the prefix store (`infer/prefix.py`: those latent rows
    are copied into its slot and only the rest is prefilled). A prompt's last piece also samples its first token,
    and the request joins the decode batch;
 2. one decode step for every running row: plain (one token per row, absorbed attention over the cache), or
    speculative with the MTP module (below).
 So a long prompt is prefilled in chunks interleaved with the running requests' decode steps (chunked prefill, as
-in Sarathi-Serve and vLLM), each step stalling them by one chunk, not by the whole prompt. A request in the middle
-of its prefill holds the row just after the decode rows (`prefilling`).
+in Sarathi-Serve and vLLM), stalling them by one chunk at a time, not by the whole prompt; `prefill_share` bounds
+the fraction of the time those chunks take while other requests decode. A request in the middle of its prefill
+holds the row just after the decode rows (`prefilling`).
 
 MTP speculation with k chained drafts (DeepSeek-V3 section 2.2's module used as a drafter, as vLLM and SGLang do;
 the acceptance rule of Leviathan et al. 2023). Invariant at the start of a step, per row: the main cache holds
@@ -56,9 +57,10 @@ from ..model.moe import RoutedExperts
 from ..model.transformer import at_positions
 from ..tokenizer import stop_token_ids
 from .head import DecodeHead
-from .prefix import PrefixStore
+from .prefix import PrefixEntry, PrefixStore
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MAX_LOGPROBS = 20  # alternatives per position, vLLM's limit (the legacy OpenAI API allowed 5)
 
 
 class GenerationError(Dsv3Error, ValueError):
@@ -68,7 +70,15 @@ class GenerationError(Dsv3Error, ValueError):
 @dataclass
 class SamplingParams:
     """How one request samples: temperature (0 = greedy) with optional top-k / top-p, its own seeded generator,
-    and when it stops (max_new_tokens, stop token ids, stop strings)."""
+    when it stops (max_new_tokens, stop token ids, stop strings), and which log-probabilities it reports.
+
+    logprobs: for every generated token, its log-probability and the `logprobs` most likely alternatives (0: the
+        token's alone), from the model's raw distribution (log-softmax of the logits, before temperature, top-k
+        and top-p: what vLLM reports by default).
+    prompt_logprobs: the same for every prompt token after the first, given the tokens before it (an echo of the
+        prompt's likelihood). Such a prompt is always prefilled, never copied from the prefix store; with it
+        max_new_tokens may be 0 (score the prompt only).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 1.0  # 0: greedy
@@ -77,6 +87,8 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> SamplingParams:
         """Itself, when every field is in range (checked before a request joins a batch, so that nothing
@@ -85,8 +97,15 @@ class SamplingParams:
         Raises:
             GenerationError: naming the field out of range.
         """
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise GenerationError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < least:
+            raise GenerationError(f"max_new_tokens must be an integer >= {least}"
+                                  f"{' (0 only to score a prompt, with prompt_logprobs)' if least else ''}, "
+                                  f"got {self.max_new_tokens!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -107,12 +126,35 @@ class DecodeSlot:
     row: int = -1  # its row in the batched latent cache
     pos: int = 0  # tokens of this request in the main cache (while prefilling: prompt tokens done)
     reuse: int | None = None  # prompt tokens to copy from the prefix store (None: not looked up yet)
-    entry: object = None  # the prefix store's entry holding them
+    entry: PrefixEntry | None = None  # the prefix store's entry holding them
     pending: int = -1  # the newest sampled token, not yet read by the model
     drafts: list[int] = field(default_factory=list)  # MTP drafts for positions pos+1.. to verify next step
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # [V] each draft's distribution (sampled only)
     gen: torch.Generator | None = None  # this request's sampler (seeded: same seed, same tokens in any batch)
     emitted_chars: int = 0  # characters of `text` already passed to on_update
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution at its position, and the `k` most likely
+    tokens there with theirs (token id -> logprob, most likely first; the chosen token's value is the same float
+    as `logprob` when it is among them)."""
+
+    token: int
+    logprob: float
+    top: dict[int, float]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """TokenLogprob for each row of logits [n, V] (fp32 log-softmax) and its token; k alternatives each."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    top = logp.topk(k, dim=-1) if k else None
+    out = []
+    for i, (tok, value) in enumerate(zip(tokens, chosen)):
+        alts = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if k else {}
+        out.append(TokenLogprob(tok, value, alts))
+    return out
 
 
 @dataclass
@@ -130,6 +172,8 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length"; "cancelled" | "timeout" | "error" from `cancel` or a server
     drafted: int = 0  # MTP drafts proposed for this request
     accepted: int = 0  # ... and accepted by the main model
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token, the first None
     slot: DecodeSlot = field(default_factory=DecodeSlot, repr=False)  # engine state, not a result
 
     @property
@@ -138,8 +182,9 @@ class Request:
 
 
 def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Sampling distribution [V] from logits [V] after temperature, top-k and top-p."""
-    logits = logits.float() / max(p.temperature, 1e-6)
+    """Sampling distribution [V] (on the CPU, where every request's generator lives) from logits [V] after
+    temperature, top-k and top-p."""
+    logits = logits.float().cpu() / max(p.temperature, 1e-6)
     if p.top_k is not None and p.top_k < logits.shape[-1]:
         kth = logits.topk(p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -185,19 +230,23 @@ class Engine:
     compile: run the decode forwards through `torch.compile` (module doc); `warmup()` compiles every batch
         bucket up front.
     prefill_chunk: the most prompt tokens one prefill forward takes (padding included): longer prompts are
-        prefilled a chunk per step between decode steps. None: every prompt in one piece.
+        prefilled a chunk at a time between decode steps. None: every prompt in one piece.
+    prefill_share: the most of the wall time a chunked prefill may take while other requests decode, in (0, 1]:
+        after a chunk of t seconds the next one waits until the decode steps since have taken t(1 - share)/share
+        (timed by the engine's clock). 1: a chunk every step. With nothing decoding, chunks run back to back.
     prefix_cache_bytes: the prefix store's bound (0: no store). Each request's latent rows are stored when it
         leaves its slot; a prompt starting with stored tokens gets those rows copied instead of prefilled.
 
     Raises:
         GenerationError: speculative decoding without an MTP module, max_batch < 1, max_len < 2,
-            draft_tokens < 1, prefill_chunk < 1, prefix_cache_bytes < 0, or compile=True for a model whose
-            experts have their own GEMM (FP8 training modules).
+            draft_tokens < 1, prefill_chunk < 1, prefill_share outside (0, 1], prefix_cache_bytes < 0, or
+            compile=True for a model whose experts have their own GEMM (FP8 training modules).
     """
 
     def __init__(self, model: DeepseekV3, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  speculative: bool = False, log: Callable[[str], None] | None = None, draft_tokens: int = 1,
-                 compile: bool = False, prefill_chunk: int | None = None, prefix_cache_bytes: int = 0):
+                 compile: bool = False, prefill_chunk: int | None = None, prefill_share: float = 1.0,
+                 prefix_cache_bytes: int = 0):
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
             raise GenerationError("speculative decoding needs a model with an MTP module "
@@ -211,6 +260,8 @@ class Engine:
             raise GenerationError(f"draft_tokens must be a positive integer, got {draft_tokens!r}")
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise GenerationError(f"prefill_chunk must be a positive number of tokens or None, got {prefill_chunk!r}")
+        if not (isinstance(prefill_share, (int, float)) and 0 < prefill_share <= 1):
+            raise GenerationError(f"prefill_share must be a fraction in (0, 1], got {prefill_share!r}")
         if not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
             raise GenerationError(f"prefix_cache_bytes must be an integer >= 0, got {prefix_cache_bytes!r}")
         if compile and any(type(m)._linear is not RoutedExperts._linear for m in model.modules()
@@ -232,6 +283,8 @@ class Engine:
         self.running: list[Request] = []  # decoding, in rows 0..n-1
         self.prefilling: Request | None = None  # part-way through its prompt, in row n
         self.prefill_chunk = prefill_chunk
+        self.prefill_share = prefill_share
+        self._credit = 0.0  # seconds of chunked prefill the decode steps since the last chunk allow (prefill_share)
         self.prefix = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
         self._next_id = 0
         self.stats = {"generated": 0, "drafted": 0, "accepted": 0, "decode_steps": 0, "decode_time": 0.0,
@@ -348,13 +401,18 @@ class Engine:
         """One prefill forward when a prompt is waiting or part-way (module doc), then one decode step."""
         if self.prefilling is None:
             self._admit()
-        if self.prefilling is not None:
+        if self.prefilling is not None and (not self.running or self.prefill_share >= 1 or self._credit >= 0):
+            t = time.perf_counter()
             self._prefill_chunk()
+            self._credit -= time.perf_counter() - t
         if self.running:
             t = time.perf_counter()
             (self._speculative_step if self.speculative else self._decode_step)()
-            self.stats["decode_time"] += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            self.stats["decode_time"] += dt
             self.stats["decode_steps"] += 1
+            if self.prefilling is not None and self.prefill_share < 1:
+                self._credit += dt * self.prefill_share / (1 - self.prefill_share)
 
     # ---------------------------------------------------------------- forwards
     def _main_forward(self, ids: torch.Tensor, start: torch.Tensor | int) -> torch.Tensor:
@@ -426,7 +484,8 @@ class Engine:
         token (the last prompt position is always computed, for its logits; and the MTP row before the match's
         end reads the token after it), so at most len(prompt) - 1."""
         if req.slot.reuse is None:
-            entry, hit = self.prefix.lookup(req.prompt) if self.prefix is not None else (None, 0)
+            use = self.prefix is not None and req.params.prompt_logprobs is None  # echo needs every position
+            entry, hit = self.prefix.lookup(req.prompt) if use else (None, 0)
             req.slot.reuse, req.slot.entry = max(min(hit, len(req.prompt)) - 1, 0), entry
         return req.slot.reuse
 
@@ -449,7 +508,7 @@ class Engine:
                         layer[r.slot.row, : r.slot.pos] = stored[: r.slot.pos]
                     self.stats["reused_tokens"] += r.slot.pos
                 r.slot.entry = None
-                self.prefilling = r
+                self.prefilling, self._credit = r, 0.0
                 return
             if (len(group) + 1) * max(len(g.prompt) for g in [*group, r]) > budget:
                 break
@@ -458,8 +517,7 @@ class Engine:
             for i, r in enumerate(group):
                 r.slot.row = len(self.running) + i
             self.running.extend(group)  # before the forward: a failed step then ends them with the batch
-            self._prefill(group, 0, max(len(r.prompt) for r in group))
-            self._started(group)
+            self._started(group, self._prefill(group, 0, max(len(r.prompt) for r in group)))
 
     def _prefill_chunk(self) -> None:
         """The next chunk of `prefilling`'s prompt; its row first follows the decode rows if some of them left."""
@@ -467,18 +525,20 @@ class Engine:
         if r.slot.row != len(self.running):
             self.cache.move_row(r.slot.row, len(self.running), r.slot.pos)
             r.slot.row = len(self.running)
-        if self._prefill([r], r.slot.pos, min(len(r.prompt), r.slot.pos + (self.prefill_chunk or len(r.prompt)))):
+        first = self._prefill([r], r.slot.pos, min(len(r.prompt), r.slot.pos + (self.prefill_chunk or len(r.prompt))))
+        if first is not None:
             self.running.append(r)
             self.prefilling = None
-            self._started([r])
+            self._started([r], first)
 
-    def _prefill(self, reqs: list[Request], start: int, stop: int) -> bool:
+    def _prefill(self, reqs: list[Request], start: int, stop: int) -> torch.Tensor | None:
         """Prefill prompt positions [start, stop) of `reqs` (consecutive rows from reqs[0]'s) in one forward (the
         model picks the attention form by cost), their pieces right-padded to the longest (causal attention keeps
         the padding out of every real token's view; the padded positions are past each row's length, masked later
         and overwritten). A row whose prompt ends here samples its first token at its own last position (and its
-        first drafts); one whose prompt goes on (a chunk, only ever alone) just advances. Returns whether the
-        prompts ended."""
+        first drafts); one whose prompt goes on (a chunk, only ever alone) just advances. Rows asking for
+        prompt_logprobs get those of the piece's tokens. Returns the logits [m, V] the first tokens were sampled
+        from when the prompts ended, else None."""
         t0 = time.perf_counter()
         first = reqs[0].slot.row
         view = self.cache.rows(first, first + len(reqs))
@@ -489,9 +549,19 @@ class Engine:
         last = torch.tensor([len(p) - 1 for p in pieces], device=device)  # [m]
         out = self.model(ids, cache=view, start_pos=start, mtp=False, head=False)
         ends = all(start + len(p) == len(r.prompt) for r, p in zip(reqs, pieces))
+        first = None
         if ends:
-            for r, tok in zip(reqs, self._choose(reqs, self.head(at_positions(out.hidden_states, last)))):
+            first = self.head(at_positions(out.hidden_states, last))  # [m, V]
+            for r, tok in zip(reqs, self._choose(reqs, first)):
                 r.slot.pending = tok
+        for i, (r, p) in enumerate(zip(reqs, pieces)):
+            if r.params.prompt_logprobs is not None:
+                if start == 0:
+                    r.prompt_logprobs.append(None)  # the first token has no context
+                nxt = r.prompt[start + 1 : start + len(p) + 1]  # what positions start.. predict, inside the prompt
+                if nxt:
+                    r.prompt_logprobs += token_logprobs(self.head(out.hidden_states[i, : len(nxt)]), nxt,
+                                                        r.params.prompt_logprobs)
         for r, p in zip(reqs, pieces):
             r.slot.pos = start + len(p)
         if self.speculative:
@@ -503,21 +573,22 @@ class Engine:
                 self._draft(reqs, at_positions(h1, last)[:, None], self.head(normed))
         self.stats["prefill_time"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += sum(len(p) for p in pieces)
-        return ends
+        return first
 
-    def _started(self, reqs: list[Request]) -> None:
-        """Emit the first token of requests whose prompt is now in the cache (they are in the decode rows)."""
-        for r in reqs:
-            self._emit(r, [r.slot.pending])
+    def _started(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Emit the first token of requests whose prompt is now in the cache (they are in the decode rows), sampled
+        from logits [n, V]."""
+        for r, row in zip(reqs, logits):
+            self._emit(r, [r.slot.pending], row[None])
         self._retire_finished()
 
     def _decode_step(self) -> None:
         reqs = self.running
         logits, _ = self._run_main([[r.slot.pending] for r in reqs], [r.slot.pos for r in reqs])
-        for r, tok in zip(reqs, self._choose(reqs, logits[:, -1])):
+        for r, tok, row in zip(reqs, self._choose(reqs, logits[:, -1]), logits[:, -1:]):
             r.slot.pos += 1
             r.slot.pending = tok
-            self._emit(r, [tok])
+            self._emit(r, [tok], row)
         self._retire_finished()
 
     def _speculative_step(self) -> None:
@@ -540,7 +611,7 @@ class Engine:
             pair_ids.append((new + [new[-1]] * k)[: k + 1])
             at.append(a)
             r.slot.pos, r.slot.pending = r.slot.pos + a + 1, new[-1]
-            self._emit(r, new)
+            self._emit(r, new, logits[b, : len(new)])
         h1, first = self._run_mtp(hidden, pair_ids, start, at)
         h_at = at_positions(h1, torch.tensor(at, device=h1.device))[:, None]  # [n, 1, D]
         # draft only for the rows that go on (a finished row's chain could run past its cache row); retiring
@@ -597,16 +668,23 @@ class Engine:
                                                                                   req.slot.gen))
         return out
 
-    def _emit(self, req: Request, tokens: list[int]) -> None:
-        """Append sampled tokens, applying stop ids, stop strings and the length limit; stream new text."""
+    def _emit(self, req: Request, tokens: list[int], logits: torch.Tensor) -> None:
+        """Append sampled tokens (sampled from logits [len(tokens), V], for their log-probabilities), applying stop
+        ids, stop strings and the length limit; stream new text."""
         p = req.params
-        for tok in tokens:
+        logprobs = token_logprobs(logits, tokens, p.logprobs) if p.logprobs is not None else None
+        for i, tok in enumerate(tokens):
             if req.done:
+                break
+            if len(req.output) >= p.max_new_tokens:  # max_new_tokens 0: a scored prompt, nothing generated
+                req.finish_reason = "length"
                 break
             if tok in p.stop_ids:
                 req.finish_reason = "stop"
                 break
             req.output.append(tok)
+            if logprobs is not None:
+                req.logprobs.append(logprobs[i])
             self.stats["generated"] += 1
             if len(req.output) >= p.max_new_tokens:
                 req.finish_reason = "length"

@@ -36,13 +36,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ..errors import Dsv3Error
-from ..tokenizer import ChatTemplate, ChatTemplateError, stop_token_ids
-from .engine import SEED_MAX, Engine, GenerationError, SamplingParams
+from ..tokenizer import EOT, ChatTemplate, ChatTemplateError, stop_token_ids
+from .engine import MAX_LOGPROBS, SEED_MAX, Engine, GenerationError, SamplingParams, TokenLogprob
 
 log = logging.getLogger("dsv3.serve")
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's limit) and characters per stop string
 MAX_NESTING = 64  # JSON arrays / objects inside one another in a request body
+MAX_PROMPTS = 32  # prompts in one /v1/completions request (each is its own engine request; lm-eval sends batches)
+LOGPROB_FLOOR = -9999.0  # what a log-probability of -inf (or NaN) is reported as: JSON has no infinities
 RETRY_AFTER_S = 1  # the Retry-After of a 429
 
 
@@ -341,8 +343,9 @@ class Server:
         self.created = int(time.time())
 
     def sampling(self, body: dict, prompt_len: int, prompt_param: str, default_max: int,
-                 extra_stops: tuple[str, ...] = ()) -> SamplingParams:
-        """The sampling parameters of `body`, every value checked against its range.
+                 extra_stops: tuple[str, ...] = (), scoring: bool = False) -> SamplingParams:
+        """The sampling parameters of `body`, every value checked against its range (`scoring`: the prompt's own
+        log-probabilities are wanted, so max_tokens may be 0).
 
         Raises:
             RequestError: 400 naming the field (404 for an unknown model); `context_length_exceeded` naming
@@ -367,7 +370,9 @@ class Server:
                                f"has {prompt_len} tokens: it leaves no room for a completion; shorten it",
                                prompt_param, 400, "context_length_exceeded")
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _get(body, key, int, None, lambda v: 1 <= v <= context, f"must be in [1, {context}]")
+        least = 0 if scoring else 1
+        max_tokens = _get(body, key, int, None, lambda v: least <= v <= context, f"must be in [{least}, {context}]"
+                          + (" (0 only with echo and logprobs)" if least else ""))
         if max_tokens is None:
             max_tokens = min(default_max, room)
         elif max_tokens > room:
@@ -383,6 +388,94 @@ class Server:
         if not ids:
             raise RequestError("the prompt is empty", "prompt")
         return ids
+
+    def prompts(self, body: dict) -> list[list[int]]:
+        """The token ids of each prompt of a /v1/completions body: `prompt` as a string, an array of strings, an
+        array of token ids or an array of token-id arrays (what lm-eval sends); at most MAX_PROMPTS.
+
+        Raises:
+            RequestError: 400 naming `prompt` (missing, empty, another type, a token id outside the vocabulary).
+        """
+        prompt = body.get("prompt")
+        vocab = self.engine.model.config.vocab_size
+        what = "a string, an array of strings, an array of token ids or an array of token-id arrays"
+        if isinstance(prompt, str):
+            return [self.encode(prompt)]
+        if not isinstance(prompt, list) or not prompt:
+            raise RequestError(f"'prompt' is required: {what}", "prompt")
+        if all(isinstance(p, str) for p in prompt):
+            items = [self.encode(p) for p in prompt]
+        elif all(_is_id(t) for t in prompt):
+            items = [prompt]
+        elif all(isinstance(p, list) and p and all(_is_id(t) for t in p) for p in prompt):
+            items = prompt
+        else:
+            raise RequestError(f"'prompt' must be {what} (non-empty, integers only)", "prompt")
+        if len(items) > MAX_PROMPTS:
+            raise RequestError(f"'prompt' holds {len(items)} prompts; this server takes at most {MAX_PROMPTS} per "
+                               "request", "prompt")
+        for p in items:
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"'prompt' has token id {bad}, outside this model's vocabulary [0, {vocab})",
+                                   "prompt")
+        return items
+
+    def tokenizer_info(self) -> dict:
+        """What a remote tokenizer client needs: the special tokens (the checkpoint's `tokenizer_config.json`, else
+        the end-of-text token of a dsv3-trained tokenizer as EOS), the chat template (the default one, or null for
+        the plain `Role: text` rendering) and the context length."""
+        special = dict(self.template.special)
+        if "eos_token" not in special and self.tokenizer.token_to_id(EOT) is not None:
+            special["eos_token"] = EOT
+        return {"eos_token": special.get("eos_token"), "bos_token": special.get("bos_token"),
+                "pad_token": special.get("pad_token"), "chat_template": self.template.templates.get("default"),
+                "model_max_length": self.engine.max_len, "vocab_size": self.engine.model.config.vocab_size,
+                "tokenizer_class": "PreTrainedTokenizerFast"}
+
+    def token_text(self, token: int) -> str:
+        """One token as text (its bytes decoded alone; a piece of a multi-byte character shows as U+FFFD)."""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+def completion_logprobs(server: Server, generated: list[TokenLogprob], prompt: list[int] | None = None,
+                        prompt_logprobs: list[TokenLogprob | None] | None = None) -> dict:
+    """The legacy completions `logprobs` object: `tokens`, `token_logprobs`, `top_logprobs` (token text -> logprob)
+    and `text_offset` (into the returned text) of the generated tokens, after the prompt's (echo: `prompt` and its
+    `prompt_logprobs`, the first entry null, having no context) when given."""
+    entries = []
+    if prompt is not None:
+        entries.append((prompt[0], None, None))
+        entries += [(lp.token, lp.logprob, lp.top) for lp in prompt_logprobs[1:]]
+    entries += [(lp.token, lp.logprob, lp.top) for lp in generated]
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token, logprob, top in entries:
+        text = server.token_text(token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if logprob is None else _finite(logprob))
+        out["top_logprobs"].append(None if top is None else {server.token_text(t): _finite(v) for t, v in top.items()})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(server: Server, logprobs: list) -> dict:
+    """The chat `logprobs` object for some generated tokens: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def item(token: int, value: float) -> dict:
+        text = server.token_text(token)
+        return {"token": text, "logprob": _finite(value), "bytes": list(text.encode())}
+
+    return {"content": [{**item(lp.token, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top.items()]}
+                        for lp in logprobs]}
 
 
 def _stop_strings(body: dict) -> tuple[str, ...]:
@@ -410,11 +503,12 @@ def _check_messages(messages) -> None:
 _DISCONNECTED = object()  # put on a job's queue when its client hangs up before the response starts
 
 
-async def _watch_disconnect(request: Request, out: asyncio.Queue) -> None:
-    """Wait (after the body has been read) for the client to hang up, then tell the handler through `out`."""
+async def _watch_disconnect(request: Request, outs: list[asyncio.Queue]) -> None:
+    """Wait (after the body has been read) for the client to hang up, then tell the handler through `outs`."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    out.put_nowait(_DISCONNECTED)
+    for out in outs:
+        out.put_nowait(_DISCONNECTED)
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -505,14 +599,20 @@ def create_app(server: Server) -> FastAPI:
     @v1.post("/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise RequestError("'prompt' is required and must be a string (or an array of one string)", "prompt")
-        ids = server.encode(prompt)
-        params = server.sampling(body, len(ids), "prompt", server.default_max_tokens)
-        return await respond(request, body, ids, params, chat=False)
+        prompts = server.prompts(body)
+        echo = _get(body, "echo", bool, False)
+        k = _get(body, "logprobs", int, None, lambda v: 0 <= v <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]")
+        if _get(body, "stream", bool, False):
+            if echo:
+                raise RequestError("'echo' cannot be combined with 'stream'", "echo")
+            if len(prompts) > 1:
+                raise RequestError("'stream' takes one prompt per request", "prompt")
+        params = []
+        for ids in prompts:
+            p = server.sampling(body, len(ids), "prompt", server.default_max_tokens, scoring=echo)
+            p.logprobs, p.prompt_logprobs = k, (k or 0) if echo else None
+            params.append(p)
+        return await respond(request, body, prompts, params, chat=False, echo=echo)
 
     @v1.post("/chat/completions")
     async def chat(request: Request):
@@ -526,54 +626,111 @@ def create_app(server: Server) -> FastAPI:
         if not ids:
             raise RequestError("the messages render to an empty prompt", "messages")
         params = server.sampling(body, len(ids), "messages", 256, server.template.default_stops)
-        return await respond(request, body, ids, params, chat=True)
+        top = _get(body, "top_logprobs", int, None, lambda v: 0 <= v <= MAX_LOGPROBS,
+                   f"must be in [0, {MAX_LOGPROBS}]")
+        if _get(body, "logprobs", bool, False):
+            params.logprobs = top or 0
+        elif top is not None:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return await respond(request, body, [ids], [params], chat=True)
 
     app.include_router(v1)
 
-    async def respond(request: Request, body: dict, ids: list[int], params: SamplingParams, chat: bool):
-        job = _Job(ids, params, asyncio.get_running_loop(), asyncio.Queue(),
-                   time.monotonic() + server.request_timeout, server.request_timeout)
-        server.runner.submit(job)
+    # the tokenizer, at the root as vLLM serves it (lm-eval's remote tokenizer calls these); behind the API key
+    @app.get("/tokenizer_info", dependencies=[Depends(check_api_key)])
+    async def tokenizer_info():
+        return server.tokenizer_info()
+
+    @app.post("/tokenize", dependencies=[Depends(check_api_key)])
+    async def tokenize(request: Request):
+        body = await read_body(request)
+        prompt = _get(body, "prompt", str)
+        if prompt is None:
+            raise RequestError("'prompt' is required: the text to tokenize", "prompt")
+        add = _get(body, "add_special_tokens", bool, True)
+        ids = server.tokenizer.encode(prompt, add_special_tokens=add).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_len}
+
+    @app.post("/detokenize", dependencies=[Depends(check_api_key)])
+    async def detokenize(request: Request):
+        body = await read_body(request)
+        tokens = body.get("tokens")
+        vocab = server.engine.model.config.vocab_size
+        if not isinstance(tokens, list) or not all(_is_id(t) and 0 <= t < vocab for t in tokens):
+            raise RequestError(f"'tokens' must be an array of token ids in [0, {vocab})", "tokens")
+        return {"prompt": server.tokenizer.decode(tokens, skip_special_tokens=False)}
+
+    async def respond(request: Request, body: dict, prompts: list[list[int]], params: list[SamplingParams],
+                      chat: bool, echo: bool = False):
+        """Run one engine request per prompt and answer with one choice each (or stream the single one)."""
+        loop = asyncio.get_running_loop()
+        jobs: list[_Job] = []
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        watcher = asyncio.create_task(_watch_disconnect(request, job.out))
         handed_over = False
+        watcher = None
         try:
-            first = _checked(await job.out.get())
+            for ids, p in zip(prompts, params):
+                job = _Job(ids, p, loop, asyncio.Queue(), time.monotonic() + server.request_timeout,
+                           server.request_timeout)
+                server.runner.submit(job)  # a 429 here cancels the ones already submitted (finally)
+                jobs.append(job)
+            watcher = asyncio.create_task(_watch_disconnect(request, [j.out for j in jobs]))
+            first = _checked(await jobs[0].out.get())
             if body.get("stream"):
                 # from here StreamingResponse watches for the disconnect (and cancels `stream`, whose `finally`
                 # cancels the job); the background task covers a stream that never starts
                 watcher.cancel()
                 handed_over = True
-                return StreamingResponse(stream(first, job, rid, created, chat), media_type="text/event-stream",
-                                         background=BackgroundTask(job.cancel))
-            text, finish, n_out = first
-            while finish is None:
-                delta, finish, n_out = _checked(await job.out.get())
-                text += delta
+                return StreamingResponse(stream(first, jobs[0], rid, created, chat), media_type="text/event-stream",
+                                         background=BackgroundTask(jobs[0].cancel))
+            choices, n_in, n_out_all = [], 0, 0
+            for i, job in enumerate(jobs):
+                text, finish, n_out = first if i == 0 else _checked(await job.out.get())
+                while finish is None:
+                    delta, finish, n_out = _checked(await job.out.get())
+                    text += delta
+                req = job.request
+                n_in, n_out_all = n_in + len(job.prompt), n_out_all + n_out
+                if chat:
+                    logprobs = chat_logprobs(server, req.logprobs) if req.params.logprobs is not None else None
+                    choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": finish, "logprobs": logprobs})
+                else:
+                    logprobs = None
+                    if req.params.logprobs is not None:
+                        logprobs = (completion_logprobs(server, req.logprobs, req.prompt, req.prompt_logprobs)
+                                    if echo else completion_logprobs(server, req.logprobs))
+                    if echo:
+                        text = server.tokenizer.decode(job.prompt, skip_special_tokens=False) + text
+                    choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
         finally:
             if not handed_over:
-                watcher.cancel()
-                job.cancel()  # frees the slot when this handler stops early; a no-op for a finished job
-        usage = {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
-            return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
-                    "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                "choices": [choice], "usage": usage}
+                if watcher is not None:
+                    watcher.cancel()
+                for job in jobs:
+                    job.cancel()  # frees the slot when this handler stops early; a no-op for a finished job
+        usage = {"prompt_tokens": n_in, "completion_tokens": n_out_all, "total_tokens": n_in + n_out_all}
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": server.model_name, "choices": choices, "usage": usage}
 
     async def stream(first, job: _Job, rid: str, created: int, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+        sent = 0  # generated tokens whose log-probabilities went out
+
+        def chunk(delta: str | None, finish: str | None, role: bool = False, n_out: int = 0) -> str:
+            nonlocal sent
+            logprobs = None
+            req = job.request
+            if req is not None and req.params.logprobs is not None and n_out > sent:
+                new, sent = req.logprobs[sent:n_out], n_out
+                logprobs = chat_logprobs(server, new) if chat else completion_logprobs(server, new)
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
             return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": server.model_name,
                                           "choices": [choice]}) + "\n\n"
 
@@ -587,11 +744,11 @@ def create_app(server: Server) -> FastAPI:
                 if isinstance(item, RequestError):  # an engine failure or a timeout after the stream began
                     yield "data: " + json.dumps(item.body()) + "\n\n"
                     break
-                delta, finish, _ = item
+                delta, finish, n_out = item
                 if delta:
-                    yield chunk(delta, None)
+                    yield chunk(delta, None, n_out=n_out)
                 if finish is not None:
-                    yield chunk(None, finish)
+                    yield chunk(None, finish, n_out=n_out)
                     break
                 item = await job.out.get()
             yield "data: [DONE]\n\n"

