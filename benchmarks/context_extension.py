@@ -86,6 +86,7 @@ def transformers_agree(ckpt: Path, data: Path) -> float:
 
     from dsv3.train.data import TokenData
 
+    transformers.logging.set_verbosity_error()  # its load report lists the MTP tensors it does not use
     ids = torch.from_numpy(TokenData(data, "val").ids[: LENGTHS[-1]].astype("int64"))[None]
     ours = dsv3.load_pretrained(ckpt).eval()
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32,

@@ -42,48 +42,36 @@ def test_init_from_starts_at_the_checkpoints_loss(dataset, source, tmp_path, fac
     assert first.step == 1  # a fresh schedule
 
 
-def test_extended_checkpoint_writes_yarn_and_transformers_agrees_past_the_trained_length(dataset, source,
-                                                                                         tmp_path):
-    Trainer(cfg(dataset, tmp_path / "ext", max_steps=1, seq_len=64, init_from=str(source),
-                extend_context=4)).fit()
-    ckpt = dsv3.resolve_checkpoint(tmp_path / "ext")
-    config = json.loads((ckpt / "config.json").read_text())
-    assert config["max_position_embeddings"] == 128
-    scaling = config["rope_scaling"]
-    assert {k: scaling[k] for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                                    "mscale", "mscale_all_dim")} == {
-        "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
-        "mscale_all_dim": 1.0}
-    ours = dsv3.load_pretrained(ckpt).eval()
-    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="eager",
-                                                            dtype=torch.float32).eval()
-    ids = torch.randint(0, ours.config.vocab_size, (2, 128))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
-        plain = dsv3.DeepseekV3(ours.config.replace(rope_scaling=None)).eval()  # the same weights without YaRN
-        plain.load_state_dict(ours.state_dict())
-        assert not torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-3)  # YaRN is really on
-
-
-@pytest.mark.parametrize("rope", ["linear", "none"])
-def test_the_baseline_extensions_write_their_config_and_transformers_agrees(dataset, source, tmp_path, rope):
-    """--extend-rope linear writes {"type": "linear", "factor"} (every frequency / factor), none only raises the
-    position limit; transformers reads both with equal logits at 4x the trained length."""
+@pytest.mark.parametrize("rope", ["yarn", "linear", "none"])
+def test_extended_checkpoint_writes_its_rope_and_transformers_agrees_past_the_trained_length(dataset, source,
+                                                                                            tmp_path, rope):
+    """--extend-rope yarn writes DeepSeek-V3's YaRN block over the trained length, linear {"type": "linear",
+    "factor"} (every frequency / factor), none only raises the position limit; transformers reads each with equal
+    logits at 4x the trained length."""
     Trainer(cfg(dataset, tmp_path / "ext", max_steps=1, seq_len=64, init_from=str(source), extend_context=4,
                 extend_rope=rope)).fit()
     ckpt = dsv3.resolve_checkpoint(tmp_path / "ext")
     config = json.loads((ckpt / "config.json").read_text())
     assert config["max_position_embeddings"] == 128
-    assert config.get("rope_scaling") == ({"type": "linear", "factor": 4.0} if rope == "linear" else None)
+    scaling = config.get("rope_scaling")
+    if rope == "yarn":
+        assert {k: scaling[k] for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                                        "mscale", "mscale_all_dim")} == {
+            "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+            "mscale_all_dim": 1.0}
+    else:
+        assert scaling == ({"type": "linear", "factor": 4.0} if rope == "linear" else None)
     ours = dsv3.load_pretrained(ckpt).eval()
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="eager",
                                                             dtype=torch.float32).eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 128))
+    plain = dsv3.DeepseekV3(ours.config.replace(rope_scaling=None)).eval()  # the same weights, plain RoPE
+    plain.load_state_dict(ours.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
-    plain = dsv3.DeepseekV3(ours.config.replace(rope_scaling=None)).eval()
-    assert torch.allclose(ours.model.rotary_emb.inv_freq * (4.0 if rope == "linear" else 1.0),
-                          plain.model.rotary_emb.inv_freq)
+        assert torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-3) == (rope == "none")  # scaling is on
+    if rope == "linear":
+        assert torch.equal(ours.model.rotary_emb.inv_freq * 4, plain.model.rotary_emb.inv_freq)
 
 
 def test_retrieval_documents_share_no_wording_with_the_passkey_evaluation(tmp_path):

@@ -372,7 +372,7 @@ class Server:
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         least = 0 if scoring else 1
         max_tokens = _get(body, key, int, None, lambda v: least <= v <= context, f"must be in [{least}, {context}]"
-                          + (" (0 only with echo and logprobs)" if least else ""))
+                          + (" (0 only with echo)" if least else ""))
         if max_tokens is None:
             max_tokens = min(default_max, room)
         elif max_tokens > room:
