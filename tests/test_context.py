@@ -106,6 +106,8 @@ def test_retrieval_documents_share_no_wording_with_the_passkey_evaluation(tmp_pa
 def test_bad_extensions_are_refused(dataset, source, tmp_path):
     with pytest.raises(TrainError, match="give init_from too"):
         cfg(dataset, tmp_path / "a", extend_context=4).validate()
+    with pytest.raises(TrainError, match="extend_rope.*give extend_context too"):
+        cfg(dataset, tmp_path / "a", init_from=str(source), extend_rope="linear").validate()
     with pytest.raises(TrainError, match="mtp_depth 0"):
         Trainer(cfg(dataset, tmp_path / "b", init_from=str(source), mtp_depth=0))
     ext = tmp_path / "ext"

@@ -187,6 +187,8 @@ class TrainConfig:
         need(self.extend_context is None or self.init_from is not None, "extend_context",
              "extends a pre-trained checkpoint: give init_from too")
         need(self.extend_context is None or self.extend_context >= 1, "extend_context", "must be >= 1")
+        need(self.extend_rope == "yarn" or self.extend_context is not None, "extend_rope",
+             "chooses how extend_context stretches positions: give extend_context too")
         need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
         need(self.zero in (0, 1, 3), "zero", "must be 0, 1 (ZeRO-1) or 3 (FSDP2)")
         need(self.zero != 3 or self.pp == 1, "zero", "3 (FSDP2) runs without a pipeline; the pipeline trainer "
