@@ -84,20 +84,22 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def rope_kind(self) -> str:
+        """`rope_scaling`'s type ("type", or transformers' "rope_type"): "yarn", "linear", or "default" when none."""
+        rs = self.rope_scaling or {}
+        kind = rs.get("type", rs.get("rope_type"))
+        return "default" if kind is None else kind
+
+    @property
     def linear_rope_factor(self) -> float:
         """Linear position interpolation (`rope_scaling: {"type": "linear", "factor": f}`, Chen et al. 2023): every
         RoPE frequency divided by f; 1.0 when not used."""
-        rs = self.rope_scaling or {}
-        return float(rs["factor"]) if rs.get("type", rs.get("rope_type")) == "linear" else 1.0
+        return float(self.rope_scaling["factor"]) if self.rope_kind == "linear" else 1.0
 
     @property
     def yarn(self) -> dict | None:
         """The YaRN parameters, or None when plain RoPE is used."""
-        rs = self.rope_scaling
-        if not rs:
-            return None
-        kind = rs.get("type", rs.get("rope_type", "default"))
-        return rs if kind == "yarn" else None
+        return self.rope_scaling if self.rope_kind == "yarn" else None
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` (0-based; MTP blocks continue the count) has a MoE FFN (else dense)."""
@@ -164,8 +166,8 @@ class ModelConfig:
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
         rs = self.rope_scaling
         if rs:
-            kind = rs.get("type", rs.get("rope_type"))
-            if kind not in ("yarn", "linear", "default", None):
+            kind = self.rope_kind
+            if kind not in ("yarn", "linear", "default"):
                 raise ConfigError(f"invalid config: rope_scaling.type = {kind!r}: 'yarn' and 'linear' are supported")
             if kind == "linear" and not rs.get("factor", 0) >= 1:
                 raise ConfigError(f"invalid config: rope_scaling.factor = {rs.get('factor')!r}: linear position "

@@ -555,15 +555,14 @@ class Engine:
             for r, tok in zip(reqs, self._choose(reqs, first)):
                 r.slot.pending = tok
         for i, (r, p) in enumerate(zip(reqs, pieces)):
+            r.slot.pos = start + len(p)
             if r.params.prompt_logprobs is not None:
                 if start == 0:
                     r.prompt_logprobs.append(None)  # the first token has no context
-                nxt = r.prompt[start + 1 : start + len(p) + 1]  # what positions start.. predict, inside the prompt
+                nxt = r.prompt[start + 1 : r.slot.pos + 1]  # what positions start.. predict, inside the prompt
                 if nxt:
                     r.prompt_logprobs += token_logprobs(self.head(out.hidden_states[i, : len(nxt)]), nxt,
                                                         r.params.prompt_logprobs)
-        for r, p in zip(reqs, pieces):
-            r.slot.pos = start + len(p)
         if self.speculative:
             # MTP over every pair (h_j, t_{j+1}) of the piece; at a prompt's end the last pair reads the sampled token
             nxt = [r.prompt[start + 1 : r.slot.pos + 1] + ([r.slot.pending] if ends else []) for r in reqs]
