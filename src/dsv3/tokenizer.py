@@ -107,6 +107,14 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 # that encoding can tell them from the control tokens the template writes itself (the values transformers uses).
 _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# The plain `Role: text` rendering (`ChatTemplate` without a template) as Jinja, for files that must carry a
+# template (GGUF's `tokenizer.chat_template`); tests hold the two renderings equal.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ (m['role'] if m['role'] is defined and m['role'] is not none else '') | string | capitalize }}: "
+    "{{ m['content'] if m['content'] is defined and m['content'] is not none else '' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '\\nAssistant:' }}{%- endif -%}"
+)
 
 
 class ChatTemplateError(Dsv3Error, ValueError):
