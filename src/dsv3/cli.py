@@ -269,7 +269,13 @@ def _convert(args: argparse.Namespace) -> int:
         _deprecated(f"`convert SRC DST` ({args.legacy_dst})", f"--out {args.legacy_dst}")
         args.out = args.legacy_dst
     if args.out is None:
-        raise _UsageError("the destination is required: --out DIR")
+        raise _UsageError("the destination is required: --out DIR" + (" (a .gguf file)" if args.format == "gguf" else ""))
+    if args.format == "gguf":
+        return _convert_gguf(args)
+    if args.dtype is None:
+        raise _UsageError("--dtype is required: fp8, bf16 or fp32")
+    if args.dtype == "fp16":
+        raise _UsageError("--dtype fp16 is for --format gguf; a checkpoint is stored as fp8, bf16 or fp32")
     dtype = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     src = resolve_checkpoint(args.checkpoint)
     if not args.overwrite:
@@ -281,6 +287,27 @@ def _convert(args: argparse.Namespace) -> int:
     dst = save_pretrained(model, args.out, dtype=dtype, extra_files=extra)
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     print(f"wrote {dst} ({args.dtype}, {size / 2**20:.1f} MiB of safetensors)")
+    return 0
+
+
+def _convert_gguf(args: argparse.Namespace) -> int:
+    """`dsv3 convert CKPT --out FILE.gguf --format gguf [--dtype fp32|fp16|bf16]`: llama.cpp's deepseek2 file."""
+    from pathlib import Path
+
+    from .gguf_export import export_gguf
+    from .runs import resolve_checkpoint
+
+    storage = {None: "f32", "fp32": "f32", "fp16": "f16", "bf16": "bf16"}.get(args.dtype)
+    if storage is None:
+        raise _UsageError(f"--dtype {args.dtype}: a GGUF file is written as fp32, fp16 or bf16")
+    out = Path(args.out)
+    if out.is_dir():
+        raise _UsageError(f"--out {out} is a directory; give the .gguf file to write")
+    src = resolve_checkpoint(args.checkpoint)
+    _claim_out(out, args.overwrite)  # an existing file is refused, or moved aside with --overwrite
+    export_gguf(src, out, storage, progress=sys.stderr.isatty())
+    print(f"wrote {out} (GGUF, deepseek2, {args.dtype or 'fp32'}, {out.stat().st_size / 2**20:.1f} MiB; the MTP "
+          f"modules are not exported)")
     return 0
 
 
@@ -770,12 +797,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)
 
-    p = sub.add_parser("convert", help="rewrite a checkpoint as fp8 (official block-scaled format), bf16 or fp32")
+    p = sub.add_parser("convert", help="rewrite a checkpoint as fp8 (official block-scaled format), bf16 or fp32, "
+                       "or export it as a GGUF file for llama.cpp")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("legacy_dst", nargs="?", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--out", help="checkpoint directory to create")
+    p.add_argument("--out", help="checkpoint directory to create (with --format gguf: the .gguf file)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--dtype", choices=["fp8", "bf16", "fp32"], required=True, help="storage format")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: an official-format checkpoint directory (default); gguf: one file in llama.cpp's "
+                   "deepseek2 conventions (MTP modules left out)")
+    p.add_argument("--dtype", choices=["fp8", "bf16", "fp32", "fp16"],
+                   help="storage format: fp8, bf16 or fp32 for hf (required); fp32 (default), fp16 or bf16 for gguf")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("generate", help="generate text from a prompt (the text alone on stdout)")

@@ -233,7 +233,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, storage: str = "f32", p
             elif qtype == gguf.GGMLQuantizationType.F16:
                 writer.add_tensor(name, array.astype(np.float16))
             else:
-                writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_shape=array.shape, raw_dtype=qtype)
+                writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)  # shape from the bytes
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
