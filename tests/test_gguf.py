@@ -20,7 +20,6 @@ import dsv3
 from dsv3.cli import main
 from dsv3.gguf_export import GGUFExportError, export_gguf, llama_cpp_limits
 from dsv3.tokenizer import PLAIN_CHAT_TEMPLATE, ChatTemplate
-
 from gguf_reference import GGUFReference  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
@@ -53,9 +52,9 @@ def _expected_ne(meta: dict, name: str) -> list[int]:
     a = "deepseek2."
     d, v, h = meta[a + "embedding_length"], meta[a + "vocab_size"], meta[a + "attention.head_count"]
     r, q = meta[a + "attention.kv_lora_rank"], meta[a + "attention.q_lora_rank"]
-    dk, dv, p = meta[a + "attention.key_length_mla"], meta[a + "attention.value_length_mla"], meta[
-        a + "rope.dimension_count"]
-    e, ff, ffe = meta.get(a + "expert_count", 0), meta[a + "feed_forward_length"], meta[a + "expert_feed_forward_length"]
+    dk, dv = meta[a + "attention.key_length_mla"], meta[a + "attention.value_length_mla"]
+    p, e = meta[a + "rope.dimension_count"], meta.get(a + "expert_count", 0)
+    ff, ffe = meta[a + "feed_forward_length"], meta[a + "expert_feed_forward_length"]
     shared = meta[a + "expert_shared_count"]
     table = {
         "token_embd.weight": [d, v], "output_norm.weight": [d], "output.weight": [d, v],
