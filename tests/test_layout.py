@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"model"},
     {"quant", "params", "cost"},
     {"parallel"},
-    {"checkpoint", "tokenizer", "runs"},
+    {"checkpoint", "tokenizer", "runs", "tasks", "gguf_export"},
     {"train", "infer"},
     {"demo", "cli", "__main__", "__init__"},
 ]
