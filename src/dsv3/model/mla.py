@@ -109,6 +109,25 @@ def absorbed_is_cheaper(cfg: ModelConfig, t: int) -> bool:
     return t * (2 * r - n - v) < r * (n + v)
 
 
+def packed_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask of packed sequences: several documents (conversations) laid one after another
+    in a row, each attending only to itself and numbered from position 0, so that each computes what it would
+    alone.
+
+    segments [B, T] (integers): the document each token belongs to; a document is a run of equal ids (padding can
+    be one more run, e.g. -1). Returns (positions [B, T]: the index within the run; mask [B, 1, T, T] bool, True
+    where query t may see key s: same run and s <= t).
+    """
+    b, t = segments.shape
+    idx = torch.arange(t, device=segments.device).expand(b, t)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    run_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [B, T]
+    same = run_start[:, :, None] == run_start[:, None, :]  # [B, T, T]: the same run (ids may repeat apart)
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    return idx - run_start, (same & causal)[:, None]
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention of one layer (stored as `model.layers.{i}.self_attn`).
 
@@ -142,16 +161,19 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: torch.Tensor | None = None,
-                start_pos: int | torch.Tensor = 0, absorb: bool = False) -> torch.Tensor:
+                start_pos: int | torch.Tensor = 0, absorb: bool = False, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """x [B, T, D] at positions start_pos..start_pos+T-1 -> [B, T, D].
 
         rope: the angles of those positions. cache: this layer's latent buffer [B, S_max, r + p] (c_KV then
         k_pe); the new latents are written at [start_pos, start_pos+T) and attention covers [0, start_pos+T).
         start_pos may be a LongTensor [B] of per-row positions. absorb: the absorbed form instead of the naive
-        one (same result to rounding).
+        one (same result to rounding). mask: without a cache, who sees whom, [B, 1, T, T] bool (True = visible;
+        packed sequences, `packed_attention`); None = causal.
 
         Raises:
-            ValueError: start_pos > 0 without a cache, or start_pos + T beyond the cache length.
+            ValueError: start_pos > 0 without a cache, start_pos + T beyond the cache length, or a mask with a
+                cache.
         """
         b, t, _ = x.shape
         if self.q_lora_rank is None:
@@ -166,11 +188,13 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
         k_pe = apply_rope(k_pe, rope, self.interleaved)  # [B, T, p], one head shared by all
         if cache is not None:
+            if mask is not None:
+                raise ValueError("an attention mask is for a forward without a cache (packed sequences)")
             latent, mask = _write_cache(cache, c_kv, k_pe, start_pos)  # [B, S, r + p]
         elif not isinstance(start_pos, int) or start_pos != 0:
             raise ValueError("start_pos > 0 needs a cache holding the earlier tokens")
         else:
-            latent, mask = torch.cat([c_kv, k_pe], dim=-1), None
+            latent = torch.cat([c_kv, k_pe], dim=-1)
         attn = self._absorbed if absorb else self._naive
         out = attn(q_nope, q_pe, latent, mask)  # [B, T, H, v]
         return self.o_proj(out.flatten(2))

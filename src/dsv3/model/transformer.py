@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .mla import MLA, LatentCache, absorbed_is_cheaper
+from .mla import MLA, LatentCache, absorbed_is_cheaper, packed_attention
 from .moe import MLP, MoE, RoutingInfo
 from .names import keyed_generator, official_slots
 from .norm import RMSNorm
@@ -51,14 +51,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h: torch.Tensor, rope: Rope, cache: torch.Tensor | None = None,
-                start_pos: int | torch.Tensor = 0, absorb: bool = False) -> tuple[torch.Tensor, RoutingInfo | None]:
+                start_pos: int | torch.Tensor = 0, absorb: bool = False, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RoutingInfo | None]:
         """h [B, T, D] at positions start_pos..start_pos+T-1 -> (h' [B, T, D], the MoE's routing or None for a
-        dense layer). rope, cache, start_pos, absorb: as in `MLA.forward`.
+        dense layer). rope, cache, start_pos, absorb, mask: as in `MLA.forward`.
 
         Raises:
             ValueError: from `MLA.forward` (start_pos > 0 without a cache, or past the cache's length).
         """
-        h = h + self.self_attn(self.input_layernorm(h), rope, cache, start_pos, absorb)
+        h = h + self.self_attn(self.input_layernorm(h), rope, cache, start_pos, absorb, mask)
         if self.is_moe:
             out, info = self.mlp(self.post_attention_layernorm(h))
             return h + out, info
@@ -89,17 +90,17 @@ class MTPModule(DecoderLayer):
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, rope: Rope, cache: torch.Tensor | None = None,
-                start_pos: int | torch.Tensor = 0, absorb: bool = False
+                start_pos: int | torch.Tensor = 0, absorb: bool = False, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, RoutingInfo | None]:
         """h_prev = h^{k-1} [B, T, D] at positions start_pos.., emb_next [B, T, D] the embeddings of the tokens
         k further -> (h^k [B, T, D] before shared_head.norm, the block's routing or None). rope, cache,
-        start_pos, absorb: as in `DecoderLayer.forward`.
+        start_pos, absorb, mask: as in `DecoderLayer.forward`.
 
         Raises:
             ValueError: from `MLA.forward` (start_pos > 0 without a cache, or past the cache's length).
         """
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, T, 2D] -> [B, T, D]
-        return super().forward(h, rope, cache, start_pos, absorb)
+        return super().forward(h, rope, cache, start_pos, absorb, mask)
 
 
 class DeepseekV3Model(nn.Module):
@@ -201,7 +202,7 @@ class DeepseekV3(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
                 start_pos: int | torch.Tensor = 0, absorb: bool | None = None, mtp: bool = True,
-                head: bool = True) -> ModelOutput:
+                head: bool = True, segments: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] at positions start_pos..start_pos+T-1 (start_pos: int, or LongTensor [B] per row).
 
         cache: the `LatentCache` to write the new latents into and attend over (None: attend within input_ids).
@@ -213,23 +214,35 @@ class DeepseekV3(nn.Module):
             wants it (the engine's `DecodeHead`, at each row's last prompt position with `at_positions`) to
             `hidden_states`, the final-normed states the head reads.
             The MTP modules (mtp=True without a cache) still use the model's head for `mtp_logits`.
+        segments: [B, T] integers for packed sequences (no cache): each run of equal ids is its own document,
+            attending only to itself from position 0 (`mla.packed_attention`); the MTP modules likewise. Every
+            output at a token equals that of its document run alone; positions whose MTP input reaches into the
+            next run are computed but belong to no document (`train.losses.packed_targets` masks them).
 
         Raises:
-            ValueError: positions past max_position_embeddings or the cache length, or start_pos > 0 without a
-                cache.
+            ValueError: positions past max_position_embeddings or the cache length, start_pos > 0 without a
+                cache, or segments with a cache or of another shape than input_ids.
         """
         b, t = input_ids.shape
-        positions = self._positions(start_pos, t, input_ids.device)
+        mask = None
+        if segments is not None:
+            if cache is not None or segments.shape != input_ids.shape:
+                raise ValueError(f"segments must be [B, T] like input_ids ({tuple(input_ids.shape)}), without a "
+                                 f"cache; got {tuple(segments.shape)}" + (" and a cache" if cache is not None else ""))
+            positions, mask = packed_attention(segments)
+            self._positions(0, int(positions.max()) + 1 if t else 0, input_ids.device)  # the context-length check
+        else:
+            positions = self._positions(start_pos, t, input_ids.device)
         if absorb is None:
             absorb = cache is not None and absorbed_is_cheaper(self.config, t)
         emb = self.model.embed_tokens(input_ids)  # [B, T, D]
         rope = self.model.rotary_emb(positions, emb.dtype)
         caches = cache.layers[: len(self.main_layers)] if cache is not None else None
-        h, routing = run_layers(self.main_layers, emb, rope, caches, start_pos, absorb)
+        h, routing = run_layers(self.main_layers, emb, rope, caches, start_pos, absorb, mask)
         h = self.model.norm(h)
         out = ModelOutput(logits=self.lm_head(h) if head else None, hidden_states=h, routing=routing)
         if mtp and cache is None:
-            out.mtp_logits, mtp_routing = run_mtp(self.mtp_modules, self.lm_head, h, emb, rope)
+            out.mtp_logits, mtp_routing = run_mtp(self.mtp_modules, self.lm_head, h, emb, rope, mask)
             out.routing += mtp_routing
         return out
 
@@ -282,27 +295,28 @@ def at_positions(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 
 def run_layers(layers, h: torch.Tensor, rope: Rope, caches: list | None = None, start_pos: int | torch.Tensor = 0,
-               absorb: bool = False) -> tuple[torch.Tensor, list[RoutingInfo]]:
+               absorb: bool = False, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[RoutingInfo]]:
     """Decoder layers in order over h [B, T, D] -> (h [B, T, D], the MoE layers' routing in order): the one layer
     loop of `DeepseekV3.forward` and of a pipeline stage (which runs its range of the same layers). caches: one
-    per layer (a `LatentCache` layer each) or None; start_pos, absorb: as `DeepseekV3.forward`."""
+    per layer (a `LatentCache` layer each) or None; start_pos, absorb, mask: as `MLA.forward`."""
     routing: list[RoutingInfo] = []
     for i, layer in enumerate(layers):
-        h, info = layer(h, rope, caches[i] if caches is not None else None, start_pos, absorb)
+        h, info = layer(h, rope, caches[i] if caches is not None else None, start_pos, absorb, mask)
         if info is not None:
             routing.append(info)
     return h, routing
 
 
-def run_mtp(modules: list[MTPModule], head: nn.Module, h: torch.Tensor, emb: torch.Tensor, rope: Rope
-            ) -> tuple[list[torch.Tensor], list[RoutingInfo]]:
+def run_mtp(modules: list[MTPModule], head: nn.Module, h: torch.Tensor, emb: torch.Tensor, rope: Rope,
+            mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[RoutingInfo]]:
     """The MTP modules over a whole window, no cache (training and evaluation; also a pipeline's last stage,
     which holds its own copy of the embedding).
 
     h [B, T, D]: the main model's final-normed hidden state; emb [B, T, D]: the embedded input ids; rope: the
     angles of positions 0..T-1 (shared by the rows). Returns (logits [B, T-k, V] for depth k = 1, 2, ..., where
     position i predicts token i+k+1; the routing of the MoE blocks among them, in depth order). Depths with
-    T-k <= 0 are skipped.
+    T-k <= 0 are skipped. mask: packed sequences' [B, 1, T, T] attention mask (`mla.packed_attention`), cut to
+    the first T-k positions at depth k; rope then holds each row's own positions.
     """
     logits, routing = [], []
     t = h.shape[1]
@@ -310,7 +324,8 @@ def run_mtp(modules: list[MTPModule], head: nn.Module, h: torch.Tensor, emb: tor
         if t - k <= 0:
             break
         # depth k at position i reads h^{k-1}_i and the embedding of token i+k
-        h, info = module(h[:, :-1], emb[:, k:], rope.narrow(0, t - k))
+        h, info = module(h[:, :-1], emb[:, k:], rope.narrow(0, t - k),
+                         mask=None if mask is None else mask[:, :, : t - k, : t - k])
         if info is not None:
             routing.append(info)
         logits.append(head(module.shared_head.norm(h)))

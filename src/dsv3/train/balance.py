@@ -24,17 +24,26 @@ import torch
 from ..model.moe import RoutingInfo
 
 
-def sequence_balance_loss(info: RoutingInfo, batch_size: int) -> torch.Tensor:
-    """sum_i f_i P_i per sequence, averaged over the batch (alpha not applied). Tokens are [B*T] in order."""
+def sequence_balance_loss(info: RoutingInfo, batch_size: int, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i f_i P_i per sequence, averaged over the sequences (alpha not applied). Tokens are [B*T] in order.
+
+    groups: for packed rows, the sequence each token belongs to, [B, T] or [B*T] integers, -1 for tokens that
+    belong to none (padding; MTP positions whose input reaches into the next document): each group is one
+    sequence of the formula (`train.losses.packed_groups`). Default: each row is one sequence.
+    """
     n, e = info.scores.shape
     k = info.topk_idx.shape[1]
-    t = n // batch_size
-    chosen = torch.zeros(batch_size, t, e, device=info.scores.device)
-    chosen.scatter_(2, info.topk_idx.view(batch_size, t, k), 1.0)
-    f = chosen.sum(1) * e / (k * t)  # [B, E]
-    s = info.scores.view(batch_size, t, e)
-    p = (s / s.sum(-1, keepdim=True)).mean(1)  # [B, E]
-    return (f * p).sum(-1).mean()
+    if groups is None:
+        groups = torch.arange(batch_size, device=info.scores.device).repeat_interleave(n // batch_size)
+    groups = groups.reshape(-1).to(info.scores.device)
+    keep = groups >= 0
+    ids, inverse = torch.unique(groups[keep], return_inverse=True)  # one row per sequence
+    count = torch.bincount(inverse, minlength=len(ids)).to(info.scores.dtype)[:, None]  # [G, 1] tokens
+    chosen = torch.zeros(int(keep.sum()), e, device=info.scores.device).scatter_(1, info.topk_idx[keep], 1.0)
+    f = torch.zeros(len(ids), e, device=info.scores.device).index_add_(0, inverse, chosen) * e / (k * count)
+    s = info.scores[keep]
+    p = torch.zeros(len(ids), e, device=s.device, dtype=s.dtype).index_add_(0, inverse, s / s.sum(-1, keepdim=True))
+    return (f * p / count).sum(-1).mean()  # f [G, E] counts (no grad), p / count [G, E] mean normalised affinity
 
 
 def max_violation(load: torch.Tensor) -> float:

@@ -8,6 +8,11 @@ Documents are packed with an end-of-text token between them. An MTP target must 
 the token the main head predicts at that position: depth k at position i is masked out when an end-of-text token
 occurs among tokens i+1 .. i+k (the prediction would jump across a document boundary). The main loss keeps every
 position, as usual for packed pre-training.
+
+Post-training packs whole conversations instead, each its own document (`DeepseekV3.forward(segments=...)`):
+explicit per-position targets (`packed_targets`, IGNORE outside the assistant's tokens) and per-document groups
+for the sequence-wise balance loss (`packed_groups`), so that a packed batch computes what its conversations
+would one by one.
 """
 
 from __future__ import annotations
@@ -35,6 +40,33 @@ def mtp_targets(tokens: torch.Tensor, depth: int, eot_id: int | None) -> torch.T
             crossed |= tokens[:, j : j + n] == eot_id
         targets[crossed] = IGNORE
     return targets
+
+
+def packed_targets(labels: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:
+    """Targets [B, T-k] of depth k (0 = the main head) for packed rows (`DeepseekV3.forward(segments=...)`).
+
+    labels [B, T]: the next-token target of each position (IGNORE where there is none to learn: the prompt's
+    tokens in SFT, a document's last token, padding); positions [B, T]: each token's position within its document
+    (`model.mla.packed_attention`). Depth k at position i predicts token i+k+1, which is labels[i+k]; kept only
+    when position i+k lies in the same document as i (its position is k further), so no prediction crosses
+    from one conversation into the next.
+    """
+    t = labels.shape[1]
+    n = t - depth
+    targets = labels[:, depth:].clone()
+    targets[positions[:, depth:] != positions[:, :n] + depth] = IGNORE
+    return targets
+
+
+def packed_groups(segments: torch.Tensor, positions: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    """The document of each position that depth k reads wholly inside one document, [B, T-k], -1 elsewhere (and for
+    padding, segment id < 0): `sequence_balance_loss`'s groups for the main layers (k = 0) and MTP depth k."""
+    b, t = segments.shape
+    n = t - depth
+    start = torch.arange(t, device=segments.device) - positions  # [B, T] the index where each document starts
+    groups = (torch.arange(b, device=segments.device)[:, None] * t + start)[:, :n].clone()
+    groups[(positions[:, depth:] != positions[:, :n] + depth) | (segments[:, :n] < 0)] = -1
+    return groups
 
 
 def mtp_valid_counts(tokens: torch.Tensor, depth: int, eot_id: int | None) -> list[int]:
