@@ -2,7 +2,7 @@
 dsv3's tokens, logits and tokenization; then batch-1 greedy decode speed, both in one process.
 
     pip install llama-cpp-python==0.3.36     # builds llama.cpp from source: ~30-60 min on 2 cores; not in make test
-    python benchmarks/llama_cpp.py RUN_OR_CHECKPOINT [--work DIR] [--new-tokens 64] [--repeats 3]
+    python benchmarks/vs_llama_cpp.py RUN_OR_CHECKPOINT [--work DIR] [--new-tokens 64] [--repeats 3]
 
 What it does, in order:
 1. exports the checkpoint with `dsv3 convert --format gguf --dtype fp32` (into --work; an existing file there is
