@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"parallel"},
     {"checkpoint", "tokenizer", "runs", "tasks", "gguf_export"},
     {"train", "infer"},
+    {"posttrain"},
     {"demo", "cli", "__main__", "__init__"},
 ]
 SIBLINGS_APART = [("train", "infer")]  # same layer, but neither imports the other
