@@ -99,6 +99,17 @@ def stop_token_ids(tokenizer, checkpoint: str | Path | None = None) -> tuple[int
     return tuple(dict.fromkeys(ids))
 
 
+def special_tokens(tokenizer, template: ChatTemplate) -> dict[str, str]:
+    """The named special tokens (`bos_token`, `eos_token`, ...: token text) of a checkpoint, as its
+    `tokenizer_config.json` gives them (`template.special`), with `EOT` as `eos_token` when the config names none
+    and the tokenizer has it (a dsv3-trained tokenizer). The server's /tokenizer_info and the lm-eval harness
+    (`infer/harness.py`) both read them from here, so both score from the same prefix token."""
+    special = dict(template.special)
+    if "eos_token" not in special and tokenizer.token_to_id(EOT) is not None:
+        special["eos_token"] = EOT
+    return special
+
+
 # ------------------------------------------------------------------------------------------------ chat template
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a checkpoint's (default) chat template
 CHAT_TEMPLATE_DIR = "chat_templates"  # ... and its other, named templates (one NAME.jinja each)

@@ -239,6 +239,7 @@ class TokenData:
         self.dir = data_dir
         self.ids = np.memmap(data_dir / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
         self.eot_id = self.meta["eot_id"]
+        self.tokenizer_file = data_dir / "tokenizer.json"
         self.bytes = self.meta["splits"][split]["bytes"]
 
     def __len__(self) -> int:

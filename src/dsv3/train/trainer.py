@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -40,6 +41,7 @@ from ..config import ModelConfig, get_config
 from ..cost import model_flops_utilization
 from ..errors import Dsv3Error
 from ..model import DeepseekV3
+from ..model.mla import packed_attention
 from ..model.moe import RoutedExperts
 from ..model.names import official_slots
 from ..parallel.expert_parallel import EPExperts, apply_expert_parallel
@@ -65,9 +67,10 @@ from ..runs import (
 )
 from .balance import max_violation, sequence_balance_loss, update_expert_bias
 from .data import TokenData
-from .losses import lm_loss, mtp_losses, mtp_valid_counts
+from .losses import IGNORE, lm_loss, mtp_losses, mtp_valid_counts, packed_groups, packed_targets
 from .optim import AdamW
 from .schedule import decay_start_step, frozen_total, lr_at, mtp_weight_at
+from .sft import ConversationData
 
 BALANCE_MODES = ("aux_free", "aux_loss", "none")
 UNKNOWN_STEPS = 10**9  # schedule length while a time-budgeted run measures its step time (all in warmup)
@@ -97,6 +100,9 @@ class TrainConfig:
     run's train_config.json. `validate()` raises TrainError naming the bad setting."""
 
     # what
+    objective: str = _opt("pretrain", "pretrain (token windows of a `dsv3 data prepare` dataset) or sft (packed "
+                          "conversations of a messages JSONL, loss on the assistant's tokens; needs init_from)",
+                          ("pretrain", "sft"))
     model_config: str = _opt("small", "model config: a preset name (tiny, small, deepseek-v3-671b) or a "
                              "config.json path")
     data: str = _opt("data/shakespeare", "dataset directory (from `dsv3 data prepare`)")
@@ -169,6 +175,12 @@ class TrainConfig:
             if not ok:
                 raise TrainError(f"invalid training setting {name} = {getattr(self, name)!r}: {rule}")
 
+        need(self.objective in ("pretrain", "sft"), "objective", "must be pretrain or sft")
+        need(self.objective == "pretrain" or self.init_from is not None, "objective",
+             "sft fine-tunes a checkpoint: give init_from (its tokenizer and chat template encode the conversations)")
+        need(self.objective == "pretrain" or self.extend_context is None, "extend_context",
+             "is a pre-training step; run it before sft")
+        need(self.objective == "pretrain" or self.pp == 1, "pp", "sft runs without a pipeline")
         need(self.balance in BALANCE_MODES, "balance", f"must be one of {', '.join(BALANCE_MODES)}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         need(self.optimizer_state_dtype in STATE_DTYPES, "optimizer_state_dtype",
@@ -293,7 +305,7 @@ class Trainer:
             self._claim_run_dir(False)  # refuse an occupied out before the expensive setup
         self.device = torch.device(cfg.device if cfg.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.data = None if dry_run else TokenData(cfg.data, "train")
+        self.data = None if dry_run else self._data()
         self.step = 0
         self.total_steps = cfg.max_steps
         self.estimating = cfg.max_steps is None  # --minutes alone: the step count is re-estimated until the decay
@@ -361,6 +373,17 @@ class Trainer:
         self.peak_flops = cfg.peak_flops or measured_matmul_flops(self.device)
         if not resume and overwrite:
             self._claim_run_dir(True)  # only once the setup succeeded
+
+    def _data(self) -> TokenData | ConversationData:
+        """The training data: a prepared dataset's token windows, or (sft) the packed conversations of a JSONL,
+        encoded with init_from's tokenizer and chat template."""
+        if self.cfg.objective == "pretrain":
+            return TokenData(self.cfg.data, "train")
+        try:
+            source = resolve_checkpoint(self.cfg.init_from)
+        except (RunError, Dsv3Error) as e:
+            raise TrainError(f"init_from {self.cfg.init_from}: {e}") from None
+        return ConversationData(self.cfg.data, source, self.cfg.seq_len)
 
     def _claim_run_dir(self, overwrite: bool) -> None:
         """cfg.out must be free for a new run: rank 0 checks (and with `overwrite` moves the old one aside), every
@@ -495,8 +518,8 @@ class Trainer:
         except (RunError, Dsv3Error) as e:
             raise TrainError(f"init_from {cfg.init_from}: {e}") from None
         self._init_source = source
-        theirs, ours = source / TOKENIZER, Path(cfg.data) / TOKENIZER
-        if self.data is not None and theirs.exists() and theirs.read_bytes() != ours.read_bytes():
+        theirs, ours = source / TOKENIZER, self.data.tokenizer_file if self.data is not None else None
+        if ours is not None and theirs.exists() and theirs.read_bytes() != ours.read_bytes():
             raise TrainError(f"init_from {source}: its tokenizer differs from the data's ({ours}); prepare the data "
                              f"with the checkpoint's tokenizer")
         if cfg.mtp_depth is not None and cfg.mtp_depth != mc.num_nextn_predict_layers:
@@ -600,6 +623,8 @@ class Trainer:
         sums = torch.zeros(2 + depth, dtype=torch.float64)
         loads = torch.zeros(len(self.routers), model.config.n_routed_experts or 0, device=self.device)
         rows = cfg.batch_size // self.world  # this rank's share of the global batch
+        if cfg.objective == "sft":
+            return self._forward_backward_packed(mtp_scale)
         for micro in range(cfg.grad_accum):
             tokens = self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, micro).to(self.device)
             share = [c / self.world for c in mtp_valid_counts(tokens, depth, self.data.eot_id)]  # of the MTP mean
@@ -616,6 +641,52 @@ class Trainer:
                 loads[row] += info.load
             sums += torch.stack([main.detach(), balance.detach(), *(m.detach() for m in mtp)]).double().cpu()
         return sums / cfg.grad_accum, loads.double().cpu()
+
+    def _forward_backward_packed(self, mtp_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_forward_backward` for packed conversations (objective sft, `train.sft`): each row holds several
+        conversations as separate documents (`DeepseekV3.forward(segments=...)`); every loss is the step's mean
+        over the global batch's targets (a CE sum divided by the step's target count, so micro-batches and ranks
+        add up to it), the balance loss per conversation (`packed_groups`), and the loads count real tokens only
+        (padding is routed but neither balanced nor counted)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        depth = model.config.num_nextn_predict_layers
+        alpha = cfg.balance_alpha
+        sums = torch.zeros(2 + depth, dtype=torch.float64)
+        experts = model.config.n_routed_experts or 0
+        loads = torch.zeros(len(self.routers), experts, device=self.device)
+        rows = cfg.batch_size // self.world
+        n_main = sum(layer.is_moe for layer in model.main_layers)
+        batches = [self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, m, cfg.grad_accum)
+                   for m in range(cfg.grad_accum)]
+        counts = [0] * (1 + depth)  # the step's targets per depth (0: main), over every micro-batch and rank
+        for b in batches:
+            positions, _ = packed_attention(b.segments)
+            for k in range(1 + depth):
+                counts[k] += int((packed_targets(b.labels, positions, k) != IGNORE).sum())
+        for batch in batches:
+            batch = batch.rows(self.rank * rows, (self.rank + 1) * rows).to(self.device)
+            positions, _ = packed_attention(batch.segments)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = model(batch.ids, segments=batch.segments)
+            ce = []
+            for k, logits in enumerate([out.logits] + out.mtp_logits):
+                targets = packed_targets(batch.labels, positions, k)
+                total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                        reduction="sum")
+                ce.append(total / max(counts[k], 1) * self.world)  # this rank's share, times the ranks averaging it
+            balance = torch.zeros((), device=self.device)
+            for row, info in enumerate(out.routing):
+                groups = packed_groups(batch.segments, positions, 0 if row < n_main else row - n_main + 1)
+                if alpha:
+                    balance = balance + alpha * sequence_balance_loss(info, rows, groups) / cfg.grad_accum
+                real = groups.reshape(-1) >= 0
+                loads[row] += torch.bincount(info.topk_idx[real].flatten(), minlength=experts).to(loads.dtype)
+            main, mtp = ce[0], ce[1:]
+            total = main + balance + (mtp_scale * sum(mtp) if mtp else 0.0)
+            total.backward()
+            sums += torch.stack([main.detach(), balance.detach(), *(m.detach() for m in mtp)]).double().cpu()
+        return sums, loads.double().cpu()
 
     def _sync_gradients(self) -> None:
         """Average the gradients over the data-parallel and expert-parallel ranks (the pipeline trainer first
@@ -751,7 +822,7 @@ class Trainer:
                 (tmp / name).write_bytes(content)
 
         def finish() -> None:
-            tokenizer = {TOKENIZER: (Path(self.cfg.data) / TOKENIZER).read_bytes()}
+            tokenizer = {TOKENIZER: self.data.tokenizer_file.read_bytes()}
             finish_checkpoint(tmp, path, self.model.config, torch.float32, tokenizer, replace=replace)
 
         # each phase ends with every rank learning whether any rank failed, so all stop together (the
