@@ -81,3 +81,44 @@ def test_kl_is_zero_when_the_policy_is_the_reference():
     mask = torch.ones(2, 4, 5, dtype=torch.bool)
     loss, stats = grpo_loss(logp, logp, logp, mask, torch.zeros(2, 4, dtype=torch.float64), beta=1.0)
     assert float(loss) == 0.0 and stats["kl"] == 0.0 and stats["ratio"] == pytest.approx(1.0)
+
+
+def test_reward_is_correctness_then_format():
+    from dsv3.posttrain.grpo import reward
+
+    assert reward("12", "3+9=12\nAnswer: 12", 0.1) == 1.0
+    assert reward("12", "Answer: 13", 0.1) == 0.1
+    assert reward("12", "twelve", 0.1) == 0.0
+
+
+def test_grpo_runs_are_deterministic_and_move_the_policy(trained_run, tmp_path, capsys, monkeypatch):
+    """The tiny model never writes "Answer:", so every group would be all zeros: a reward that varies with the
+    reply's length gives the updates a signal (the checker-based reward is tested above)."""
+    import json
+
+    import dsv3.posttrain.grpo as grpo
+
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.cli import main
+    from dsv3.runs import resolve_checkpoint
+
+    def run(out, seed="0"):
+        argv = ["grpo", str(trained_run), "--task", "reverse", "--out", str(tmp_path / out), "--steps", "2",
+                "--prompts", "2", "--group", "3", "--max-new-tokens", "6", "--updates", "2", "--lr", "1e-3",
+                "--seed", seed, "--no-progress"]
+        assert main(argv) == 0
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    monkeypatch.setattr(grpo, "reward", lambda answer, reply, format_reward: float(len(reply) % 3 == 0))
+    a, b = run("a"), run("b")
+    assert sum(r["groups_with_signal"] for r in a) > 0
+    keys = ("reward", "accuracy", "kl", "clip_fraction", "loss", "response_tokens")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]  # same seeds, same run
+    assert len(a) == 2 and a[1]["kl"] >= 0
+    before = load_pretrained(resolve_checkpoint(trained_run)).state_dict()
+    after = load_pretrained(resolve_checkpoint(tmp_path / "a")).state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the updates changed the weights
+    assert main(["grpo", str(trained_run), "--task", "reverse", "--out", str(tmp_path / "a")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["grpo", str(trained_run), "--task", "reverse", "--out", str(tmp_path / "c"), "--group", "1"]) == 2
+    assert "group = 1" in capsys.readouterr().err

@@ -18,7 +18,22 @@ speculative path rounds differently); pi_ref is a frozen copy of the starting po
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_pretrained, save_pretrained
+from ..errors import Dsv3Error
+from ..infer import Engine, SamplingParams
+from ..runs import resolve_checkpoint, write_atomic
+from ..tasks import check, extract_answer, make_splits, read_task_records
+from ..tokenizer import ChatTemplate, load_tokenizer, stop_token_ids
+from ..train.optim import AdamW
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -66,3 +81,154 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
                                                                           .sum() / n),
              "ratio": float((ratio.detach() * mask).sum() / n)}
     return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+class GRPOError(Dsv3Error, ValueError):
+    """A bad GRPO setting; the message names it."""
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """Settings of `dsv3 grpo` (flags of the same names)."""
+
+    policy: str  # checkpoint or run to improve (also the frozen reference)
+    task: str  # a task name (its training split for `seed`) or a task directory / train.jsonl
+    out: str
+    steps: int = 50  # rollout batches, each followed by `updates` policy updates
+    prompts: int = 8  # questions per rollout batch (P)
+    group: int = 8  # responses per question (G)
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    updates: int = 1  # policy updates per rollout batch (mu); with 1, the ratio is 1 and clipping never acts
+    lr: float = 1e-5
+    clip_eps: float = 0.2
+    beta: float = 0.04  # KL penalty coefficient (0: no reference model)
+    format_reward: float = 0.1  # reward for a reply with an "Answer:" line that is wrong (1 for a correct one)
+    seed: int = 0
+    train_examples: int = 5000  # with a task name: the size of the training split drawn
+
+    def validate(self) -> GRPOConfig:
+        for name in ("steps", "prompts", "max_new_tokens", "updates", "train_examples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise GRPOError(f"{name} = {getattr(self, name)!r}: must be an integer >= 1")
+        if self.group < 2:
+            raise GRPOError(f"group = {self.group}: GRPO needs at least 2 responses per question")
+        if not self.temperature > 0:
+            raise GRPOError(f"temperature = {self.temperature}: sampling needs a temperature > 0")
+        if self.lr <= 0 or self.clip_eps <= 0 or self.beta < 0:
+            raise GRPOError("lr and clip_eps must be > 0, beta >= 0")
+        return self
+
+
+def _questions(cfg: GRPOConfig) -> list[dict]:
+    from ..tasks import TASKS
+
+    if cfg.task in TASKS:
+        return [e.record() for e in make_splits(cfg.task, cfg.train_examples, 0, cfg.seed)[0]]
+    path = Path(cfg.task)
+    return read_task_records(path / "train.jsonl" if path.is_dir() else path)
+
+
+def reward(answer: str, reply: str, format_reward: float) -> float:
+    """1 for a correct reply (`tasks.check`), `format_reward` for a wrong one that states an answer, else 0."""
+    if check(answer, reply):
+        return 1.0
+    return format_reward if extract_answer(reply) is not None else 0.0
+
+
+def _token_logps(model, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities [N, R] of each response token given its prompt and the response so far (R the longest
+    response; zero-padded) and the response mask [N, R], from one training forward over right-padded rows."""
+    n = len(prompts)
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    longest = max(len(r) for r in responses)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+    logits = model(ids, mtp=False).logits.float()  # [N, W, V]
+    mask = torch.zeros(n, longest, dtype=torch.bool)
+    rows = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if r:
+            at = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+            rows.append(F.log_softmax(logits[i, at], -1).gather(-1, torch.tensor(r)[:, None])[:, 0])
+        else:
+            rows.append(logits.new_zeros(0))
+        mask[i, : len(r)] = True
+    logps = torch.stack([torch.cat([x, x.new_zeros(longest - len(x))]) for x in rows])
+    return logps, mask
+
+
+def run_grpo(cfg: GRPOConfig, log=print) -> list[dict]:
+    """GRPO from `cfg.policy` on `cfg.task`: each step samples `group` replies to `prompts` questions with the
+    engine (per-request seeds from (seed, step, question, sample): the same rollouts on any rerun), rewards them
+    with the task's checker, recomputes the old and reference log-probabilities with the training forward, then
+    takes `updates` AdamW steps on `grpo_loss`. Writes OUT/metrics.jsonl (reward, accuracy, KL, response length,
+    clip fraction, loss per step) and the final checkpoint OUT/checkpoints/step-N. The routing bias stays as the
+    policy had it and the MTP modules are not trained. Returns the per-step metrics.
+
+    Raises:
+        GRPOError: a bad setting; OutputExistsError (from the caller's claim) for an existing out.
+    """
+    cfg.validate()
+    source = resolve_checkpoint(cfg.policy)
+    policy = load_pretrained(source)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta else None
+    tok, template = load_tokenizer(source), ChatTemplate(source)
+    stops = stop_token_ids(tok, source)
+    questions = _questions(cfg)
+    order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    optimizer = AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
+                      weight_decay=0.0, state_dtype=torch.float32)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "grpo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    history = []
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        batch = [questions[order[(step * cfg.prompts + i) % len(order)]] for i in range(cfg.prompts)]
+        prompts = [template.encode(tok, [{"role": "user", "content": q["prompt"]}]) for q in batch]
+        policy.eval()
+        engine = Engine(policy, tok, max_batch=min(cfg.prompts * cfg.group, 64),
+                        max_len=max(len(p) for p in prompts) + cfg.max_new_tokens)
+        reqs = [[engine.submit(p, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                 seed=(cfg.seed * 1_000_003 + step) * 10_007 + i * cfg.group + g,
+                                                 stop_ids=stops, stop_strings=template.default_stops))
+                 for g in range(cfg.group)] for i, p in enumerate(prompts)]
+        while not all(r.done for group in reqs for r in group):
+            engine.step()
+        rewards = torch.tensor([[reward(q["answer"], r.text, cfg.format_reward) for r in group]
+                                for q, group in zip(batch, reqs)])
+        correct = sum(check(q["answer"], r.text) for q, group in zip(batch, reqs) for r in group)
+        flat_prompts = [p for p in prompts for _ in range(cfg.group)]
+        responses = [r.output if r.output else [stops[0]] for group in reqs for r in group]
+        advantages = group_advantages(rewards)
+        shape = (cfg.prompts, cfg.group, -1)
+        with torch.no_grad():
+            old, mask = _token_logps(policy, flat_prompts, responses)
+            ref = _token_logps(reference, flat_prompts, responses)[0] if reference is not None else None
+        policy.train()
+        for _ in range(cfg.updates):
+            logp, _ = _token_logps(policy, flat_prompts, responses)
+            loss, stats = grpo_loss(logp.view(shape), old.view(shape), None if ref is None else ref.view(shape),
+                                    mask.view(shape), advantages, cfg.clip_eps, cfg.beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+        row = {"step": step + 1, "reward": float(rewards.mean()), "accuracy": correct / rewards.numel(),
+               "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "loss": float(loss.detach()),
+               "response_tokens": float(mask.sum(-1).float().mean()),
+               "groups_with_signal": int((advantages.abs().sum(-1) > 0).sum()), "seconds": time.perf_counter() - t0}
+        history.append(row)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"step {row['step']}: reward {row['reward']:.3f}, accuracy {row['accuracy']:.3f}, kl {row['kl']:.4f}, "
+            f"{row['response_tokens']:.1f} tokens/response")
+    extra = {f.name: f.read_bytes() for f in source.iterdir()
+             if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")}
+    save_pretrained(policy, out / "checkpoints" / f"step-{cfg.steps:08d}", extra_files=extra)
+    return history
