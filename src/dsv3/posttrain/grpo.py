@@ -76,10 +76,11 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     per_token = objective - beta * kl
     per_response = (per_token * mask).sum(-1) / tokens  # [P, G]
     loss = -per_response.mean(-1).mean()
-    n = mask.sum()
-    stats = {"kl": float((kl * mask).sum() / n), "clip_fraction": float(((clipped < unclipped).to(mask.dtype) * mask)
-                                                                          .sum() / n),
-             "ratio": float((ratio.detach() * mask).sum() / n)}
+    with torch.no_grad():
+        n = mask.sum()
+        clipped_tokens = (clipped < unclipped).to(mask.dtype) * mask
+        stats = {"kl": float((kl * mask).sum() / n), "clip_fraction": float(clipped_tokens.sum() / n),
+                 "ratio": float((ratio * mask).sum() / n)}
     return loss, stats
 
 
