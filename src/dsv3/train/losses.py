@@ -89,3 +89,18 @@ def mtp_losses(mtp_logits: list[torch.Tensor], tokens: torch.Tensor, eot_id: int
         count = over[k - 1] if over is not None else int((targets != IGNORE).sum())
         losses.append(total / count if count else total * 0.0)
     return losses
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+                    ) -> torch.Tensor:
+    """Forward KL(teacher || student) summed over the positions that have a target (targets != IGNORE), each
+    distribution the softmax of logits / temperature, times temperature^2 (Hinton et al. 2015, so that gradients
+    keep their scale across temperatures). student, teacher [B, T, V] logits; targets [B, T]. The sum, like the
+    cross-entropy sums it replaces or mixes with (divide by the target count for a mean). Zero, with zero
+    gradient, when the two logits are equal."""
+    keep = targets != IGNORE
+    dtype = torch.promote_types(student.dtype, torch.float32)  # at least fp32
+    s = F.log_softmax(student[keep].to(dtype) / temperature, -1)
+    t = F.log_softmax(teacher[keep].to(dtype) / temperature, -1)
+    return (t.exp() * (t - s)).sum() * temperature**2
+

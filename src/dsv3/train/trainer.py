@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..checkpoint import (
     finish_checkpoint,
+    load_pretrained,
     load_weights,
     refuse_existing,
     start_checkpoint,
@@ -67,7 +68,15 @@ from ..runs import (
 )
 from .balance import max_violation, sequence_balance_loss, update_expert_bias
 from .data import TokenData
-from .losses import IGNORE, lm_loss, mtp_losses, mtp_valid_counts, packed_groups, packed_targets
+from .losses import (
+    IGNORE,
+    distillation_kl,
+    lm_loss,
+    mtp_losses,
+    mtp_valid_counts,
+    packed_groups,
+    packed_targets,
+)
 from .optim import AdamW
 from .schedule import decay_start_step, frozen_total, lr_at, mtp_weight_at
 from .sft import ConversationData
@@ -109,6 +118,13 @@ class TrainConfig:
     out: str = _opt("runs/run", "run directory to create")
     init_from: str | None = _opt(None, "start from this checkpoint's (or run's latest) weights and config, with a "
                                  "fresh optimizer and schedule (context extension, continued training)")
+    teacher: str | None = _opt(None, "with objective sft: logit distillation from this checkpoint (or run), which "
+                               "must share the student's tokenizer: forward KL to its distribution on the "
+                               "assistant's tokens")
+    kd_temperature: float = _opt(1.0, "with teacher: the softmax temperature of both distributions (the KL is "
+                                 "scaled by its square)")
+    kd_alpha: float = _opt(1.0, "with teacher: weight of the KL term; 1 - kd_alpha weighs the cross-entropy on the "
+                           "data's tokens")
     extend_context: float | None = _opt(None, "with init_from: YaRN (rope_scaling written as DeepSeek-V3's config "
                                         "writes it) for this factor over the length the checkpoint was trained at")
     extend_rope: str = _opt("yarn", "with extend_context: how positions stretch — yarn (DeepSeek-V3's), linear "
@@ -181,6 +197,10 @@ class TrainConfig:
         need(self.objective == "pretrain" or self.extend_context is None, "extend_context",
              "is a pre-training step; run it before sft")
         need(self.objective == "pretrain" or self.pp == 1, "pp", "sft runs without a pipeline")
+        need(self.teacher is None or self.objective == "sft", "teacher", "logit distillation is an sft objective: "
+             "give objective sft too")
+        need(self.kd_temperature > 0, "kd_temperature", "must be > 0")
+        need(0 <= self.kd_alpha <= 1, "kd_alpha", "must be in [0, 1]")
         need(self.balance in BALANCE_MODES, "balance", f"must be one of {', '.join(BALANCE_MODES)}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         need(self.optimizer_state_dtype in STATE_DTYPES, "optimizer_state_dtype",
@@ -363,6 +383,7 @@ class Trainer:
 
             self._materialize(init)
         self.routers = self._routers()
+        self.teacher = self._teacher() if cfg.teacher else None
         self.optimizer = self._optimizer()
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])  # this rank's (shard of the) optimizer state
@@ -384,6 +405,28 @@ class Trainer:
         except (RunError, Dsv3Error) as e:
             raise TrainError(f"init_from {self.cfg.init_from}: {e}") from None
         return ConversationData(self.cfg.data, source, self.cfg.seq_len)
+
+    def _teacher(self) -> DeepseekV3:
+        """The frozen teacher of logit distillation, on this device, in eval mode.
+
+        Raises:
+            TrainError: it cannot be loaded, or its tokenizer or vocabulary is not the student's (the
+                distributions would be over different tokens).
+        """
+        try:
+            source = resolve_checkpoint(self.cfg.teacher)
+        except (RunError, Dsv3Error) as e:
+            raise TrainError(f"teacher {self.cfg.teacher}: {e}") from None
+        theirs, ours = source / TOKENIZER, self.data.tokenizer_file
+        if not theirs.exists() or theirs.read_bytes() != ours.read_bytes():
+            raise TrainError(f"teacher {source}: its tokenizer is not the student's ({ours}); logit distillation "
+                             "compares distributions token by token, so both need the same tokenizer (sequence-"
+                             "level distillation, `dsv3 distill --mode sequence`, does not)")
+        teacher = load_pretrained(source, device=self.device).eval().requires_grad_(False)
+        if teacher.config.vocab_size != self.model.config.vocab_size:
+            raise TrainError(f"teacher {source}: vocab_size {teacher.config.vocab_size} differs from the student's "
+                             f"{self.model.config.vocab_size}")
+        return teacher
 
     def _claim_run_dir(self, overwrite: bool) -> None:
         """cfg.out must be free for a new run: rank 0 checks (and with `overwrite` moves the old one aside), every
@@ -674,6 +717,11 @@ class Trainer:
                 targets = packed_targets(batch.labels, positions, k)
                 total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                                         reduction="sum")
+                if k == 0 and self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(batch.ids, segments=batch.segments, mtp=False).logits
+                    kd = distillation_kl(logits, teacher_logits, targets, cfg.kd_temperature)
+                    total = cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * total
                 ce.append(total / max(counts[k], 1) * self.world)  # this rank's share, times the ranks averaging it
             balance = torch.zeros((), device=self.device)
             for row, info in enumerate(out.routing):
