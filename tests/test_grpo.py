@@ -97,7 +97,6 @@ def test_grpo_runs_are_deterministic_and_move_the_policy(trained_run, tmp_path, 
     import json
 
     import dsv3.posttrain.grpo as grpo
-
     from dsv3.checkpoint import load_pretrained
     from dsv3.cli import main
     from dsv3.runs import resolve_checkpoint
