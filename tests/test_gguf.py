@@ -175,6 +175,17 @@ def test_existing_target_is_refused_and_untouched(tmp_path, dataset, capsys):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []  # no temporary file left
 
 
+def test_a_pre_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, dataset):
+    path, _ = _checkpoint(tmp_path, dataset)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, spec["pre_tokenizer"]]}
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(GGUFExportError, match="pre-tokenizer"):
+        export_gguf(path, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_bad_requests_name_the_culprit(tmp_path, dataset, capsys):
     path, _ = _checkpoint(tmp_path, dataset)
     assert main(["convert", str(path), "--out", str(tmp_path / "x.gguf"), "--format", "gguf", "--dtype", "fp8"]) == 2

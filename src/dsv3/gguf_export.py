@@ -153,9 +153,12 @@ def _tokenizer_metadata(writer, ckpt: Path, vocab_size: int, cfg: ModelConfig) -
     if model.get("type") != "BPE":
         raise GGUFExportError(f"cannot export to GGUF: {file} holds a {model.get('type')!r} model; only byte-level "
                               "BPE is exported")
-    pre = json.dumps(spec.get("pre_tokenizer"))
-    if "ByteLevel" not in pre:
-        raise GGUFExportError(f"cannot export to GGUF: {file}'s pre-tokenizer is not byte-level ({pre[:80]})")
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        # llama.cpp's "gpt-2" pre-tokenizer is exactly ByteLevel's GPT-2 split; anything else (a digit split in a
+        # Sequence, no regex) would tokenize differently there
+        raise GGUFExportError(f"cannot export to GGUF: {file}'s pre-tokenizer is {json.dumps(pre)[:120]}; only a "
+                              "plain byte-level one (GPT-2's split, llama.cpp's 'gpt-2') is exported")
     by_id = {i: t for t, i in model["vocab"].items()}
     special = {}
     for added in spec.get("added_tokens") or []:
