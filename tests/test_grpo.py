@@ -121,3 +121,33 @@ def test_grpo_runs_are_deterministic_and_move_the_policy(trained_run, tmp_path, 
     assert "already exists" in capsys.readouterr().err
     assert main(["grpo", str(trained_run), "--task", "reverse", "--out", str(tmp_path / "c"), "--group", "1"]) == 2
     assert "group = 1" in capsys.readouterr().err
+
+
+def test_resumed_grpo_equals_the_uninterrupted_run(trained_run, tmp_path, monkeypatch, capsys):
+    import json
+
+    import dsv3.posttrain.grpo as grpo
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.cli import main
+    from dsv3.runs import resolve_checkpoint
+
+    monkeypatch.setattr(grpo, "reward", lambda answer, reply, format_reward: float(len(reply) % 3 == 0))
+    common = ["--task", "sort", "--prompts", "2", "--group", "3", "--max-new-tokens", "5", "--updates", "2",
+              "--lr", "1e-3", "--checkpoint-every", "2", "--no-progress"]
+    assert main(["grpo", str(trained_run), "--out", str(tmp_path / "whole"), "--steps", "4", *common]) == 0
+    assert main(["grpo", str(trained_run), "--out", str(tmp_path / "cut"), "--steps", "2", *common]) == 0
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a row written after the checkpoint, then "killed"
+        f.write(json.dumps({"step": 3, "reward": -1}) + "\n")
+    assert main(["grpo", "--resume", str(tmp_path / "cut"), "--steps", "4", "--no-progress"]) == 0
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+                for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows("cut") == rows("whole") and len(rows("whole")) == 4
+    a = load_pretrained(resolve_checkpoint(tmp_path / "whole")).state_dict()
+    b = load_pretrained(resolve_checkpoint(tmp_path / "cut")).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    capsys.readouterr()
+    assert main(["grpo", "--resume", str(tmp_path / "cut"), "--task", "add"]) == 2
+    assert "--resume RUN continues" in capsys.readouterr().err

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_pretrained, save_pretrained
 from ..errors import Dsv3Error
 from ..infer import Engine, SamplingParams
-from ..runs import resolve_checkpoint, write_atomic
+from ..runs import RunError, load_trainer_state, resolve_checkpoint, trainer_state_files, write_atomic
 from ..tasks import check, extract_answer, make_splits, read_task_records
 from ..tokenizer import ChatTemplate, load_tokenizer, stop_token_ids
 from ..train.optim import AdamW
@@ -110,9 +110,10 @@ class GRPOConfig:
     format_reward: float = 0.1  # reward for a reply with an "Answer:" line that is wrong (1 for a correct one)
     seed: int = 0
     train_examples: int = 5000  # with a task name: the size of the training split drawn
+    checkpoint_every: int = 25  # save weights + optimizer state every this many steps (and at the end)
 
     def validate(self) -> GRPOConfig:
-        for name in ("steps", "prompts", "max_new_tokens", "updates", "train_examples"):
+        for name in ("steps", "prompts", "max_new_tokens", "updates", "train_examples", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise GRPOError(f"{name} = {getattr(self, name)!r}: must be an integer >= 1")
         if self.group < 2:
@@ -163,32 +164,61 @@ def _token_logps(model, prompts: list[list[int]], responses: list[list[int]]) ->
     return logps, mask
 
 
-def run_grpo(cfg: GRPOConfig, log=print) -> list[dict]:
+def _save(out: Path, step: int, policy, optimizer, cfg: GRPOConfig, extra: dict[str, bytes]) -> Path:
+    """OUT/checkpoints/step-N: the policy (official format) with the tokenizer files and the GRPO state (step,
+    settings, AdamW state) as JSON + safetensors, never a pickle."""
+    state = trainer_state_files({"step": step, "total_steps": cfg.steps, "train_config": dataclasses.asdict(cfg),
+                                 "optimizer": optimizer.state_dict()})
+    return save_pretrained(policy, out / "checkpoints" / f"step-{step:08d}", extra_files={**extra, **state})
+
+
+def run_grpo(cfg: GRPOConfig, log=print, resume: bool = False) -> list[dict]:
     """GRPO from `cfg.policy` on `cfg.task`: each step samples `group` replies to `prompts` questions with the
     engine (per-request seeds from (seed, step, question, sample): the same rollouts on any rerun), rewards them
     with the task's checker, recomputes the old and reference log-probabilities with the training forward, then
     takes `updates` AdamW steps on `grpo_loss`. Writes OUT/metrics.jsonl (reward, accuracy, KL, response length,
-    clip fraction, loss per step) and the final checkpoint OUT/checkpoints/step-N. The routing bias stays as the
-    policy had it and the MTP modules are not trained. Returns the per-step metrics.
+    clip fraction, loss per step) and checkpoints OUT/checkpoints/step-N every `checkpoint_every` steps and at the
+    end. The routing bias stays as the policy had it and the MTP modules are not trained. Returns the per-step
+    metrics of this call.
+
+    resume: continue OUT from its latest checkpoint (its weights and AdamW state; the reference stays `policy`).
+    Rollouts depend only on (seed, step), so a resumed run equals the uninterrupted one.
 
     Raises:
         GRPOError: a bad setting; OutputExistsError (from the caller's claim) for an existing out.
     """
     cfg.validate()
     source = resolve_checkpoint(cfg.policy)
+    out = Path(cfg.out)
     policy = load_pretrained(source)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta else None
+    start, state = 0, None
+    if resume:
+        try:
+            latest = resolve_checkpoint(out)
+            state = load_trainer_state(latest)
+        except RunError as e:
+            raise GRPOError(f"cannot resume {out}: {e}") from None
+        policy = load_pretrained(latest)
+        start = int(state["step"])
     tok, template = load_tokenizer(source), ChatTemplate(source)
     stops = stop_token_ids(tok, source)
     questions = _questions(cfg)
     order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     optimizer = AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
                       weight_decay=0.0, state_dtype=torch.float32)
-    out = Path(cfg.out)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    extra = {f.name: f.read_bytes() for f in source.iterdir()
+             if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")}
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "grpo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    metrics = out / "metrics.jsonl"
+    if resume and metrics.exists():  # drop rows written after the checkpoint resumed from
+        rows = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= start]
+        write_atomic(metrics, "".join(r + "\n" for r in rows))
     history = []
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         batch = [questions[order[(step * cfg.prompts + i) % len(order)]] for i in range(cfg.prompts)]
         prompts = [template.encode(tok, [{"role": "user", "content": q["prompt"]}]) for q in batch]
@@ -225,11 +255,10 @@ def run_grpo(cfg: GRPOConfig, log=print) -> list[dict]:
                "response_tokens": float(mask.sum(-1).float().mean()),
                "groups_with_signal": int((advantages.abs().sum(-1) > 0).sum()), "seconds": time.perf_counter() - t0}
         history.append(row)
-        with open(out / "metrics.jsonl", "a") as f:
+        with open(metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
         log(f"step {row['step']}: reward {row['reward']:.3f}, accuracy {row['accuracy']:.3f}, kl {row['kl']:.4f}, "
             f"{row['response_tokens']:.1f} tokens/response")
-    extra = {f.name: f.read_bytes() for f in source.iterdir()
-             if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")}
-    save_pretrained(policy, out / "checkpoints" / f"step-{cfg.steps:08d}", extra_files=extra)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save(out, step + 1, policy, optimizer, cfg, extra)
     return history
