@@ -93,3 +93,15 @@ def test_bad_task_files_name_file_line_and_field(tmp_path):
     f.write_text('{"prompt": "a", "answer": "1"}\nnot json\n')
     with pytest.raises(TaskError, match=r"t\.jsonl:2: not JSON"):
         read_task_records(f)
+
+
+def test_split_digits_tokenizer_reads_numbers_digit_by_digit():
+    from dsv3.tokenizer import train_tokenizer
+
+    texts = ["What is 4614 + 925? Answer: 5539. And 4614 again, 4614."] * 200
+    merged = train_tokenizer(texts, 400).encode(" 4614").tokens
+    split = train_tokenizer(texts, 400, split_digits=True)
+    assert len(merged) < 4  # BPE learned the frequent number as one or two tokens
+    tokens = split.encode("What is 4614 + 925?").tokens
+    assert [t for t in tokens if any(c.isdigit() for c in t)] == list("4614925")
+    assert split.decode(split.encode("What is 4614 + 925?").ids) == "What is 4614 + 925?"

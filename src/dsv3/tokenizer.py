@@ -25,12 +25,18 @@ class TokenizerError(Dsv3Error, ValueError):
     """A missing or unreadable tokenizer file; the message names it."""
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE `tokenizers.Tokenizer` of `vocab_size` entries (EOT included) learned from `texts`."""
+def train_tokenizer(texts: list[str], vocab_size: int, split_digits: bool = False):
+    """A byte-level BPE `tokenizers.Tokenizer` of `vocab_size` entries (EOT included) learned from `texts`.
+
+    split_digits: every digit its own token (a `Digits(individual_digits=True)` split before the byte-level one), so
+    that numbers are read digit by digit (arithmetic tasks); such a tokenizer is not exported to GGUF (llama.cpp's
+    GPT-2 pre-tokenizer would merge digits)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

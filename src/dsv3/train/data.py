@@ -140,13 +140,14 @@ def _jsonl_documents(f: Path, content: str) -> list[Document]:
 # ------------------------------------------------------------------------------------------------ prepare
 def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size: int = 8192,
             val_fraction: float = 0.05, retrieval_docs: int = 0, retrieval_words: tuple[int, int] = (50, 2800),
-            seed: int = 0) -> dict:
+            seed: int = 0, split_digits: bool = False) -> dict:
     """Build a dataset directory from the default corpus (inputs=None) or the given files and folders.
 
     retrieval_docs: add this many retrieval documents (`passkey.retrieval_document`: a number stated once in a
     stretch of the training split's own lines and again at the end) to the training split only, their lengths
     log-uniform in `retrieval_words` words, drawn from `seed`: long-context training data whose wording shares
-    nothing with `dsv3 eval --passkey`.
+    nothing with `dsv3 eval --passkey`. split_digits: the tokenizer reads numbers digit by digit
+    (`tokenizer.train_tokenizer`).
 
     `out` must be absent or an empty directory (`dsv3 data prepare --overwrite` moves an existing one aside
     first). The dataset is built in a temporary sibling directory and renamed into place, so an interrupted run
@@ -181,7 +182,7 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
         train_docs = train_docs + [
             Document(f"retrieval-{i:05d}", retrieval_document(lines, round(math.exp(rng.uniform(low, high))), rng))
             for i in range(retrieval_docs)]
-    tok = train_tokenizer([d.text for d in train_docs], vocab_size)
+    tok = train_tokenizer([d.text for d in train_docs], vocab_size, split_digits=split_digits)
     eot = tok.token_to_id(EOT)
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
