@@ -7,7 +7,7 @@ dsv3's tokens, logits and tokenization; then batch-1 greedy decode speed, both i
 What it does, in order:
 1. exports the checkpoint with `dsv3 convert --format gguf --dtype fp32` (into --work; an existing file there is
    reused) and loads it in llama.cpp with an f32 KV cache (`type_k` / `type_v` = GGML_TYPE_F32), `logits_all`,
-   no flash attention, `--threads` threads (default: torch's);
+   no flash attention, `--threads` threads for both systems (default: torch's);
 2. tokenization: llama.cpp's tokenizer (from the file's vocabulary and merges) against dsv3's on the prompt text;
 3. logits: every prompt position's logits, llama.cpp (`Llama.eval` over the prompt ids) against dsv3's model
    forward, max |difference| (the issue's bar: 1e-3 at the first position);
@@ -85,8 +85,10 @@ def main() -> None:
     ap.add_argument("--work", default="runs/llama-cpp", help="folder for the exported GGUF file")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="threads for both llama.cpp and torch (default: torch's)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)  # both systems get the same threads
 
     ckpt = resolve_checkpoint(args.checkpoint)
     work = Path(args.work)
@@ -146,6 +148,7 @@ def main() -> None:
     print(json.dumps({"tokens_equal": same is None, "first_divergence": same,
                       "first_position_max_abs_diff": float(diff[0].max()), "all_positions_max_abs_diff": float(
                           diff.max()), "decode_tps": {k: statistics.median(v) for k, v in tps.items()}}))
+    llm.close()  # free the model now: at interpreter exit llama-cpp-python's finaliser finds its library unloaded
 
 
 if __name__ == "__main__":
