@@ -33,16 +33,27 @@ from dsv3.train.trainer import BALANCE_MODES, PP_SCHEDULES, PRECISIONS, TrainCon
 # the documented flags of each subcommand (what its --help must list); the test of each command is named beside it
 FLAGS = {
     "params": ["--model-config"],  # test_params
-    "data prepare": ["--out", "--overwrite", "--corpus", "--vocab-size", "--val-fraction",
+    "data prepare": ["--out", "--overwrite", "--corpus", "--vocab-size", "--val-fraction", "--split-digits",
                      "--retrieval-docs", "--retrieval-words"],  # test_data_prepare; test_context.py
+    "data tasks": ["--task", "--out", "--overwrite", "--train", "--val", "--seed"],  # test_tasks.py
     "train": ["--config", "--resume", "--overwrite", "--model-config", "--data", "--out", "--max-steps", "--minutes",
               "--batch-size", "--grad-accum", "--seq-len", "--lr", "--balance", "--precision", "--pp-schedule",
-              "--keep-checkpoints", "--no-progress"],  # test_train_then_resume
-    "eval": ["--data", "--seq-len", "--max-tokens", "--device", "--precision"],  # test_eval, test_device_and_precision
+              "--keep-checkpoints", "--no-progress", "--objective"],  # test_train_then_resume
+    "distill": ["--teacher", "--student", "--mode", "--data", "--out", "--samples", "--questions",
+                "--sample-temperature", "--sample-max-tokens", "--kd-temperature", "--kd-alpha", "--max-steps",
+                "--config", "--no-progress"],  # test_distill.py
+    "grpo": ["--task", "--out", "--overwrite", "--steps", "--prompts", "--group", "--temperature", "--max-new-tokens",
+             "--updates", "--lr", "--clip-eps", "--beta", "--seed", "--no-progress", "--resume",
+             "--checkpoint-every"],  # test_grpo.py
+    "sft": ["--config", "--resume", "--overwrite", "--data", "--out", "--max-steps", "--batch-size", "--seq-len",
+            "--no-progress"],  # test_sft.py
+    "eval": ["--data", "--seq-len", "--max-tokens", "--device", "--precision", "--lm-eval", "--lm-eval-include",
+             "--limit", "--task", "--task-examples", "--seed", "--max-new-tokens"],  # test_eval, ...; test_lm_eval.py,
+    # test_task_eval.py
     "plot": ["--out", "--overwrite"],  # test_train.py::test_plot_writes_three_pngs_with_layer_names
     "simulate-routing": ["--out", "--experts", "--groups", "--topk-groups", "--top-k", "--steps", "--gamma", "--skew",
                          "--seed"],  # test_simulate_routing
-    "convert": ["--out", "--overwrite", "--dtype"],  # test_convert_bf16
+    "convert": ["--out", "--overwrite", "--dtype", "--format"],  # test_convert_bf16; test_gguf.py
     "generate": ["--prompt", "--verbose", "--max-new-tokens", "--max-len", "--temperature", "--top-k", "--top-p",
                  "--seed", "--speculative", "--draft-tokens", "--compile", "--stop", "--prefill-chunk",
                  "--prefill-share", "--prefix-cache-mb", "--device", "--precision"],  # test_generate, test_device_...
@@ -50,7 +61,8 @@ FLAGS = {
              "--stop", "--prefix-cache-mb", "--device", "--precision"],  # test_chat
     "serve": ["--host", "--port", "--max-batch", "--max-len", "--speculative", "--draft-tokens", "--compile",
               "--model-name", "--max-queue", "--request-timeout", "--api-key", "--prefill-chunk", "--prefill-share",
-              "--prefix-cache-mb", "--device", "--precision"],  # test_serve; test_prefill.py, test_logprobs.py
+              "--prefix-cache-mb", "--device", "--precision", "--expert-stats", "--expert-stats-window"],
+    # test_serve; test_prefill.py, test_logprobs.py; test_web.py (the page, --expert-stats)
     "cost": ["--model-config", "--tokens", "--gpus", "--gpu", "--mfu", "--seq-len", "--price", "--pp",
              "--micro-batches"],  # test_cost
     "plan": ["--model-config", "--pp", "--dp", "--ep", "--zero", "--pp-schedule", "--optimizer-state-dtype", "--gpu",
@@ -91,7 +103,7 @@ def _wide_terminal(monkeypatch):
 
 def assert_usage_error(code, err, command, *needles):
     assert code == 2, err
-    assert "Traceback" not in err and err.count("\n") <= 3, err
+    assert "Traceback" not in err and err.count("\n") <= 5, err  # the usage (wrapped) and the error line
     assert f"dsv3 {command}: error:" in err, err
     for needle in needles:
         assert needle in err, err
@@ -119,7 +131,7 @@ def test_help_lists_the_flags(capsys, command):
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", out), f"{command} --help lacks {flag}"
     parser = leaf_parsers()[command]
     options = {s for a in parser._actions for s in a.option_strings}
-    assert ("--config" in options) == (command == "train"), "--config is only the training TOML"
+    assert ("--config" in options) == (command in ("train", "sft", "distill")), "--config is only the training TOML"
     assert "--preset" not in out and "legacy" not in out  # deprecated spellings are accepted, not advertised
 
 

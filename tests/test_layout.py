@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"checkpoint", "tokenizer", "runs", "tasks", "gguf_export"},
     {"train", "infer"},
     {"posttrain"},
-    {"demo", "cli", "__main__", "__init__"},
+    {"demo", "cli", "web", "__main__", "__init__"},
 ]
 SIBLINGS_APART = [("train", "infer")]  # same layer, but neither imports the other
 

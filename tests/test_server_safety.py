@@ -111,7 +111,7 @@ OUT_OF_RANGE = [  # field, raw JSON value
     ("temperature", "true"),
     ("max_tokens", "0"), ("max_tokens", "18446744073709551616"), ("max_tokens", "2.0"), ("max_tokens", "-1"),
     ("max_completion_tokens", "0"),
-    ("stop", '""'), ("stop", '[""]'), ("stop", '["a", "b", "c", "d", "e"]'), ("stop", json.dumps("x" * 300)),
+    ("stop", '""'), ("stop", '[""]'), ("stop", json.dumps(list("abcdefghijklmnopq"))), ("stop", json.dumps("x" * 300)),
     ("stop", "[1]"), ("stream", "1"), ("model", "3"),
 ]
 
@@ -131,7 +131,7 @@ def test_values_out_of_range_get_400_naming_the_field(main, path, field, value):
 def test_edge_values_are_accepted(main):
     _, port = main
     for extra in ({"seed": 2**64 - 1}, {"seed": 0}, {"top_k": 1}, {"top_p": 1}, {"temperature": 0},
-                  {"temperature": 2}, {"stop": ["a", "b", "c", "d"]}, {"max_tokens": 120}, {"n": 1}):
+                  {"temperature": 2}, {"stop": list("abcdefghijklmnop")}, {"max_tokens": 120}, {"n": 1}):
         status, _, data = call(port, "POST", "/v1/completions", {**BASES["/v1/completions"], **extra})
         assert status == 200, (extra, data)
     ok(port)

@@ -87,21 +87,39 @@ def _data_prepare(args: argparse.Namespace) -> int:
         raise _UsageError(f"--retrieval-words takes MIN,MAX with MIN <= MAX, got {','.join(map(str, words))}")
     _claim_out(args.out, args.overwrite)
     meta = prepare(args.out, inputs, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                   retrieval_docs=args.retrieval_docs, retrieval_words=tuple(args.retrieval_words))
+                   retrieval_docs=args.retrieval_docs, retrieval_words=tuple(args.retrieval_words),
+                   split_digits=args.split_digits)
     for split, s in meta["splits"].items():
         print(f"{split}: {s['tokens']:,} tokens from {len(s['documents'])} document(s), {s['bytes']:,} bytes")
     print(f"vocab {meta['vocab_size']:,}; written to {args.out}")
     return 0
 
 
+def _data_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS, TaskError, write_task_data
+
+    if args.task not in TASKS:
+        raise _UsageError(f"--task {args.task}: choose one of {', '.join(TASKS)}")
+    _claim_out(args.out, args.overwrite)
+    try:
+        meta = write_task_data(args.out, args.task, args.train, args.val, args.seed)
+    except TaskError as e:
+        raise _UsageError(str(e)) from None
+    print(f"{meta['task']}: {meta['train']:,} train and {meta['val']:,} held-out examples (seed {meta['seed']}) "
+          f"written to {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ train
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field: its help text and closed set of values come from the field."""
+def _train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (but `skip`): its help text and closed set of values come from the field."""
     from .train.trainer import TrainConfig
 
     optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int, "dp": int,
                       "peak_flops": float}
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text, choices = f.metadata["help"], f.metadata["choices"]
         if f.name == "progress":
@@ -169,11 +187,111 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    """`dsv3 sft BASE --data FILE.jsonl --out RUN`: `dsv3 train --objective sft --init-from BASE` (train.sft)."""
+    if args.resume:
+        if args.base is not None:
+            raise _UsageError("--resume continues an SFT run with its own base; do not give BASE")
+    elif args.base is None:
+        raise _UsageError("the checkpoint to fine-tune is required: dsv3 sft BASE --data FILE.jsonl --out RUN")
+    args.objective = "sft"
+    args.init_from = args.base
+    return _train(args)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    """`dsv3 distill --teacher T --student S --data TASK_OR_FILE --mode sequence|logits --out RUN`."""
+    from pathlib import Path
+
+    from .tasks import TASKS, TaskError, make_splits, read_task_records
+
+    if args.resume:
+        raise _UsageError("continue a distillation run with `dsv3 sft --resume RUN`")
+    args.objective, args.init_from = "sft", args.student
+    if args.mode == "logits":
+        args.teacher = args.teacher_ckpt
+        return _train(args)
+    # sequence: the teacher's verified replies become the student's SFT data
+    from .posttrain.distill import rejection_sample, write_samples
+
+    samples_dir = Path(f"{args.out}.samples")
+    _claim_out(args.out, args.overwrite)
+    _claim_out(samples_dir, args.overwrite)
+    try:
+        if args.data in TASKS:
+            records = [e.record() for e in make_splits(args.data, args.questions, 0, args.seed or 0)[0]]
+        else:
+            path = Path(args.data)
+            records = read_task_records(path / "train.jsonl" if path.is_dir() else path)[: args.questions]
+    except TaskError as e:
+        raise _UsageError(str(e)) from None
+    show = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            print(f"\rteacher sampling {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    kept, stats = rejection_sample(args.teacher_ckpt, records, args.samples, args.sample_temperature,
+                                   args.sample_max_tokens, args.seed or 0, progress=progress)
+    write_samples(samples_dir, kept, stats)
+    print(f"teacher: kept {stats['kept']} of {stats['sampled']} replies (keep rate {stats['keep_rate']:.3f}, "
+          f"{stats['questions_solved']} of {stats['questions']} questions solved) -> {samples_dir}")
+    if not kept:
+        raise _UsageError("the teacher solved no question: nothing to distill (see the keep rate above)")
+    args.data, args.teacher, args.overwrite = str(samples_dir), None, False
+    return _train(args)
+
+
+def _grpo(args: argparse.Namespace) -> int:
+    """`dsv3 grpo POLICY --task NAME --out RUN` (or `--resume RUN`): GRPO on a verifiable task (posttrain.grpo)."""
+    from pathlib import Path
+
+    from .posttrain.grpo import GRPOConfig, GRPOError, run_grpo
+
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.resume:
+        if args.policy is not None or args.task is not None or args.out is not None or args.overwrite:
+            raise _UsageError("--resume RUN continues a GRPO run with its own settings: give only --steps (to "
+                              "extend it) besides")
+        try:
+            saved = json.loads((Path(args.resume) / "grpo_config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise _UsageError(f"--resume {args.resume}: not a GRPO run ({e})") from None
+        given = {**saved, **{k: v for k, v in given.items() if k == "steps"}}
+    elif args.policy is None or args.task is None or args.out is None:
+        raise _UsageError("give POLICY, --task and --out (or --resume RUN)")
+    cfg = GRPOConfig(**given)
+    try:
+        cfg.validate()
+    except GRPOError as e:
+        raise _UsageError(str(e)) from None
+    if not args.resume:
+        _claim_out(cfg.out, args.overwrite)
+    try:
+        history = run_grpo(cfg, log=print if args.progress else (lambda _: None), resume=bool(args.resume))
+    except GRPOError as e:
+        raise _UsageError(str(e)) from None
+    if not history:
+        print(f"nothing to do: {cfg.out} is already at step {cfg.steps}")
+        return 0
+    first, last = history[0], history[-1]
+    print(f"{cfg.steps} steps: reward {first['reward']:.3f} -> {last['reward']:.3f}, sampled accuracy "
+          f"{first['accuracy']:.3f} -> {last['accuracy']:.3f}; checkpoint in {cfg.out}/checkpoints")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .runs import resolve_checkpoint, train_setting
     from .train.evaluate import evaluate
 
     ckpt = resolve_checkpoint(args.checkpoint)
+    if args.task:
+        return _task_eval(args, ckpt)
+    if args.lm_eval:
+        return _lm_eval(args, ckpt)
+    if args.lm_eval_include or args.limit is not None:
+        raise _UsageError("--lm-eval-include and --limit go with --lm-eval TASKS")
     data = args.data or train_setting(ckpt, "data")
     seq_len = args.seq_len or train_setting(ckpt, "seq_len") or 256
     if not data:
@@ -196,6 +314,57 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     result = evaluate(model, data, seq_len=seq_len, max_tokens=args.max_tokens)
     print(json.dumps({"checkpoint": str(ckpt), "data": str(data), **result}, indent=2))
+    return 0
+
+
+def _task_eval(args: argparse.Namespace, ckpt) -> int:
+    """`dsv3 eval CKPT --task NAME|FILE`: greedy held-out accuracy on a verifiable task (`posttrain.evaluate`);
+    NAME draws the held-out split `dsv3 data tasks --task NAME` writes for the same --seed (the first
+    --task-examples of it), FILE is such a val.jsonl (or a task directory holding one)."""
+    from pathlib import Path
+
+    from .posttrain.evaluate import task_accuracy
+    from .tasks import TASKS, TaskError, make_splits, read_task_records
+    from .tokenizer import ChatTemplate, load_tokenizer, stop_token_ids
+
+    if args.lm_eval or args.passkey or args.context_lengths:
+        raise _UsageError("--task does not combine with --lm-eval, --passkey or --context-lengths")
+    try:
+        if args.task in TASKS:
+            records = [e.record() for e in make_splits(args.task, 0, args.task_examples, args.seed)[1]]
+        else:
+            path = Path(args.task)
+            path = path / "val.jsonl" if path.is_dir() else path
+            if not path.is_file():
+                raise _UsageError(f"--task {args.task}: neither a task ({', '.join(TASKS)}) nor a JSONL file")
+            records = read_task_records(path)[: args.task_examples]
+    except TaskError as e:
+        raise _UsageError(str(e)) from None
+    model, tok = _load_model(args, ckpt), load_tokenizer(ckpt)
+    show = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            print(f"\r{args.task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    result = task_accuracy(model, tok, ChatTemplate(ckpt), records, stop_token_ids(tok, ckpt),
+                           max_new_tokens=args.max_new_tokens, progress=progress)
+    print(json.dumps({"checkpoint": str(ckpt), "task": args.task, **result}, indent=2))
+    return 0
+
+
+def _lm_eval(args: argparse.Namespace, ckpt) -> int:
+    """`dsv3 eval CKPT --lm-eval TASKS`: lm-eval's tasks on the model in this process (`infer/harness.py`); lm-eval's
+    "results" (task -> metric -> value) as JSON on stdout. Without lm-eval installed: an error naming the extra."""
+    if args.passkey or args.context_lengths:
+        raise _UsageError("--lm-eval runs lm-eval's tasks; it does not combine with --passkey or --context-lengths")
+    from .infer.harness import evaluate_tasks  # LmEvalMissing (a Dsv3Error) names the extra when lm-eval is absent
+    from .tokenizer import load_tokenizer
+
+    model = _load_model(args, ckpt)
+    result = evaluate_tasks(model, load_tokenizer(ckpt), args.lm_eval, include=args.lm_eval_include,
+                            limit=args.limit, checkpoint=ckpt, max_length=args.seq_len)
+    print(json.dumps(result["results"], indent=2, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
     return 0
 
 
@@ -269,7 +438,8 @@ def _convert(args: argparse.Namespace) -> int:
         _deprecated(f"`convert SRC DST` ({args.legacy_dst})", f"--out {args.legacy_dst}")
         args.out = args.legacy_dst
     if args.out is None:
-        raise _UsageError("the destination is required: --out DIR" + (" (a .gguf file)" if args.format == "gguf" else ""))
+        where = "--out FILE.gguf" if args.format == "gguf" else "--out DIR"
+        raise _UsageError(f"the destination is required: {where}")
     if args.format == "gguf":
         return _convert_gguf(args)
     if args.dtype is None:
@@ -598,6 +768,7 @@ def _sampling_flags(p: argparse.ArgumentParser, max_new: int, prefix_mb: int = 0
 
 PREFILL_CHUNK = 256  # tokens; benchmarks/long_prompts.py measures the stall it bounds
 PREFILL_SHARE = 0.5  # mean inter-token latency of running requests at most ~2x while a long prompt is prefilled
+EXPERT_STATS_WINDOW = 256  # serve: the page's live expert counts cover the last this-many decode steps
 PREFIX_CACHE_MB = 256  # chat and serve: ~120K tokens of `small`'s latent rows (fp32), ~3.8K of the 671B model's (bf16)
 
 
@@ -621,12 +792,12 @@ def _decode_flags(p: argparse.ArgumentParser, compile_default: bool, prefix_mb: 
                         f"system prompt) instead of prefilling them; 0 turns it off (default: {prefix_mb})")
 
 
-def _engine(args, model, tok, max_batch: int, log=None):
+def _engine(args, model, tok, max_batch: int, log=None, **options):
     from .infer import Engine
 
     return Engine(model, tok, max_batch=max_batch, max_len=args.max_len, speculative=args.speculative == "mtp",
                   draft_tokens=args.draft_tokens, compile=args.compile, log=log, prefill_chunk=args.prefill_chunk,
-                  prefill_share=args.prefill_share, prefix_cache_bytes=args.prefix_cache_mb << 20)
+                  prefill_share=args.prefill_share, prefix_cache_bytes=args.prefix_cache_mb << 20, **options)
 
 
 def _params_from(args, tokenizer, extra_stops=(), checkpoint=None):
@@ -695,11 +866,13 @@ def _chat(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .infer.server import Server, bind_warning, create_app
+    from .infer.server import Server, bind_warning
     from .runs import model_name
+    from .web import create_web_app
 
     ckpt, model, tok = _load_for_inference(args)
-    engine = _engine(args, model, tok, args.max_batch, log=lambda m: print(m, file=sys.stderr))
+    engine = _engine(args, model, tok, args.max_batch, log=lambda m: print(m, file=sys.stderr),
+                     expert_stats=args.expert_stats_window if args.expert_stats else 0)
     if engine.compiled:
         print(f"compiling the decode step for batch sizes {engine.buckets} before serving (--no-compile skips "
               "this)", file=sys.stderr)
@@ -708,9 +881,10 @@ def _serve(args: argparse.Namespace) -> int:
     server = Server(engine, tok, model_name=args.model_name or model_name(ckpt), checkpoint=ckpt,
                     max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=api_key)
     print(f"serving {ckpt} as model '{server.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"the page (chat, experts live, routing simulator): http://{args.host}:{args.port}/", file=sys.stderr)
     if warning := bind_warning(args.host, api_key):
         print(warning, file=sys.stderr)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_web_app(server), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -751,7 +925,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retrieval-words", type=_word_counts, default=[50, 2800], metavar="MIN,MAX",
                    help="the retrieval documents' lengths in words, log-uniform between MIN and MAX (default: "
                         "50,2800, about 70 to 4,000 tokens)")
+    q.add_argument("--split-digits", action="store_true", help="one token per digit (for arithmetic tasks; such "
+                   "a tokenizer is not exported to GGUF)")
     q.set_defaults(func=_data_prepare, command="data prepare")
+    q = data_sub.add_parser("tasks", help="a verifiable synthetic task (worked solutions + checker answers) as "
+                            "messages JSONL train/val splits")
+    q.add_argument("--task", required=True, help="add, multiply, sort, count or reverse")
+    q.add_argument("--out", required=True, help="directory to create (train.jsonl, val.jsonl, task.json)")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    q.add_argument("--train", type=_non_negative_int, default=20000, help="training examples (default: 20000)")
+    q.add_argument("--val", type=_non_negative_int, default=500,
+                   help="held-out examples, never among the training prompts (default: 500)")
+    q.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default: 0)")
+    q.set_defaults(func=_data_tasks, command="data tasks")
 
     p = sub.add_parser("train", help="train a model (flags override --config TOML)")
     p.add_argument("--config", metavar="TOML", help="training settings: TrainConfig keys (top level or [train])")
@@ -760,10 +946,65 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="held-out loss, perplexity and bits-per-byte of a checkpoint or run")
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (messages JSONL): loss on the "
+                       "assistant's tokens, conversations packed; the trainer's flags")
+    p.add_argument("base", nargs="?", help="the checkpoint or run to fine-tune (its tokenizer and chat template "
+                   "encode the conversations)")
+    p.add_argument("--config", metavar="TOML", help="training settings: TrainConfig keys (top level or [train])")
+    p.add_argument("--resume", metavar="RUN", help="continue an SFT run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _train_flags(p, skip=("objective", "init_from"))
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("distill", help="distill a teacher into a student: sequence (rejection-sampled teacher "
+                       "replies, then SFT) or logits (KL to the teacher's distribution); the trainer's flags")
+    p.add_argument("--teacher", dest="teacher_ckpt", required=True, help="the teacher checkpoint or run")
+    p.add_argument("--student", required=True, help="the student checkpoint or run to fine-tune")
+    p.add_argument("--mode", choices=["sequence", "logits"], required=True,
+                   help="sequence: the teacher answers --data's questions --samples times, the task checker keeps "
+                   "the correct replies, the student is SFT'd on them; logits: SFT on --data's conversations with "
+                   "the KL to the teacher (same tokenizer needed)")
+    p.add_argument("--samples", type=_positive_int, default=4, help="sequence: replies per question (default 4)")
+    p.add_argument("--questions", type=_positive_int, default=2000,
+                   help="sequence: questions of --data sampled (default 2000)")
+    p.add_argument("--sample-temperature", type=float, default=0.7, help="sequence: sampling temperature (0.7)")
+    p.add_argument("--sample-max-tokens", type=_positive_int, default=128, help="sequence: reply limit (128)")
+    p.add_argument("--config", metavar="TOML", help="training settings: TrainConfig keys (top level or [train])")
+    p.add_argument("--resume", metavar="RUN", help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _train_flags(p, skip=("objective", "init_from", "teacher"))
+    p.set_defaults(func=_distill)
+
+    p = sub.add_parser("grpo", help="reinforcement learning with GRPO on a verifiable task (group-relative "
+                       "advantages, clipped ratio, KL to the starting policy)")
+    p.add_argument("policy", nargs="?", help="the checkpoint or run to improve (also the frozen KL reference)")
+    p.add_argument("--task", help="a task name (its training split for --seed) or a task directory / train.jsonl")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN", help="continue a GRPO run from its latest checkpoint (exactly as if "
+                   "uninterrupted); --steps extends it")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    for name, typ, text in (("steps", int, "rollout batches (default 50)"),
+                            ("prompts", int, "questions per batch (default 8)"),
+                            ("group", int, "responses per question, G (default 8)"),
+                            ("temperature", float, "sampling temperature (default 1.0)"),
+                            ("max_new_tokens", int, "reply length limit (default 64)"),
+                            ("updates", int, "policy updates per rollout batch (default 1)"),
+                            ("lr", float, "AdamW learning rate (default 1e-5)"),
+                            ("clip_eps", float, "ratio clip epsilon (default 0.2)"),
+                            ("beta", float, "KL coefficient; 0 drops the reference (default 0.04)"),
+                            ("format_reward", float, "reward of a wrong reply with an Answer: line (default 0.1)"),
+                            ("seed", int, "rollout seeds and question order (default 0)"),
+                            ("checkpoint_every", int, "save every this many steps, and at the end (default 25)")):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step lines")
+    p.set_defaults(func=_grpo)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity and bits-per-byte of a checkpoint or run; lm-eval "
+                       "tasks (--lm-eval)")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", help="dataset directory (default: the one the checkpoint was trained on)")
-    p.add_argument("--seq-len", type=_positive_int, help="evaluation sample length (default: the training one)")
+    p.add_argument("--seq-len", type=_positive_int, help="evaluation sample length (default: the training one; with "
+                   "--lm-eval: the tokens one forward reads, default the model's context)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--context-lengths", type=_length_list, default=None, metavar="L1,L2,...",
                    help="held-out loss at each evaluation length and by position, over the same tokens (e.g. "
@@ -773,9 +1014,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=_fraction_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D1,D2,...",
                    help="with --passkey: where the key sits in the filler, 0 (start) to 1 (end)")
     p.add_argument("--trials", type=_positive_int, default=20, help="with --passkey: trials per cell (default 20)")
+    p.add_argument("--task", metavar="NAME|FILE", help="greedy held-out accuracy on a verifiable task (add, "
+                   "multiply, sort, count, reverse: the held-out split of `dsv3 data tasks` for --seed) or a task "
+                   "val.jsonl / directory")
+    p.add_argument("--task-examples", type=_positive_int, default=500, help="with --task: examples (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="with --task NAME: the split's seed (default 0)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128,
+                   help="with --task: reply length limit in tokens (default 128)")
     p.add_argument("--out", help="with --context-lengths: a PNG of the loss by position; with --passkey: the "
                    "heatmap PNG")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--lm-eval", type=_comma_list(str.strip, bool, "lm-eval task names"), default=None,
+                   metavar="TASK1,TASK2,...", help="run EleutherAI lm-eval tasks on the model in this process and "
+                   "print lm-eval's results as JSON (needs the eval extra: pip install 'dsv3[eval]')")
+    p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="with --lm-eval: a folder of task YAML files, added to lm-eval's own tasks (repeatable)")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="with --lm-eval: at most N documents per task")
     _compute_flags(p)
     p.set_defaults(func=_eval)
 
@@ -836,8 +1091,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for a free slot; beyond, clients get 429 (default: 64)")
     p.add_argument("--request-timeout", type=_positive_int, default=600, metavar="SECONDS",
                    help="end a request with an error after this long, queueing included (default: 600)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route; /health stays open "
-                                     "(default: $DSV3_API_KEY, else none)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route (and the page's /web "
+                                     "data); /health and the page itself stay open (default: $DSV3_API_KEY, else "
+                                     "none)")
+    p.add_argument("--expert-stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="count the tokens each routed expert receives in the decode steps, for the page's live "
+                        "expert view (/web/experts; benchmarks/expert_stats.py measures the cost) (default: on)")
+    p.add_argument("--expert-stats-window", type=_positive_int, default=EXPERT_STATS_WINDOW, metavar="STEPS",
+                   help=f"the decode steps the expert counts cover (default: {EXPERT_STATS_WINDOW})")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("cost", help="training FLOPs, GPU-hours and dollars; pipeline bubbles per schedule")

@@ -39,6 +39,10 @@ per token count (the weights stay graph inputs: inductor's `freezing`, which mak
 faster here, -3% to +5%). Under compile the model attends over the whole cache row (masked) and runs the routed experts
 through `RoutedExperts.gathered`; the engine checks every position before the step, since the graph does not.
 Prefill stays eager (its shapes vary with every prompt).
+
+Expert statistics (`expert_stats=N`, what `dsv3 serve`'s page shows live): the decode forward also returns the main
+MoE layers' top-k expert ids, which `ExpertStats` (infer/expert_stats.py) keeps for the last N steps (a reference per
+step: no device op, no host sync) and counts when asked; off (N = 0), the forward is unchanged.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from ..model import DeepseekV3
 from ..model.moe import RoutedExperts
 from ..model.transformer import at_positions
 from ..tokenizer import stop_token_ids
+from .expert_stats import ExpertStats
 from .head import DecodeHead
 from .prefix import PrefixEntry, PrefixStore
 
@@ -236,17 +241,20 @@ class Engine:
         (timed by the engine's clock). 1: a chunk every step. With nothing decoding, chunks run back to back.
     prefix_cache_bytes: the prefix store's bound (0: no store). Each request's latent rows are stored when it
         leaves its slot; a prompt starting with stored tokens gets those rows copied instead of prefilled.
+    expert_stats: keep `expert_stats` (an `ExpertStats`, infer/expert_stats.py): the tokens each routed expert of
+        each main MoE layer received over the last this-many decode steps, counted on the device as the steps run;
+        0 (the default): none, and the decode forward is exactly what it is without them.
 
     Raises:
         GenerationError: speculative decoding without an MTP module, max_batch < 1, max_len < 2,
-            draft_tokens < 1, prefill_chunk < 1, prefill_share outside (0, 1], prefix_cache_bytes < 0, or
-            compile=True for a model whose experts have their own GEMM (FP8 training modules).
+            draft_tokens < 1, prefill_chunk < 1, prefill_share outside (0, 1], prefix_cache_bytes < 0,
+            expert_stats < 0, or compile=True for a model whose experts have their own GEMM (FP8 training modules).
     """
 
     def __init__(self, model: DeepseekV3, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  speculative: bool = False, log: Callable[[str], None] | None = None, draft_tokens: int = 1,
                  compile: bool = False, prefill_chunk: int | None = None, prefill_share: float = 1.0,
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, expert_stats: int = 0):
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
             raise GenerationError("speculative decoding needs a model with an MTP module "
@@ -264,6 +272,8 @@ class Engine:
             raise GenerationError(f"prefill_share must be a fraction in (0, 1], got {prefill_share!r}")
         if not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
             raise GenerationError(f"prefix_cache_bytes must be an integer >= 0, got {prefix_cache_bytes!r}")
+        if not isinstance(expert_stats, int) or isinstance(expert_stats, bool) or expert_stats < 0:
+            raise GenerationError(f"expert_stats must be a number of decode steps >= 0 (0: off), got {expert_stats!r}")
         if compile and any(type(m)._linear is not RoutedExperts._linear for m in model.modules()
                            if isinstance(m, RoutedExperts)):
             raise GenerationError("compile=True runs the routed experts through RoutedExperts.gathered, which "
@@ -290,6 +300,7 @@ class Engine:
         self.stats = {"generated": 0, "drafted": 0, "accepted": 0, "decode_steps": 0, "decode_time": 0.0,
                       "prefill_time": 0.0, "prefill_tokens": 0, "reused_tokens": 0, "compile_time": 0.0}
         self.accepted_at = [0] * self.draft_tokens  # drafts accepted at each draft position (1..k)
+        self.expert_stats = ExpertStats(model, expert_stats) if expert_stats else None
         self.compiled = compile
         self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self._seen: set[tuple] = set()  # (kind, bucket, tokens) graphs already compiled
@@ -415,10 +426,14 @@ class Engine:
                 self._credit += dt * self.prefill_share / (1 - self.prefill_share)
 
     # ---------------------------------------------------------------- forwards
-    def _main_forward(self, ids: torch.Tensor, start: torch.Tensor | int) -> torch.Tensor:
-        """The main model over the cache, without its head: ids [B, T] at positions start.. -> h [B, T, D]
-        (final-normed)."""
-        return self.model(ids, cache=self.cache, start_pos=start, mtp=False, head=False).hidden_states
+    def _main_forward(self, ids: torch.Tensor, start: torch.Tensor | int
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The main model over the cache, without its head: ids [B, T] at positions start.. -> (h [B, T, D]
+        (final-normed), with expert statistics on the main MoE layers' expert ids [L, B*T, K], else None)."""
+        out = self.model(ids, cache=self.cache, start_pos=start, mtp=False, head=False)
+        if self.expert_stats is None:
+            return out.hidden_states, None
+        return out.hidden_states, torch.stack([r.topk_idx for r in out.routing[: len(self.expert_stats.layers)]])
 
     def _mtp_forward(self, h: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, at: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,17 +466,22 @@ class Engine:
         if last > self.cache.max_len:  # the compiled step cannot check its own indices
             raise GenerationError(f"positions up to {last} exceed the cache ({self.cache.max_len})")
 
-    def _run_main(self, ids: list[list[int]], start: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main forward for n rows: (logits [n, T, V], h [n, T, D])."""
+    def _run_main(self, ids: list[list[int]], start: list[int], record: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main forward for n rows: (logits [n, T, V], h [n, T, D]). record: count its routing in
+        `expert_stats` (a decode step's forward, not a warm-up's)."""
         n, t = len(ids), len(ids[0])
         if not self.compiled:
             ids_t, start_t = self._pad(ids, start, 0)
             # one row: a plain int position needs no per-row mask
-            h = self._main_fn(ids_t, start[0] if n == 1 else start_t)
+            h, experts = self._main_fn(ids_t, start[0] if n == 1 else start_t)
         else:
             self._check_positions(start, t)
             b = self._bucket(n)
-            h = self._timed(("main", b, t), self._main_fn, *self._pad(ids, start, b - n))[:n]
+            h, experts = self._timed(("main", b, t), self._main_fn, *self._pad(ids, start, b - n))
+            h = h[:n]
+        if record and experts is not None:
+            self.expert_stats.record(experts, n * t)  # the padding rows come after the n real ones
         return self.head(h), h
 
     def _run_mtp(self, h: torch.Tensor, ids: list[list[int]], start: list[int], at: list[int] | None = None
@@ -583,7 +603,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         reqs = self.running
-        logits, _ = self._run_main([[r.slot.pending] for r in reqs], [r.slot.pos for r in reqs])
+        logits, _ = self._run_main([[r.slot.pending] for r in reqs], [r.slot.pos for r in reqs], record=True)
         for r, tok, row in zip(reqs, self._choose(reqs, logits[:, -1]), logits[:, -1:]):
             r.slot.pos += 1
             r.slot.pending = tok
@@ -594,7 +614,7 @@ class Engine:
         reqs, k = self.running, self.draft_tokens
         ids = [[r.slot.pending, *r.slot.drafts] for r in reqs]  # [n, k+1]
         start = [r.slot.pos for r in reqs]
-        logits, hidden = self._run_main(ids, start)  # verify: [n, k+1, V], [n, k+1, D]
+        logits, hidden = self._run_main(ids, start, record=True)  # verify: [n, k+1, V], [n, k+1, D]
         greedy = logits.argmax(-1).tolist()  # [n][k+1]
         pair_ids, at = [], []
         for b, r in enumerate(reqs):

@@ -36,12 +36,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ..errors import Dsv3Error
-from ..tokenizer import EOT, ChatTemplate, ChatTemplateError, stop_token_ids
+from ..tokenizer import ChatTemplate, ChatTemplateError, special_tokens, stop_token_ids
 from .engine import MAX_LOGPROBS, SEED_MAX, Engine, GenerationError, SamplingParams, TokenLogprob
 
 log = logging.getLogger("dsv3.serve")
 
-MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's limit) and characters per stop string
+# stop strings per request and characters per stop string: OpenAI allows 4 stop strings, but lm-eval's generation
+# tasks send up to 5 plus the end-of-text token (vLLM sets no limit); 16 keeps the per-token check bounded
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 MAX_NESTING = 64  # JSON arrays / objects inside one another in a request body
 MAX_PROMPTS = 32  # prompts in one /v1/completions request (each is its own engine request; lm-eval sends batches)
 LOGPROB_FLOOR = -9999.0  # what a log-probability of -inf (or NaN) is reported as: JSON has no infinities
@@ -425,9 +427,7 @@ class Server:
         """What a remote tokenizer client needs: the special tokens (the checkpoint's `tokenizer_config.json`, else
         the end-of-text token of a dsv3-trained tokenizer as EOS), the chat template (the default one, or null for
         the plain `Role: text` rendering) and the context length."""
-        special = dict(self.template.special)
-        if "eos_token" not in special and self.tokenizer.token_to_id(EOT) is not None:
-            special["eos_token"] = EOT
+        special = special_tokens(self.tokenizer, self.template)
         return {"eos_token": special.get("eos_token"), "bos_token": special.get("bos_token"),
                 "pad_token": special.get("pad_token"), "chat_template": self.template.templates.get("default"),
                 "model_max_length": self.engine.max_len, "vocab_size": self.engine.model.config.vocab_size,
@@ -548,6 +548,8 @@ def create_app(server: Server) -> FastAPI:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
             raise RequestError("Incorrect or missing API key: send 'Authorization: Bearer KEY'", status=401,
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    app.state.check_api_key = check_api_key  # for routes added to this app elsewhere (dsv3.web's page)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -759,9 +761,11 @@ def create_app(server: Server) -> FastAPI:
 
 
 @contextlib.contextmanager
-def serve_in_thread(server: Server, host: str = "127.0.0.1", startup_timeout: float = 30.0):
+def serve_in_thread(server: Server, host: str = "127.0.0.1", startup_timeout: float = 30.0,
+                    app: FastAPI | None = None):
     """Serve `server` with uvicorn on a free port of `host` in a background thread while the block runs (tests,
-    benchmarks, notebooks): yields the port. The thread is stopped on exit.
+    benchmarks, notebooks): yields the port. The thread is stopped on exit. app: the app to serve (one built
+    around `server`, e.g. with `dsv3.web.create_web_app`); default `create_app(server)`.
 
     Raises:
         RuntimeError: uvicorn did not start within `startup_timeout` seconds.
@@ -773,7 +777,8 @@ def serve_in_thread(server: Server, host: str = "127.0.0.1", startup_timeout: fl
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level="critical"))
+    app = create_app(server) if app is None else app
+    srv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="critical"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
