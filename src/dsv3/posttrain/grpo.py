@@ -113,6 +113,11 @@ class GRPOConfig:
     checkpoint_every: int = 25  # save weights + optimizer state every this many steps (and at the end)
 
     def validate(self) -> GRPOConfig:
+        """Itself, when every setting is in range.
+
+        Raises:
+            GRPOError: the first bad setting, named with its value.
+        """
         for name in ("steps", "prompts", "max_new_tokens", "updates", "train_examples", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise GRPOError(f"{name} = {getattr(self, name)!r}: must be an integer >= 1")

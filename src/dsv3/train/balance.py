@@ -33,8 +33,15 @@ def sequence_balance_loss(info: RoutingInfo, batch_size: int, groups: torch.Tens
     """
     n, e = info.scores.shape
     k = info.topk_idx.shape[1]
-    if groups is None:
-        groups = torch.arange(batch_size, device=info.scores.device).repeat_interleave(n // batch_size)
+    if groups is None:  # rows of equal length: the dense form (what `dsv3 plan` counts as saved activations)
+        t = n // batch_size
+        chosen = torch.zeros(batch_size, t, e, device=info.scores.device)
+        chosen.scatter_(2, info.topk_idx.view(batch_size, t, k), 1.0)
+        f = chosen.sum(1) * e / (k * t)  # [B, E]
+        s = info.scores.view(batch_size, t, e)
+        p = (s / s.sum(-1, keepdim=True)).mean(1)  # [B, E]
+        return (f * p).sum(-1).mean()
+    # packed rows: one sequence per group id (tests/test_packing.py holds it equal to the sequences one by one)
     groups = groups.reshape(-1).to(info.scores.device)
     keep = groups >= 0
     ids, inverse = torch.unique(groups[keep], return_inverse=True)  # one row per sequence
