@@ -125,6 +125,13 @@ def test_max_tokens_zero_scores_the_prompt(served):
     assert choice["text"] == tok.decode(ids) and choice["finish_reason"] == "length"
     assert len(choice["logprobs"]["token_logprobs"]) == len(ids) and body["usage"]["completion_tokens"] == 0
     assert all(t == {} for t in choice["logprobs"]["top_logprobs"][1:])
+    # a prompt that fills the whole context can still be scored (no position is needed for a new token)
+    full = [ids[i % len(ids)] for i in range(128)]
+    status, body = post(url, "/v1/completions", {"prompt": full, "echo": True, "logprobs": 0, "max_tokens": 0})
+    assert status == 200, body
+    assert len(body["choices"][0]["logprobs"]["token_logprobs"]) == 128
+    status, body = post(url, "/v1/completions", {"prompt": full, "echo": True, "logprobs": 0, "max_tokens": 1})
+    assert status == 400 and "context" in body["error"]["message"]
 
 
 def test_the_openai_client_reads_logprobs_from_both_endpoints(served):

@@ -367,7 +367,8 @@ class Server:
         _get(body, "stream", bool)
         context = self.engine.max_len
         room = context - prompt_len
-        if room < 1:
+        scoring_only = scoring and body.get("max_tokens") == 0 and body.get("max_completion_tokens") is None
+        if room < (0 if scoring_only else 1):  # scoring a prompt (echo, max_tokens 0) needs no free position
             raise RequestError(f"This model's maximum context length is {context} tokens and the {prompt_param} "
                                f"has {prompt_len} tokens: it leaves no room for a completion; shorten it",
                                prompt_param, 400, "context_length_exceeded")
