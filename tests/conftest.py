@@ -48,3 +48,23 @@ def live_server(server):
     from dsv3.infer.server import serve_in_thread
 
     return serve_in_thread(server)
+
+
+@pytest.fixture(scope="module")
+def tiny_random():
+    """(model, tokenizer): a `tiny` model with random weights and a BPE trained in milliseconds, for server and
+    page tests; torch on one thread while the module runs (the engine thread, the event loop and a browser share
+    the CPU)."""
+    from dsv3 import DeepseekV3, get_config
+    from dsv3.tokenizer import train_tokenizer
+
+    words = "the king lord thou art my good sir what shall we do now love death night day sweet gentle".split()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = random.Random(0)
+    tok = train_tokenizer([" ".join(rng.choice(words) for _ in range(40)) for _ in range(40)], 300)
+    torch.manual_seed(0)
+    model = DeepseekV3(get_config("tiny").replace(vocab_size=tok.get_vocab_size())).eval()
+    yield model, tok
+    torch.set_num_threads(threads)
+

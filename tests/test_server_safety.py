@@ -11,30 +11,16 @@ import socket
 import time
 
 import pytest
-import torch
 import uvicorn
 
-import dsv3
 from conftest import live_server
 from dsv3.infer import Engine
 from dsv3.infer import server as server_mod
-from dsv3.tokenizer import train_tokenizer
-
-WORDS = "the king lord thou art my good sir what shall we do now love death night day sweet gentle".split()
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """(model, tokenizer): random weights, a BPE trained in milliseconds; torch on one thread while it runs (the
-    engine thread and the event loop share the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rng = random.Random(0)
-    tok = train_tokenizer([" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(40)], 300)
-    torch.manual_seed(0)
-    model = dsv3.DeepseekV3(dsv3.get_config("tiny").replace(vocab_size=tok.get_vocab_size())).eval()
-    yield model, tok
-    torch.set_num_threads(threads)
+def tiny(tiny_random):
+    return tiny_random  # conftest.py
 
 
 def make_server(tiny, max_batch=2, max_len=128, **kw):

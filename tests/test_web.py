@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 
@@ -26,14 +25,12 @@ import uvicorn
 import dsv3
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.server import Server, serve_in_thread
-from dsv3.tokenizer import train_tokenizer
 from dsv3.train.simulate import simulate
 from dsv3.web import create_web_app
 
 INSTALL = "apt-get install chromium chromium-driver (Debian/Ubuntu; .ci/run does it)"
 KEY = "web-test-key"
 STEP_DELAY = 0.03  # seconds added to every engine step: a 200-token reply streams for several seconds
-WORDS = "the king lord thou art my good sir what shall we do now love death night day sweet gentle".split()
 PAYLOAD = '<script>window.__dsv3_pwned = 1</script><img src="x" onerror="window.__dsv3_pwned = 2"><b>bold</b>'
 SIM = {"experts": 16, "groups": 4, "topk_groups": 2, "top_k": 4, "steps": 120, "gamma": 0.002, "skew": 1.5,
        "aux_alpha": 0.003, "tokens": 1024, "seed": 3}
@@ -41,17 +38,8 @@ SIM = {"experts": 16, "groups": 4, "topk_groups": 2, "top_k": 4, "steps": 120, "
 
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def tiny():
-    """(model, tokenizer): random weights, a BPE trained in milliseconds; torch on one thread meanwhile (the
-    engine thread, the event loop and the browser share the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rng = random.Random(0)
-    tok = train_tokenizer([" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(40)], 300)
-    torch.manual_seed(0)
-    model = dsv3.DeepseekV3(dsv3.get_config("tiny").replace(vocab_size=tok.get_vocab_size())).eval()
-    yield model, tok
-    torch.set_num_threads(threads)
+def tiny(tiny_random):
+    return tiny_random  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -78,39 +78,38 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in str(n)]
 
 
-def _add(rng: random.Random) -> Example:
-    a, b = (rng.randint(10 ** (d - 1), 10**d - 1) for d in (rng.randint(2, 4), rng.randint(2, 4)))
-    da, db = _digits(a)[::-1], _digits(b)[::-1]
+def _columns(pairs: list[tuple[int, int]], sign: str, value) -> tuple[list[str], str]:
+    """Schoolbook column arithmetic from the right: each column's value(x, y) plus the carry, its last digit
+    written, the rest carried. pairs: (x, y) per column, lowest first. Returns (the steps, the digits written)."""
     steps, carry, out = [], 0, []
-    for i in range(max(len(da), len(db))):
-        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
-        s = x + y + carry
-        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}, write {s % 10}" +
-                     (f", carry {s // 10}" if s >= 10 else ""))
-        out.append(s % 10)
-        carry = s // 10
+    for x, y in pairs:
+        v = value(x, y) + carry
+        steps.append(f"{x}{sign}{y}" + (f"+{carry}" if carry else "") + f"={v}, write {v % 10}" +
+                     (f", carry {v // 10}" if v >= 10 else ""))
+        out.append(v % 10)
+        carry = v // 10
     if carry:
         steps.append(f"write the carry {carry}")
         out.append(carry)
+    return steps, "".join(map(str, out[::-1])).lstrip("0") or "0"
+
+
+def _add(rng: random.Random) -> Example:
+    a, b = (rng.randint(10 ** (d - 1), 10**d - 1) for d in (rng.randint(2, 4), rng.randint(2, 4)))
+    da, db = _digits(a)[::-1], _digits(b)[::-1]
+    n = max(len(da), len(db))
+    steps, written = _columns([(da[i] if i < len(da) else 0, db[i] if i < len(db) else 0) for i in range(n)], "+",
+                              lambda x, y: x + y)
     answer = str(a + b)
-    assert "".join(map(str, out[::-1])) == answer
+    assert written == answer
     return Example("add", f"What is {a} + {b}?", "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
 def _multiply(rng: random.Random) -> Example:
     a, b = rng.randint(10, 999), rng.randint(2, 9)
-    steps, carry, out = [], 0, []
-    for x in _digits(a)[::-1]:
-        p = x * b + carry
-        steps.append(f"{x}*{b}" + (f"+{carry}" if carry else "") + f"={p}, write {p % 10}" +
-                     (f", carry {p // 10}" if p >= 10 else ""))
-        out.append(p % 10)
-        carry = p // 10
-    if carry:
-        steps.append(f"write the carry {carry}")
-        out.append(carry)
+    steps, written = _columns([(x, b) for x in _digits(a)[::-1]], "*", lambda x, y: x * y)
     answer = str(a * b)
-    assert "".join(map(str, out[::-1])).lstrip("0") == answer
+    assert written == answer
     return Example("multiply", f"What is {a} * {b}?", "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
