@@ -55,6 +55,25 @@ async function errorText(resp) {
   return `HTTP ${resp.status} ${resp.statusText}`;
 }
 
+// Read a streamed response body to its end, calling onRecord with each piece of text between separators
+// ("\n\n": server-sent events; "\n": one JSON object per line), in order, as they arrive.
+async function readRecords(resp, separator, onRecord) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf(separator)) >= 0) {
+      const record = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + separator.length);
+      onRecord(record);
+    }
+  }
+}
+
 // GET a protected JSON route; null (with the notice set) on 401 or a failure.
 async function getJSON(path) {
   let resp;
@@ -381,37 +400,26 @@ async function sendChat(event) {
       if (resp.status === 401) state.needKey = true;
       failure = await errorText(resp);
     } else {
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          const event = buffer.slice(0, cut);
-          buffer = buffer.slice(cut + 2);
-          for (const line of event.split("\n")) {
-            if (!line.startsWith("data: ")) continue;
-            const data = line.slice(6);
-            if (data === "[DONE]") continue;
-            const chunk = JSON.parse(data);
-            if (chunk.error) {
-              failure = chunk.error.message;
-              continue;
-            }
-            const choice = chunk.choices[0];
-            const delta = choice.delta && choice.delta.content;
-            if (delta) {
-              received += delta;
-              reply.content.append(delta);  // a text node: never parsed as HTML
-              reply.el.scrollIntoView({ block: "end" });
-            }
-            if (choice.finish_reason) finish = choice.finish_reason;
+      await readRecords(resp, "\n\n", (event) => {  // server-sent events
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data: ")) continue;
+          const data = line.slice(6);
+          if (data === "[DONE]") continue;
+          const chunk = JSON.parse(data);
+          if (chunk.error) {
+            failure = chunk.error.message;
+            continue;
           }
+          const choice = chunk.choices[0];
+          const delta = choice.delta && choice.delta.content;
+          if (delta) {
+            received += delta;
+            reply.content.append(delta);  // a text node: never parsed as HTML
+            reply.el.scrollIntoView({ block: "end" });
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
         }
-      }
+      });
     }
   } catch (e) {
     if (e.name !== "AbortError") failure = e.message;
@@ -493,35 +501,24 @@ async function runSimulation(event) {
     if (!resp.ok) {
       failure = await errorText(resp);
     } else {
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done: end } = await reader.read();
-        if (end) break;
-        buffer += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buffer.indexOf("\n")) >= 0) {
-          const line = buffer.slice(0, cut);
-          buffer = buffer.slice(cut + 1);
-          if (!line) continue;
-          const msg = JSON.parse(line);
-          if (msg.error) failure = msg.error.message;
-          else if (msg.settings) { sim.settings = msg.settings; sim.total = msg.settings.steps; }
-          else if (msg.done) done = true;
-          else {
-            for (const [m, s] of Object.entries(msg.modes)) {
-              const h = sim.modes[m];
-              h.max_vio.push(s.max_vio);
-              h.load.push(s.load);
-              h.bias.push(s.bias);
-            }
-            sim.steps = msg.step;
-            setSimStatus(`step ${sim.steps} of ${sim.total}`, "running");
-            queueSimDraw();
+      await readRecords(resp, "\n", (line) => {  // one JSON object per line
+        if (!line) return;
+        const msg = JSON.parse(line);
+        if (msg.error) failure = msg.error.message;
+        else if (msg.settings) { sim.settings = msg.settings; sim.total = msg.settings.steps; }
+        else if (msg.done) done = true;
+        else {
+          for (const [m, s] of Object.entries(msg.modes)) {
+            const h = sim.modes[m];
+            h.max_vio.push(s.max_vio);
+            h.load.push(s.load);
+            h.bias.push(s.bias);
           }
+          sim.steps = msg.step;
+          setSimStatus(`step ${sim.steps} of ${sim.total}`, "running");
+          queueSimDraw();
         }
-      }
+      });
     }
   } catch (e) {
     if (e.name !== "AbortError") failure = e.message;
