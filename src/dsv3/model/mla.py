@@ -109,23 +109,29 @@ def absorbed_is_cheaper(cfg: ModelConfig, t: int) -> bool:
     return t * (2 * r - n - v) < r * (n + v)
 
 
-def packed_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and attention mask of packed sequences: several documents (conversations) laid one after another
-    in a row, each attending only to itself and numbered from position 0, so that each computes what it would
-    alone.
-
-    segments [B, T] (integers): the document each token belongs to; a document is a run of equal ids (padding can
-    be one more run, e.g. -1). Returns (positions [B, T]: the index within the run; mask [B, 1, T, T] bool, True
-    where query t may see key s: same run and s <= t).
-    """
+def packed_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions of packed sequences: several documents (conversations) laid one after another in a row, each
+    numbered from position 0. segments [B, T] (integers): the document each token belongs to; a document is a run
+    of equal ids (padding can be one more run, e.g. -1). Returns positions [B, T], the index within the run."""
     b, t = segments.shape
     idx = torch.arange(t, device=segments.device).expand(b, t)
     starts = torch.ones_like(segments, dtype=torch.bool)
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
     run_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [B, T]
-    same = run_start[:, :, None] == run_start[:, None, :]  # [B, T, T]: the same run (ids may repeat apart)
+    return idx - run_start
+
+
+def packed_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask of packed sequences, each document attending only to itself, so that each
+    computes what it would alone. segments [B, T]: as `packed_positions`. Returns (positions [B, T]; mask
+    [B, 1, T, T] bool, True where query t may see key s: same run and s <= t).
+    """
+    positions = packed_positions(segments)
+    t = segments.shape[1]
+    run_start = torch.arange(t, device=segments.device) - positions  # [B, T] (ids may repeat in runs apart)
+    same = run_start[:, :, None] == run_start[:, None, :]  # [B, T, T]: the same run
     causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
-    return idx - run_start, (same & causal)[:, None]
+    return positions, (same & causal)[:, None]
 
 
 class MLA(nn.Module):

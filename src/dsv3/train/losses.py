@@ -47,7 +47,7 @@ def packed_targets(labels: torch.Tensor, positions: torch.Tensor, depth: int) ->
 
     labels [B, T]: the next-token target of each position (IGNORE where there is none to learn: the prompt's
     tokens in SFT, a document's last token, padding); positions [B, T]: each token's position within its document
-    (`model.mla.packed_attention`). Depth k at position i predicts token i+k+1, which is labels[i+k]; kept only
+    (`model.mla.packed_positions`). Depth k at position i predicts token i+k+1, which is labels[i+k]; kept only
     when position i+k lies in the same document as i (its position is k further), so no prediction crosses
     from one conversation into the next.
     """

@@ -42,7 +42,7 @@ from ..config import ModelConfig, get_config
 from ..cost import model_flops_utilization
 from ..errors import Dsv3Error
 from ..model import DeepseekV3
-from ..model.mla import packed_attention
+from ..model.mla import packed_positions
 from ..model.moe import RoutedExperts
 from ..model.names import official_slots
 from ..parallel.expert_parallel import EPExperts, apply_expert_parallel
@@ -703,13 +703,13 @@ class Trainer:
         batches = [self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, m, cfg.grad_accum)
                    for m in range(cfg.grad_accum)]
         counts = [0] * (1 + depth)  # the step's targets per depth (0: main), over every micro-batch and rank
-        for b in batches:
-            positions, _ = packed_attention(b.segments)
+        positions_of = [packed_positions(b.segments) for b in batches]  # [B, T] each, every rank's rows
+        for b, positions in zip(batches, positions_of):
             for k in range(1 + depth):
                 counts[k] += int((packed_targets(b.labels, positions, k) != IGNORE).sum())
-        for batch in batches:
+        for batch, positions in zip(batches, positions_of):
             batch = batch.rows(self.rank * rows, (self.rank + 1) * rows).to(self.device)
-            positions, _ = packed_attention(batch.segments)
+            positions = positions[self.rank * rows : (self.rank + 1) * rows].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = model(batch.ids, segments=batch.segments)
             ce = []
