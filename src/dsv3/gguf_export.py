@@ -218,11 +218,10 @@ def export_gguf(checkpoint: str | Path, out: str | Path, storage: str = "f32", p
         raise GGUFExportError(f"unknown GGUF storage type {storage!r}: use one of {', '.join(STORAGE)}")
     if out.exists() or out.is_symlink():
         raise GGUFExportError(f"{out} exists; choose another path or move it aside")
-    if (ckpt / "config.json").is_file():
+    if (ckpt / "config.json").is_file():  # (without one, load_pretrained names the problem)
         llama_cpp_limits(ModelConfig.from_json(ckpt / "config.json"))  # refuse before the (long) load
     model = load_pretrained(ckpt, dtype=torch.float32)
     cfg = model.config
-    llama_cpp_limits(cfg)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "bf16": gguf.GGMLQuantizationType.BF16}[storage]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
