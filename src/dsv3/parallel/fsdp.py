@@ -1,8 +1,9 @@
 """Data parallelism on torch's own engine: FSDP2 (`torch.distributed.fsdp.fully_shard`), `--zero 3`.
 
 Every decoder layer (main and MTP) is one FSDP unit, the rest of the model (embedding, final norm, head) the root
-unit; each parameter is split along its first dimension over the stage's data-parallel ranks (`Shard(0)`): a rank
-holds 1/(dp x ep) of the parameters, gradients and AdamW state, and a layer's full weights exist only while it
+unit; under a pipeline, each stage a rank holds is a root of its own over its layers. Each parameter is split
+along its first dimension over the stage's data-parallel ranks (`Shard(0)`): a rank holds 1/(dp x ep) of the
+parameters, gradients and AdamW state, and a layer's full weights exist only while it
 runs (all-gathered before its forward and again before its backward; gradients are reduce-scattered and averaged).
 Routed experts under expert parallelism are left out (`ignored_params`): they are the rank's own shard already,
 and `mesh.sync_gradients` averages them over their data-parallel replicas as before.
@@ -30,6 +31,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..model.names import Slot, official_slots
+from ..model.transformer import DecoderLayer
 from .expert_parallel import EPExperts
 
 
@@ -42,14 +44,15 @@ def _ids(module: nn.Module, recurse: bool = True) -> set[int]:
     return {id(t) for t in (*module.parameters(recurse=recurse), *module.buffers(recurse=recurse))}
 
 
-def materialize_sharded(model: nn.Module, mesh: DeviceMesh, device: torch.device,
+def materialize_sharded(root: nn.Module, mesh: DeviceMesh, device: torch.device,
                         fill: Callable[[set[int]], None]) -> None:
-    """Allocate, fill and shard a `DeepseekV3` built on the meta device, one FSDP unit at a time.
+    """Allocate, fill and shard `root` (a `DeepseekV3`, or a pipeline stage of one) built on the meta device, one
+    FSDP unit at a time: each decoder layer inside it (main and MTP) is a unit, the rest of `root` the root unit.
 
-    fill(only): fill the model's tensors whose `id` is in `only` (`init_weights` or `load_weights` with `only`).
+    fill(only): fill the tensors whose `id` is in `only` (`init_weights` or `load_weights` with `only`).
     Expert-parallel shards (`EPExperts`) are allocated whole and left out of FSDP. (Parameters are looked up
     after `to_empty`, which replaces them.)"""
-    layers = list(model.model.layers)
+    layers = [m for m in root.modules() if isinstance(m, DecoderLayer)]
     for layer in layers:
         layer.to_empty(device=device)
         fill(_ids(layer))
@@ -59,12 +62,12 @@ def materialize_sharded(model: nn.Module, mesh: DeviceMesh, device: torch.device
         fully_shard(layer, mesh=mesh, ignored_params=own or None)
     rest: set[int] = set()
     inside = {id(m) for layer in layers for m in layer.modules()}
-    for m in model.modules():
-        if id(m) not in inside and m is not model.model.layers:
+    for m in root.modules():
+        if id(m) not in inside:
             m.to_empty(device=device, recurse=False)
             rest |= _ids(m, recurse=False)
     fill(rest)
-    fully_shard(model, mesh=mesh)
+    fully_shard(root, mesh=mesh)
 
 
 def gathered_slots(model: nn.Module, keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:

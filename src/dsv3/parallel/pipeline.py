@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .fsdp import local
+
 Op = tuple
 
 
@@ -131,12 +133,20 @@ class PipelineRunner:
     """Runs one rank's schedule. `stages[d]` is this rank's module for direction d; activations of one shape.
 
     rank, world: this rank's position in its pipeline and the pipeline's length; peers: the global ranks of the
-    pipeline's positions (default: position = global rank), so that many pipelines can share one process group."""
+    pipeline's positions (default: position = global rank), so that many pipelines can share one process group.
+
+    A backward accumulates into the parameters' `.grad` through autograd's own `backward` (what FSDP2's
+    post-backward hooks, which reduce-scatter each unit's gradient, rely on). A zero-bubble B (ZB-H1, DualPipe)
+    takes only the input gradient first and the weight gradients at its W, with `autograd.grad` on the stage's
+    parameters; split_backward=False (FSDP2: its sharded parameters are not the ones in the graph) runs every B
+    whole and every W as nothing: the same gradients, without the bubble filling."""
 
     def __init__(self, stages: dict[int, nn.Module], rank: int, world: int, act_shape: tuple[int, ...],
                  dual: bool, cost: dict[str, float] | None = None, act_dtype: torch.dtype = torch.float32,
-                 v_shape: bool = False, peers: list[int] | None = None, device: torch.device | str = "cpu"):
+                 v_shape: bool = False, peers: list[int] | None = None, device: torch.device | str = "cpu",
+                 split_backward: bool = True):
         self.stages, self.rank, self.world, self.dual, self.v = stages, rank, world, dual, v_shape
+        self.split_backward = split_backward
         self.act_shape, self.act_dtype, self.device = act_shape, act_dtype, torch.device(device)
         self.peers = peers or list(range(world))
         self.cost = cost  # seconds per op: simulate stage work with sleeps (bubble benchmark)
@@ -215,16 +225,14 @@ class PipelineRunner:
                         deferred.append(None)
                     dx = torch.zeros(self.act_shape, dtype=self.act_dtype)
                 else:
-                    params = [p for p in self.stages[d].parameters() if p.requires_grad]
                     needs_dx = x.requires_grad
-                    if zb and needs_dx:  # input gradient now, weight gradient later (a W op)
+                    if zb and needs_dx and self.split_backward:  # input gradient now, weight gradient at a W op
                         (dx,) = torch.autograd.grad(y, [x], grad, retain_graph=True)
+                        params = [p for p in self.stages[d].parameters() if p.requires_grad]
                         deferred.append((y, grad, params))
-                    else:
-                        targets = ([x] if needs_dx else []) + params
-                        grads = torch.autograd.grad(y, targets, grad)
-                        dx = grads[0] if needs_dx else None
-                        _accumulate(params, grads[1:] if needs_dx else grads)
+                    else:  # into x.grad (x is a leaf) and every parameter's .grad
+                        torch.autograd.backward(y, grad)
+                        dx = x.grad if needs_dx else None
                 src = self._prev(d)
                 if src == self.LOCAL:
                     local_grad.append(dx)
@@ -253,8 +261,9 @@ class PipelineRunner:
         if not self.dual:
             return
         partner = self.peers[self.world - 1 - self.rank]
-        mine = [p.grad for d in (0, 1) for p in self.stages[d].parameters()]  # my stage r, then stage P-1-r
-        theirs = [torch.empty_like(g) for d in (1, 0) for g in (p.grad for p in self.stages[d].parameters())]
+        # (under FSDP2, the local shards: both copies of a stage are sharded alike over their data groups)
+        mine = [local(p.grad) for d in (0, 1) for p in self.stages[d].parameters()]  # my stage r, then P-1-r
+        theirs = [torch.empty_like(local(p.grad)) for d in (1, 0) for p in self.stages[d].parameters()]
         sends = [dist.isend(g.contiguous(), partner, tag=100 + i) for i, g in enumerate(mine)]
         # the partner sends its stage P-1-r (= my direction-1 stage) first, then its stage r
         for i, buf in enumerate(theirs):
@@ -263,9 +272,9 @@ class PipelineRunner:
             w.wait()
         n0 = len(list(self.stages[0].parameters()))
         for p, g in zip(self.stages[1].parameters(), theirs[: len(theirs) - n0]):
-            p.grad += g
+            local(p.grad).add_(g)
         for p, g in zip(self.stages[0].parameters(), theirs[len(theirs) - n0 :]):
-            p.grad += g
+            local(p.grad).add_(g)
 
 
 _SCHEDULE_OPS = {"dualpipe": schedule_dualpipe, "dualpipev": schedule_dualpipev, "1f1b": schedule_1f1b,

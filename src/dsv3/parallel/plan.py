@@ -116,7 +116,7 @@ def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> li
     of training `cfg` on `layout`, for `ranks` (default all), in bytes (see the module doc for every rule).
 
     Raises:
-        ValueError: an unknown schedule, optimizer state dtype, recipe or zero mode (3 with a pipeline), DualPipe on
+        ValueError: an unknown schedule, optimizer state dtype, recipe or zero mode, DualPipe on
             an odd pp, more stages than layers, or n_routed_experts not divisible by ep.
     """
     if layout.schedule not in SCHEDULES:
@@ -125,8 +125,8 @@ def plan(cfg: ModelConfig, layout: Layout, ranks: list[int] | None = None) -> li
         raise ValueError(f"DualPipe needs an even number of pipeline ranks, got pp = {layout.pp}")
     if layout.optimizer_state_dtype not in ("fp32", "bf16"):
         raise ValueError(f"optimizer_state_dtype must be fp32 or bf16, got {layout.optimizer_state_dtype!r}")
-    if layout.zero not in (0, 1, 3) or (layout.zero == 3 and layout.pp > 1):
-        raise ValueError(f"zero must be 0, 1 or 3 (3, FSDP2: without a pipeline), got {layout.zero}")
+    if layout.zero not in (0, 1, 3):
+        raise ValueError(f"zero must be 0, 1 or 3, got {layout.zero}")
     if cfg.n_routed_experts and cfg.n_routed_experts % layout.ep:
         raise ValueError(f"n_routed_experts ({cfg.n_routed_experts}) is not divisible by ep ({layout.ep})")
     if layout.recipe not in RECIPES:

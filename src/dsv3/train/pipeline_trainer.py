@@ -14,11 +14,17 @@ gradient norm is taken once over the whole mesh; expert loads are summed over ev
 copy of a router applies the same bias update (`Trainer.train_step`, shared; this trainer supplies the schedule
 and the gradient sums as its `_forward_backward` and `_sync_gradients`). Checkpoints are written sharded: each
 stage's tensors by the ranks that hold them (`_checkpoint_tensors`), into one standard-format directory.
+
+Data parallelism: replicated stages (`--zero 0`), ZeRO-1 (`--zero 1`), or FSDP2 (`--zero 3`: each held stage an
+FSDP root over its data group, `parallel.fsdp`; the copies' gradient sums then add local shards, and the runner
+runs zero-bubble backwards whole, see `PipelineRunner`).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -27,6 +33,7 @@ from torch import nn
 from ..model.names import official_slots
 from ..model.transformer import run_layers, run_mtp
 from ..parallel.expert_parallel import apply_expert_parallel
+from ..parallel.fsdp import gathered_slots, local
 from ..parallel.mesh import Mesh, sync_gradients
 from ..parallel.pipeline import PipelineRunner, held_stages, schedule_ops, split_stages
 from .balance import sequence_balance_loss
@@ -180,8 +187,10 @@ class PipelineTrainer(Trainer):
                 if j == mesh.data_rank and r in (0, p - 1):
                     self.embed_group = g
         rows = cfg.batch_size // self.chunks // mesh.data_size
+        self.fsdp = self._fsdp_mesh()  # FSDP2 shards each stage over its data group (`_materialize`)
         self.runner = PipelineRunner(self.stages, r, p, (rows, cfg.seq_len, mc.hidden_size), dual=self.dual,
-                                     v_shape=self.v, peers=mesh.pp_ranks, device=self.device)
+                                     v_shape=self.v, peers=mesh.pp_ranks, device=self.device,
+                                     split_backward=self.fsdp is None)
 
     def _held_models(self) -> list:
         return list(self.copies.values())
@@ -215,12 +224,15 @@ class PipelineTrainer(Trainer):
         holders += [st.mtp_embed for st in self.stages.values() if st.mtp_embed is not None and st.embed is None]
         if not holders:
             return
-        # (a copy without a gradient would still take part: the other end of the pipeline waits on this sum)
-        total = sum(m.weight.grad if m.weight.grad is not None else torch.zeros_like(m.weight) for m in holders)
+        for m in holders:  # (a copy without a gradient still takes part: the other end waits on this sum)
+            if m.weight.grad is None:
+                m.weight.grad = torch.zeros_like(m.weight)
+        # under FSDP2 every copy is sharded alike over its data group, so the local shards add up
+        total = sum(local(m.weight.grad) for m in holders)
         if self.embed_group is not None:  # 1F1B: the other end of the pipeline holds the other copy
             dist.all_reduce(total, group=self.embed_group)
         for m in holders:
-            m.weight.grad = total.clone()
+            local(m.weight.grad).copy_(total)
 
     def _forward_backward(self, mtp_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's schedule over this rank's stages (see `Trainer._forward_backward` for what it returns: here
@@ -267,20 +279,22 @@ class PipelineTrainer(Trainer):
         for stage in self.stages.values():
             sync_gradients(stage, self.mesh)
 
-    def _checkpoint_tensors(self) -> list[tuple[str, torch.Tensor]]:
+    def _checkpoint_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """(official name, tensor) this rank writes: the tensors of the stages it speaks for (DualPipe: copy 0;
         a copy's other layers are on meta), from the first rank of each stage's data group (expert shards: from the
         first data-parallel replica of each). The embedding is the first stage's; the last stage writes the MTP
         module's stored copies of the embedding and head."""
         n = self.model.config.num_hidden_layers
-        out = []
+        out: list[Iterable[tuple[str, torch.Tensor]]] = []
         for d in self.unique:
             lo, hi = self.ranges[self.stage_of[d]]
-            for name, slot in official_slots(self.copies[d]).items():
-                if slot.view.is_meta or (slot.alias and hi != n):
-                    continue
-                if name == "model.embed_tokens.weight" and lo != 0:
-                    continue  # the last stage's embedding is the MTP copy, written under its own name
-                if self._writes(name):
-                    out.append((name, slot.view.detach()))
-        return out
+            names = {name for name, slot in official_slots(self.copies[d]).items()
+                     if not slot.target.is_meta and not (slot.alias and hi != n) and self._writes(name)
+                     # the last stage's embedding is the MTP copy, written under its own name
+                     and not (name == "model.embed_tokens.weight" and lo != 0)}
+            if self.fsdp is not None:  # every parameter gathered in turn, on every rank of the stage's data group
+                out.append(gathered_slots(self.copies[d], names.__contains__))
+            else:
+                out.append([(name, slot.view.detach()) for name, slot in official_slots(self.copies[d]).items()
+                            if name in names])
+        return itertools.chain(*out)

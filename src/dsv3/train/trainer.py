@@ -168,7 +168,7 @@ class TrainConfig:
     dp: int | None = _opt(None, "data-parallel size (default: ranks / (ep x pp))")
     ep: int = _opt(1, "expert-parallel size: routed experts sharded over this many consecutive ranks")
     zero: int = _opt(0, "1: ZeRO-1, AdamW state sharded over the data-parallel ranks; 3: FSDP2 (torch's "
-                     "fully_shard), parameters, gradients and AdamW state sharded (not with pp > 1)", (0, 1, 3))
+                     "fully_shard), parameters, gradients and AdamW state sharded", (0, 1, 3))
     pp: int = _opt(1, "pipeline-parallel stages' ranks (dsv3.train.pipeline_trainer)")
     pp_schedule: str = _opt("dualpipe", "pipeline schedule (zb1p = ZB-H1)", PP_SCHEDULES)
     pp_chunks: int | None = _opt(None, "micro-batches per step under pp (default 2 x pp)")
@@ -223,8 +223,6 @@ class TrainConfig:
              "chooses how extend_context stretches positions: give extend_context too")
         need(isinstance(self.ep, int) and self.ep >= 1, "ep", "must be an integer >= 1")
         need(self.zero in (0, 1, 3), "zero", "must be 0, 1 (ZeRO-1) or 3 (FSDP2)")
-        need(self.zero != 3 or self.pp == 1, "zero", "3 (FSDP2) runs without a pipeline; the pipeline trainer "
-             "shards its AdamW state with --zero 1")
         need(isinstance(self.pp, int) and self.pp >= 1, "pp", "must be an integer >= 1")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
         return self
@@ -452,11 +450,17 @@ class Trainer:
         self.mesh = Mesh(1, self.cfg.dp, self.cfg.ep) if self.world > 1 else None
         if self.cfg.ep > 1:  # ep consecutive ranks hold one full set of experts between them
             apply_expert_parallel(self.model, self.mesh.ep_group)
-        if self.cfg.zero == 3 and self.mesh is not None and self.mesh.data_size > 1:
-            if self.model.config.tie_word_embeddings:
-                raise TrainError("zero 3 (FSDP2) needs untied embeddings (tie_word_embeddings = false, as in "
-                                 "DeepSeek-V3)")
-            self.fsdp = DeviceMesh.from_group(self.mesh.data_group, self.device.type)
+        self.fsdp = self._fsdp_mesh()
+
+    def _fsdp_mesh(self) -> DeviceMesh | None:
+        """FSDP2's device mesh under `--zero 3`: the (stage's) data-parallel group; None without FSDP2 or with one
+        data-parallel rank."""
+        if self.cfg.zero != 3 or self.mesh is None or self.mesh.data_size == 1:
+            return None
+        if self.model.config.tie_word_embeddings:
+            raise TrainError("zero 3 (FSDP2) needs untied embeddings (tie_word_embeddings = false, as in "
+                             "DeepSeek-V3)")
+        return DeviceMesh.from_group(self.mesh.data_group, self.device.type)
 
     def held_memory(self) -> dict[str, int]:
         """What this rank holds (its share under EP, PP, ZeRO-1 and FSDP2), measured on its tensors (a sharded
@@ -510,7 +514,8 @@ class Trainer:
         allocated) and `fill` them (initialise or load); re-tie a tied head, recompute the rotary buffers. Under
         FSDP2 (`--zero 3`), one unit at a time, each sharded once filled (`parallel.fsdp.materialize_sharded`)."""
         if self.fsdp is not None:
-            materialize_sharded(self.model, self.fsdp, self.device, fill)
+            for module in self._held_modules():  # each an FSDP root (the pipeline trainer: each stage)
+                materialize_sharded(module, self.fsdp, self.device, fill)
         else:
             for module in self._held_modules():
                 module.to_empty(device=self.device)
