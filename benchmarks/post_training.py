@@ -1,9 +1,9 @@
 """Post-training end to end on this CPU (issue 16): SFT, GRPO and distillation on one verifiable task.
 
 The story, every stage through the `dsv3` CLI in this process (`dsv3.cli.main`), so each one can be rerun by hand:
-1. data: `dsv3 data tasks --task TASK` (`--task`, default reverse): train / held-out val, worked solutions ending
-   "Answer: X";
-2. bases: one dataset from `dsv3 data prepare` over a few Shakespeare plays plus the task's training conversations
+1. data: `dsv3 data tasks --task TASK [--size LO,HI]` (`--task`, default reverse; `--size`, default the mode's):
+   train / held-out val, worked solutions ending "Answer: X";
+2. bases: one dataset from `dsv3 data prepare` over `plays` Shakespeare plays plus the task's training conversations
    rendered as plain "User: ...\nAssistant: ..." text (so the shared BPE has seen the task's words), then a `small`
    teacher base and a `tiny` student base pre-trained on it (`dsv3 train`): the same tokenizer for both, as logit
    distillation needs;
@@ -17,14 +17,19 @@ The story, every stage through the `dsv3` CLI in this process (`dsv3.cli.main`),
 Held-out accuracy: greedy decoding through the engine, the task checker's exact match on the first `eval_n`
 records of the held-out split (never in any training data, pre-training included).
 
-    python benchmarks/post_training.py [--short | --quick] [--task reverse] [--work runs/post-training]
-                                       [--overwrite] [--threads 1]
+    python benchmarks/post_training.py [--short | --quick] [--task reverse] [--size LO[,HI]] [--set KEY=VALUE]
+                                       [--work runs/post-training] [--overwrite] [--threads 1]
 
-Modes (budgets in MODES below; each stage's minutes are printed): --short runs every stage with tiny budgets in
-about 5 minutes (checks that the pipeline works; its numbers mean nothing); --quick took 32 minutes on the 2-core
-CPU with one torch thread (measured: small 3.1-3.4 s per step of 8 x 256 tokens, tiny 0.5 s, logit distillation
-of tiny from small 1.4 s, a GRPO step of 8 x 8 replies 14 s); the default mode is sized from those step times to
-about 40 minutes with both cores to itself (not yet measured). `--threads 1` when something else uses the CPU.
+Modes (budgets in MODES below, any knob overridable with --set; each stage's minutes are printed): --short runs
+every stage with tiny budgets in about 5 minutes (checks that the pipeline works; its numbers mean nothing);
+--quick is the measured story: `reverse` on 3-word lists (`--size 3`), the bases pre-trained on the task text, the
+teacher's SFT at a constant lr stopped at 135 steps, in the middle of its accuracy's sharp rise (measured from the
+same base: 0% at 120 steps, 7% at 130, 58% at 135, 86% at 140 on 100 held-out questions), GRPO with a 5-step lr
+warm-up, the students 450 steps at a constant lr; 37 minutes on the 2-core CPU with one torch thread, the CPU
+shared (small about 3 s per step of 8 x 256 tokens with the story's 477-token vocabulary, tiny 0.4 s, logit
+distillation of tiny from small 1.1 s, a GRPO step of 8 x 8 replies 10 s). The default mode keeps the
+original budgets on the default sizes (3-6 words), where no model got past 0% in 40 minutes (not re-measured).
+`--threads 1` when something else uses the CPU.
 
 A stage that cannot run (sequence distillation when the teacher solves no training question: nothing to
 fine-tune on) is reported as "not run" with its exit status, and the story goes on.
@@ -46,21 +51,34 @@ from dsv3.cli import main as dsv3
 from dsv3.runs import claim_output, resolve_checkpoint
 
 TASKS = ("reverse", "count", "sort", "add", "multiply")
+# Every knob of a mode (override any with --set KEY=VALUE):
+#   data: train / val examples, size (the task's difficulty, `dsv3 data tasks --size LO,HI`; None: the task's
+#     default), plays (Shakespeare plays mixed into the pre-training corpus), vocab (BPE vocabulary)
+#   base_small / base_tiny: pre-training steps (batch 8 x 256 tokens) and their peak lr (base_*_lr)
+#   teacher_sft / student: SFT steps (batch 8 x 256 tokens, packed), their peak lr (teacher_lr, student_lr),
+#     warm-up steps (*_warmup; 0: a tenth of the steps) and final lr fraction (*_min_lr_ratio; 1.0: constant)
+#   grpo_*: steps x prompts x group, lr, warm-up steps, policy updates per batch, KL beta, temperature
+#   questions x samples: the teacher's rejection sampling; kd_alpha / kd_temperature: logit distillation
+#   max_new: reply limit in tokens (rollouts, sampling, evaluation); eval_n: held-out records graded
+_COMMON = dict(base_small_lr=1.5e-3, base_tiny_lr=3e-3, teacher_lr=1e-3, student_lr=2e-3, teacher_warmup=0,
+               student_warmup=0, teacher_min_lr_ratio=0.1, student_min_lr_ratio=0.1, grpo_lr=5e-5,
+               grpo_warmup=0, grpo_updates=2, grpo_beta=0.04, grpo_temperature=1.0, kd_alpha=1.0,
+               kd_temperature=1.0, size=None, max_new=96)
 MODES = {
-    # data: train / val examples, plays in the pre-training corpus, BPE vocabulary
-    # base_*: pre-training steps (batch 8 x 256 tokens); sft/student: steps (batch 8 x 256 tokens, packed)
-    # grpo: steps x prompts x group; distill: questions x samples; eval_n: held-out records graded
-    "short": dict(train=300, val=40, plays=2, vocab=1024, base_small=20, base_tiny=20, teacher_sft=20,
+    "short": dict(_COMMON, train=300, val=40, plays=2, vocab=1024, base_small=20, base_tiny=20, teacher_sft=20,
                   grpo_steps=2, grpo_prompts=4, grpo_group=4, student=15, questions=16, samples=2, eval_n=16),
-    "quick": dict(train=3000, val=300, plays=3, vocab=2048, base_small=200, base_tiny=200, teacher_sft=200,
-                  grpo_steps=8, grpo_prompts=8, grpo_group=8, student=150, questions=150, samples=4, eval_n=100),
-    "default": dict(train=5000, val=500, plays=4, vocab=2048, base_small=300, base_tiny=300, teacher_sft=300,
-                    grpo_steps=16, grpo_prompts=8, grpo_group=8, student=200, questions=300, samples=4,
-                    eval_n=200),
+    # quick: 3-word `reverse`, measured (see the module docstring): the teacher's SFT stops mid-way through the
+    # sharp rise of its accuracy (steps 130-140 at this constant lr), so that GRPO starts between 20% and 80%
+    "quick": dict(_COMMON, train=3000, val=300, size=[3, 3], plays=1, vocab=2048, base_small=100, base_tiny=300,
+                  teacher_sft=135, teacher_warmup=15, teacher_min_lr_ratio=1.0, grpo_steps=15, grpo_prompts=8,
+                  grpo_group=8, grpo_lr=1e-4, grpo_warmup=5, student=450, student_warmup=30,
+                  student_min_lr_ratio=1.0, questions=1000, samples=2, max_new=40, eval_n=200),
+    "default": dict(_COMMON, train=5000, val=500, plays=4, vocab=2048, base_small=300, base_tiny=300,
+                    teacher_sft=300, grpo_steps=16, grpo_prompts=8, grpo_group=8, student=200, questions=300,
+                    samples=4, eval_n=200),
 }
 PLAYS = ["hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "king_lear_gut.txt", "the_tempest_gut.txt",
          "romeo_and_juliet_gut.txt", "julius_caesar_gut.txt", "twelfth_night_gut.txt"]
-MAX_NEW_TOKENS = 96  # the longest worked solution of `reverse` is about 50 tokens with the story's BPE
 
 
 class Story:
@@ -102,9 +120,9 @@ class Story:
         model = load_pretrained(ckpt).eval()
         with torch.no_grad():
             result = task_accuracy(model, tok, ChatTemplate(ckpt), records, stop_token_ids(tok, ckpt),
-                                   max_new_tokens=MAX_NEW_TOKENS, batch=32)
+                                   max_new_tokens=self.b["max_new"], batch=32)
         self.commands.append(f"dsv3 eval {run} --task {self.work / 'task'} --task-examples {self.b['eval_n']} "
-                             f"--max-new-tokens {MAX_NEW_TOKENS}")
+                             f"--max-new-tokens {self.b['max_new']}")
         return result
 
     def row(self, stage: str, steps: str, seconds: float, result: dict | None, **extra) -> None:
@@ -124,16 +142,21 @@ class Story:
         return out, time.time() - t
 
 
-def trainer_flags(steps: int, lr: float, warmup: int) -> list[str]:
+def trainer_flags(steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> list[str]:
+    """The trainer's flags of a stage: `steps` optimizer steps of 8 x 256 tokens, linear warm-up over `warmup`
+    steps to `lr`, then cosine to `min_lr_ratio` x lr (1.0: constant, so the first N steps of a longer run are
+    this run's), one checkpoint at the end."""
     return ["--max-steps", str(steps), "--batch-size", "8", "--seq-len", "256", "--lr", str(lr), "--warmup-steps",
-            str(warmup), "--checkpoint-every", "100000", "--no-progress"]
+            str(warmup), "--min-lr-ratio", str(min_lr_ratio), "--checkpoint-every", "100000", "--no-progress"]
 
 
 def run_story(s: Story) -> dict:
     b, w = s.b, s.work
     task = w / "task"
     # 1. data ------------------------------------------------------------------------------------------------------
-    s.cli("data", "tasks", "--task", s.task, "--out", task, "--train", b["train"], "--val", b["val"], "--seed", s.seed)
+    size = [] if b["size"] is None else ["--size", ",".join(map(str, b["size"]))]
+    s.cli("data", "tasks", "--task", s.task, "--out", task, "--train", b["train"], "--val", b["val"], "--seed", s.seed,
+          *size)
     records = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines() if line.strip()]
     answers = w / "answers-only"
     answers.mkdir()
@@ -158,34 +181,38 @@ def run_story(s: Story) -> dict:
     for preset, steps in (("small", b["base_small"]), ("tiny", b["base_tiny"])):
         out = w / f"base-{preset}"
         _, sec = s.timed(s.cli, "train", "--model-config", preset, "--data", data, "--out", out,
-                         *trainer_flags(steps, 1.5e-3 if preset == "small" else 3e-3, max(1, steps // 10)))
+                         *trainer_flags(steps, b[f"base_{preset}_lr"], max(1, steps // 10)))
         bases[preset] = out
         s.row(f"{preset} base (pre-training)", f"{steps} x 8 x 256", sec, None)
     # 3. teacher: SFT, then GRPO -----------------------------------------------------------------------------------
     teacher_sft = w / "teacher-sft"
     _, sec = s.timed(s.cli, "sft", bases["small"], "--data", task, "--out", teacher_sft,
-                     *trainer_flags(b["teacher_sft"], 1e-3, max(1, b["teacher_sft"] // 10)))
+                     *trainer_flags(b["teacher_sft"], b["teacher_lr"],
+                                    b["teacher_warmup"] or max(1, b["teacher_sft"] // 10), b["teacher_min_lr_ratio"]))
     acc, esec = s.timed(s.accuracy, teacher_sft)
     s.row("teacher (small): SFT on worked solutions", f"{b['teacher_sft']}", sec, acc, eval_minutes=esec / 60)
     teacher = w / "teacher-grpo"
     _, sec = s.timed(s.cli, "grpo", teacher_sft, "--task", task, "--out", teacher, "--steps", b["grpo_steps"],
-                     "--prompts", b["grpo_prompts"], "--group", b["grpo_group"], "--temperature", "1.0",
-                     "--max-new-tokens", MAX_NEW_TOKENS, "--updates", "2", "--lr", "5e-5", "--clip-eps", "0.2",
-                     "--beta", "0.04", "--seed", s.seed, "--no-progress")
+                     "--prompts", b["grpo_prompts"], "--group", b["grpo_group"], "--temperature",
+                     b["grpo_temperature"], "--max-new-tokens", b["max_new"], "--updates", b["grpo_updates"], "--lr",
+                     b["grpo_lr"], "--warmup-steps", b["grpo_warmup"], "--clip-eps", "0.2", "--beta", b["grpo_beta"],
+                     "--seed", s.seed, "--no-progress")
     curve = [json.loads(line) for line in (teacher / "metrics.jsonl").read_text().splitlines()]
     acc, esec = s.timed(s.accuracy, teacher)
     s.row("teacher: + GRPO", f"{b['grpo_steps']} x {b['grpo_prompts']} x {b['grpo_group']}", sec, acc,
           eval_minutes=esec / 60)
     # 4. student four ways at equal steps ---------------------------------------------------------------------------
-    n, flags = b["student"], trainer_flags(b["student"], 2e-3, max(1, b["student"] // 10))
+    n = b["student"]
+    flags = trainer_flags(n, b["student_lr"], b["student_warmup"] or max(1, n // 10), b["student_min_lr_ratio"])
     ways = [("student (tiny): SFT on gold final answers", ["sft", bases["tiny"], "--data", answers]),
             ("student: SFT on gold worked solutions", ["sft", bases["tiny"], "--data", task]),
             ("student: sequence distillation (teacher samples, verified)",
              ["distill", "--teacher", teacher, "--student", bases["tiny"], "--data", task, "--mode", "sequence",
               "--samples", b["samples"], "--questions", b["questions"], "--sample-temperature", "0.7",
-              "--sample-max-tokens", MAX_NEW_TOKENS]),
+              "--sample-max-tokens", b["max_new"]]),
             ("student: logit distillation (KL to the teacher)",
-             ["distill", "--teacher", teacher, "--student", bases["tiny"], "--data", task, "--mode", "logits"])]
+             ["distill", "--teacher", teacher, "--student", bases["tiny"], "--data", task, "--mode", "logits",
+              "--kd-alpha", b["kd_alpha"], "--kd-temperature", b["kd_temperature"]])]
     keep = None
     for i, (label, argv) in enumerate(ways):
         out = w / f"student-{i + 1}"
@@ -200,7 +227,8 @@ def run_story(s: Story) -> dict:
         acc, esec = s.timed(s.accuracy, out)
         s.row(label, f"{n}", sec, acc, eval_minutes=esec / 60, **extra)
     return {"task": s.task, "mode": s.mode, "budget": b, "seed": s.seed, "rows": s.rows, "keep": keep,
-            "grpo_curve": [{k: c[k] for k in ("step", "reward", "accuracy", "kl", "response_tokens")} for c in curve],
+            "grpo_curve": [{k: c[k] for k in ("step", "lr", "reward", "accuracy", "kl", "response_tokens") if k in c}
+                           for c in curve],
             "minutes_total": round((time.time() - s.t0) / 60, 2), "commands": s.commands}
 
 
@@ -231,26 +259,54 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _size(text: str) -> list[int]:
+    """'LO,HI' or 'N' -> [lo, hi] (the task checks its limits)."""
+    lo, _, hi = text.partition(",")
+    return [int(lo), int(hi or lo)]
+
+
+def _override(text: str) -> tuple[str, object]:
+    """'KEY=VALUE' -> (key, value): VALUE read as JSON (numbers, null, [3, 4]), else as a string."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--short", action="store_true", help="tiny budgets: checks the pipeline (numbers meaningless)")
-    group.add_argument("--quick", action="store_true", help="reduced budgets, about 25 minutes")
+    group.add_argument("--quick", action="store_true", help="the measured story, about 40 minutes")
     ap.add_argument("--work", default="runs/post-training", help="directory to create for everything")
     ap.add_argument("--overwrite", action="store_true", help="move an existing --work aside (nothing is deleted)")
     ap.add_argument("--seed", type=int, default=0, help="task split seed")
     ap.add_argument("--task", default="reverse", choices=TASKS, help="the verifiable task (default: reverse)")
+    ap.add_argument("--size", type=_size, default=None, metavar="LO[,HI]",
+                    help="the task's difficulty (`dsv3 data tasks --size`; default: the mode's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], type=_override, metavar="KEY=VALUE",
+                    help="override one budget knob of the mode (see MODES), e.g. --set grpo_lr=1e-4; repeatable")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     mode = "short" if args.short else "quick" if args.quick else "default"
+    budget = dict(MODES[mode])
+    for key, value in args.overrides:
+        if key not in budget:
+            ap.error(f"--set {key}: not a knob of the mode ({', '.join(sorted(budget))})")
+        budget[key] = value
+    if args.size is not None:
+        budget["size"] = args.size
     work = Path(args.work)
     aside = claim_output(work, args.overwrite, hint="choose another --work")
     if aside is not None:
         print(f"moved the existing {work} to {aside}", file=sys.stderr)
     work.mkdir(parents=True, exist_ok=True)
-    story = Story(work, mode, MODES[mode], args.seed, args.task)
+    story = Story(work, mode, budget, args.seed, args.task)
     summary = run_story(story)
     text = report(summary)
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -83,6 +83,17 @@ def test_kl_is_zero_when_the_policy_is_the_reference():
     assert float(loss) == 0.0 and stats["kl"] == 0.0 and stats["ratio"] == pytest.approx(1.0)
 
 
+def test_warmup_scales_the_first_steps_lr():
+    """`--warmup-steps N`: lr * (step + 1) / N for the first N steps, then lr; 0 (the default) leaves the lr."""
+    from dsv3.posttrain.grpo import GRPOConfig, GRPOError, step_lr
+
+    cfg = GRPOConfig(policy="p", task="reverse", out="o", lr=4e-4, warmup_steps=4)
+    assert [step_lr(cfg, s) for s in range(6)] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4])
+    assert step_lr(GRPOConfig(policy="p", task="reverse", out="o", lr=4e-4), 0) == 4e-4
+    with pytest.raises(GRPOError, match="warmup_steps"):
+        GRPOConfig(policy="p", task="reverse", out="o", warmup_steps=-1).validate()
+
+
 def test_reward_is_correctness_then_format():
     from dsv3.posttrain.grpo import reward
 
@@ -133,7 +144,7 @@ def test_resumed_grpo_equals_the_uninterrupted_run(trained_run, tmp_path, monkey
 
     monkeypatch.setattr(grpo, "reward", lambda answer, reply, format_reward: float(len(reply) % 3 == 0))
     common = ["--task", "sort", "--prompts", "2", "--group", "3", "--max-new-tokens", "5", "--updates", "2",
-              "--lr", "1e-3", "--checkpoint-every", "2", "--no-progress"]
+              "--lr", "1e-3", "--warmup-steps", "3", "--checkpoint-every", "2", "--no-progress"]
     assert main(["grpo", str(trained_run), "--out", str(tmp_path / "whole"), "--steps", "4", *common]) == 0
     assert main(["grpo", str(trained_run), "--out", str(tmp_path / "cut"), "--steps", "2", *common]) == 0
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a row written after the checkpoint, then "killed"
@@ -145,6 +156,7 @@ def test_resumed_grpo_equals_the_uninterrupted_run(trained_run, tmp_path, monkey
                 for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert rows("cut") == rows("whole") and len(rows("whole")) == 4
+    assert [r["lr"] for r in rows("whole")] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])  # warm-up resumed
     a = load_pretrained(resolve_checkpoint(tmp_path / "whole")).state_dict()
     b = load_pretrained(resolve_checkpoint(tmp_path / "cut")).state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from dsv3.cli import main
-from dsv3.tasks import TASKS, TaskError, check, extract_answer, make_splits, read_task_records
+from dsv3.tasks import SIZES, TASKS, TaskError, check, extract_answer, make_splits, read_task_records
 
 
 def _corruptions(answer: str) -> list[str]:
@@ -38,6 +38,55 @@ def test_checker_accepts_gold_and_rejects_corruptions(task):
         for wrong in _corruptions(ex.answer):
             assert not check(ex.answer, f"Answer: {wrong}"), (ex, wrong)
         assert not check(ex.answer, f"Answer: {ex.answer}\nAnswer: x")  # the last answer line counts
+
+
+def _size_of(task: str, prompt: str) -> int | list[int]:
+    """What `size` measures in a prompt: digits of each operand (add), of the first factor (multiply), the list
+    length (sort, count, reverse)."""
+    if task == "add":
+        return [len(x) for x in prompt.removeprefix("What is ").removesuffix("?").split(" + ")]
+    if task == "multiply":
+        return len(prompt.removeprefix("What is ").split(" * ")[0])
+    return len(prompt.split(": ", 1)[1].split())
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 6)])
+def test_size_knob_draws_that_size_and_the_checker_still_holds(task, size):
+    """`size=(lo, hi)`: every prompt's size lies in lo..hi (each end drawn), gold answers pass the checker and
+    corrupted ones fail; the default size draws exactly what the generator drew before the knob."""
+    train, val = make_splits(task, 150, 10, seed=4, size=size)
+    sizes = set()
+    for ex in train + val:
+        got = _size_of(task, ex.prompt)
+        for n in got if isinstance(got, list) else [got]:
+            assert size[0] <= n <= size[1], (ex.prompt, size)
+            sizes.add(n)
+        assert check(ex.answer, ex.solution), ex
+        for wrong in _corruptions(ex.answer):
+            assert not check(ex.answer, f"Answer: {wrong}"), (ex, wrong)
+    assert sizes == set(range(size[0], size[1] + 1))
+    default = [e.record() for e in make_splits(task, 30, 5, seed=4)[0]]
+    assert default == [e.record() for e in make_splits(task, 30, 5, seed=4, size=SIZES[task])[0]]
+
+
+def test_size_out_of_range_or_too_small_a_space_is_refused(tmp_path, capsys):
+    with pytest.raises(TaskError, match="1 <= LO <= HI <= 47"):
+        make_splits("reverse", 1, 1, size=(2, 48))
+    with pytest.raises(TaskError, match="size 3,2"):
+        make_splits("sort", 1, 1, size=(3, 2))
+    with pytest.raises(TaskError, match="too few prompts outside"):  # 1-word lists: 47 prompts, all held out
+        make_splits("reverse", 5, 47, size=(1, 1))
+    out = tmp_path / "rev"
+    assert main(["data", "tasks", "--task", "reverse", "--size", "2,3", "--out", str(out), "--train", "20",
+                 "--val", "4"]) == 0
+    assert json.loads((out / "task.json").read_text())["size"] == [2, 3]
+    assert {len(r["answer"].split()) for r in read_task_records(out / "train.jsonl")} == {2, 3}
+    assert main(["data", "tasks", "--task", "add", "--size", "20", "--out", str(tmp_path / "a")]) == 2
+    assert "1 <= LO <= HI <= 18" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "tasks", "--task", "add", "--size", "4,2", "--out", str(tmp_path / "b")])
+    assert "LO <= HI" in capsys.readouterr().err
 
 
 def test_worked_arithmetic_is_right():

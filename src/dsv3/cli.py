@@ -102,11 +102,11 @@ def _data_tasks(args: argparse.Namespace) -> int:
         raise _UsageError(f"--task {args.task}: choose one of {', '.join(TASKS)}")
     _claim_out(args.out, args.overwrite)
     try:
-        meta = write_task_data(args.out, args.task, args.train, args.val, args.seed)
+        meta = write_task_data(args.out, args.task, args.train, args.val, args.seed, args.size)
     except TaskError as e:
         raise _UsageError(str(e)) from None
-    print(f"{meta['task']}: {meta['train']:,} train and {meta['val']:,} held-out examples (seed {meta['seed']}) "
-          f"written to {args.out}")
+    print(f"{meta['task']}: {meta['train']:,} train and {meta['val']:,} held-out examples (seed {meta['seed']}, "
+          f"size {meta['size'][0]}-{meta['size'][1]}) written to {args.out}")
     return 0
 
 
@@ -744,6 +744,15 @@ _fraction_list = _comma_list(float, lambda f: 0 <= f <= 1, "fractions in [0, 1]"
 _word_counts = _comma_list(int, lambda n: n >= 1, "word counts of at least 1")  # '50,2800'
 
 
+def _size_range(text: str) -> tuple[int, int]:
+    """'LO,HI' or 'N' (= N,N) -> (lo, hi): a task size range of `dsv3 data tasks --size` (the task checks its
+    own limits)."""
+    values = _comma_list(int, lambda n: n >= 1, "one or two sizes of at least 1")(text)
+    if len(values) > 2 or values[0] > values[-1]:
+        raise argparse.ArgumentTypeError(f"LO or LO,HI with LO <= HI, got {text!r}")
+    return values[0], values[-1]
+
+
 def _count(text: str) -> float:
     from .cost import parse_count
 
@@ -937,6 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val", type=_non_negative_int, default=500,
                    help="held-out examples, never among the training prompts (default: 500)")
     q.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default: 0)")
+    q.add_argument("--size", type=_size_range, default=None, metavar="LO[,HI]",
+                   help="difficulty, drawn uniformly from LO..HI: digits per operand (add; default 2,4), digits of "
+                   "the first factor (multiply; 2,3), list length (sort 4,7; count 5,9; reverse 3,6)")
     q.set_defaults(func=_data_tasks, command="data tasks")
 
     p = sub.add_parser("train", help="train a model (flags override --config TOML)")
@@ -990,6 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("max_new_tokens", int, "reply length limit (default 64)"),
                             ("updates", int, "policy updates per rollout batch (default 1)"),
                             ("lr", float, "AdamW learning rate (default 1e-5)"),
+                            ("warmup_steps", int, "linear learning-rate warm-up over the first N steps "
+                             "(default 0: none)"),
                             ("clip_eps", float, "ratio clip epsilon (default 0.2)"),
                             ("beta", float, "KL coefficient; 0 drops the reference (default 0.04)"),
                             ("format_reward", float, "reward of a wrong reply with an Answer: line (default 0.1)"),

@@ -14,8 +14,12 @@ collapsing whitespace (`check`); a response with no "Answer:" line is wrong. Tas
 - `add`: a + b, each 2-4 digits; the solution adds column by column from the right with carries.
 - `multiply`: a 2-3 digit number times a 1-digit one; the solution multiplies digit by digit with carries.
 - `sort`: 4-7 two-digit numbers in ascending order; the solution takes the smallest remaining one at a time.
-- `count`: how many words of a list start with a given letter; the solution lists the matches and counts them.
+- `count`: how many of 5-9 words start with a given letter; the solution lists the matches and counts them.
 - `reverse`: a list of 3-6 words backwards (copying with a twist); the solution reads them from the last.
+
+The ranges above are each task's default *size* (`SIZES`): digits per operand (`add`), digits of the first factor
+(`multiply`), list length (`sort`, `count`, `reverse`). `size=(lo, hi)` (`dsv3 data tasks --size LO,HI`) draws it
+uniformly from lo..hi instead, the difficulty knob; the default draws exactly what it drew before the knob existed.
 
 `make_splits` draws train and held-out examples from one seed; a held-out prompt never appears in train.
 """
@@ -94,8 +98,8 @@ def _columns(pairs: list[tuple[int, int]], sign: str, value) -> tuple[list[str],
     return steps, "".join(map(str, out[::-1])).lstrip("0") or "0"
 
 
-def _add(rng: random.Random) -> Example:
-    a, b = (rng.randint(10 ** (d - 1), 10**d - 1) for d in (rng.randint(2, 4), rng.randint(2, 4)))
+def _add(rng: random.Random, size: tuple[int, int] = (2, 4)) -> Example:
+    a, b = (rng.randint(10 ** (d - 1), 10**d - 1) for d in (rng.randint(*size), rng.randint(*size)))
     da, db = _digits(a)[::-1], _digits(b)[::-1]
     n = max(len(da), len(db))
     steps, written = _columns([(da[i] if i < len(da) else 0, db[i] if i < len(db) else 0) for i in range(n)], "+",
@@ -105,16 +109,16 @@ def _add(rng: random.Random) -> Example:
     return Example("add", f"What is {a} + {b}?", "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-def _multiply(rng: random.Random) -> Example:
-    a, b = rng.randint(10, 999), rng.randint(2, 9)
+def _multiply(rng: random.Random, size: tuple[int, int] = (2, 3)) -> Example:
+    a, b = rng.randint(10 ** (size[0] - 1), 10 ** size[1] - 1), rng.randint(2, 9)
     steps, written = _columns([(x, b) for x in _digits(a)[::-1]], "*", lambda x, y: x * y)
     answer = str(a * b)
     assert written == answer
     return Example("multiply", f"What is {a} * {b}?", "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-def _sort(rng: random.Random) -> Example:
-    nums = [rng.randint(10, 99) for _ in range(rng.randint(4, 7))]
+def _sort(rng: random.Random, size: tuple[int, int] = (4, 7)) -> Example:
+    nums = [rng.randint(10, 99) for _ in range(rng.randint(*size))]
     left, steps, done = list(nums), [], []
     while left:
         m = min(left)
@@ -126,9 +130,9 @@ def _sort(rng: random.Random) -> Example:
                    "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-def _count(rng: random.Random) -> Example:
+def _count(rng: random.Random, size: tuple[int, int] = (5, 9)) -> Example:
     letter = rng.choice("abcdefghilmoprstvw")
-    words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 9))]
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(*size))]
     pool = [w for w in _WORDS if w.startswith(letter)]
     for _ in range(rng.randint(0, 3) if pool else 0):  # make matches likely
         words[rng.randrange(len(words))] = rng.choice(pool)
@@ -139,54 +143,82 @@ def _count(rng: random.Random) -> Example:
                    f"words starting with '{letter}':\n" + "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-def _reverse(rng: random.Random) -> Example:
-    words = rng.sample(_WORDS, rng.randint(3, 6))
+def _reverse(rng: random.Random, size: tuple[int, int] = (3, 6)) -> Example:
+    words = rng.sample(_WORDS, rng.randint(*size))
     steps = [f"{len(words) - i}. {w}" for i, w in enumerate(reversed(words))]
     answer = " ".join(reversed(words))
     return Example("reverse", f"Write these words in reverse order: {' '.join(words)}",
                    "from the last:\n" + "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-TASKS: dict[str, Callable[[random.Random], Example]] = {
+TASKS: dict[str, Callable[..., Example]] = {  # gen(rng, size=SIZES[name]) -> Example
     "add": _add, "multiply": _multiply, "sort": _sort, "count": _count, "reverse": _reverse}
+SIZES: dict[str, tuple[int, int]] = {"add": (2, 4), "multiply": (2, 3), "sort": (4, 7), "count": (5, 9),
+                                     "reverse": (3, 6)}  # each generator's default size (lo, hi), inclusive
+_MAX_SIZE = {"add": 18, "multiply": 18, "sort": 100, "count": 100, "reverse": len(_WORDS)}
 
 
-def make_splits(task: str, train: int, val: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """`train` and `val` examples of `task` from `seed`: val prompts are distinct and never among train's.
+def task_size(task: str, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """`size` checked for `task` (None: the task's default, `SIZES`): 1 <= lo <= hi <= the task's limit (18
+    digits for the arithmetic, the 47 distinct words of `reverse`, 100 items otherwise).
 
     Raises:
-        TaskError: unknown task, or the task's space is too small for that many distinct held-out prompts.
+        TaskError: unknown task, or a size out of range (named with the task's limit).
     """
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if size is None:
+        return SIZES[task]
+    lo, hi = size
+    if not 1 <= lo <= hi <= _MAX_SIZE[task]:
+        raise TaskError(f"task {task!r}: size {lo},{hi} must satisfy 1 <= LO <= HI <= {_MAX_SIZE[task]}")
+    return lo, hi
+
+
+def make_splits(task: str, train: int, val: int, seed: int = 0,
+                size: tuple[int, int] | None = None) -> tuple[list[Example], list[Example]]:
+    """`train` and `val` examples of `task` from `seed`: val prompts are distinct and never among train's.
+    size: (lo, hi), the task's difficulty (see the module docstring); None is the task's default.
+
+    Raises:
+        TaskError: unknown task, a size out of range, or the task's space (at this size) is too small for that
+            many distinct held-out prompts or for training prompts outside them.
+    """
+    size = task_size(task, size)
     gen, rng = TASKS[task], random.Random(f"{task}:{seed}")
     held_out: dict[str, Example] = {}
     tries = 0
     while len(held_out) < val:
-        ex = gen(rng)
+        ex = gen(rng, size)
         held_out.setdefault(ex.prompt, ex)
         tries += 1
         if tries > 50 * max(val, 1) + 1000:
             raise TaskError(f"task {task!r}: could not draw {val} distinct held-out prompts")
-    train_examples = []
+    train_examples, tries = [], 0
     while len(train_examples) < train:
-        ex = gen(rng)
+        ex = gen(rng, size)
         if ex.prompt not in held_out:
             train_examples.append(ex)
+        tries += 1
+        if tries > 50 * max(train, 1) + 1000:
+            raise TaskError(f"task {task!r}: too few prompts outside the {val} held-out ones for {train} training "
+                            f"examples (size {size[0]},{size[1]})")
     return train_examples, list(held_out.values())
 
 
-def write_task_data(out: str | Path, task: str, train: int, val: int, seed: int = 0) -> dict:
-    """`dsv3 data tasks`: OUT/train.jsonl, OUT/val.jsonl and OUT/task.json (task, seed, counts). `out` must be
-    free (the CLI claims it). Returns the task.json content."""
+def write_task_data(out: str | Path, task: str, train: int, val: int, seed: int = 0,
+                    size: tuple[int, int] | None = None) -> dict:
+    """`dsv3 data tasks`: OUT/train.jsonl, OUT/val.jsonl and OUT/task.json (task, seed, counts, size [lo, hi]).
+    `out` must be free (the CLI claims it). Returns the task.json content."""
     from .runs import write_atomic
 
     out = Path(out)
-    train_ex, val_ex = make_splits(task, train, val, seed)
+    size = task_size(task, size)
+    train_ex, val_ex = make_splits(task, train, val, seed, size)
     out.mkdir(parents=True, exist_ok=True)
     for name, examples in (("train", train_ex), ("val", val_ex)):
         write_atomic(out / f"{name}.jsonl", "".join(json.dumps(e.record()) + "\n" for e in examples))
-    meta = {"task": task, "seed": seed, "train": len(train_ex), "val": len(val_ex), "format": 1}
+    meta = {"task": task, "seed": seed, "train": len(train_ex), "val": len(val_ex), "size": list(size), "format": 1}
     write_atomic(out / "task.json", json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -105,6 +105,7 @@ class GRPOConfig:
     max_new_tokens: int = 64
     updates: int = 1  # policy updates per rollout batch (mu); with 1, the ratio is 1 and clipping never acts
     lr: float = 1e-5
+    warmup_steps: int = 0  # the lr rises linearly over the first N steps: lr * (step + 1) / N at 0-based step
     clip_eps: float = 0.2
     beta: float = 0.04  # KL penalty coefficient (0: no reference model)
     format_reward: float = 0.1  # reward for a reply with an "Answer:" line that is wrong (1 for a correct one)
@@ -127,6 +128,8 @@ class GRPOConfig:
             raise GRPOError(f"temperature = {self.temperature}: sampling needs a temperature > 0")
         if self.lr <= 0 or self.clip_eps <= 0 or self.beta < 0:
             raise GRPOError("lr and clip_eps must be > 0, beta >= 0")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise GRPOError(f"warmup_steps = {self.warmup_steps!r}: must be an integer >= 0")
         return self
 
 
@@ -137,6 +140,16 @@ def _questions(cfg: GRPOConfig) -> list[dict]:
         return [e.record() for e in make_splits(cfg.task, cfg.train_examples, 0, cfg.seed)[0]]
     path = Path(cfg.task)
     return read_task_records(path / "train.jsonl" if path.is_dir() else path)
+
+
+def step_lr(cfg: GRPOConfig, step: int) -> float:
+    """The learning rate of 0-based rollout step `step` (all its `updates`): `cfg.lr`, times (step + 1) /
+    `cfg.warmup_steps` during the warm-up. A function of the step alone, so a resumed run gets the same rates.
+    Why warm up: AdamW's first update is sign-like (m / sqrt(v) = g / |g| per weight at step 1), every weight
+    moves by about lr whatever its gradient's size, which at an lr that suits later steps can undo SFT."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
 
 
 def reward(answer: str, reply: str, format_reward: float) -> float:
@@ -181,10 +194,10 @@ def run_grpo(cfg: GRPOConfig, log=print, resume: bool = False) -> list[dict]:
     """GRPO from `cfg.policy` on `cfg.task`: each step samples `group` replies to `prompts` questions with the
     engine (per-request seeds from (seed, step, question, sample): the same rollouts on any rerun), rewards them
     with the task's checker, recomputes the old and reference log-probabilities with the training forward, then
-    takes `updates` AdamW steps on `grpo_loss`. Writes OUT/metrics.jsonl (reward, accuracy, KL, response length,
-    clip fraction, loss per step) and checkpoints OUT/checkpoints/step-N every `checkpoint_every` steps and at the
-    end. The routing bias stays as the policy had it and the MTP modules are not trained. Returns the per-step
-    metrics of this call.
+    takes `updates` AdamW steps on `grpo_loss` at `step_lr`. Writes OUT/metrics.jsonl (lr, reward, accuracy, KL,
+    response length, clip fraction, loss per step) and checkpoints OUT/checkpoints/step-N every `checkpoint_every`
+    steps and at the end. The routing bias stays as the policy had it and the MTP modules are not trained. Returns
+    the per-step metrics of this call.
 
     resume: continue OUT from its latest checkpoint (its weights and AdamW state; the reference stays `policy`).
     Rollouts depend only on (seed, step), so a resumed run equals the uninterrupted one.
@@ -247,6 +260,9 @@ def run_grpo(cfg: GRPOConfig, log=print, resume: bool = False) -> list[dict]:
             old, mask = _token_logps(policy, flat_prompts, responses)
             ref = _token_logps(reference, flat_prompts, responses)[0] if reference is not None else None
         policy.train()
+        lr = step_lr(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         for _ in range(cfg.updates):
             logp, _ = _token_logps(policy, flat_prompts, responses)
             loss, stats = grpo_loss(logp.view(shape), old.view(shape), None if ref is None else ref.view(shape),
@@ -255,7 +271,7 @@ def run_grpo(cfg: GRPOConfig, log=print, resume: bool = False) -> list[dict]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             optimizer.step()
-        row = {"step": step + 1, "reward": float(rewards.mean()), "accuracy": correct / rewards.numel(),
+        row = {"step": step + 1, "lr": lr, "reward": float(rewards.mean()), "accuracy": correct / rewards.numel(),
                "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "loss": float(loss.detach()),
                "response_tokens": float(mask.sum(-1).float().mean()),
                "groups_with_signal": int((advantages.abs().sum(-1) > 0).sum()), "seconds": time.perf_counter() - t0}
