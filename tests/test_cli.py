@@ -55,11 +55,12 @@ FLAGS = {
                          "--seed"],  # test_simulate_routing
     "convert": ["--out", "--overwrite", "--dtype", "--format"],  # test_convert_bf16; test_gguf.py
     "generate": ["--prompt", "--verbose", "--max-new-tokens", "--max-len", "--temperature", "--top-k", "--top-p",
-                 "--seed", "--speculative", "--draft-tokens", "--compile", "--stop", "--prefill-chunk",
+                 "--seed", "--speculative", "--draft-tokens", "--draft-vocab", "--compile", "--stop", "--prefill-chunk",
                  "--prefill-share", "--prefix-cache-mb", "--device", "--precision"],  # test_generate, test_device_...
-    "chat": ["--max-new-tokens", "--max-len", "--temperature", "--speculative", "--draft-tokens", "--compile",
-             "--stop", "--prefix-cache-mb", "--device", "--precision"],  # test_chat
-    "serve": ["--host", "--port", "--max-batch", "--max-len", "--speculative", "--draft-tokens", "--compile",
+    "chat": ["--max-new-tokens", "--max-len", "--temperature", "--speculative", "--draft-tokens", "--draft-vocab",
+             "--compile", "--stop", "--prefix-cache-mb", "--device", "--precision"],  # test_chat
+    "serve": ["--host", "--port", "--max-batch", "--max-len", "--speculative", "--draft-tokens", "--draft-vocab",
+              "--compile",
               "--model-name", "--max-queue", "--request-timeout", "--api-key", "--prefill-chunk", "--prefill-share",
               "--prefix-cache-mb", "--device", "--precision", "--expert-stats", "--expert-stats-window"],
     # test_serve; test_prefill.py, test_logprobs.py; test_web.py (the page, --expert-stats)
@@ -263,6 +264,12 @@ def test_generate(capsys, trained_run):
     assert code == 0, err
     assert out == expected.text + "\n"  # greedy: MTP drafting changes the speed, never the text
     assert f"{len(expected.output)} tokens in " in err and "MTP acceptance" in err
+    code, out, err = cli(capsys, "generate", trained_run, "--prompt", "KING.\n", "--max-new-tokens", 12,
+                         "--temperature", 0, "--speculative", "mtp", "--draft-vocab", 64, "-v")
+    assert code == 0 and out == expected.text + "\n", err  # drafts from 64 tokens: the same text
+    assert "MTP drafts over 65 of" in err  # (the 64 and the end-of-text token)
+    code, _, err = cli(capsys, "generate", trained_run, "--prompt", "x", "--draft-vocab", 64)
+    assert code == 2 and "--speculative mtp" in err
     code, out, err = cli(capsys, "generate", trained_run, "--prompt", "KING.\n", "--max-new-tokens", 12,
                          "--temperature", 0, "--max-len", 64, "--compile", "-v")
     assert code == 0, err
