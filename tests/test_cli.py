@@ -6,6 +6,7 @@ free loopback port. `dsv3 plot` is exercised in test_train.py (test_plot_writes_
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -147,6 +148,22 @@ def test_every_train_flag_explains_itself(capsys):
     for flag, choices in (("--balance", BALANCE_MODES), ("--precision", PRECISIONS),
                           ("--pp-schedule", PP_SCHEDULES)):
         assert f"{flag} {{{','.join(choices)}}}" in out
+
+
+def test_every_train_flag_parses_a_value_of_its_fields_type():
+    """Each `dsv3 train` flag turns its text into the TrainConfig field's type, the fields that default to None
+    included (--init-from, --teacher and --extend-context once failed with "invalid NoneType value")."""
+    from dsv3.train.trainer import TrainConfig
+
+    parser = leaf_parsers()["train"]
+    samples = {"int": "3", "float": "2.5", "str": "some/path", "bool": None}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).split(" | ")[0]
+        if kind == "bool" or f.metadata["choices"]:
+            continue  # --no-progress; closed sets are checked by --help above
+        value = getattr(parser.parse_args(["--data", "d", flag, samples[kind]]), f.name)
+        assert value == {"int": int, "float": float, "str": str}[kind](samples[kind]), flag
 
 
 # ------------------------------------------------------------------------------------------------ one run each

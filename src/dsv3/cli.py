@@ -115,8 +115,6 @@ def _train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
     """One flag per TrainConfig field (but `skip`): its help text and closed set of values come from the field."""
     from .train.trainer import TrainConfig
 
-    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int, "dp": int,
-                      "peak_flops": float}
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
@@ -125,7 +123,9 @@ def _train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
         if f.name == "progress":
             p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
             continue
-        typ = optional_types.get(f.name) or type(f.default)
+        # a field that defaults to None takes the type its annotation names ("int | None" -> int)
+        typ = type(f.default) if f.default is not None else {"int": int, "float": float, "str": str}[
+            str(f.type).split(" | ")[0]]
         default = "" if f.default is None else f" (default: {f.default})"
         p.add_argument(flag, dest=f.name, type=typ, default=None, choices=choices, help=help_text + default,
                        metavar=None if choices else f.name.upper())
