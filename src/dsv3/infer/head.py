@@ -61,7 +61,7 @@ class DraftHead:
     for every other token. A draft is then always one of `ids` and its distribution q is zero elsewhere; the
     verification against the main model's full distribution p keeps the output exact (q enters only the acceptance
     min(1, p/q) of the drafted token and the residual max(0, p - q) a rejection resamples from). What it saves is
-    the head's share of a draft: on `small` the full head is 8 of the ~10 MiB a draft step streams.
+    the head's share of a draft: on `small`, 1.16 ms of a k = 1 step's 2.9 ms of drafting (README).
 
     Raises:
         ValueError: ids empty, repeated or outside [0, V).
