@@ -50,6 +50,21 @@ def live_server(server):
     return serve_in_thread(server)
 
 
+def fit_until_killed(cfg, step: int, trainer=None) -> None:
+    """Run a trainer on `cfg` that dies (KeyboardInterrupt) at the start of step `step` + 1, as a killed process
+    would: after the checkpoints and metrics rows of the steps before. trainer: the class (default `Trainer`)."""
+    from dsv3.train.trainer import Trainer
+
+    class Killed(trainer or Trainer):
+        def train_step(self):
+            if self.step == step:
+                raise KeyboardInterrupt
+            return super().train_step()
+
+    with pytest.raises(KeyboardInterrupt):
+        Killed(cfg).fit()
+
+
 @pytest.fixture(scope="module")
 def tiny_random():
     """(model, tokenizer): a `tiny` model with random weights and a BPE trained in milliseconds, for server and

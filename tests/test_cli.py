@@ -6,6 +6,7 @@ free loopback port. `dsv3 plot` is exercised in test_train.py (test_plot_writes_
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -55,11 +56,12 @@ FLAGS = {
                          "--seed"],  # test_simulate_routing
     "convert": ["--out", "--overwrite", "--dtype", "--format"],  # test_convert_bf16; test_gguf.py
     "generate": ["--prompt", "--verbose", "--max-new-tokens", "--max-len", "--temperature", "--top-k", "--top-p",
-                 "--seed", "--speculative", "--draft-tokens", "--compile", "--stop", "--prefill-chunk",
+                 "--seed", "--speculative", "--draft-tokens", "--draft-vocab", "--compile", "--stop", "--prefill-chunk",
                  "--prefill-share", "--prefix-cache-mb", "--device", "--precision"],  # test_generate, test_device_...
-    "chat": ["--max-new-tokens", "--max-len", "--temperature", "--speculative", "--draft-tokens", "--compile",
-             "--stop", "--prefix-cache-mb", "--device", "--precision"],  # test_chat
-    "serve": ["--host", "--port", "--max-batch", "--max-len", "--speculative", "--draft-tokens", "--compile",
+    "chat": ["--max-new-tokens", "--max-len", "--temperature", "--speculative", "--draft-tokens", "--draft-vocab",
+             "--compile", "--stop", "--prefix-cache-mb", "--device", "--precision"],  # test_chat
+    "serve": ["--host", "--port", "--max-batch", "--max-len", "--speculative", "--draft-tokens", "--draft-vocab",
+              "--compile",
               "--model-name", "--max-queue", "--request-timeout", "--api-key", "--prefill-chunk", "--prefill-share",
               "--prefix-cache-mb", "--device", "--precision", "--expert-stats", "--expert-stats-window"],
     # test_serve; test_prefill.py, test_logprobs.py; test_web.py (the page, --expert-stats)
@@ -146,6 +148,22 @@ def test_every_train_flag_explains_itself(capsys):
     for flag, choices in (("--balance", BALANCE_MODES), ("--precision", PRECISIONS),
                           ("--pp-schedule", PP_SCHEDULES)):
         assert f"{flag} {{{','.join(choices)}}}" in out
+
+
+def test_every_train_flag_parses_a_value_of_its_fields_type():
+    """Each `dsv3 train` flag turns its text into the TrainConfig field's type, the fields that default to None
+    included (--init-from, --teacher and --extend-context once failed with "invalid NoneType value")."""
+    from dsv3.train.trainer import TrainConfig
+
+    parser = leaf_parsers()["train"]
+    samples = {"int": "3", "float": "2.5", "str": "some/path", "bool": None}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).split(" | ")[0]
+        if kind == "bool" or f.metadata["choices"]:
+            continue  # --no-progress; closed sets are checked by --help above
+        value = getattr(parser.parse_args(["--data", "d", flag, samples[kind]]), f.name)
+        assert value == {"int": int, "float": float, "str": str}[kind](samples[kind]), flag
 
 
 # ------------------------------------------------------------------------------------------------ one run each
@@ -263,6 +281,12 @@ def test_generate(capsys, trained_run):
     assert code == 0, err
     assert out == expected.text + "\n"  # greedy: MTP drafting changes the speed, never the text
     assert f"{len(expected.output)} tokens in " in err and "MTP acceptance" in err
+    code, out, err = cli(capsys, "generate", trained_run, "--prompt", "KING.\n", "--max-new-tokens", 12,
+                         "--temperature", 0, "--speculative", "mtp", "--draft-vocab", 64, "-v")
+    assert code == 0 and out == expected.text + "\n", err  # drafts from 64 tokens: the same text
+    assert "MTP drafts over 65 of" in err  # (the 64 and the end-of-text token)
+    code, _, err = cli(capsys, "generate", trained_run, "--prompt", "x", "--draft-vocab", 64)
+    assert code == 2 and "--speculative mtp" in err
     code, out, err = cli(capsys, "generate", trained_run, "--prompt", "KING.\n", "--max-new-tokens", 12,
                          "--temperature", 0, "--max-len", 64, "--compile", "-v")
     assert code == 0, err

@@ -7,8 +7,8 @@ import torch
 
 import dsv3
 from dsv3.infer import Engine, GenerationError, SamplingParams, speculative_accept
-from dsv3.infer.head import DecodeHead
-from dsv3.tokenizer import load_tokenizer
+from dsv3.infer.head import DecodeHead, DraftHead
+from dsv3.tokenizer import TokenizerError, frequent_token_ids, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,8 @@ def flattened_draft(model):
     return model
 
 
-def check_speculative_sampling_statistics(model, tok, k: int = 1, n_tokens: int = 100, temperature: float = 1.0
-                                         ) -> dict:
+def check_speculative_sampling_statistics(model, tok, k: int = 1, n_tokens: int = 100, temperature: float = 1.0,
+                                          **engine_options) -> dict:
     """Speculative sampling with k chained drafts at temperature > 0 (sixteen requests, fixed seeds), checked
     against the main model's distributions p recomputed without cache over the finished sequences and the draft
     distributions q the engine sampled each draft from (recorded before every decode step):
@@ -177,7 +177,7 @@ def check_speculative_sampling_statistics(model, tok, k: int = 1, n_tokens: int 
     The draft here is deliberately poor (`flattened_draft`), so that a wrong rule shows: keeping every draft,
     accepting with min(1, q/p), or resampling rejections from p instead of max(0, p - q) each fail.
     Raises AssertionError otherwise; returns the statistics (sums, expectations, sigmas)."""
-    engine = Engine(model, tok, max_batch=16, max_len=128, speculative=True, draft_tokens=k)
+    engine = Engine(model, tok, max_batch=16, max_len=128, speculative=True, draft_tokens=k, **engine_options)
     reqs = [engine.submit(p, SamplingParams(max_new_tokens=n_tokens, temperature=temperature, seed=11 + i))
             for i, p in enumerate(prompts(tok) * 4)]
     # per request and decode step: (tokens emitted before it, the drafts' q, tokens it emitted, whether it finished)
@@ -252,6 +252,78 @@ def check_speculative_sampling_statistics(model, tok, k: int = 1, n_tokens: int 
 def test_speculative_sampling_keeps_the_main_models_distribution(trained, k):
     model, tok = trained
     check_speculative_sampling_statistics(flattened_draft(model), tok, k=k)
+
+
+def test_draft_head_computes_only_its_tokens():
+    """DraftHead: the full head's logits at its ids (the same product up to summation order), -inf elsewhere; a
+    bad vocabulary is refused."""
+    weight = torch.randn(50, 16)
+    ids = [3, 7, 0, 49, 20]
+    h = torch.randn(4, 16)
+    out = DraftHead(weight, ids)(h)
+    assert out.shape == (4, 50)
+    torch.testing.assert_close(out[:, sorted(ids)], h @ weight[sorted(ids)].T, atol=1e-5, rtol=1e-5)
+    rest = [i for i in range(50) if i not in ids]
+    assert torch.isneginf(out[:, rest]).all()
+    for bad in ([], [1, 1], [50], [-1]):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            DraftHead(weight, bad)
+
+
+def test_frequent_token_ids_follow_the_merge_order():
+    """A hand-made BPE: merges a+b -> ab, then ab+c -> abc. Ranked a, b (before the first merge using them), ab,
+    c (before its merge), abc, then z (in no merge); the special token only when kept."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import BPE, WordLevel
+
+    vocab = {"<eot>": 0, "a": 1, "b": 2, "c": 3, "z": 4, "ab": 5, "abc": 6}
+    tok = Tokenizer(BPE(vocab, [("a", "b"), ("ab", "c")]))
+    tok.add_special_tokens([AddedToken("<eot>", special=True)])
+    assert [frequent_token_ids(tok, n) for n in (1, 2, 3, 4, 5, 6)] == [
+        [1], [1, 2], [1, 2, 5], [1, 2, 3, 5], [1, 2, 3, 5, 6], [1, 2, 3, 4, 5, 6]]
+    assert frequent_token_ids(tok, 2, keep=(0,)) == [0, 1, 2]
+    assert frequent_token_ids(tok, 100) == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(TokenizerError, match="at least one"):
+        frequent_token_ids(tok, 0)
+    with pytest.raises(TokenizerError, match="BPE"):
+        frequent_token_ids(Tokenizer(WordLevel({"a": 0}, unk_token="a")), 1)
+
+
+@pytest.mark.parametrize(("batch", "k"), [(1, 1), (4, 2)])
+def test_reduced_draft_vocabulary_keeps_greedy_output(trained, batch, k):
+    """Drafts restricted to the 60 most frequent tokens (and end-of-text): plain greedy's tokens, every draft one
+    of those tokens, most still accepted."""
+    model, tok = trained
+    ps = prompts(tok)[:batch]
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    plain = Engine(model, tok, max_batch=batch, max_len=128).generate(ps, params)
+    vocab = frequent_token_ids(tok, 60, keep=(0,))
+    engine = Engine(model, tok, max_batch=batch, max_len=128, speculative=True, draft_tokens=k, draft_vocab=vocab)
+    drafted = []
+    draft = engine._draft
+
+    def recording_draft(reqs, h, logits):
+        draft(reqs, h, logits)
+        drafted.extend(d for r in reqs for d in r.slot.drafts)
+
+    engine._draft = recording_draft
+    for a, b in zip(plain, engine.generate(ps, params)):
+        assert a.output == b.output
+    assert drafted and set(drafted) <= set(vocab)
+    assert engine.acceptance_rate > 0.2
+    with pytest.raises(GenerationError, match="speculative"):
+        Engine(model, tok, draft_vocab=vocab)
+    with pytest.raises(GenerationError, match="draft vocabulary"):
+        Engine(model, tok, speculative=True, draft_vocab=[10**6])
+
+
+def test_speculative_sampling_with_a_reduced_draft_vocabulary_keeps_the_distribution(trained):
+    """Drafts from 40 tokens only (q zero on the rest): the output must still follow p, which puts mass on tokens
+    the drafter cannot propose; only resampling a rejection from max(0, p - q) over the whole vocabulary gives
+    them their share."""
+    model, tok = trained
+    check_speculative_sampling_statistics(flattened_draft(model), tok, k=2,
+                                          draft_vocab=frequent_token_ids(tok, 40, keep=(0,)))
 
 
 def test_speculative_acceptance_rule_keeps_the_distribution():

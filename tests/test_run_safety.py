@@ -294,6 +294,25 @@ def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_nothing_behind(ru
     assert not any(p.name.endswith(".partial") for p in ckpt.parent.iterdir())
 
 
+def test_an_unexpected_error_in_a_checkpoint_write_still_cleans_up(run_copy, monkeypatch):
+    """A bug inside the write (not a disk or file error) is re-raised as it is, traceback and all, after the
+    working directory is removed (other ranks learn of it through the same collective and stop with a TrainError)."""
+    from dsv3.train import trainer as trainer_mod
+
+    trainer = Trainer(resume_config(run_copy), resume=True)
+    ckpt = runs.resolve_checkpoint(run_copy)
+    before = tree(ckpt)
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(trainer_mod, "write_shards", bug)
+    with pytest.raises(RuntimeError, match="a bug in the writer"):
+        trainer.save_checkpoint()
+    assert tree(ckpt) == before
+    assert not any(p.name.endswith(".partial") for p in ckpt.parent.iterdir())
+
+
 @pytest.mark.slow
 def test_a_run_at_lr_3e3_stops_with_a_clear_error_and_finite_checkpoints(dataset, tmp_path, capsys):
     """The reported case: `--lr 3e3` used to save a checkpoint full of NaN."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import fit_until_killed
 from dsv3.checkpoint import load_pretrained
 from dsv3.cli import main
 from dsv3.runs import resolve_checkpoint
@@ -89,14 +90,8 @@ def test_resumed_sft_run_equals_the_uninterrupted_one(trained_run, tmp_path):
     write_task_data(tmp_path / "data", "add", 40, 4, seed=2)
     Trainer(_sft_config(tmp_path / "data", trained_run, tmp_path / "whole", checkpoint_every=2)).fit()
 
-    class Killed(Trainer):
-        def train_step(self):
-            if self.step == 3:  # dies during step 4, after the step-2 checkpoint and step 3's metrics
-                raise KeyboardInterrupt
-            return super().train_step()
-
-    with pytest.raises(KeyboardInterrupt):
-        Killed(_sft_config(tmp_path / "data", trained_run, tmp_path / "cut", checkpoint_every=2)).fit()
+    # dies during step 4, after the step-2 checkpoint and step 3's metrics
+    fit_until_killed(_sft_config(tmp_path / "data", trained_run, tmp_path / "cut", checkpoint_every=2), 3)
     resumed = Trainer(resume_config(tmp_path / "cut"), resume=True)
     assert resumed.step == 2
     resumed.fit()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dsv3
+from conftest import fit_until_killed
 from dsv3.model.moe import RoutingInfo
 from dsv3.runs import read_metrics
 from dsv3.tokenizer import EOT
@@ -148,14 +149,8 @@ def test_resume_equals_uninterrupted_run(dataset, tmp_path, moments):
     resumed steps round them as the uninterrupted ones do."""
     Trainer(tiny_cfg(dataset, tmp_path / "straight", optimizer_state_dtype=moments)).fit()
 
-    class Killed(Trainer):
-        def train_step(self):
-            if self.step == 4:  # dies during step 5, after the step-3 checkpoint and step 4's metrics
-                raise KeyboardInterrupt
-            return super().train_step()
-
-    with pytest.raises(KeyboardInterrupt):
-        Killed(tiny_cfg(dataset, tmp_path / "killed", optimizer_state_dtype=moments)).fit()
+    # dies during step 5, after the step-3 checkpoint and step 4's metrics
+    fit_until_killed(tiny_cfg(dataset, tmp_path / "killed", optimizer_state_dtype=moments), 4)
     assert len(_metric_rows(tmp_path / "killed")) == 4
     resumed = Trainer(resume_config(tmp_path / "killed"), resume=True)
     assert resumed.step == 3

@@ -115,8 +115,6 @@ def _train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
     """One flag per TrainConfig field (but `skip`): its help text and closed set of values come from the field."""
     from .train.trainer import TrainConfig
 
-    optional_types = {"max_steps": int, "minutes": float, "mtp_depth": int, "pp_chunks": int, "dp": int,
-                      "peak_flops": float}
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
@@ -125,7 +123,9 @@ def _train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
         if f.name == "progress":
             p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
             continue
-        typ = optional_types.get(f.name) or type(f.default)
+        # a field that defaults to None takes the type its annotation names ("int | None" -> int)
+        typ = type(f.default) if f.default is not None else {"int": int, "float": float, "str": str}[
+            str(f.type).split(" | ")[0]]
         default = "" if f.default is None else f" (default: {f.default})"
         p.add_argument(flag, dest=f.name, type=typ, default=None, choices=choices, help=help_text + default,
                        metavar=None if choices else f.name.upper())
@@ -786,6 +786,10 @@ def _decode_flags(p: argparse.ArgumentParser, compile_default: bool, prefix_mb: 
                    help="MTP speculative decoding: the MTP module drafts, the model verifies (default: none)")
     p.add_argument("--draft-tokens", type=_positive_int, default=1, metavar="K",
                    help="with --speculative mtp: drafts per step, chained through the MTP module (default: 1)")
+    p.add_argument("--draft-vocab", type=_positive_int, default=None, metavar="N",
+                   help="with --speculative mtp: draft only among the N tokens the tokenizer ranks most frequent "
+                        "(its BPE merge order) and the stop tokens, a cheaper draft head; the output is unchanged "
+                        "(default: the whole vocabulary)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
                    help="torch.compile the decode step: faster steps after a compilation of about a minute per "
                         f"batch size on a laptop CPU (default: {'on' if compile_default else 'off'})")
@@ -801,12 +805,19 @@ def _decode_flags(p: argparse.ArgumentParser, compile_default: bool, prefix_mb: 
                         f"system prompt) instead of prefilling them; 0 turns it off (default: {prefix_mb})")
 
 
-def _engine(args, model, tok, max_batch: int, log=None, **options):
+def _engine(args, ckpt, model, tok, max_batch: int, log=None, **options):
     from .infer import Engine
+    from .tokenizer import frequent_token_ids, stop_token_ids
 
+    draft_vocab = None
+    if args.draft_vocab is not None:
+        if args.speculative != "mtp":
+            raise _UsageError("--draft-vocab restricts the MTP drafts: give it with --speculative mtp")
+        draft_vocab = frequent_token_ids(tok, args.draft_vocab, keep=stop_token_ids(tok, ckpt))
     return Engine(model, tok, max_batch=max_batch, max_len=args.max_len, speculative=args.speculative == "mtp",
                   draft_tokens=args.draft_tokens, compile=args.compile, log=log, prefill_chunk=args.prefill_chunk,
-                  prefill_share=args.prefill_share, prefix_cache_bytes=args.prefix_cache_mb << 20, **options)
+                  prefill_share=args.prefill_share, prefix_cache_bytes=args.prefix_cache_mb << 20,
+                  draft_vocab=draft_vocab, **options)
 
 
 def _params_from(args, tokenizer, extra_stops=(), checkpoint=None):
@@ -823,7 +834,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     ckpt, model, tok = _load_for_inference(args)
     log = (lambda m: print(m, file=sys.stderr)) if args.verbose else None
-    engine = _engine(args, model, tok, 1, log)
+    engine = _engine(args, ckpt, model, tok, 1, log)
     t = time.perf_counter()
     req = engine.submit(tok.encode(args.prompt).ids, _params_from(args, tok, checkpoint=ckpt))
     while not req.done:
@@ -844,7 +855,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     ckpt, model, tok = _load_for_inference(args)
     template = ChatTemplate(ckpt)
-    engine = _engine(args, model, tok, 1)
+    engine = _engine(args, ckpt, model, tok, 1)
     history: list[dict] = []
     print("dsv3 chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -880,7 +891,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .web import create_web_app
 
     ckpt, model, tok = _load_for_inference(args)
-    engine = _engine(args, model, tok, args.max_batch, log=lambda m: print(m, file=sys.stderr),
+    engine = _engine(args, ckpt, model, tok, args.max_batch, log=lambda m: print(m, file=sys.stderr),
                      expert_stats=args.expert_stats_window if args.expert_stats else 0)
     if engine.compiled:
         print(f"compiling the decode step for batch sizes {engine.buckets} before serving (--no-compile skips "

@@ -246,6 +246,31 @@ class StepMetrics:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def jsonl_records(path: Path, error: type[Dsv3Error], text: str | None = None) -> list[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSON Lines file: the one reader of the JSONL
+    files dsv3 is given (training documents, SFT conversations, task records). text: the file's content when the
+    caller has read it already.
+
+    Raises:
+        error: the file cannot be read or is not UTF-8 (`cannot read PATH: reason`), or a line is not JSON
+            (`PATH:LINE: not JSON (reason)`).
+    """
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise error(f"cannot read {path}: {e}") from None
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    return out
+
+
 def _metric_lines(path: Path) -> list[tuple[int, str, dict]]:
     """(line number, line, parsed record) of every record in a metrics.jsonl. A last line without its newline that
     does not parse was cut short by a crash mid-write and is left out.

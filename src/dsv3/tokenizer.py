@@ -59,6 +59,36 @@ def load_tokenizer(path: str | Path):
     return Tokenizer.from_file(str(file))
 
 
+def frequent_token_ids(tokenizer, n: int, keep: tuple[int, ...] = ()) -> list[int]:
+    """The ids of the `n` tokens a BPE vocabulary ranks most frequent, plus `keep` (e.g. the stop ids), sorted: what
+    a reduced-vocabulary drafter predicts (FR-Spec, Zhao et al. 2025, ranks by corpus counts; with only the
+    tokenizer at hand, its merge list is the ranking: BPE merges the most frequent pair of its training corpus
+    first, Sennrich et al. 2016). A merged token ranks at its merge; a base token (a byte of a byte-level BPE)
+    just before the first merge that uses it, since it was at least that frequent then; base tokens no merge uses
+    rank last, in id order. Special tokens come only through `keep`.
+
+    Raises:
+        TokenizerError: n < 1, or a tokenizer that is not BPE (no merges to rank by).
+    """
+    if n < 1:
+        raise TokenizerError(f"the draft vocabulary needs at least one token, got {n}")
+    model = json.loads(tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"a reduced draft vocabulary ranks a BPE tokenizer's merges; this tokenizer is "
+                             f"{model.get('type')!r}")
+    vocab = model["vocab"]
+    rank: dict[int, float] = {}
+    for i, m in enumerate(model["merges"]):  # ("a b" strings in older tokenizer.json files, else pairs)
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        for part in (a, b):
+            rank.setdefault(vocab[part], i - 0.5)  # (a merged part keeps the rank it was made at)
+        rank.setdefault(vocab[a + b], i)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    unused = sorted(i for t, i in vocab.items() if i not in rank and t not in special)
+    ranked = sorted(rank, key=rank.__getitem__) + unused
+    return sorted(set(ranked[:n]) | set(keep))
+
+
 def _read_json(file: Path) -> dict:
     """The JSON object in `file`.
 

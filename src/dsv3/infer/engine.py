@@ -61,7 +61,7 @@ from ..model.moe import RoutedExperts
 from ..model.transformer import at_positions
 from ..tokenizer import stop_token_ids
 from .expert_stats import ExpertStats
-from .head import DecodeHead
+from .head import DecodeHead, DraftHead
 from .prefix import PrefixEntry, PrefixStore
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
@@ -244,17 +244,20 @@ class Engine:
     expert_stats: keep `expert_stats` (an `ExpertStats`, infer/expert_stats.py): the tokens each routed expert of
         each main MoE layer received over the last this-many decode steps, counted on the device as the steps run;
         0 (the default): none, and the decode forward is exactly what it is without them.
+    draft_vocab: token ids the MTP drafts are restricted to (`DraftHead`: the head's rows for them only, e.g.
+        `tokenizer.frequent_token_ids`); None: the full vocabulary. The output stays exactly the main model's.
 
     Raises:
         GenerationError: speculative decoding without an MTP module, max_batch < 1, max_len < 2,
             draft_tokens < 1, prefill_chunk < 1, prefill_share outside (0, 1], prefix_cache_bytes < 0,
-            expert_stats < 0, or compile=True for a model whose experts have their own GEMM (FP8 training modules).
+            expert_stats < 0, compile=True for a model whose experts have their own GEMM (FP8 training modules), or
+            a draft_vocab without speculation, empty, repeated or outside the vocabulary.
     """
 
     def __init__(self, model: DeepseekV3, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  speculative: bool = False, log: Callable[[str], None] | None = None, draft_tokens: int = 1,
                  compile: bool = False, prefill_chunk: int | None = None, prefill_share: float = 1.0,
-                 prefix_cache_bytes: int = 0, expert_stats: int = 0):
+                 prefix_cache_bytes: int = 0, expert_stats: int = 0, draft_vocab: list[int] | None = None):
         cfg = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
             raise GenerationError("speculative decoding needs a model with an MTP module "
@@ -272,6 +275,8 @@ class Engine:
             raise GenerationError(f"prefill_share must be a fraction in (0, 1], got {prefill_share!r}")
         if not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
             raise GenerationError(f"prefix_cache_bytes must be an integer >= 0, got {prefix_cache_bytes!r}")
+        if draft_vocab is not None and not speculative:
+            raise GenerationError("draft_vocab restricts the MTP drafts: it needs speculative=True")
         if not isinstance(expert_stats, int) or isinstance(expert_stats, bool) or expert_stats < 0:
             raise GenerationError(f"expert_stats must be a number of decode steps >= 0 (0: off), got {expert_stats!r}")
         if compile and any(type(m)._linear is not RoutedExperts._linear for m in model.modules()
@@ -280,6 +285,10 @@ class Engine:
                                   "bypasses this model's own expert GEMM (FP8?); load the checkpoint unquantized")
         self.model = model.eval()
         self.head = DecodeHead(model.lm_head.weight)
+        try:  # the drafts' head: the full one, or its rows for a reduced draft vocabulary
+            self.draft_head = self.head if draft_vocab is None else DraftHead(model.lm_head.weight, draft_vocab)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
         self.tokenizer = tokenizer
         self.speculative = speculative
         self.draft_tokens = draft_tokens if speculative else 0
@@ -319,6 +328,8 @@ class Engine:
             log(f"latent KV cache: {self.cache.nbytes / 2**20:.1f} MiB for {max_batch} sequences x "
                 f"{self.max_len} tokens ({len(self.cache.layers)} layers x (kv_lora_rank {cfg.kv_lora_rank} + "
                 f"rope {cfg.qk_rope_head_dim}), {self.cache.layers[0].dtype})")
+            if draft_vocab is not None:
+                log(f"MTP drafts over {len(self.draft_head.ids)} of {cfg.vocab_size} tokens")
 
     # ---------------------------------------------------------------- API
     def submit(self, prompt: list[int], params: SamplingParams, on_update=None) -> Request:
@@ -496,7 +507,7 @@ class Engine:
         if self.compiled:
             self._check_positions(start, t)
         h1, normed = self._timed(("mtp", b, t, at is None), self._mtp_fn, h, ids_t, start_t, at_t)
-        return h1[:n], self.head(normed[:n])
+        return h1[:n], self.draft_head(normed[:n])
 
     # ---------------------------------------------------------------- steps
     def _lookup(self, req: Request) -> int:
@@ -589,7 +600,7 @@ class Engine:
             nxt = torch.tensor([n + [0] * (width - len(n)) for n in nxt], device=device)
             h1, normed = self.model.mtp_step(1, out.hidden_states, nxt, view, start, logits_at=last, head=False)
             if ends:
-                self._draft(reqs, at_positions(h1, last)[:, None], self.head(normed))
+                self._draft(reqs, at_positions(h1, last)[:, None], self.draft_head(normed))
         self.stats["prefill_time"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += sum(len(p) for p in pieces)
         return first

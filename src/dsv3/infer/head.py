@@ -53,3 +53,33 @@ class DecodeHead:
         if self._packed is None or h.dtype != torch.float32:
             return F.linear(h, self.weight)
         return torch.ops.mkldnn._linear_pointwise(h.contiguous(), self._packed, None, "none", [], "")
+
+
+class DraftHead:
+    """The MTP drafter's head over a subset of the vocabulary (FR-Spec, Zhao et al. 2025): h [..., D] -> logits
+    [..., V] computed for the rows `ids` of `weight` [V, D] only (a `DecodeHead` over a copy of those rows), -inf
+    for every other token. A draft is then always one of `ids` and its distribution q is zero elsewhere; the
+    verification against the main model's full distribution p keeps the output exact (q enters only the acceptance
+    min(1, p/q) of the drafted token and the residual max(0, p - q) a rejection resamples from). What it saves is
+    the head's share of a draft: on `small`, 1.16 ms of a k = 1 step's 2.9 ms of drafting (README).
+
+    Raises:
+        ValueError: ids empty, repeated or outside [0, V).
+    """
+
+    def __init__(self, weight: torch.Tensor, ids: list[int]):
+        vocab = weight.shape[0]
+        if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"draft vocabulary: {len(ids)} ids, which must be distinct and in [0, {vocab})")
+        self.vocab = vocab
+        self.ids = torch.tensor(sorted(ids), device=weight.device)  # [N]
+        self.head = DecodeHead(weight.detach()[self.ids])  # a copy of the N rows [N, D], packed like the full head
+
+    @property
+    def packed(self) -> bool:
+        return self.head.packed
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        sub = self.head(h)  # [..., N]
+        out = sub.new_full((*sub.shape[:-1], self.vocab), float("-inf"))  # [..., V]
+        return out.index_copy_(-1, self.ids, sub)

