@@ -36,7 +36,7 @@ FLAGS = {
     "params": ["--model-config"],  # test_params
     "data prepare": ["--out", "--overwrite", "--corpus", "--vocab-size", "--val-fraction", "--split-digits",
                      "--retrieval-docs", "--retrieval-words"],  # test_data_prepare; test_context.py
-    "data tasks": ["--task", "--out", "--overwrite", "--train", "--val", "--seed"],  # test_tasks.py
+    "data tasks": ["--task", "--out", "--overwrite", "--train", "--val", "--seed", "--size"],  # test_tasks.py
     "train": ["--config", "--resume", "--overwrite", "--model-config", "--data", "--out", "--max-steps", "--minutes",
               "--batch-size", "--grad-accum", "--seq-len", "--lr", "--balance", "--precision", "--pp-schedule",
               "--keep-checkpoints", "--no-progress", "--objective"],  # test_train_then_resume
@@ -44,7 +44,7 @@ FLAGS = {
                 "--sample-temperature", "--sample-max-tokens", "--kd-temperature", "--kd-alpha", "--max-steps",
                 "--config", "--no-progress"],  # test_distill.py
     "grpo": ["--task", "--out", "--overwrite", "--steps", "--prompts", "--group", "--temperature", "--max-new-tokens",
-             "--updates", "--lr", "--clip-eps", "--beta", "--seed", "--no-progress", "--resume",
+             "--updates", "--lr", "--warmup-steps", "--clip-eps", "--beta", "--seed", "--no-progress", "--resume",
              "--checkpoint-every"],  # test_grpo.py
     "sft": ["--config", "--resume", "--overwrite", "--data", "--out", "--max-steps", "--batch-size", "--seq-len",
             "--no-progress"],  # test_sft.py

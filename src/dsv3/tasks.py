@@ -229,19 +229,11 @@ def read_task_records(path: str | Path) -> list[dict]:
     Raises:
         TaskError: the file is unreadable, or a line is not JSON / lacks a field; the message names file and line.
     """
+    from .runs import jsonl_records
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskError(f"cannot read {path}: {e}") from None
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, rec in jsonl_records(path, TaskError):
         for field in ("prompt", "answer"):
             if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
                 raise TaskError(f"{path}:{n}: field '{field}' must be a string")
