@@ -1,4 +1,5 @@
-"""Timing helpers shared by the speed benchmarks: alternating repeated trials, median and spread, stream bandwidth.
+"""Helpers shared by the speed benchmarks: alternating repeated trials, median and spread, stream bandwidth, and
+the held-out prompts the decode benchmarks feed.
 
 On a shared, noisy machine one timing is worth little: a single slow prefill once turned a 2.3x row into 0.4x.
 So every figure here is a median over repeated trials, the systems under comparison alternate within each round
@@ -58,3 +59,18 @@ def stream_bandwidth(mbytes: float = 32, n: int = 20) -> float:
     w = torch.randn(rows, cols)
     x = torch.randn(1, rows)
     return w.numel() * 4 / best_of(lambda: x @ w, n)
+
+
+def load_for_decode(checkpoint: str, data: str, count: int, length: int):
+    """(checkpoint directory, model in eval mode, tokenizer, prompts) for a decode benchmark: `count` prompts of
+    `length` tokens each, cut at even strides from the val split of the prepared dataset `data`."""
+    import dsv3
+    from dsv3.tokenizer import load_tokenizer
+    from dsv3.train.data import TokenData
+
+    ckpt = dsv3.resolve_checkpoint(checkpoint)
+    model = dsv3.load_pretrained(ckpt, progress=False).eval()
+    ids = TokenData(data, "val").ids
+    stride = len(ids) // (count + 1)
+    prompts = [ids[i * stride : i * stride + length].astype("int64").tolist() for i in range(count)]
+    return ckpt, model, load_tokenizer(ckpt), prompts

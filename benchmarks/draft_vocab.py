@@ -19,11 +19,10 @@ import statistics
 
 import torch
 
-import dsv3
+from _timing import load_for_decode
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.head import DraftHead
-from dsv3.tokenizer import frequent_token_ids, load_tokenizer, stop_token_ids
-from dsv3.train.data import TokenData
+from dsv3.tokenizer import frequent_token_ids, stop_token_ids
 
 
 def run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int, int, list]:
@@ -50,12 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = dsv3.resolve_checkpoint(args.checkpoint)
-    model = dsv3.load_pretrained(ckpt, progress=False).eval()
-    tok = load_tokenizer(ckpt)
-    ids = TokenData(args.data, "val").ids
-    stride = len(ids) // (args.prompts + 1)
-    prompts = [ids[i * stride : i * stride + args.prompt_len].astype("int64").tolist() for i in range(args.prompts)]
+    ckpt, model, tok, prompts = load_for_decode(args.checkpoint, args.data, args.prompts, args.prompt_len)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     max_len = args.prompt_len + args.new_tokens + 8
     plain = Engine(model, tok, max_batch=1, max_len=max_len, compile=True)

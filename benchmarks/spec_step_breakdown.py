@@ -18,10 +18,9 @@ import time
 
 import torch
 
-import dsv3
+from _timing import load_for_decode
 from dsv3.infer import Engine, SamplingParams
-from dsv3.tokenizer import frequent_token_ids, load_tokenizer, stop_token_ids
-from dsv3.train.data import TokenData
+from dsv3.tokenizer import frequent_token_ids, stop_token_ids
 
 PIECES = ("_decode_step", "_speculative_step", "_run_main", "_main_fn", "head", "_run_mtp", "_mtp_fn",
           "draft_head", "_draft", "_choose", "_accept", "_emit")
@@ -48,12 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = dsv3.resolve_checkpoint(args.checkpoint)
-    model = dsv3.load_pretrained(ckpt, progress=False).eval()
-    tok = load_tokenizer(ckpt)
-    ids = TokenData(args.data, "val").ids
-    stride = len(ids) // (args.prompts + 1)
-    prompts = [ids[i * stride : i * stride + 32].astype("int64").tolist() for i in range(args.prompts)]
+    ckpt, model, tok, prompts = load_for_decode(args.checkpoint, args.data, args.prompts, 32)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     vocab = (frequent_token_ids(tok, args.draft_vocab, keep=stop_token_ids(tok, ckpt))
              if args.draft_vocab else None)
