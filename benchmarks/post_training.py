@@ -144,8 +144,8 @@ class Story:
 
 def trainer_flags(steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> list[str]:
     """The trainer's flags of a stage: `steps` optimizer steps of 8 x 256 tokens, linear warm-up over `warmup`
-    steps to `lr`, then cosine to `min_lr_ratio` x lr (1.0: constant, so the first N steps of a longer run are
-    this run's), one checkpoint at the end."""
+    steps to `lr`, then cosine to `min_lr_ratio` x lr (1.0: constant; the MTP loss weight still drops from 0.3 to
+    0.1 at 10/14.8 of the steps, so a longer run parts from this one there), one checkpoint at the end."""
     return ["--max-steps", str(steps), "--batch-size", "8", "--seq-len", "256", "--lr", str(lr), "--warmup-steps",
             str(warmup), "--min-lr-ratio", str(min_lr_ratio), "--checkpoint-every", "100000", "--no-progress"]
 
