@@ -288,13 +288,13 @@ class PipelineTrainer(Trainer):
         out: list[Iterable[tuple[str, torch.Tensor]]] = []
         for d in self.unique:
             lo, hi = self.ranges[self.stage_of[d]]
-            names = {name for name, slot in official_slots(self.copies[d]).items()
+            slots = official_slots(self.copies[d])
+            names = {name for name, slot in slots.items()
                      if not slot.target.is_meta and not (slot.alias and hi != n) and self._writes(name)
                      # the last stage's embedding is the MTP copy, written under its own name
                      and not (name == "model.embed_tokens.weight" and lo != 0)}
             if self.fsdp is not None:  # every parameter gathered in turn, on every rank of the stage's data group
                 out.append(gathered_slots(self.copies[d], names.__contains__))
             else:
-                out.append([(name, slot.view.detach()) for name, slot in official_slots(self.copies[d]).items()
-                            if name in names])
+                out.append([(name, slots[name].view.detach()) for name in slots if name in names])
         return itertools.chain(*out)
