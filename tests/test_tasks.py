@@ -92,13 +92,13 @@ def test_size_out_of_range_or_too_small_a_space_is_refused(tmp_path, capsys):
 def test_worked_arithmetic_is_right():
     rng = random.Random(0)
     for _ in range(300):
-        ex = TASKS["add"](rng)
+        ex = TASKS["add"](rng, SIZES["add"])
         a, b = (int(x) for x in ex.prompt.removeprefix("What is ").removesuffix("?").split(" + "))
         assert ex.answer == str(a + b)
-        ex = TASKS["multiply"](rng)
+        ex = TASKS["multiply"](rng, SIZES["multiply"])
         a, b = (int(x) for x in ex.prompt.removeprefix("What is ").removesuffix("?").split(" * "))
         assert ex.answer == str(a * b)
-        ex = TASKS["sort"](rng)
+        ex = TASKS["sort"](rng, SIZES["sort"])
         assert ex.answer.split() == sorted(ex.prompt.split(": ")[1].split(), key=int)
 
 

@@ -98,7 +98,7 @@ def _columns(pairs: list[tuple[int, int]], sign: str, value) -> tuple[list[str],
     return steps, "".join(map(str, out[::-1])).lstrip("0") or "0"
 
 
-def _add(rng: random.Random, size: tuple[int, int] = (2, 4)) -> Example:
+def _add(rng: random.Random, size: tuple[int, int]) -> Example:
     a, b = (rng.randint(10 ** (d - 1), 10**d - 1) for d in (rng.randint(*size), rng.randint(*size)))
     da, db = _digits(a)[::-1], _digits(b)[::-1]
     n = max(len(da), len(db))
@@ -109,7 +109,7 @@ def _add(rng: random.Random, size: tuple[int, int] = (2, 4)) -> Example:
     return Example("add", f"What is {a} + {b}?", "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-def _multiply(rng: random.Random, size: tuple[int, int] = (2, 3)) -> Example:
+def _multiply(rng: random.Random, size: tuple[int, int]) -> Example:
     a, b = rng.randint(10 ** (size[0] - 1), 10 ** size[1] - 1), rng.randint(2, 9)
     steps, written = _columns([(x, b) for x in _digits(a)[::-1]], "*", lambda x, y: x * y)
     answer = str(a * b)
@@ -117,7 +117,7 @@ def _multiply(rng: random.Random, size: tuple[int, int] = (2, 3)) -> Example:
     return Example("multiply", f"What is {a} * {b}?", "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-def _sort(rng: random.Random, size: tuple[int, int] = (4, 7)) -> Example:
+def _sort(rng: random.Random, size: tuple[int, int]) -> Example:
     nums = [rng.randint(10, 99) for _ in range(rng.randint(*size))]
     left, steps, done = list(nums), [], []
     while left:
@@ -130,7 +130,7 @@ def _sort(rng: random.Random, size: tuple[int, int] = (4, 7)) -> Example:
                    "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-def _count(rng: random.Random, size: tuple[int, int] = (5, 9)) -> Example:
+def _count(rng: random.Random, size: tuple[int, int]) -> Example:
     letter = rng.choice("abcdefghilmoprstvw")
     words = [rng.choice(_WORDS) for _ in range(rng.randint(*size))]
     pool = [w for w in _WORDS if w.startswith(letter)]
@@ -143,7 +143,7 @@ def _count(rng: random.Random, size: tuple[int, int] = (5, 9)) -> Example:
                    f"words starting with '{letter}':\n" + "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-def _reverse(rng: random.Random, size: tuple[int, int] = (3, 6)) -> Example:
+def _reverse(rng: random.Random, size: tuple[int, int]) -> Example:
     words = rng.sample(_WORDS, rng.randint(*size))
     steps = [f"{len(words) - i}. {w}" for i, w in enumerate(reversed(words))]
     answer = " ".join(reversed(words))
@@ -151,7 +151,7 @@ def _reverse(rng: random.Random, size: tuple[int, int] = (3, 6)) -> Example:
                    "from the last:\n" + "\n".join(steps) + f"\n{ANSWER} {answer}", answer)
 
 
-TASKS: dict[str, Callable[..., Example]] = {  # gen(rng, size=SIZES[name]) -> Example
+TASKS: dict[str, Callable[[random.Random, tuple[int, int]], Example]] = {  # gen(rng, size) -> Example
     "add": _add, "multiply": _multiply, "sort": _sort, "count": _count, "reverse": _reverse}
 SIZES: dict[str, tuple[int, int]] = {"add": (2, 4), "multiply": (2, 3), "sort": (4, 7), "count": (5, 9),
                                      "reverse": (3, 6)}  # each generator's default size (lo, hi), inclusive
