@@ -49,8 +49,8 @@ import torch
 
 from dsv3.cli import main as dsv3
 from dsv3.runs import claim_output, resolve_checkpoint
+from dsv3.tasks import TASKS, read_task_records
 
-TASKS = ("reverse", "count", "sort", "add", "multiply")
 # Every knob of a mode (override any with --set KEY=VALUE):
 #   data: train / val examples, size (the task's difficulty, `dsv3 data tasks --size LO,HI`; None: the task's
 #     default), plays (Shakespeare plays mixed into the pre-training corpus), vocab (BPE vocabulary)
@@ -111,7 +111,6 @@ class Story:
         """Greedy held-out accuracy of `run`'s latest checkpoint (what `dsv3 eval RUN --task DIR` prints)."""
         from dsv3.checkpoint import load_pretrained
         from dsv3.posttrain.evaluate import task_accuracy
-        from dsv3.tasks import read_task_records
         from dsv3.tokenizer import ChatTemplate, load_tokenizer, stop_token_ids
 
         ckpt = resolve_checkpoint(run)
@@ -157,7 +156,7 @@ def run_story(s: Story) -> dict:
     size = [] if b["size"] is None else ["--size", ",".join(map(str, b["size"]))]
     s.cli("data", "tasks", "--task", s.task, "--out", task, "--train", b["train"], "--val", b["val"], "--seed", s.seed,
           *size)
-    records = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines() if line.strip()]
+    records = read_task_records(task / "train.jsonl")
     answers = w / "answers-only"
     answers.mkdir()
     (answers / "train.jsonl").write_text("".join(json.dumps(
