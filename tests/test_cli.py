@@ -160,8 +160,13 @@ def test_every_train_flag_parses_a_value_of_its_fields_type():
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).split(" | ")[0]
-        if kind == "bool" or f.metadata["choices"]:
+        if f.name == "progress" or f.metadata["choices"]:
             continue  # --no-progress; closed sets are checked by --help above
+        if kind == "bool":  # --compile / --no-compile, absent: the config's default
+            assert getattr(parser.parse_args(["--data", "d", flag]), f.name) is True, flag
+            assert getattr(parser.parse_args(["--data", "d", "--no-" + flag[2:]]), f.name) is False, flag
+            assert getattr(parser.parse_args(["--data", "d"]), f.name) is None, flag
+            continue
         value = getattr(parser.parse_args(["--data", "d", flag, samples[kind]]), f.name)
         assert value == {"int": int, "float": float, "str": str}[kind](samples[kind]), flag
 

@@ -304,6 +304,36 @@ def test_grad_accum_equals_one_batch_of_the_same_rows(dataset, tmp_path):
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_compiled_layers_train_as_eager(dataset, tmp_path):
+    """--compile (every decoder layer and the MTP module through torch.compile, the routed experts' grouped GEMMs
+    eager) makes eager's steps: the first step's loss and every gradient (fp32 rounding: measured 6e-7 of each
+    tensor's largest), then the second step's loss and the weights (AdamW's first steps move a parameter by ~lr
+    whatever its gradient's size, so rounding-sized gradient differences become 1e-5-sized weight differences);
+    and it is refused where it is untested."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    kw = dict(seq_aux_alpha=0.01, max_steps=2)
+    eager = Trainer(tiny_cfg(dataset, tmp_path / "eager", **kw))
+    compiled = Trainer(tiny_cfg(dataset, tmp_path / "compiled", compile=True, **kw))
+    (a, grads_a), (b, grads_b) = _step_with_grads(compiled), _step_with_grads(eager)
+    assert counters["stats"]["unique_graphs"] > graphs  # inductor really compiled the layers
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.mtp_loss == pytest.approx(b.mtp_loss, rel=1e-6)
+    assert a.balance_loss == pytest.approx(b.balance_loss, rel=1e-6) and a.load == b.load
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_b.items():
+        torch.testing.assert_close(grads_a[name], g, rtol=0, atol=2e-6 * g.abs().max().item(), msg=name)
+    a, b = compiled.train_step(), eager.train_step()
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.load == b.load
+    wa, wb = compiled.model.state_dict(), eager.model.state_dict()
+    assert wa.keys() == wb.keys()  # compiling in place keeps the checkpoint names
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-4, msg=name)
+    for field, value in (("precision", "fp8"), ("zero", 3)):
+        with pytest.raises(TrainError, match=f"{field} = .*not supported with compile"):
+            Trainer(tiny_cfg(dataset, tmp_path / field, compile=True, **{field: value}))
+
+
 def test_bf16_autocast_trains_a_step(dataset, tmp_path):
     fp32 = Trainer(tiny_cfg(dataset, tmp_path / "fp32", max_steps=1)).fit()
     bf16 = Trainer(tiny_cfg(dataset, tmp_path / "bf16", max_steps=1, precision="bf16")).fit()

@@ -123,6 +123,10 @@ def _train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
         if f.name == "progress":
             p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
             continue
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: {'on' if f.default else 'off'})")
+            continue
         # a field that defaults to None takes the type its annotation names ("int | None" -> int)
         typ = type(f.default) if f.default is not None else {"int": int, "float": float, "str": str}[
             str(f.type).split(" | ")[0]]

@@ -193,12 +193,19 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x [N, D], topk_idx / topk_weight [N, K] -> sum_k weight_k * expert_k(x) [N, D].
 
-        Eager, and whenever gradients are wanted: the grouped GEMMs over tokens sorted by expert (under
+        Eager, and whenever gradients are wanted: `grouped`, grouped GEMMs over tokens sorted by expert (under
         `torch.compile` they break the graph: they need the per-expert counts as Python ints). Compiled inference
         (the engine's decode step): `gathered`, whose shapes do not depend on the routing.
         """
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.gathered(x, topk_idx, topk_weight)
+        return self.grouped(x, topk_idx, topk_weight)
+
+    @torch.compiler.disable  # needs the counts as Python ints, and inductor has no CPU fp32 grouped GEMM
+    def grouped(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """`forward`'s eager path: the (token, expert) pairs sorted by expert, two grouped GEMMs, the outputs
+        weighted and added back to their tokens. Runs eagerly inside a compiled layer (the compiled training
+        step, `--compile`). x [N, D], topk_idx / topk_weight [N, K] -> [N, D]."""
         n, k = topk_idx.shape
         flat = topk_idx.flatten()  # [N*K], slot j belongs to token j // K
         order = flat.argsort(stable=True)  # slots sorted by expert
