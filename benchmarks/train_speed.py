@@ -1,7 +1,8 @@
 """Training speed, dsv3 vs Hugging Face transformers, on the same weights, batch and machine, in one process.
 
 Each model runs forward + backward (no optimizer) on identical inputs: transformers, dsv3 with its MTP module
-(the full V3 objective, strictly more work) and dsv3 without it. They alternate, the first one rotating every
+(the full V3 objective, strictly more work) and dsv3 without it, each eager and with its decoder layers compiled
+(`dsv3 train --compile`, `compile_layers`; the compile time is printed). They alternate, the first one rotating every
 round, `--repeats` rounds; step times are medians with their min-max spread, ratios medians of per-round ratios.
 
 The primary figure is achieved model FLOP/s / shape-matched GEMM FLOP/s, where
@@ -16,7 +17,8 @@ The primary figure is achieved model FLOP/s / shape-matched GEMM FLOP/s, where
   SDPA can take it), not as GEMMs, so they are not among the recorded shapes (were SDPA to fall back to its math
   path, they would appear as batched GEMMs over the full T x T matrix).
 So 100% means the step ran at the speed of its own GEMMs with nothing else costing time; it is reported for
-dsv3 with and without MTP (each against its own shapes) and for transformers (against the no-MTP shapes).
+dsv3 with and without MTP (each against its own shapes, compiled or not) and for transformers (against the
+no-MTP shapes).
 
     python benchmarks/train_speed.py [--model-config small] [--batch 8] [--seq 256] [--repeats 8]
 """
@@ -24,6 +26,7 @@ dsv3 with and without MTP (each against its own shapes) and for transformers (ag
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -37,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsv3
 from _timing import alternating, best_of, pair_ratios, spread
 from dsv3.params import training_flops_per_token
+from dsv3.train.trainer import compile_layers
 
 aten = torch.ops.aten
 
@@ -126,13 +130,16 @@ def main() -> None:
         F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         hf.zero_grad(set_to_none=True)
 
-    def step_ours(mtp: bool):
-        out = ours(ids[:, :-1], mtp=mtp)
+    compiled = copy.deepcopy(ours)  # `dsv3 train --compile`: the same weights, its layers compiled in place
+    compile_layers(compiled)
+
+    def step_ours(mtp: bool, model=ours):
+        out = model(ids[:, :-1], mtp=mtp)
         loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
         for k, m in enumerate(out.mtp_logits or [], start=1):
             loss = loss + 0.3 * F.cross_entropy(m.flatten(0, 1), ids[:, k + 1 :].flatten())
         loss.backward()
-        ours.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
 
     def timed(fn):
         def trial(_round):
@@ -141,30 +148,36 @@ def main() -> None:
             return {"s": time.perf_counter() - t}
         return trial
 
-    steps = {"transformers": step_hf, "dsv3": lambda: step_ours(True), "dsv3 no MTP": lambda: step_ours(False)}
-    for fn in steps.values():
-        fn()  # warm-up
+    steps = {"transformers": step_hf, "dsv3 with MTP": lambda: step_ours(True),
+             "dsv3 no MTP": lambda: step_ours(False), "dsv3 with MTP, compiled": lambda: step_ours(True, compiled),
+             "dsv3 no MTP, compiled": lambda: step_ours(False, compiled)}
+    for name, fn in steps.items():
+        t = time.perf_counter()
+        fn()  # warm-up (and the compilation)
+        if "compiled" in name:
+            print(f"{name}: first step (compiling) {time.perf_counter() - t:.1f} s", flush=True)
     res = alternating({name: timed(fn) for name, fn in steps.items()}, args.repeats)
     secs = {name: [r["s"] for r in v] for name, v in res.items()}
 
     shapes, matched = {}, {}
     cache: dict = {}
-    for name, mtp in (("dsv3", True), ("dsv3 no MTP", False)):
+    for name, mtp in (("dsv3 with MTP", True), ("dsv3 no MTP", False)):
         rec = GemmRecorder()
         with rec:
             step_ours(mtp)
         shapes[name] = rec.shapes
         matched[name] = gemm_flops(rec.shapes) / shape_matched_seconds(rec.shapes, args.gemm_repeats, cache)
-    shapes["transformers"], matched["transformers"] = shapes["dsv3 no MTP"], matched["dsv3 no MTP"]
+    for name in ("transformers", "dsv3 no MTP, compiled", "dsv3 with MTP, compiled"):  # the same GEMMs
+        source = "dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"
+        shapes[name], matched[name] = shapes[source], matched[source]
 
     tokens = args.batch * args.seq
-    model_flops = {"transformers": training_flops_per_token(cfg, args.seq, mtp=False) * tokens,
-                   "dsv3": training_flops_per_token(cfg, args.seq, mtp=True) * tokens,
-                   "dsv3 no MTP": training_flops_per_token(cfg, args.seq, mtp=False) * tokens}
+    model_flops = {name: training_flops_per_token(cfg, args.seq, mtp="with MTP" in name)
+                   * tokens for name in steps}
     print(f"config {args.model_config}, batch {args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, "
           f"forward+backward, {args.repeats} alternating rounds; transformers {transformers.__version__} "
           f"(attention {hf.config._attn_implementation}, experts {hf.config._experts_implementation})")
-    for name in ("dsv3", "dsv3 no MTP"):
+    for name in ("dsv3 with MTP", "dsv3 no MTP"):
         g = gemm_flops(shapes[name])
         batched = gemm_flops(Counter({s: c for s, c in shapes[name].items() if s[0] > 1}))
         print(f"  {name:>12}: {sum(shapes[name].values())} GEMMs in {len(shapes[name])} shapes, "
@@ -174,13 +187,12 @@ def main() -> None:
 
     print("\n| model | tokens/s | achieved model GFLOP/s | shape-matched GEMM GFLOP/s | achieved / shape-matched "
           "| vs transformers |\n|---|---|---|---|---|---|")
-    for name in ("transformers", "dsv3 no MTP", "dsv3"):
+    for name in steps:
         tps = [tokens / s for s in secs[name]]
         achieved = [model_flops[name] / s for s in secs[name]]
         frac = statistics.median(achieved) / matched[name]
         vs = statistics.median(pair_ratios(secs["transformers"], secs[name]))
-        label = "dsv3 with MTP" if name == "dsv3" else name
-        print(f"| {label} | {spread(tps, '.0f')} | {spread([a / 1e9 for a in achieved], '.2f')} | "
+        print(f"| {name} | {spread(tps, '.0f')} | {spread([a / 1e9 for a in achieved], '.2f')} | "
               f"{matched[name] / 1e9:.2f} | {frac:.0%} | {vs:.2f}x |")
     print("\n(tokens/s and FLOP/s: median (min-max); 'vs transformers' = median per-round step-time ratio "
           "transformers / this, so with MTP dsv3 also does the MTP module's extra work)")

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -203,6 +204,31 @@ def test_data_prepare(capsys, tmp_path):
     for bad in ("20,5", "5", "0,5"):
         code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "y", "--retrieval-words", bad)
         assert_usage_error(code, err, "data prepare", "--retrieval-words")
+
+
+def test_data_prepare_with_a_given_tokenizer(capsys, tmp_path, trained_run):
+    """--tokenizer encodes new data with a checkpoint's tokenizer (here a run's: its latest checkpoint's), which
+    `dsv3 train --init-from` then accepts; a missing one, or one with a new tokenizer's flags, is named."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"doc{i}.txt").write_text(f"what shall we do now, sweet lord {i}? hence away.\n" * 30)
+    code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "more", "--tokenizer", trained_run)
+    assert code == 0, err
+    ckpt_tokenizer = (resolve_checkpoint(trained_run) / "tokenizer.json").read_bytes()
+    assert (tmp_path / "more" / "tokenizer.json").read_bytes() == ckpt_tokenizer
+    tok = load_tokenizer(tmp_path / "more")
+    ids = np.fromfile(tmp_path / "more" / "train.bin", dtype=np.uint16)
+    assert tok.decode(ids[1:40].tolist()).startswith("what shall we do now, sweet lord")
+    code, _, err = cli(capsys, "train", "--model-config", "tiny", "--data", tmp_path / "more", "--out",
+                       tmp_path / "cont", "--init-from", trained_run, "--max-steps", 1, "--seq-len", 16,
+                       "--batch-size", 2, "--no-progress")
+    assert code == 0, err
+    code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "x", "--tokenizer", tmp_path / "nothing")
+    assert code != 0 and "--tokenizer" in err and "nothing" in err and "Traceback" not in err
+    code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "x", "--tokenizer", trained_run,
+                       "--vocab-size", 300)
+    assert_usage_error(code, err, "data prepare", "--tokenizer")
 
 
 def test_train_then_resume(capsys, dataset, tmp_path):

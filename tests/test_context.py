@@ -4,6 +4,7 @@ the checkpoint was trained at; transformers reads the extended checkpoint with e
 length."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -101,6 +102,14 @@ def test_retrieval_documents_share_no_wording_with_the_passkey_evaluation(tmp_pa
         assert len(key) == 2 and key[0] == key[1] and doc.rstrip().endswith(key[0] + ".")
         assert not any(b in doc for b in banned)
         assert len(doc.split()) >= words
+    # several keys: each name states its own number once in the text and again in the closing lines
+    doc = passkey.retrieval_document(lines, 60, rng, keys=4)
+    pairs = [re.search(r"(the [a-z ]+) is (\d+)\.", line) for line in doc.splitlines()]
+    pairs = [(m.group(1), m.group(2)) for m in pairs if m]
+    assert len(pairs) == 8 and len(set(pairs[:4])) == 4 and set(pairs[:4]) == set(pairs[4:])
+    assert all(re.search(r"\d", line) for line in doc.splitlines()[-4:])
+    with pytest.raises(ValueError, match="1 to 8 keys"):
+        passkey.retrieval_document(lines, 60, rng, keys=9)
 
 
 def test_bad_extensions_are_refused(dataset, source, tmp_path):

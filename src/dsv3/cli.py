@@ -85,10 +85,13 @@ def _data_prepare(args: argparse.Namespace) -> int:
     words = args.retrieval_words
     if len(words) != 2 or words[0] > words[1]:
         raise _UsageError(f"--retrieval-words takes MIN,MAX with MIN <= MAX, got {','.join(map(str, words))}")
+    if args.tokenizer and (args.vocab_size or args.split_digits):
+        raise _UsageError("--tokenizer encodes with an existing tokenizer; --vocab-size and --split-digits shape a "
+                          "new one: give one or the other")
     _claim_out(args.out, args.overwrite)
-    meta = prepare(args.out, inputs, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+    meta = prepare(args.out, inputs, vocab_size=args.vocab_size or 8192, val_fraction=args.val_fraction,
                    retrieval_docs=args.retrieval_docs, retrieval_words=tuple(args.retrieval_words),
-                   split_digits=args.split_digits)
+                   retrieval_keys=args.retrieval_keys, split_digits=args.split_digits, tokenizer=args.tokenizer)
     for split, s in meta["splits"].items():
         print(f"{split}: {s['tokens']:,} tokens from {len(s['documents'])} document(s), {s['bytes']:,} bytes")
     print(f"vocab {meta['vocab_size']:,}; written to {args.out}")
@@ -939,7 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--corpus", choices=["shakespeare"], help="the bundled default corpus (used when no paths)")
     q.add_argument("--out", required=True, help="dataset directory to create")
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    q.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size (default: 8192)")
+    q.add_argument("--vocab-size", type=_positive_int, default=None, help="BPE vocabulary size (default: 8192)")
     q.add_argument("--val-fraction", type=float, default=0.05,
                    help="held-out share of documents, your own data only (default: 0.05)")
     q.add_argument("--retrieval-docs", type=_non_negative_int, default=0, metavar="N",
@@ -949,8 +952,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retrieval-words", type=_word_counts, default=[50, 2800], metavar="MIN,MAX",
                    help="the retrieval documents' lengths in words, log-uniform between MIN and MAX (default: "
                         "50,2800, about 70 to 4,000 tokens)")
+    q.add_argument("--retrieval-keys", type=_positive_int, default=1, metavar="K",
+                   help="numbers per retrieval document, each under its own name, all recalled at the end (1 to 8; "
+                        "more keys, more copying to learn per token; default: 1)")
     q.add_argument("--split-digits", action="store_true", help="one token per digit (for arithmetic tasks; such "
                    "a tokenizer is not exported to GGUF)")
+    q.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="encode with this tokenizer (a tokenizer.json, or a checkpoint, run or dataset directory) "
+                        "instead of training one: data for `dsv3 train --init-from` that checkpoint")
     q.set_defaults(func=_data_prepare, command="data prepare")
     q = data_sub.add_parser("tasks", help="a verifiable synthetic task (worked solutions + checker answers) as "
                             "messages JSONL train/val splits")

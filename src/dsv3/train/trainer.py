@@ -389,9 +389,7 @@ class Trainer:
             self._materialize(init)
         self.routers = self._routers()
         if cfg.compile:
-            for layer in self.model.modules():
-                if isinstance(layer, DecoderLayer):  # MTP modules too; each kind compiles once, then reuses
-                    layer.compile()
+            compile_layers(self.model)
         self.teacher = self._teacher() if cfg.teacher else None
         self.optimizer = self._optimizer()
         if state is not None:
@@ -986,6 +984,15 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(t, src=0)
         return float(t)
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """`--compile`: torch.compile every `DecoderLayer` of `model` in place (MTP modules too; parameter names
+    unchanged). Layers of one kind share their compiled graphs (dynamo inlines nn.Module parameters as inputs), and
+    the routed experts' grouped GEMMs run eagerly between two graphs (`RoutedExperts.grouped`)."""
+    for layer in model.modules():
+        if isinstance(layer, DecoderLayer):
+            layer.compile()
 
 
 def _layout(cfg: TrainConfig, world: int) -> str:
