@@ -8,18 +8,27 @@ Models compared (all from the same pre-trained base):
 - trained with YaRN / with linear position interpolation / with no scaling (`dsv3 train --init-from
   --extend-context 16 --extend-rope yarn|linear|none`), the same two phases and token budgets each.
 
-Data: the bundled corpus plus `--retrieval-docs` retrieval documents (`dsv3 data prepare --retrieval-docs`; a
-number stated once in the corpus' own lines and again at the end, 50-2,800 words, none of the evaluation's
-wording). Held-out loss: the val split (two plays never trained on), `evaluate_lengths` at 256, 1,024 and 4,096
-tokens over the same first `--eval-tokens` tokens. Passkey: `passkey_grid` over prompts of 248, 1,016 and 4,088
-tokens (prompt and answer within 256 / 1,024 / 4,096 positions) x depths, `--trials` per cell, greedy exact
-match; one heatmap PNG per model.
+Data: two datasets sharing one tokenizer (digits split, so that a number is copied digit by digit). Pre-training:
+the bundled corpus plus `--base-retrieval-docs` short multi-key retrieval documents (`dsv3 data prepare
+--retrieval-docs N --retrieval-words 20,150 --retrieval-keys 8 --split-digits`: eight numbers stated in a few
+corpus lines, all restated at the end, ~200-400 tokens), so that a 256-token window mostly holds statements and
+their recalls together: copying to learn.
+Extension: the corpus plus `--retrieval-docs` documents of 50-2,800 words with `--retrieval-keys` numbers each
+(encoded with the base checkpoint's tokenizer, `--tokenizer`), so that statements and recalls lie up to 4,096
+tokens apart. None of it uses the evaluation's wording. `--base RUN --base-data DATA` skips the pre-training and
+extends an existing base (its dataset gives the held-out text). Held-out loss: the val split (two plays never trained
+on), `evaluate_lengths` at 256, 1,024 and 4,096 tokens over the same first `--eval-tokens` tokens. Passkey:
+`passkey_grid` over prompts of 248, 1,016 and 4,088 tokens (prompt and answer within 256 / 1,024 / 4,096
+positions) x depths, `--trials` per cell, greedy exact match; one heatmap PNG per model.
 
-Budgets are optimizer steps (tokens = steps x batch x length), stated in the output; the defaults fit in about 80
-minutes on a 2-core CPU. Everything is written under --work (created; an existing directory is reused step by
-step: a finished stage — a run with its final checkpoint, a result file — is not redone).
+Budgets are optimizer steps (tokens = steps x batch x length), stated in the output. Everything is written under
+--work (created; an existing directory is reused step by step: a finished stage — a run with its final
+checkpoint, a result file — is not redone; a directory made with other settings is refused, `recipe.json`).
+On a 2-core CPU the pre-training takes ~35 minutes per 1,000 steps (two threads), each extension variant ~5
+minutes, and each model's evaluation ~4 minutes.
 
-    python benchmarks/context_extension.py --work runs/ctx [--base-steps 300] [--phase1-steps 60] [--phase2-steps 40]
+    python benchmarks/context_extension.py --work runs/ctx2 [--base-steps 600] [--phase1-steps 60] [--phase2-steps 40]
+    python benchmarks/context_extension.py --work runs/ctx3 --base RUN --base-data DATA   # extend an existing base
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from pathlib import Path
 import torch
 
 import dsv3
-from dsv3.runs import resolve_checkpoint
+from dsv3.runs import resolve_checkpoint, train_setting
 from dsv3.tokenizer import load_tokenizer
 from dsv3.train.data import prepare
 from dsv3.train.evaluate import evaluate_lengths
@@ -98,8 +107,12 @@ def transformers_agree(ckpt: Path, data: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="runs/context-extension", help="directory for data, runs and results")
-    ap.add_argument("--retrieval-docs", type=int, default=600)
-    ap.add_argument("--base-steps", type=int, default=300, help="pre-training steps at 256 tokens, batch 8")
+    ap.add_argument("--base", help="extend this pre-trained checkpoint or run instead of pre-training one")
+    ap.add_argument("--base-data", help="with --base: its dataset (tokenizer, held-out split)")
+    ap.add_argument("--base-retrieval-docs", type=int, default=20000, help="short 8-key documents for pre-training")
+    ap.add_argument("--retrieval-docs", type=int, default=2000, help="long documents for the extension phases")
+    ap.add_argument("--retrieval-keys", type=int, default=4, help="numbers per long document")
+    ap.add_argument("--base-steps", type=int, default=600, help="pre-training steps at 256 tokens, batch 8")
     ap.add_argument("--phase1-steps", type=int, default=60, help="extension phase 1 steps at 1,024 tokens, batch 2")
     ap.add_argument("--phase2-steps", type=int, default=40, help="extension phase 2 steps at 4,096 tokens, batch 1")
     ap.add_argument("--lr", type=float, default=1.5e-3, help="peak LR of pre-training; extension phases use 1/3")
@@ -108,17 +121,38 @@ def main() -> None:
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--variants", default="yarn,linear,none", help="extension trainings to run")
     args = ap.parse_args()
+    if bool(args.base) != bool(args.base_data):
+        ap.error("--base and --base-data go together")
+    if args.base_data and not (Path(args.base_data) / "meta.json").exists():
+        ap.error(f"--base-data {args.base_data}: not a dataset (no meta.json)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    recipe = {k: v for k, v in vars(args).items() if k not in ("eval_tokens", "trials", "depths", "variants")}
+    if (work / "recipe.json").exists() and json.loads((work / "recipe.json").read_text()) != recipe:
+        ap.error(f"{work} holds the stages of another recipe ({work / 'recipe.json'}): choose another --work")
+    (work / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")  # stages found here are reused
     t0 = time.time()
-    data = work / "data"
+    data = Path(args.base_data) if args.base else work / "data"
     if not (data / "meta.json").exists():
-        meta = prepare(data, retrieval_docs=args.retrieval_docs)
-        stage(f"data: train {meta['splits']['train']['tokens']:,} tokens (with {args.retrieval_docs} retrieval "
-              f"documents), val {meta['splits']['val']['tokens']:,}", t0)
-    common = dict(model_config="small", data=str(data), checkpoint_every=10_000, warmup_steps=20)
-    base = train(work / "base", seq_len=256, batch_size=8, max_steps=args.base_steps, lr=args.lr, **common)
-    stage(f"base: {args.base_steps} steps x 8 x 256 = {args.base_steps * 2048:,} tokens -> {base}", t0)
+        meta = prepare(data, retrieval_docs=args.base_retrieval_docs, retrieval_words=(20, 150), retrieval_keys=8,
+                       split_digits=True)
+        stage(f"pre-training data: train {meta['splits']['train']['tokens']:,} tokens (with "
+              f"{args.base_retrieval_docs} 8-key retrieval documents), val {meta['splits']['val']['tokens']:,}", t0)
+    common = dict(model_config="small", checkpoint_every=10_000, warmup_steps=20)
+    if args.base:
+        base = resolve_checkpoint(args.base)
+        if train_setting(base, "seq_len") != LENGTHS[0]:
+            ap.error(f"--base {base} was trained at {train_setting(base, 'seq_len')} tokens; this comparison extends "
+                     f"a {LENGTHS[0]}-token base {FACTOR}x")
+    else:
+        base = train(work / "base", data=str(data), seq_len=256, batch_size=8, max_steps=args.base_steps,
+                     lr=args.lr, mtp_depth=0, **common)
+        stage(f"base: {args.base_steps} steps x 8 x 256 = {args.base_steps * 2048:,} tokens -> {base}", t0)
+    long = work / "data-long"
+    if not (long / "meta.json").exists():  # in the base's own tokenizer (`--init-from` requires it)
+        meta = prepare(long, retrieval_docs=args.retrieval_docs, retrieval_keys=args.retrieval_keys, tokenizer=base)
+        stage(f"extension data: train {meta['splits']['train']['tokens']:,} tokens (with {args.retrieval_docs} "
+              f"{args.retrieval_keys}-key retrieval documents of 50-2,800 words)", t0)
     tok = load_tokenizer(base)
     yarn = {"type": "yarn", "factor": FACTOR, "original_max_position_embeddings": 256, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -127,16 +161,18 @@ def main() -> None:
     results.append(measure("YaRN, untrained", untrained_variant(base, yarn), tok, data, work, args))
     stage("measured YaRN, untrained", t0)
     for variant in args.variants.split(","):
-        p1 = train(work / f"{variant}-1024", init_from=str(base), extend_context=FACTOR, extend_rope=variant,
-                   seq_len=1024, batch_size=2, max_steps=args.phase1_steps, lr=args.lr / 3, **common)
-        p2 = train(work / f"{variant}-4096", init_from=str(p1), seq_len=4096, batch_size=1,
+        p1 = train(work / f"{variant}-1024", data=str(long), init_from=str(base), extend_context=FACTOR,
+                   extend_rope=variant, seq_len=1024, batch_size=2, max_steps=args.phase1_steps, lr=args.lr / 3,
+                   **common)
+        p2 = train(work / f"{variant}-4096", data=str(long), init_from=str(p1), seq_len=4096, batch_size=1,
                    max_steps=args.phase2_steps, lr=args.lr / 3, **common)
         stage(f"{variant}: phase 1 {args.phase1_steps} x 2 x 1024 = {args.phase1_steps * 2048:,} tokens, phase 2 "
               f"{args.phase2_steps} x 4096 = {args.phase2_steps * 4096:,} tokens -> {p2}", t0)
         results.append(measure(f"trained, {variant}", dsv3.load_pretrained(p2).eval(), tok, data, work, args))
         stage(f"measured {variant}", t0)
     base_loss = results[0]["loss"]["256"]
-    print(f"\npre-training {args.base_steps * 2048:,} tokens at 256; extension phases {args.phase1_steps * 2048:,} "
+    pre = f"the given base {base}" if args.base else f"{args.base_steps * 2048:,} tokens at 256"
+    print(f"\npre-training: {pre}; extension phases {args.phase1_steps * 2048:,} "
           f"tokens at 1,024 then {args.phase2_steps * 4096:,} at 4,096 (YaRN factor {FACTOR}); passkey {args.trials} "
           f"trials per cell, depths {args.depths}\n")
     print("| model | loss @256 | @1024 | @4096 | @256 vs base | passkey mean | worst cell | passkey by length |")

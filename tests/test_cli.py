@@ -36,11 +36,13 @@ from dsv3.train.trainer import BALANCE_MODES, PP_SCHEDULES, PRECISIONS, TrainCon
 FLAGS = {
     "params": ["--model-config"],  # test_params
     "data prepare": ["--out", "--overwrite", "--corpus", "--vocab-size", "--val-fraction", "--split-digits",
-                     "--retrieval-docs", "--retrieval-words"],  # test_data_prepare; test_context.py
+                     "--retrieval-docs", "--retrieval-words", "--retrieval-keys", "--tokenizer"],
+    # test_data_prepare, test_data_prepare_with_a_given_tokenizer; test_context.py
     "data tasks": ["--task", "--out", "--overwrite", "--train", "--val", "--seed", "--size"],  # test_tasks.py
     "train": ["--config", "--resume", "--overwrite", "--model-config", "--data", "--out", "--max-steps", "--minutes",
               "--batch-size", "--grad-accum", "--seq-len", "--lr", "--balance", "--precision", "--pp-schedule",
-              "--keep-checkpoints", "--no-progress", "--objective"],  # test_train_then_resume
+              "--keep-checkpoints", "--no-progress", "--objective", "--compile"],  # test_train_then_resume; --compile:
+    # test_train.py
     "distill": ["--teacher", "--student", "--mode", "--data", "--out", "--samples", "--questions",
                 "--sample-temperature", "--sample-max-tokens", "--kd-temperature", "--kd-alpha", "--max-steps",
                 "--config", "--no-progress"],  # test_distill.py
@@ -229,6 +231,16 @@ def test_data_prepare_with_a_given_tokenizer(capsys, tmp_path, trained_run):
     code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "x", "--tokenizer", trained_run,
                        "--vocab-size", 300)
     assert_usage_error(code, err, "data prepare", "--tokenizer")
+    code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "more", "--tokenizer", tmp_path / "more",
+                       "--overwrite")  # would move its own tokenizer aside first
+    assert_usage_error(code, err, "data prepare", "--tokenizer")
+    code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "again", "--tokenizer", tmp_path / "more",
+                       "--retrieval-docs", 2, "--retrieval-keys", 3, "--retrieval-words", "5,20")
+    assert code == 0, err  # a dataset directory's tokenizer, copied byte for byte
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == ckpt_tokenizer
+    for bad in (["--retrieval-keys", 9, "--retrieval-docs", 2], ["--retrieval-keys", 2]):
+        code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "y", *bad)
+        assert_usage_error(code, err, "data prepare", "--retrieval-keys")
 
 
 def test_train_then_resume(capsys, dataset, tmp_path):

@@ -6,7 +6,8 @@ Naming scheme (the same in every subcommand; see `dsv3 --help`):
   CHECKPOINT                 a positional checkpoint directory or training run (its latest checkpoint)
   --out PATH                 always what the command creates (dataset, run, checkpoint, folder, PNG)
   --seq-len N                training / evaluation sample length; --max-len N the serving cache capacity
-  --compile/--no-compile     torch.compile the decode step (generate, chat: off; serve: on)
+  --compile/--no-compile     torch.compile the decode step (generate, chat: off; serve: on), or the training
+                             layers (train, sft: off)
   --init-from CKPT           train from a checkpoint's weights and config (fresh optimizer; --extend-context F)
   --context-lengths L1,L2    eval: held-out loss per evaluation length and by position
   --device cpu|cuda[:N]      generate, chat, serve, eval: where the model runs (default cpu)
@@ -30,7 +31,8 @@ SCHEME = """naming scheme, the same in every command:
   --out PATH                what the command creates; it never overwrites what it did not create
   --overwrite               move an existing non-empty --out aside (OUT.old-<timestamp>); nothing is deleted
   --seq-len N               training / evaluation sample length   --max-len N  serving cache capacity
-  --compile/--no-compile    torch.compile the decode step (generate, chat: off by default; serve: on)
+  --compile/--no-compile    torch.compile the decode step (generate, chat: off by default; serve: on), or the
+                            training layers (train, sft, distill: off)
   --init-from CKPT          train from a checkpoint's weights and config (fresh optimizer); --extend-context F: YaRN
   --context-lengths L1,L2   eval: held-out loss per evaluation length and by position (--out PNG)
   --device cpu|cuda[:N]     generate, chat, serve, eval: where the model runs (default: cpu)
@@ -77,7 +79,7 @@ def _params(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from .train.data import prepare
+    from .train.data import given_tokenizer, prepare
 
     inputs = args.paths or None
     if inputs and args.corpus:
@@ -85,13 +87,22 @@ def _data_prepare(args: argparse.Namespace) -> int:
     words = args.retrieval_words
     if len(words) != 2 or words[0] > words[1]:
         raise _UsageError(f"--retrieval-words takes MIN,MAX with MIN <= MAX, got {','.join(map(str, words))}")
-    if args.tokenizer and (args.vocab_size or args.split_digits):
-        raise _UsageError("--tokenizer encodes with an existing tokenizer; --vocab-size and --split-digits shape a "
-                          "new one: give one or the other")
+    if not 1 <= args.retrieval_keys <= 8 or (args.retrieval_keys > 1 and not args.retrieval_docs):
+        raise _UsageError(f"--retrieval-keys {args.retrieval_keys}: 1 to 8 numbers per retrieval document (each "
+                          "under its own name), with --retrieval-docs")
+    if args.tokenizer:
+        if args.vocab_size or args.split_digits:
+            raise _UsageError("--tokenizer encodes with an existing tokenizer; --vocab-size and --split-digits shape "
+                              "a new one: give one or the other")
+        out, source = os.path.realpath(args.out), os.path.realpath(args.tokenizer)
+        if source == out or source.startswith(out + os.sep):
+            raise _UsageError(f"--tokenizer {args.tokenizer} lies inside --out {args.out}, which this command replaces")
+        given_tokenizer(args.tokenizer)  # a bad one fails before --overwrite moves anything aside
     _claim_out(args.out, args.overwrite)
-    meta = prepare(args.out, inputs, vocab_size=args.vocab_size or 8192, val_fraction=args.val_fraction,
-                   retrieval_docs=args.retrieval_docs, retrieval_words=tuple(args.retrieval_words),
-                   retrieval_keys=args.retrieval_keys, split_digits=args.split_digits, tokenizer=args.tokenizer)
+    sizes = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    meta = prepare(args.out, inputs, val_fraction=args.val_fraction, retrieval_docs=args.retrieval_docs,
+                   retrieval_words=tuple(args.retrieval_words), retrieval_keys=args.retrieval_keys,
+                   split_digits=args.split_digits, tokenizer=args.tokenizer, **sizes)
     for split, s in meta["splits"].items():
         print(f"{split}: {s['tokens']:,} tokens from {len(s['documents'])} document(s), {s['bytes']:,} bytes")
     print(f"vocab {meta['vocab_size']:,}; written to {args.out}")

@@ -157,7 +157,7 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
     """
     out = Path(out)
     claim_output(out)
-    given = _given_tokenizer(tokenizer) if tokenizer is not None else None  # a bad one fails before the work
+    given = given_tokenizer(tokenizer) if tokenizer is not None else None  # a bad one fails before the work
     if inputs:
         docs = read_documents(inputs)
         val_names = _pick_held_out(docs, val_fraction)
@@ -185,7 +185,7 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
             Document(f"retrieval-{i:05d}", retrieval_document(lines, round(math.exp(rng.uniform(low, high))), rng,
                                                                retrieval_keys))
             for i in range(retrieval_docs)]
-    tok = given or train_tokenizer([d.text for d in train_docs], vocab_size, split_digits=split_digits)
+    tok = given[0] if given else train_tokenizer([d.text for d in train_docs], vocab_size, split_digits=split_digits)
     eot = tok.token_to_id(EOT)
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +195,8 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
     tmp.mkdir()
     try:
         meta = _write_dataset(tmp, tok, eot, dtype, corpus, train_docs, val_docs)
+        if given:  # the file itself, byte for byte (`--init-from` compares tokenizers so; a re-save may differ)
+            shutil.copyfile(given[1], tmp / TOKENIZER)
         claim_output(out)  # again: something may have appeared there meanwhile
         os.replace(tmp, out)  # onto nothing, or an empty directory
     except BaseException:
@@ -203,10 +205,13 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
     return meta
 
 
-def _given_tokenizer(path: str | Path):
-    """The tokenizer `prepare(tokenizer=path)` encodes with: the tokenizer.json at `path` (a file, or a dataset or
-    checkpoint directory holding one), or a run's latest checkpoint's. DataError when there is none or it has no
-    end-of-text token."""
+def given_tokenizer(path: str | Path) -> tuple:
+    """(tokenizer, its file): what `prepare(tokenizer=path)` encodes with, the tokenizer.json at `path` (a file, or
+    a dataset or checkpoint directory holding one) or at a run's latest checkpoint.
+
+    Raises:
+        DataError: none there, it does not load, or it has no end-of-text token.
+    """
     path = Path(path)
     if path.is_dir() and not (path / TOKENIZER).exists():
         try:
@@ -219,7 +224,7 @@ def _given_tokenizer(path: str | Path):
         raise DataError(f"--tokenizer {path}: cannot load a tokenizer ({e})") from e
     if tok.token_to_id(EOT) is None:
         raise DataError(f"--tokenizer {path}: it has no end-of-text token {EOT!r}, which separates the documents")
-    return tok
+    return tok, path / TOKENIZER if path.is_dir() else path
 
 
 def _write_dataset(out: Path, tok, eot: int, dtype, corpus: str, train_docs: list[Document],

@@ -11,8 +11,9 @@ decoding over the model's latent cache, and `plot_passkey` draws the heatmap.
 
 `retrieval_document` writes the training side (`dsv3 data prepare --retrieval-docs N`): a number stated once in
 a stretch of the training corpus and stated again at the end, so that a model learns to look a long way back and
-copy. It shares nothing with the evaluation's text: the filler is the corpus itself, the number is named by one of
-`RETRIEVAL_NAMES` (never "pass key"), and its sentences are `RETRIEVAL_STATE` / `RETRIEVAL_ASK`, not `KEY` /
+copy (`--retrieval-keys K`: K numbers under K names, all recalled at the end). It shares nothing with the
+evaluation's text: the filler is the corpus itself, each number is named by one of `RETRIEVAL_NAMES` (never
+"pass key"), and its sentences are `RETRIEVAL_STATE` / `RETRIEVAL_ASK`, not `KEY` /
 `QUESTION` (tests/test_context.py checks that no evaluation sentence occurs in a training document).
 """
 

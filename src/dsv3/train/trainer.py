@@ -172,9 +172,10 @@ class TrainConfig:
     pp: int = _opt(1, "pipeline-parallel stages' ranks (dsv3.train.pipeline_trainer)")
     pp_schedule: str = _opt("dualpipe", "pipeline schedule (zb1p = ZB-H1)", PP_SCHEDULES)
     pp_chunks: int | None = _opt(None, "micro-batches per step under pp (default 2 x pp)")
-    compile: bool = _opt(False, "torch.compile each decoder layer and MTP module (one graph per layer kind, the "
-                         "routed experts' grouped GEMMs left eager): fused element-wise work, after a compile of "
-                         "about a minute; single process or data-parallel, fp32 or bf16")
+    compile: bool = _opt(False, "torch.compile the training layers: each decoder layer and MTP module, layers of "
+                         "a kind sharing their graphs, the routed experts' grouped GEMMs left eager; fused "
+                         "element-wise work after 1-2 minutes of compiling; refused with FP8, expert or pipeline "
+                         "parallelism and FSDP2")
     checkpoint_every: int = _opt(200, "save a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept; older ones of this run are deleted")
     progress: bool = _opt(True, "show a progress bar")
@@ -228,10 +229,11 @@ class TrainConfig:
         need(self.zero in (0, 1, 3), "zero", "must be 0, 1 (ZeRO-1) or 3 (FSDP2)")
         need(isinstance(self.pp, int) and self.pp >= 1, "pp", "must be an integer >= 1")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"must be one of {', '.join(PP_SCHEDULES)}")
+        need(isinstance(self.compile, bool), "compile", "must be true or false")
         for name, plain in (("precision", self.precision != "fp8"), ("ep", self.ep == 1), ("pp", self.pp == 1),
                             ("zero", self.zero != 3)):
-            need(not self.compile or plain, name, "is not supported with compile (tested: one process or data "
-                 "parallelism, ZeRO-1 at most, fp32 or bf16 GEMMs): drop one of them")
+            need(not self.compile or plain, name, "is not supported with compile (refused: FP8 GEMMs, expert or "
+                 "pipeline parallelism, FSDP2): drop one of them")
         return self
 
     @classmethod
@@ -578,7 +580,7 @@ class Trainer:
         theirs, ours = source / TOKENIZER, self.data.tokenizer_file if self.data is not None else None
         if ours is not None and theirs.exists() and theirs.read_bytes() != ours.read_bytes():
             raise TrainError(f"init_from {source}: its tokenizer differs from the data's ({ours}); prepare the data "
-                             f"with the checkpoint's tokenizer")
+                             f"with the checkpoint's tokenizer (dsv3 data prepare ... --tokenizer {source})")
         if cfg.mtp_depth is not None and cfg.mtp_depth != mc.num_nextn_predict_layers:
             raise TrainError(f"mtp_depth {cfg.mtp_depth}: init_from {source} has {mc.num_nextn_predict_layers} MTP "
                              "module(s); its weights decide the depth")
