@@ -69,9 +69,13 @@ def _short_conversations(path, n=40, seed=0):
     return path
 
 
-def test_packed_step_loss_equals_the_conversations_one_by_one(trained_run, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_packed_step_loss_equals_the_conversations_one_by_one(trained_run, tmp_path, compiled):
+    """The packed step's loss (each row several conversations, kept apart by the attention mask) is the mean over the
+    conversations run one by one; also with --compile, whose layers then trace the packed mask."""
     _short_conversations(tmp_path / "data")
-    trainer = Trainer(_sft_config(tmp_path / "data", trained_run, tmp_path / "run", grad_accum=2, seq_len=64))
+    trainer = Trainer(_sft_config(tmp_path / "data", trained_run, tmp_path / "run", grad_accum=2, seq_len=64,
+                                  compile=compiled))
     data, model = trainer.data, load_pretrained(resolve_checkpoint(trained_run)).eval()
     members = [c for m in range(2) for r in range(2) for c in data.row(0, m * 2 + r)]  # step 0's conversations
     assert len(members) > 4  # several conversations per row
