@@ -80,6 +80,7 @@ def _params(args: argparse.Namespace) -> int:
 
 def _data_prepare(args: argparse.Namespace) -> int:
     from .train.data import given_tokenizer, prepare
+    from .train.passkey import RETRIEVAL_NAMES
 
     inputs = args.paths or None
     if inputs and args.corpus:
@@ -87,9 +88,9 @@ def _data_prepare(args: argparse.Namespace) -> int:
     words = args.retrieval_words
     if len(words) != 2 or words[0] > words[1]:
         raise _UsageError(f"--retrieval-words takes MIN,MAX with MIN <= MAX, got {','.join(map(str, words))}")
-    if not 1 <= args.retrieval_keys <= 8 or (args.retrieval_keys > 1 and not args.retrieval_docs):
-        raise _UsageError(f"--retrieval-keys {args.retrieval_keys}: 1 to 8 numbers per retrieval document (each "
-                          "under its own name), with --retrieval-docs")
+    if args.retrieval_keys > len(RETRIEVAL_NAMES) or (args.retrieval_keys > 1 and not args.retrieval_docs):
+        raise _UsageError(f"--retrieval-keys {args.retrieval_keys}: 1 to {len(RETRIEVAL_NAMES)} numbers per retrieval "
+                          "document (each under its own name), with --retrieval-docs")
     if args.tokenizer:
         if args.vocab_size or args.split_digits:
             raise _UsageError("--tokenizer encodes with an existing tokenizer; --vocab-size and --split-digits shape "

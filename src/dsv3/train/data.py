@@ -173,18 +173,18 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
         cut = int(len(text) * (1 - val_fraction))
         train_docs, val_docs = [Document(docs[0].name, text[:cut])], [Document(docs[0].name + ":tail", text[cut:])]
     if retrieval_docs:
-        from .passkey import RETRIEVAL_NAMES, retrieval_document
-
-        if not 1 <= retrieval_keys <= len(RETRIEVAL_NAMES):
-            raise DataError(f"retrieval_keys must be 1 to {len(RETRIEVAL_NAMES)} (one name each), got {retrieval_keys}")
+        from .passkey import retrieval_document
 
         rng = random.Random(f"retrieval:{seed}")
         lines = [line for d in train_docs for line in d.text.splitlines() if line.strip()]
         low, high = (math.log(w) for w in retrieval_words)
-        train_docs = train_docs + [
-            Document(f"retrieval-{i:05d}", retrieval_document(lines, round(math.exp(rng.uniform(low, high))), rng,
-                                                               retrieval_keys))
-            for i in range(retrieval_docs)]
+        try:  # retrieval_document checks its arguments (the key count, the corpus lines)
+            train_docs = train_docs + [
+                Document(f"retrieval-{i:05d}", retrieval_document(lines, round(math.exp(rng.uniform(low, high))), rng,
+                                                                   retrieval_keys))
+                for i in range(retrieval_docs)]
+        except ValueError as e:
+            raise DataError(f"retrieval documents: {e}") from None
     tok = given[0] if given else train_tokenizer([d.text for d in train_docs], vocab_size, split_digits=split_digits)
     eot = tok.token_to_id(EOT)
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
