@@ -108,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="runs/context-extension", help="directory for data, runs and results")
     ap.add_argument("--base", help="extend this pre-trained checkpoint or run instead of pre-training one")
-    ap.add_argument("--base-data", help="with --base: its dataset (tokenizer, held-out split)")
+    ap.add_argument("--base-data", help="with --base: its dataset (the held-out split)")
     ap.add_argument("--base-retrieval-docs", type=int, default=20000, help="short 8-key documents for pre-training")
     ap.add_argument("--retrieval-docs", type=int, default=2000, help="long documents for the extension phases")
     ap.add_argument("--retrieval-keys", type=int, default=4, help="numbers per long document")
@@ -141,9 +141,10 @@ def main() -> None:
     common = dict(model_config="small", checkpoint_every=10_000, warmup_steps=20)
     if args.base:
         base = resolve_checkpoint(args.base)
-        if train_setting(base, "seq_len") != LENGTHS[0]:
-            ap.error(f"--base {base} was trained at {train_setting(base, 'seq_len')} tokens; this comparison extends "
-                     f"a {LENGTHS[0]}-token base {FACTOR}x")
+        trained = train_setting(base, "seq_len")
+        if trained != LENGTHS[0]:
+            ap.error(f"--base {base} was trained at {trained} tokens; this comparison extends a {LENGTHS[0]}-token "
+                     f"base {FACTOR}x")
     else:
         base = train(work / "base", data=str(data), seq_len=256, batch_size=8, max_steps=args.base_steps,
                      lr=args.lr, mtp_depth=0, **common)

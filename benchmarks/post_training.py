@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3.cli import _size_range  # `dsv3 data tasks --size`'s own parser: LO,HI or N
 from dsv3.cli import main as dsv3
 from dsv3.runs import claim_output, resolve_checkpoint
 from dsv3.tasks import TASKS, read_task_records
@@ -258,12 +259,6 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _size(text: str) -> list[int]:
-    """'LO,HI' or 'N' -> [lo, hi] (the task checks its limits)."""
-    lo, _, hi = text.partition(",")
-    return [int(lo), int(hi or lo)]
-
-
 def _override(text: str) -> tuple[str, object]:
     """'KEY=VALUE' -> (key, value): VALUE read as JSON (numbers, null, [3, 4]), else as a string."""
     key, eq, value = text.partition("=")
@@ -284,7 +279,7 @@ def main() -> None:
     ap.add_argument("--overwrite", action="store_true", help="move an existing --work aside (nothing is deleted)")
     ap.add_argument("--seed", type=int, default=0, help="task split seed")
     ap.add_argument("--task", default="reverse", choices=TASKS, help="the verifiable task (default: reverse)")
-    ap.add_argument("--size", type=_size, default=None, metavar="LO[,HI]",
+    ap.add_argument("--size", type=_size_range, default=None, metavar="LO[,HI]",
                     help="the task's difficulty (`dsv3 data tasks --size`; default: the mode's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], type=_override, metavar="KEY=VALUE",
                     help="override one budget knob of the mode (see MODES), e.g. --set grpo_lr=1e-4; repeatable")
