@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import dsv3
+from dsv3.config import extended_rope_scaling
 from dsv3.runs import resolve_checkpoint, train_setting
 from dsv3.tokenizer import load_tokenizer
 from dsv3.train.data import prepare
@@ -155,8 +156,7 @@ def main() -> None:
         stage(f"extension data: train {meta['splits']['train']['tokens']:,} tokens (with {args.retrieval_docs} "
               f"{args.retrieval_keys}-key retrieval documents of 50-2,800 words)", t0)
     tok = load_tokenizer(base)
-    yarn = {"type": "yarn", "factor": FACTOR, "original_max_position_embeddings": 256, "beta_fast": 32,
-            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    yarn = extended_rope_scaling("yarn", FACTOR, LENGTHS[0])  # what `--extend-context FACTOR` writes
     results = [measure("zero-shot", untrained_variant(base, None), tok, data, work, args)]
     stage("measured zero-shot", t0)
     results.append(measure("YaRN, untrained", untrained_variant(base, yarn), tok, data, work, args))

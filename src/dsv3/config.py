@@ -310,6 +310,26 @@ def get_config(name_or_path: str | Path) -> ModelConfig:
     return ModelConfig.from_json(path)
 
 
+def extended_rope_scaling(kind: str, factor: float, original: int) -> dict | None:
+    """The `rope_scaling` entry of a context extension by `factor` from a model trained at `original` tokens:
+    "yarn" as the released DeepSeek-V3 config writes it ({"type": "yarn", "factor", "original_max_position_embeddings",
+    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}; report section 4.3: alpha = 1, beta = 32,
+    the mscale correction of the softmax), "linear" ({"type": "linear", "factor"}, position interpolation, Chen et
+    al. 2023) or "none" (None: plain RoPE, the baseline).
+
+    Raises:
+        ValueError: another kind.
+    """
+    if kind == "yarn":
+        return {"type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original),
+                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    if kind == "linear":
+        return {"type": "linear", "factor": float(factor)}
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown context extension {kind!r}: yarn, linear or none")
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature correction (0.1·m·ln s + 1, and 1 when not extrapolating)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -38,7 +38,7 @@ from ..checkpoint import (
     stored_tensors,
     write_shards,
 )
-from ..config import ModelConfig, get_config
+from ..config import ModelConfig, extended_rope_scaling, get_config
 from ..cost import model_flops_utilization
 from ..errors import Dsv3Error
 from ..model import DecoderLayer, DeepseekV3
@@ -560,11 +560,9 @@ class Trainer:
 
     def _init_config(self) -> ModelConfig:
         """The config of `init_from`'s checkpoint (kept in `_init_source`), with YaRN for `extend_context`:
-        rope_scaling {"type": "yarn", "factor", "original_max_position_embeddings": the sequence length the
-        checkpoint was trained at (from its trainer state), "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
-        "mscale_all_dim": 1.0} as the released DeepSeek-V3 config writes it (report section 4.3: s = 40, alpha = 1,
-        beta = 32, the mscale correction of the softmax), and max_position_embeddings = original length x factor.
-        `extend_rope` "linear" writes {"type": "linear", "factor"} instead and "none" no rope_scaling (baselines).
+        `extended_rope_scaling(extend_rope, extend_context, L)` with L the sequence length the checkpoint was trained
+        at (from its trainer state; YaRN's original_max_position_embeddings), and max_position_embeddings = L x
+        factor.
 
         Raises:
             TrainError: no checkpoint there; the data's tokenizer is not the checkpoint's; an MTP depth other than
@@ -597,11 +595,9 @@ class Trainer:
             raise TrainError(f"init_from {source}: cannot tell the length it was trained at (the YaRN original "
                              "length): it records no trainer state")
         trained = int(trained)
-        factor = float(cfg.extend_context)
-        scaling = {"yarn": {"type": "yarn", "factor": factor, "original_max_position_embeddings": trained,
-                            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-                   "linear": {"type": "linear", "factor": factor}, "none": None}[cfg.extend_rope]
-        return mc.replace(rope_scaling=scaling, max_position_embeddings=max(int(trained * factor), cfg.seq_len))
+        scaling = extended_rope_scaling(cfg.extend_rope, cfg.extend_context, trained)
+        return mc.replace(rope_scaling=scaling,
+                          max_position_embeddings=max(int(trained * cfg.extend_context), cfg.seq_len))
 
     def _optimizer(self, params: list | None = None):
         """AdamW over `params` ((name, parameter) pairs; default: the model's), weight decay on matrices only;
