@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsv3
 from _timing import alternating, best_of, pair_ratios, spread
 from dsv3.params import training_flops_per_token
+from dsv3.train.losses import lm_loss, mtp_losses
 from dsv3.train.trainer import compile_layers
 
 aten = torch.ops.aten
@@ -134,10 +135,8 @@ def main() -> None:
     compile_layers(compiled)
 
     def step_ours(mtp: bool, model=ours):
-        out = model(ids[:, :-1], mtp=mtp)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
-        for k, m in enumerate(out.mtp_logits or [], start=1):
-            loss = loss + 0.3 * F.cross_entropy(m.flatten(0, 1), ids[:, k + 1 :].flatten())
+        out = model(ids[:, :-1], mtp=mtp)  # the losses `dsv3 train` computes (dsv3.train.losses)
+        loss = lm_loss(out.logits, ids) + 0.3 * sum(mtp_losses(out.mtp_logits or [], ids, eot_id=None), 0.0)
         loss.backward()
         model.zero_grad(set_to_none=True)
 

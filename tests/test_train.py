@@ -125,6 +125,32 @@ def _metric_rows(run):
     return rows
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_equals_torchs(reduction, dtype):
+    """The training losses' cross-entropy (in-place backward) equals `F.cross_entropy(ignore_index=IGNORE)`: the
+    loss and the logits' gradient, with ignored rows (zero gradient) and through a bf16 cast; a second backward
+    through the same graph is refused instead of silently using the overwritten softmax."""
+    from dsv3.train.losses import cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 300) * 3).to(dtype)  # [N, V]
+    targets = torch.randint(0, 300, (37,))
+    targets[[0, 5, 6, 30]] = IGNORE
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = cross_entropy(ours, targets, reduction)
+    expect = torch.nn.functional.cross_entropy(ref.float(), targets, ignore_index=IGNORE, reduction=reduction)
+    upstream = torch.tensor(1.7)  # a scale from above (a loss weight), through the backward
+    (loss * upstream).backward(retain_graph=True)
+    (expect * upstream).backward()
+    torch.testing.assert_close(loss, expect, rtol=1e-6, atol=0)
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-7)  # ~1 ulp
+    assert ours.grad[[0, 5, 6, 30]].abs().max() == 0 and ours.grad[1].abs().max() > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_mtp_loss_shares_add_up_to_the_global_mean():
     """Ranks (or micro-batches) with unevenly masked MTP targets: each divides its sum by its share of the global
     count, so their mean is the one-process loss; per-part means would not be."""

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -70,6 +69,7 @@ from .balance import max_violation, sequence_balance_loss, update_expert_bias
 from .data import TokenData
 from .losses import (
     IGNORE,
+    cross_entropy,
     distillation_kl,
     lm_loss,
     mtp_losses,
@@ -727,8 +727,7 @@ class Trainer:
             ce = []
             for k, logits in enumerate([out.logits] + out.mtp_logits):
                 targets = packed_targets(batch.labels, positions, k)
-                total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                        reduction="sum")
+                total = cross_entropy(logits.flatten(0, 1), targets.flatten(), "sum")
                 if k == 0 and self.teacher is not None:
                     with torch.no_grad():
                         teacher_logits = self.teacher(batch.ids, segments=batch.segments, mtp=False).logits
