@@ -8,11 +8,12 @@ Models compared (all from the same pre-trained base):
 - trained with YaRN / with linear position interpolation / with no scaling (`dsv3 train --init-from
   --extend-context 16 --extend-rope yarn|linear|none`), the same two phases and token budgets each.
 
-Data: two datasets sharing one tokenizer. Pre-training:
-the bundled corpus plus `--base-retrieval-docs` short multi-key retrieval documents (`dsv3 data prepare
---retrieval-docs N --retrieval-words 20,150 --retrieval-keys 8`: eight numbers stated in a few
-corpus lines, all restated at the end, ~200-400 tokens), so that a 256-token window mostly holds statements and
-their recalls together: copying to learn.
+Data: two datasets sharing one tokenizer. Pre-training (`--lr`, 5e-4: at 1e-3 and above `small` did not learn to
+copy, `benchmarks/copy_task.py`): the bundled corpus plus `--base-retrieval-docs` short multi-key retrieval
+documents and `--base-copy-docs` copy documents (`dsv3 data prepare --retrieval-docs N --retrieval-words 20,150
+--retrieval-keys 8 --copy-docs M`: eight numbers stated in a few corpus lines, all restated at the end, ~200-400
+tokens, so that a 256-token window mostly holds statements and their recalls together; and a line of random corpus
+words repeated 2-4 times, the plainest copying signal).
 Extension: the corpus plus `--retrieval-docs` documents of 50-2,800 words with `--retrieval-keys` numbers each
 (encoded with the base checkpoint's tokenizer, `--tokenizer`), so that statements and recalls lie up to 4,096
 tokens apart. None of it uses the evaluation's wording. `--base RUN --base-data DATA` skips the pre-training and
@@ -47,7 +48,7 @@ from dsv3.tokenizer import load_tokenizer
 from dsv3.train.data import prepare
 from dsv3.train.evaluate import evaluate_lengths
 from dsv3.train.passkey import passkey_grid, plot_passkey
-from dsv3.train.trainer import TrainConfig, Trainer
+from dsv3.train.trainer import TrainConfig, Trainer, resume_config
 
 LENGTHS = [256, 1024, 4096]
 PASSKEY_LENGTHS = [n - 8 for n in LENGTHS]  # the prompt, so that it and the 7 generated tokens fit in n positions
@@ -59,11 +60,15 @@ def stage(label: str, t0: float) -> None:
 
 
 def train(out: Path, **kw) -> Path:
-    """A training run to `out` (skipped when it already has a final checkpoint); returns its latest checkpoint."""
-    if not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir()):
-        cfg = TrainConfig(out=str(out), progress=False, **kw)
-        Trainer(cfg).fit()
-    return resolve_checkpoint(out)
+    """A training run to `out`, resumed when interrupted and skipped when it has its final checkpoint; returns
+    that checkpoint."""
+    final = out / "checkpoints" / f"step-{kw['max_steps']:08d}"
+    if not final.exists():
+        if (out / "train_config.json").exists():
+            Trainer(resume_config(out), resume=True).fit()
+        else:
+            Trainer(TrainConfig(out=str(out), progress=False, **kw)).fit()
+    return final
 
 
 def untrained_variant(base: Path, scaling: dict | None) -> dsv3.DeepseekV3:
@@ -111,6 +116,7 @@ def main() -> None:
     ap.add_argument("--base", help="extend this pre-trained checkpoint or run instead of pre-training one")
     ap.add_argument("--base-data", help="with --base: its dataset (the held-out split)")
     ap.add_argument("--base-retrieval-docs", type=int, default=20000, help="short 8-key documents for pre-training")
+    ap.add_argument("--base-copy-docs", type=int, default=40000, help="copy documents for pre-training")
     ap.add_argument("--retrieval-docs", type=int, default=2000, help="long documents for the extension phases")
     ap.add_argument("--retrieval-keys", type=int, default=4, help="numbers per long document")
     ap.add_argument("--base-steps", type=int, default=1500, help="pre-training steps at 256 tokens, batch 8")
@@ -136,9 +142,11 @@ def main() -> None:
     t0 = time.time()
     data = Path(args.base_data) if args.base else work / "data"
     if not (data / "meta.json").exists():
-        meta = prepare(data, retrieval_docs=args.base_retrieval_docs, retrieval_words=(20, 150), retrieval_keys=8)
+        meta = prepare(data, retrieval_docs=args.base_retrieval_docs, retrieval_words=(20, 150), retrieval_keys=8,
+                       copy_docs=args.base_copy_docs)
         stage(f"pre-training data: train {meta['splits']['train']['tokens']:,} tokens (with "
-              f"{args.base_retrieval_docs} 8-key retrieval documents), val {meta['splits']['val']['tokens']:,}", t0)
+              f"{args.base_retrieval_docs} 8-key retrieval documents and {args.base_copy_docs} copy documents), val "
+              f"{meta['splits']['val']['tokens']:,}", t0)
     common = dict(model_config="small", checkpoint_every=10_000, warmup_steps=20)
     if args.base:
         base = resolve_checkpoint(args.base)

@@ -36,7 +36,7 @@ from dsv3.train.trainer import BALANCE_MODES, PP_SCHEDULES, PRECISIONS, TrainCon
 FLAGS = {
     "params": ["--model-config"],  # test_params
     "data prepare": ["--out", "--overwrite", "--corpus", "--vocab-size", "--val-fraction", "--split-digits",
-                     "--retrieval-docs", "--retrieval-words", "--retrieval-keys", "--tokenizer"],
+                     "--retrieval-docs", "--retrieval-words", "--retrieval-keys", "--copy-docs", "--tokenizer"],
     # test_data_prepare, test_data_prepare_with_a_given_tokenizer; test_context.py
     "data tasks": ["--task", "--out", "--overwrite", "--train", "--val", "--seed", "--size"],  # test_tasks.py
     "train": ["--config", "--resume", "--overwrite", "--model-config", "--data", "--out", "--max-steps", "--minutes",
@@ -199,10 +199,10 @@ def test_data_prepare(capsys, tmp_path):
     code, _, err = cli(capsys, "data", "prepare", src, "--corpus", "shakespeare", "--out", tmp_path / "x")
     assert_usage_error(code, err, "data prepare", "--corpus")
     code, out, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "r", "--vocab-size", 280,
-                         "--retrieval-docs", 3, "--retrieval-words", "5,20")
+                         "--retrieval-docs", 3, "--retrieval-words", "5,20", "--copy-docs", 4)
     assert code == 0, err
     train = json.loads((tmp_path / "r" / "meta.json").read_text())["splits"]["train"]["documents"]
-    assert sum(d.startswith("retrieval-") for d in train) == 3
+    assert sum(d.startswith("retrieval-") for d in train) == 3 and sum(d.startswith("copy-") for d in train) == 4
     for bad in ("20,5", "5", "0,5"):
         code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "y", "--retrieval-words", bad)
         assert_usage_error(code, err, "data prepare", "--retrieval-words")

@@ -112,6 +112,30 @@ def test_retrieval_documents_share_no_wording_with_the_passkey_evaluation(tmp_pa
         passkey.retrieval_document(lines, 60, rng, keys=9)
 
 
+def test_copy_documents_repeat_one_line_of_frequent_corpus_words():
+    """A copy document is one line of words from the given vocabulary written 2-4 times, the same for the same
+    seed; bad ranges are refused."""
+    import random
+
+    from dsv3.train import passkey
+
+    vocabulary = [f"w{i}" for i in range(50)]
+    docs = [passkey.copy_document(vocabulary, random.Random(7)) for _ in range(2)]
+    assert docs[0] == docs[1]
+    rng, repeats = random.Random(0), set()
+    for _ in range(40):
+        lines = passkey.copy_document(vocabulary, rng).splitlines()
+        assert len(set(lines)) == 1 and 8 <= len(lines[0].split()) <= 40
+        assert set(lines[0].split()) <= set(vocabulary)
+        repeats.add(len(lines))
+    assert repeats == {2, 3, 4}
+    for bad in (dict(words=(0, 3)), dict(repeats=(3, 2))):
+        with pytest.raises(ValueError, match="1 <= min <= max"):
+            passkey.copy_document(vocabulary, rng, **bad)
+    with pytest.raises(ValueError, match="vocabulary"):
+        passkey.copy_document([], rng)
+
+
 def test_bad_extensions_are_refused(dataset, source, tmp_path):
     with pytest.raises(TrainError, match="give init_from too"):
         cfg(dataset, tmp_path / "a", extend_context=4).validate()

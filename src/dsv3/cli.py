@@ -103,7 +103,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     sizes = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     meta = prepare(args.out, inputs, val_fraction=args.val_fraction, retrieval_docs=args.retrieval_docs,
                    retrieval_words=tuple(args.retrieval_words), retrieval_keys=args.retrieval_keys,
-                   split_digits=args.split_digits, tokenizer=args.tokenizer, **sizes)
+                   copy_docs=args.copy_docs, split_digits=args.split_digits, tokenizer=args.tokenizer, **sizes)
     for split, s in meta["splits"].items():
         print(f"{split}: {s['tokens']:,} tokens from {len(s['documents'])} document(s), {s['bytes']:,} bytes")
     print(f"vocab {meta['vocab_size']:,}; written to {args.out}")
@@ -967,6 +967,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retrieval-keys", type=_positive_int, default=1, metavar="K",
                    help="numbers per retrieval document, each under its own name, all recalled at the end (1 to 8; "
                         "more keys, more copying to learn per token; default: 1)")
+    q.add_argument("--copy-docs", type=_non_negative_int, default=0, metavar="N",
+                   help="add N copying documents (a line of random frequent corpus words, repeated 2-4 times) to the "
+                        "training split: they teach a small model to copy from its context, which retrieval "
+                        "needs (see benchmarks/copy_task.py) (default: 0)")
     q.add_argument("--split-digits", action="store_true", help="one token per digit (for arithmetic tasks; such "
                    "a tokenizer is not exported to GGUF)")
     q.add_argument("--tokenizer", metavar="PATH", default=None,

