@@ -24,11 +24,11 @@ positions) x depths, `--trials` per cell, greedy exact match; one heatmap PNG pe
 
 Budgets are optimizer steps (tokens = steps x batch x length), stated in the output. Everything is written under
 --work (created; an existing directory is reused step by step: a finished stage — a run with its final
-checkpoint, a result file — is not redone; a directory made with other settings is refused, `recipe.json`).
-On a 2-core CPU the pre-training takes ~35 minutes per 1,000 steps (two threads), each extension variant ~5
-minutes, and each model's evaluation ~4 minutes.
+checkpoint, a result file — is not redone, an interrupted run is resumed; a directory made with other settings is
+refused, `recipe.json`). On a 2-core CPU the pre-training takes ~17 minutes per 1,000 steps (two threads, idle
+machine), each extension variant ~5 minutes, and each model's evaluation ~4 minutes.
 
-    python benchmarks/context_extension.py --work runs/ctx2 [--base-steps 600] [--phase1-steps 60] [--phase2-steps 40]
+    python benchmarks/context_extension.py --work runs/ctx2 [--base-steps 1500] [--phase1-steps 60] [--phase2-steps 40]
     python benchmarks/context_extension.py --work runs/ctx3 --base RUN --base-data DATA   # extend an existing base
 """
 

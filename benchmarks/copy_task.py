@@ -5,11 +5,12 @@ the copying circuit, then falls to ~0 within a few hundred steps; the step where
 
 Passkey retrieval (issue 15) needs exactly this skill, and measured here it decides the pre-training LR: `small`
 learns it within 600 steps at LR 5e-4 and not at 1e-3 (the LR the earlier context-extension bases used, 1.5e-3, is
-higher still). For scale, `--llama` adds transformers' LlamaForCausalLM of the same width, depth and heads (plain
-multi-head attention with full-width RoPE), trained identically.
+higher still). `--hf` adds transformers' own DeepseekV3ForCausalLM of the same config (the reference
+implementation, its own initialisation), and `--llama` transformers' LlamaForCausalLM of the same width, depth and
+heads (plain multi-head attention with full-width RoPE, dense MLPs), for scale; all trained identically.
 
     OMP_NUM_THREADS=1 python benchmarks/copy_task.py [--model-config small] [--lrs 5e-4,1e-3] [--steps 600]
-        [--seeds 0] [--tokens 1000] [--llama]
+        [--seeds 0] [--tokens 1000] [--hf] [--llama]
 
 Rows: --batch rows of 2 x --length tokens, ids drawn uniformly from [3, 3 + --tokens) (few enough distinct ids that
 each one's embedding trains), AdamW (betas 0.9/0.95, weight decay 0.1, no warm-up, constant LR), gradients clipped
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=32, help="tokens per copy")
     ap.add_argument("--tokens", type=int, default=1000, help="distinct token ids drawn")
+    ap.add_argument("--hf", action="store_true", help="also train transformers' DeepseekV3 of the same config")
     ap.add_argument("--llama", action="store_true", help="also train transformers' Llama of the same shape")
     args = ap.parse_args()
     cfg = dsv3.get_config(args.model_config).replace(num_nextn_predict_layers=0)
@@ -79,6 +81,17 @@ def main() -> None:
                                args.length, tokens)
             print(f"dsv3 {args.model_config}, lr {lr:g}, seed {seed}: " + " ".join(f"{c:.2f}" for c in curve),
                   flush=True)
+            if args.hf:
+                import transformers
+
+                from train_speed import hf_config
+
+                torch.manual_seed(seed)
+                hf = transformers.DeepseekV3ForCausalLM(hf_config(cfg))
+                curve = train_copy(hf.train(), lambda m, x: m(input_ids=x).logits, lr, args.steps, args.batch,
+                                   args.length, tokens)
+                print(f"transformers DeepseekV3, lr {lr:g}, seed {seed}: " + " ".join(f"{c:.2f}" for c in curve),
+                      flush=True)
             if args.llama:
                 import transformers
 

@@ -2,8 +2,10 @@
 
 Each model runs forward + backward (no optimizer) on identical inputs: transformers, dsv3 with its MTP module
 (the full V3 objective, strictly more work) and dsv3 without it, each eager and with its decoder layers compiled
-(`dsv3 train --compile`, `compile_layers`; the compile time is printed). They alternate, the first one rotating every
-round, `--repeats` rounds; step times are medians with their min-max spread, ratios medians of per-round ratios.
+(`dsv3 train --compile`, `compile_layers`; the compile time is printed), plus dsv3 without MTP computing its loss
+through `F.cross_entropy` instead of its own (`dsv3.train.losses.cross_entropy`). They alternate, the first one
+rotating every round, `--repeats` rounds; step times are medians with their min-max spread, ratios medians of
+per-round ratios.
 
 The primary figure is achieved model FLOP/s / shape-matched GEMM FLOP/s, where
 - model FLOP/s = `dsv3.params.training_flops_per_token` (6 x active matmul parameters + causal attention, the
@@ -134,9 +136,12 @@ def main() -> None:
     compiled = copy.deepcopy(ours)  # `dsv3 train --compile`: the same weights, its layers compiled in place
     compile_layers(compiled)
 
-    def step_ours(mtp: bool, model=ours):
+    def step_ours(mtp: bool, model=ours, torch_ce: bool = False):
         out = model(ids[:, :-1], mtp=mtp)  # the losses `dsv3 train` computes (dsv3.train.losses)
-        loss = lm_loss(out.logits, ids) + 0.3 * sum(mtp_losses(out.mtp_logits or [], ids, eot_id=None), 0.0)
+        if torch_ce:  # the same loss through F.cross_entropy (what dsv3 used before its own backward)
+            loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+        else:
+            loss = lm_loss(out.logits, ids) + 0.3 * sum(mtp_losses(out.mtp_logits or [], ids, eot_id=None), 0.0)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -148,7 +153,9 @@ def main() -> None:
         return trial
 
     steps = {"transformers": step_hf, "dsv3 with MTP": lambda: step_ours(True),
-             "dsv3 no MTP": lambda: step_ours(False), "dsv3 with MTP, compiled": lambda: step_ours(True, compiled),
+             "dsv3 no MTP": lambda: step_ours(False),
+             "dsv3 no MTP, F.cross_entropy": lambda: step_ours(False, torch_ce=True),
+             "dsv3 with MTP, compiled": lambda: step_ours(True, compiled),
              "dsv3 no MTP, compiled": lambda: step_ours(False, compiled)}
     compiling = 0.0
     for name, fn in steps.items():
@@ -167,7 +174,8 @@ def main() -> None:
             step_ours(mtp)
         shapes[name] = rec.shapes
         matched[name] = gemm_flops(rec.shapes) / shape_matched_seconds(rec.shapes, args.gemm_repeats, cache)
-    for name in ("transformers", "dsv3 no MTP, compiled", "dsv3 with MTP, compiled"):  # the same GEMMs
+    for name in ("transformers", "dsv3 no MTP, F.cross_entropy", "dsv3 no MTP, compiled",
+                 "dsv3 with MTP, compiled"):  # the same GEMMs
         source = "dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"
         shapes[name], matched[name] = shapes[source], matched[source]
 
