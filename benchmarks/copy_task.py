@@ -1,7 +1,7 @@
 """How fast does a model learn to copy from its context? The repeated-random-tokens task that grows induction heads
 (Olsson et al. 2022): every training row is L random tokens followed by the same L tokens again, so the second copy
 is predictable only by looking back. The loss on the second copy stays at ~ln(tokens drawn) until the model finds
-the copying circuit, then falls to ~0 within a few hundred steps; the step where it falls is what this measures.
+the copying circuit, then falls towards 0 within a few hundred steps; the step where it falls is what this measures.
 
 Passkey retrieval (issue 15) needs exactly this skill, and measured here it decides the pre-training LR: `small`
 learns it within 600 steps at LR 5e-4 and not at 1e-3 (the LR the earlier context-extension bases used, 1.5e-3, is

@@ -969,8 +969,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "more keys, more copying to learn per token; default: 1)")
     q.add_argument("--copy-docs", type=_non_negative_int, default=0, metavar="N",
                    help="add N copying documents (a line of random frequent corpus words, repeated 2-4 times) to the "
-                        "training split: they teach a small model to copy from its context, which retrieval "
-                        "needs (see benchmarks/copy_task.py) (default: 0)")
+                        "training split: the plainest signal for learning to copy from the context, which "
+                        "retrieval needs (default: 0)")
     q.add_argument("--split-digits", action="store_true", help="one token per digit (for arithmetic tasks; such "
                    "a tokenizer is not exported to GGUF)")
     q.add_argument("--tokenizer", metavar="PATH", default=None,

@@ -75,8 +75,8 @@ def copy_document(vocabulary: list[str], rng: random.Random, words: tuple[int, i
     """One copying document: a line of random words (uniform from `vocabulary`, their count uniform in `words`)
     written `repeats` times (uniform), one line each; deterministic given `rng`'s state. Every repeat is predictable
     only by looking back, the signal that grows induction heads (Olsson et al. 2022, "In-context learning and
-    induction heads"), the copying circuit that retrieval needs; `benchmarks/copy_task.py` shows how slowly
-    `small` finds it otherwise.
+    induction heads"), the copying circuit that retrieval needs (`benchmarks/copy_task.py` measures how many steps
+    a model takes to find it on bare repeated tokens).
 
     Raises:
         ValueError: an empty vocabulary, or a range with min < 1 or min > max.
