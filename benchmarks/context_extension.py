@@ -64,10 +64,10 @@ def train(out: Path, **kw) -> Path:
     that checkpoint."""
     final = out / "checkpoints" / f"step-{kw['max_steps']:08d}"
     if not final.exists():
-        if (out / "train_config.json").exists():
+        if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
             Trainer(resume_config(out), resume=True).fit()
-        else:
-            Trainer(TrainConfig(out=str(out), progress=False, **kw)).fit()
+        else:  # new, or stopped before its first checkpoint: start over (a started one is moved aside, not deleted)
+            Trainer(TrainConfig(out=str(out), progress=False, **kw), overwrite=True).fit()
     return final
 
 
@@ -156,7 +156,8 @@ def main() -> None:
                      f"base {FACTOR}x")
     else:
         base = train(work / "base", data=str(data), seq_len=256, batch_size=8, max_steps=args.base_steps,
-                     lr=args.lr, mtp_depth=0, **{**common, "checkpoint_every": 250})  # to probe while it trains
+                     lr=args.lr, mtp_depth=0,  # a checkpoint every 250 steps, all kept: to probe while it trains
+                     **{**common, "checkpoint_every": 250, "keep_checkpoints": args.base_steps // 250 + 1})
         stage(f"base: {args.base_steps} steps x 8 x 256 = {args.base_steps * 2048:,} tokens -> {base}", t0)
     long = work / "data-long"
     if not (long / "meta.json").exists():  # in the base's own tokenizer (`--init-from` requires it)

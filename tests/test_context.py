@@ -136,6 +136,25 @@ def test_copy_documents_repeat_one_line_of_frequent_corpus_words():
         passkey.copy_document([], rng)
 
 
+def test_prepare_adds_copy_documents_from_the_corpus_words(tmp_path):
+    """`prepare(..., copy_docs=N)` adds N copy documents to the training split only, reproducibly, whose words come
+    from the corpus (also a file whose name looks like a retrieval document's) and not from added documents."""
+    from dsv3.tokenizer import load_tokenizer
+    from dsv3.train.data import TokenData, prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"retrieval-notes{i}.txt").write_text("\n".join(f"alpha beta{i} gamma delta." for _ in range(50)))
+    meta = [prepare(tmp_path / f"d{k}", [corpus], vocab_size=300, copy_docs=6, retrieval_docs=2) for k in (1, 2)]
+    assert (tmp_path / "d1" / "train.bin").read_bytes() == (tmp_path / "d2" / "train.bin").read_bytes()
+    train, val = meta[0]["splits"]["train"]["documents"], meta[0]["splits"]["val"]["documents"]
+    assert sum(n.startswith("copy-") for n in train) == 6 and not any(n.startswith("copy-") for n in val)
+    text = load_tokenizer(tmp_path / "d1").decode(TokenData(tmp_path / "d1", "train").ids[-400:].tolist())
+    copied = text.strip().splitlines()[-1].split()  # the last copy document's line
+    assert copied and set(copied) <= {"alpha", "beta0", "beta1", "beta2", "gamma", "delta."}
+
+
 def test_bad_extensions_are_refused(dataset, source, tmp_path):
     with pytest.raises(TrainError, match="give init_from too"):
         cfg(dataset, tmp_path / "a", extend_context=4).validate()

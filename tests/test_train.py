@@ -128,9 +128,9 @@ def _metric_rows(run):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_equals_torchs(reduction, dtype):
-    """The training losses' cross-entropy (in-place backward) equals `F.cross_entropy(ignore_index=IGNORE)`: the
-    loss and the logits' gradient, with ignored rows (zero gradient) and through a bf16 cast; a second backward
-    through the same graph is refused instead of silently using the overwritten softmax."""
+    """The training losses' cross-entropy equals `F.cross_entropy(ignore_index=IGNORE)`: the loss and the logits'
+    gradient, with ignored rows (zero gradient), through a bf16 cast and an upstream scale, and again through a
+    retained graph (the zero-bubble pipeline schedules differentiate the last stage's loss twice)."""
     from dsv3.train.losses import cross_entropy
 
     torch.manual_seed(0)
@@ -141,14 +141,27 @@ def test_cross_entropy_equals_torchs(reduction, dtype):
     loss = cross_entropy(ours, targets, reduction)
     expect = torch.nn.functional.cross_entropy(ref.float(), targets, ignore_index=IGNORE, reduction=reduction)
     upstream = torch.tensor(1.7)  # a scale from above (a loss weight), through the backward
-    (loss * upstream).backward(retain_graph=True)
-    (expect * upstream).backward()
+    for _ in range(2):  # the second pass through the retained graph accumulates the same gradient again
+        (loss * upstream).backward(retain_graph=True)
+        (expect * upstream).backward(retain_graph=True)
     torch.testing.assert_close(loss, expect, rtol=1e-6, atol=0)
     assert ours.grad.dtype == dtype
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-7)  # ~1 ulp
     assert ours.grad[[0, 5, 6, 30]].abs().max() == 0 and ours.grad[1].abs().max() > 0
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+
+
+def test_cross_entropy_edge_cases_match_torchs():
+    """Every target ignored: a nan mean with a zero gradient, as torch's; a target out of range raises."""
+    from dsv3.train.losses import cross_entropy
+
+    logits = torch.randn(4, 10, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((4,), IGNORE))
+    loss.backward()
+    assert loss.isnan() and torch.equal(logits.grad, torch.zeros(4, 10))
+    assert cross_entropy(logits, torch.full((4,), IGNORE), "sum") == 0
+    for bad in (-1, 10):
+        with pytest.raises(RuntimeError):
+            cross_entropy(logits, torch.tensor([1, 2, bad, 3]))
 
 
 def test_mtp_loss_shares_add_up_to_the_global_mean():

@@ -176,6 +176,7 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
         text = docs[0].text
         cut = int(len(text) * (1 - val_fraction))
         train_docs, val_docs = [Document(docs[0].name, text[:cut])], [Document(docs[0].name + ":tail", text[cut:])]
+    corpus_docs = train_docs  # the copy documents' words come from these, not from the added documents
     if retrieval_docs:
         from .passkey import retrieval_document
 
@@ -192,7 +193,7 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
     if copy_docs:
         from .passkey import copy_document
 
-        counts = Counter(w for d in train_docs if not d.name.startswith("retrieval-") for w in d.text.split())
+        counts = Counter(w for d in corpus_docs for w in d.text.split())
         vocabulary = [w for w, _ in counts.most_common(COPY_VOCABULARY)]
         rng = random.Random(f"copy:{seed}")
         try:
