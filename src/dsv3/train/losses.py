@@ -23,51 +23,50 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-class _CrossEntropySum(torch.autograd.Function):
-    """sum_i -log softmax(logits_i)[target_i] over the rows whose target is not IGNORE, with a backward that turns
-    the saved log-softmax into the gradient directly: d/dlogits = softmax - onehot(target), zero on ignored rows.
+class _CrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(logits_i)[target_i] over the rows whose target is not IGNORE, divided by their count
+    (`mean`) or not, with a backward that turns the saved log-softmax into the gradient directly: d/dlogits =
+    (softmax - onehot(target)) / weight, zero on ignored rows.
 
     `F.cross_entropy` computes the same, but its backward first builds a zero [N, V] gradient for the gather
     (`nll_loss_backward`), then reads it and the log-softmax to write a third [N, V] tensor; on `small`'s 8,192-token
-    vocabulary, 2048 x 8192 floats per step, this one buys ~4% of a CPU training step (`benchmarks/train_speed.py`).
-    Here the backward is one exp of the saved tensor, a scatter and a row scale, with no host synchronisation. The
-    saved tensor is left intact, so a retained graph can be differentiated again (the zero-bubble pipeline schedules
-    do: input gradients first, weight gradients later)."""
+    vocabulary, 2048 x 8192 floats per step, this one buys ~3% of a CPU training step (`benchmarks/train_speed.py`).
+    Here the backward is one exp of the saved tensor, a scatter and a row scale, with no host synchronisation. It
+    saves what torch's saves (the log-softmax, the targets and a 0-dim fp32 weight: the memory planner,
+    `dsv3.parallel.plan`, counts them), and leaves them intact, so a retained graph can be differentiated again (the
+    zero-bubble pipeline schedules do: input gradients first, weight gradients later)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, mean: bool) -> torch.Tensor:
         logp = torch.log_softmax(logits, -1)  # [N, V]
         valid = targets != IGNORE  # [N]
         picked = logp.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]  # [N]; a bad target raises here
-        ctx.save_for_backward(logp, targets)
-        return -torch.where(valid, picked, 0.0).sum()
+        weight = valid.sum().to(logp.dtype) if mean else logp.new_ones(())  # [] (0 when none counts: nan, as torch)
+        ctx.save_for_backward(logp, targets, weight)
+        return -torch.where(valid, picked, 0.0).sum() / weight
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        logp, targets = ctx.saved_tensors
+        logp, targets, weight = ctx.saved_tensors
         valid = (targets != IGNORE).to(logp.dtype)  # [N]
         d = logp.exp()  # [N, V] softmax
         d.scatter_add_(1, torch.where(targets != IGNORE, targets, 0)[:, None], -valid[:, None])  # - onehot
-        return d.mul_((valid * grad)[:, None]), None
+        return d.mul_((valid * (grad / weight.clamp_min(1)))[:, None]), None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits [N, V] (computed in fp32) against targets [N] (IGNORE: not counted), as
     `F.cross_entropy(..., ignore_index=IGNORE)`: reduction "sum" over the counted rows, or "mean" over them (nan
     with a zero gradient when none is counted, as torch's). The training losses' one implementation
-    (`_CrossEntropySum`).
+    (`_CrossEntropy`).
 
     Raises:
         ValueError: another reduction.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    total = _CrossEntropySum.apply(logits.float(), targets)
-    if reduction == "sum":
-        return total
-    count = (targets != IGNORE).sum()
-    return torch.where(count > 0, total / count.clamp_min(1), float("nan"))
+    return _CrossEntropy.apply(logits.float(), targets, reduction == "mean")
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
