@@ -35,13 +35,24 @@ def copy_rows(step: int, batch: int, length: int, tokens: int) -> torch.Tensor:
     return torch.cat([x, x], 1)  # [B, 2L]
 
 
-def train_copy(model, forward, lr: float, steps: int, batch: int, length: int, tokens: int, every: int = 100
-               ) -> list[float]:
-    """Trains `model` on the copy task; returns the mean second-copy loss (nats/token) of each `every` steps."""
+def stream_rows(step: int, batch: int, length: int, tokens: int) -> torch.Tensor:
+    """[batch, 2 * length]: windows at random offsets (seeded by `step`) into one stream of 20,000 documents, each
+    an end-of-text id (0) and `length` random ids twice — how `dsv3 train` samples its batches from a dataset."""
+    g = torch.Generator().manual_seed(12345)
+    x = torch.randint(3, 3 + tokens, (20000, length), generator=g)
+    stream = torch.cat([torch.zeros(20000, 1, dtype=torch.long), x, x], 1).flatten()  # [20000 * (2L + 1)]
+    starts = torch.randint(0, len(stream) - 2 * length, (batch,), generator=torch.Generator().manual_seed(step))
+    return torch.stack([stream[s : s + 2 * length] for s in starts.tolist()])
+
+
+def train_copy(model, forward, lr: float, steps: int, batch: int, length: int, tokens: int, every: int = 100,
+               stream: bool = False) -> list[float]:
+    """Trains `model` on the copy task; returns the mean second-copy loss (nats/token) of each `every` steps (with
+    `stream`, rows are `stream_rows` and the figure is the mean loss over every position)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     curve, window = [], []
     for step in range(steps):
-        rows = copy_rows(step, batch, length, tokens)
+        rows = (stream_rows if stream else copy_rows)(step, batch, length, tokens)
         logits = forward(model, rows[:, :-1])  # [B, 2L - 1, V]
         nll = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="none")
         nll = nll.view(batch, -1)  # position t predicts token t + 1: the second copy is positions L .. 2L - 2
@@ -49,7 +60,7 @@ def train_copy(model, forward, lr: float, steps: int, batch: int, length: int, t
         nll.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        window.append(float(nll[:, length:].detach().mean()))
+        window.append(float((nll if stream else nll[:, length:]).detach().mean()))
         if len(window) == every:
             curve.append(sum(window) / every)
             window = []
@@ -65,6 +76,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=32, help="tokens per copy")
     ap.add_argument("--tokens", type=int, default=1000, help="distinct token ids drawn")
+    ap.add_argument("--stream", action="store_true", help="rows at random offsets into a stream of copy documents "
+                    "(as `dsv3 train` samples); prints the mean loss over every position")
     ap.add_argument("--hf", action="store_true", help="also train transformers' DeepseekV3 of the same config")
     ap.add_argument("--llama", action="store_true", help="also train transformers' Llama of the same shape")
     args = ap.parse_args()
@@ -78,7 +91,7 @@ def main() -> None:
             model = dsv3.DeepseekV3(cfg)
             model.init_weights(seed=seed)
             curve = train_copy(model.train(), lambda m, x: m(x, mtp=False).logits, lr, args.steps, args.batch,
-                               args.length, tokens)
+                               args.length, tokens, stream=args.stream)
             print(f"dsv3 {args.model_config}, lr {lr:g}, seed {seed}: " + " ".join(f"{c:.2f}" for c in curve),
                   flush=True)
             if args.hf:
