@@ -84,7 +84,8 @@ def main() -> None:
     cfg = dsv3.get_config(args.model_config).replace(num_nextn_predict_layers=0)
     tokens = min(args.tokens, cfg.vocab_size - 3)
     print(f"{args.model_config}: copy task, batch {args.batch} x 2 x {args.length}, ids from {tokens} tokens "
-          f"(chance {math.log(tokens):.2f} nats); second-copy loss per 100 steps, {torch.get_num_threads()} threads")
+          f"(chance {math.log(tokens):.2f} nats); {'loss over every position' if args.stream else 'second-copy loss'} "
+          f"per 100 steps, {torch.get_num_threads()} threads")
     for lr in (float(x) for x in args.lrs.split(",")):
         for seed in (int(x) for x in args.seeds.split(",")):
             torch.manual_seed(seed)
