@@ -43,7 +43,7 @@ import torch
 
 import dsv3
 from dsv3.config import extended_rope_scaling
-from dsv3.runs import resolve_checkpoint, train_setting
+from dsv3.runs import Run, resolve_checkpoint, train_setting
 from dsv3.tokenizer import load_tokenizer
 from dsv3.train.data import prepare
 from dsv3.train.evaluate import evaluate_lengths
@@ -62,9 +62,10 @@ def stage(label: str, t0: float) -> None:
 def train(out: Path, **kw) -> Path:
     """A training run to `out`, resumed when interrupted and skipped when it has its final checkpoint; returns
     that checkpoint."""
-    final = out / "checkpoints" / f"step-{kw['max_steps']:08d}"
-    if not final.exists():
-        if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+    run = Run(out)
+    final = run.checkpoint_dir(kw["max_steps"])
+    if final not in run.checkpoints():
+        if run.latest_checkpoint() is not None:
             Trainer(resume_config(out), resume=True).fit()
         else:  # new, or stopped before its first checkpoint: start over (a started one is moved aside, not deleted)
             Trainer(TrainConfig(out=str(out), progress=False, **kw), overwrite=True).fit()

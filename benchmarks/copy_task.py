@@ -10,7 +10,7 @@ implementation, its own initialisation), and `--llama` transformers' LlamaForCau
 heads (plain multi-head attention with full-width RoPE, dense MLPs), for scale; all trained identically.
 
     OMP_NUM_THREADS=1 python benchmarks/copy_task.py [--model-config small] [--lrs 5e-4,1e-3] [--steps 600]
-        [--seeds 0] [--tokens 1000] [--hf] [--llama]
+        [--seeds 0] [--tokens 1000] [--stream] [--hf] [--llama]
 
 Rows: --batch rows of 2 x --length tokens, ids drawn uniformly from [3, 3 + --tokens) (few enough distinct ids that
 each one's embedding trains), AdamW (betas 0.9/0.95, weight decay 0.1, no warm-up, constant LR), gradients clipped
@@ -35,24 +35,29 @@ def copy_rows(step: int, batch: int, length: int, tokens: int) -> torch.Tensor:
     return torch.cat([x, x], 1)  # [B, 2L]
 
 
-def stream_rows(step: int, batch: int, length: int, tokens: int) -> torch.Tensor:
-    """[batch, 2 * length]: windows at random offsets (seeded by `step`) into one stream of 20,000 documents, each
-    an end-of-text id (0) and `length` random ids twice — how `dsv3 train` samples its batches from a dataset."""
+def copy_stream(length: int, tokens: int, documents: int = 20000) -> torch.Tensor:
+    """[documents * (2 * length + 1)]: documents of an end-of-text id (0) and `length` random ids in [3, 3 +
+    tokens) twice, one after another (seed 12345)."""
     g = torch.Generator().manual_seed(12345)
-    x = torch.randint(3, 3 + tokens, (20000, length), generator=g)
-    stream = torch.cat([torch.zeros(20000, 1, dtype=torch.long), x, x], 1).flatten()  # [20000 * (2L + 1)]
+    x = torch.randint(3, 3 + tokens, (documents, length), generator=g)
+    return torch.cat([torch.zeros(documents, 1, dtype=torch.long), x, x], 1).flatten()
+
+
+def stream_rows(stream: torch.Tensor, step: int, batch: int, length: int) -> torch.Tensor:
+    """[batch, 2 * length]: windows of `stream` at random offsets seeded by `step`, as `dsv3 train` samples its
+    batches from a dataset (`TokenData.batch`)."""
     starts = torch.randint(0, len(stream) - 2 * length, (batch,), generator=torch.Generator().manual_seed(step))
     return torch.stack([stream[s : s + 2 * length] for s in starts.tolist()])
 
 
 def train_copy(model, forward, lr: float, steps: int, batch: int, length: int, tokens: int, every: int = 100,
-               stream: bool = False) -> list[float]:
-    """Trains `model` on the copy task; returns the mean second-copy loss (nats/token) of each `every` steps (with
-    `stream`, rows are `stream_rows` and the figure is the mean loss over every position)."""
+               stream: torch.Tensor | None = None) -> list[float]:
+    """Trains `model` on the copy task; returns the mean second-copy loss (nats/token) of each `every` steps (given
+    a `copy_stream`, rows are its `stream_rows` and the figure is the mean loss over every position)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     curve, window = [], []
     for step in range(steps):
-        rows = (stream_rows if stream else copy_rows)(step, batch, length, tokens)
+        rows = copy_rows(step, batch, length, tokens) if stream is None else stream_rows(stream, step, batch, length)
         logits = forward(model, rows[:, :-1])  # [B, 2L - 1, V]
         nll = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="none")
         nll = nll.view(batch, -1)  # position t predicts token t + 1: the second copy is positions L .. 2L - 2
@@ -60,11 +65,35 @@ def train_copy(model, forward, lr: float, steps: int, batch: int, length: int, t
         nll.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        window.append(float((nll if stream else nll[:, length:]).detach().mean()))
+        window.append(float((nll if stream is not None else nll[:, length:]).detach().mean()))
         if len(window) == every:
             curve.append(sum(window) / every)
             window = []
     return curve
+
+
+def _dsv3(cfg, seed: int):
+    model = dsv3.DeepseekV3(cfg)
+    model.init_weights(seed=seed)
+    return model, lambda m, x: m(x, mtp=False).logits
+
+
+def _transformers_deepseek(cfg, seed: int):
+    import transformers
+
+    from train_speed import hf_config
+
+    return transformers.DeepseekV3ForCausalLM(hf_config(cfg)), lambda m, x: m(input_ids=x).logits
+
+
+def _llama(cfg, seed: int):
+    import transformers
+
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range)), lambda m, x: m(input_ids=x).logits
 
 
 def main() -> None:
@@ -86,40 +115,18 @@ def main() -> None:
     print(f"{args.model_config}: copy task, batch {args.batch} x 2 x {args.length}, ids from {tokens} tokens "
           f"(chance {math.log(tokens):.2f} nats); {'loss over every position' if args.stream else 'second-copy loss'} "
           f"per 100 steps, {torch.get_num_threads()} threads")
+    builders = [(f"dsv3 {args.model_config}", _dsv3)]
+    builders += [("transformers DeepseekV3", _transformers_deepseek)] if args.hf else []
+    builders += [("llama of the same shape", _llama)] if args.llama else []
+    stream = copy_stream(args.length, tokens) if args.stream else None
     for lr in (float(x) for x in args.lrs.split(",")):
         for seed in (int(x) for x in args.seeds.split(",")):
-            torch.manual_seed(seed)
-            model = dsv3.DeepseekV3(cfg)
-            model.init_weights(seed=seed)
-            curve = train_copy(model.train(), lambda m, x: m(x, mtp=False).logits, lr, args.steps, args.batch,
-                               args.length, tokens, stream=args.stream)
-            print(f"dsv3 {args.model_config}, lr {lr:g}, seed {seed}: " + " ".join(f"{c:.2f}" for c in curve),
-                  flush=True)
-            if args.hf:
-                import transformers
-
-                from train_speed import hf_config
-
+            for name, build in builders:
                 torch.manual_seed(seed)
-                hf = transformers.DeepseekV3ForCausalLM(hf_config(cfg))
-                curve = train_copy(hf.train(), lambda m, x: m(input_ids=x).logits, lr, args.steps, args.batch,
-                                   args.length, tokens)
-                print(f"transformers DeepseekV3, lr {lr:g}, seed {seed}: " + " ".join(f"{c:.2f}" for c in curve),
-                      flush=True)
-            if args.llama:
-                import transformers
-
-                torch.manual_seed(seed)
-                llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-                    vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                    num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                    num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
-                    initializer_range=cfg.initializer_range))
-                curve = train_copy(llama.train(), lambda m, x: m(input_ids=x).logits, lr, args.steps, args.batch,
-                                   args.length, tokens)
-                print(f"llama of the same shape, lr {lr:g}, seed {seed}: " + " ".join(f"{c:.2f}" for c in curve),
-                      flush=True)
-
+                model, forward = build(cfg, seed)
+                curve = train_copy(model.train(), forward, lr, args.steps, args.batch, args.length, tokens,
+                                   stream=stream)
+                print(f"{name}, lr {lr:g}, seed {seed}: " + " ".join(f"{c:.2f}" for c in curve), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ GROUPS = {  # aten operator (self time) -> group; anything else is "element-wise
     "GEMMs (mm, bmm, addmm, grouped_mm)": ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm"),
     "attention (SDPA flash forward and backward)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                                     "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
-    "cross-entropy (log-softmax; its backward's exp)": ("aten::_log_softmax", "aten::exp_",
+    "cross-entropy (log-softmax; its backward's exp)": ("aten::_log_softmax", "aten::exp",
                                                          "aten::_log_softmax_backward_data", "aten::nll_loss_forward",
                                                          "aten::nll_loss_backward"),
     "routing and dispatch (topk, sort, index, scatter, bincount)": (

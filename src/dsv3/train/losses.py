@@ -49,9 +49,10 @@ class _CrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         logp, targets, weight = ctx.saved_tensors
-        valid = (targets != IGNORE).to(logp.dtype)  # [N]
+        kept = targets != IGNORE  # [N]
+        valid = kept.to(logp.dtype)
         d = logp.exp()  # [N, V] softmax
-        d.scatter_add_(1, torch.where(targets != IGNORE, targets, 0)[:, None], -valid[:, None])  # - onehot
+        d.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -valid[:, None])  # - onehot
         return d.mul_((valid * (grad / weight.clamp_min(1)))[:, None]), None, None
 
 
