@@ -1,20 +1,29 @@
-"""How fast does a model learn to copy from its context? The repeated-random-tokens task that grows induction heads
-(Olsson et al. 2022): every training row is L random tokens followed by the same L tokens again, so the second copy
-is predictable only by looking back. The loss on the second copy stays at ~ln(tokens drawn) until the model finds
-the copying circuit, then falls towards 0 within a few hundred steps; the step where it falls is what this measures.
+"""How fast does a model learn to retrieve from its context, and what decides it? Small synthetic tasks trained
+from scratch (or from a checkpoint), the loss on the predictable positions printed per 100 steps:
 
-Passkey retrieval (issue 15) needs exactly this skill, and measured here it decides the pre-training LR: `small`
-learns it within 600 steps at LR 5e-4 and not at 1e-3 (the LR the earlier context-extension bases used, 1.5e-3, is
-higher still). `--hf` adds transformers' own DeepseekV3ForCausalLM of the same config (the reference
-implementation, its own initialisation), and `--llama` transformers' LlamaForCausalLM of the same width, depth and
-heads (plain multi-head attention with full-width RoPE, dense MLPs), for scale; all trained identically.
+- `copy` (default, `copy_rows`): L random tokens, then the same L again (Olsson et al. 2022's repeated random
+  tokens). Caution: the distance back to the source is always L and the second copy always starts at L, so a head
+  that attends a fixed distance back solves it without matching content; `--shift S` (`shifted_rows`) moves the
+  pair to a random offset, `--stream` cuts rows at random offsets from a stream of copy documents and `--data DIR`
+  takes a dataset's training windows, both as `dsv3 train` samples.
+- `needle` (`needle_rows`): one needle id (from a set of --needles of its own) somewhere in L random filler ids, then a
+  query id and the needle again: the plainest content retrieval, all that passkey retrieval (issue 15) asks, since
+  its prompt holds one number.
 
-    OMP_NUM_THREADS=1 python benchmarks/copy_task.py [--model-config small] [--lrs 5e-4,1e-3] [--steps 600]
-        [--seeds 0] [--tokens 1000] [--stream] [--hf] [--llama]
+`--answer-weight W` trains on mean(all positions) + W x mean(scored positions); 0 is the plain language-model loss
+of `dsv3 train`. What it showed on `small` (README, "Context extension"): at LR 5e-4 the needle is found within ~250
+steps when the answer weighs as much as the rest of its row (W = 1) and not in 500 steps under the plain loss,
+where the answer is 1 position of 65; aligned copying is learned in 300-600 steps, at LR 1e-3 and above not at all.
+`--hf` adds transformers' own DeepseekV3ForCausalLM of the same config (its own initialisation), `--llama`
+transformers' LlamaForCausalLM of the same width, depth and heads (plain attention, full-width RoPE), for scale.
 
-Rows: --batch rows of 2 x --length tokens, ids drawn uniformly from [3, 3 + --tokens) (few enough distinct ids that
-each one's embedding trains), AdamW (betas 0.9/0.95, weight decay 0.1, no warm-up, constant LR), gradients clipped
-at 1, seeded data per step. Prints the mean loss on the second copy over each 100 steps, per model, LR and seed.
+    OMP_NUM_THREADS=2 python benchmarks/copy_task.py [--task copy|needle] [--model-config small] [--lrs 5e-4,1e-3]
+        [--steps 600] [--seeds 0] [--length 32] [--tokens 1000] [--shift S | --stream | --data DIR]
+        [--answer-weight 0] [--init-from CKPT] [--hf] [--llama]
+
+Rows: --batch rows, ids drawn uniformly from [3, 3 + --tokens) (few enough distinct ids that each one's embedding
+trains), AdamW (betas 0.9/0.95, weight decay 0.1, no warm-up, constant LR), gradients clipped at 1, seeded data per
+step.
 """
 
 from __future__ import annotations
@@ -27,12 +36,52 @@ import torch.nn.functional as F
 
 import dsv3
 
+Rows = tuple[torch.Tensor, torch.Tensor]  # ids [B, T] and the scored predictions [B, T - 1] (t predicts t + 1)
 
-def copy_rows(step: int, batch: int, length: int, tokens: int) -> torch.Tensor:
-    """[batch, 2 * length]: random ids in [3, 3 + tokens), each row's first half repeated; seeded by `step`."""
+
+def copy_rows(step: int, batch: int, length: int, tokens: int) -> Rows:
+    """[batch, 2 * length]: random ids in [3, 3 + tokens), each row's first half repeated; scored: the second copy
+    after its first token. Seeded by `step`. The offset back to the source is always `length` and so is the
+    second copy's position: a head that attends a fixed distance back solves it, no content matching needed."""
     g = torch.Generator().manual_seed(step)
     x = torch.randint(3, 3 + tokens, (batch, length), generator=g)
-    return torch.cat([x, x], 1)  # [B, 2L]
+    scored = torch.zeros(batch, 2 * length - 1, dtype=torch.bool)
+    scored[:, length:] = True
+    return torch.cat([x, x], 1), scored  # [B, 2L]
+
+
+def shifted_rows(step: int, batch: int, length: int, tokens: int, shift: int) -> Rows:
+    """[batch, 2 * length + shift] random ids in [3, 3 + tokens) with a copy pair (L tokens, then the same L) at a
+    random offset p in [0, shift] per row; scored: the second copy after its first token. Where the second copy
+    starts varies by row, so position alone does not tell a model when to copy (the distance back is still L).
+    Seeded by `step`."""
+    g = torch.Generator().manual_seed(step)
+    rows = torch.randint(3, 3 + tokens, (batch, 2 * length + shift), generator=g)
+    p = torch.randint(0, shift + 1, (batch,), generator=g)
+    pos = torch.arange(2 * length + shift)
+    src = (pos[None] - length).clamp(min=0)  # [1, T]: the position a second-copy token repeats
+    second = (pos[None] >= p[:, None] + length) & (pos[None] < p[:, None] + 2 * length)  # [B, T]
+    rows = torch.where(second, rows.gather(1, src.expand(batch, -1)), rows)
+    return rows, second[:, 1:] & (pos[None, 1:] > p[:, None] + length)
+
+
+QUERY = 2  # the id that asks for the needle
+
+
+def needle_rows(step: int, batch: int, length: int, tokens: int, needles: int = 100) -> Rows:
+    """[batch, length + 2]: `length` random filler ids in [3, 3 + tokens), one of them replaced at a random
+    position by a needle id (from [3 + tokens, 3 + tokens + needles), a set of its own), then the QUERY id and the
+    needle again; scored: the
+    answer. The plainest content retrieval (what passkey retrieval asks: one number in filler): one attention head
+    that looks for the needle set wherever it is suffices. Seeded by `step`."""
+    g = torch.Generator().manual_seed(step)
+    rows = torch.randint(3, 3 + tokens, (batch, length + 2), generator=g)
+    needle = torch.randint(3 + tokens, 3 + tokens + needles, (batch,), generator=g)
+    rows[torch.arange(batch), torch.randint(0, length, (batch,), generator=g)] = needle
+    rows[:, length], rows[:, length + 1] = QUERY, needle
+    scored = torch.zeros(batch, length + 1, dtype=torch.bool)
+    scored[:, -1] = True
+    return rows, scored
 
 
 def copy_stream(length: int, tokens: int, documents: int = 20000) -> torch.Tensor:
@@ -43,38 +92,44 @@ def copy_stream(length: int, tokens: int, documents: int = 20000) -> torch.Tenso
     return torch.cat([torch.zeros(documents, 1, dtype=torch.long), x, x], 1).flatten()
 
 
-def stream_rows(stream: torch.Tensor, step: int, batch: int, length: int) -> torch.Tensor:
+def stream_rows(stream: torch.Tensor, step: int, batch: int, length: int) -> Rows:
     """[batch, 2 * length]: windows of `stream` at random offsets seeded by `step`, as `dsv3 train` samples its
-    batches from a dataset (`TokenData.batch`)."""
+    batches from a dataset (`TokenData.batch`); every position scored."""
     starts = torch.randint(0, len(stream) - 2 * length, (batch,), generator=torch.Generator().manual_seed(step))
-    return torch.stack([stream[s : s + 2 * length] for s in starts.tolist()])
+    rows = torch.stack([stream[s : s + 2 * length] for s in starts.tolist()])
+    return rows, torch.ones(batch, 2 * length - 1, dtype=torch.bool)
 
 
-def train_copy(model, forward, lr: float, steps: int, batch: int, length: int, tokens: int, every: int = 100,
-               stream: torch.Tensor | None = None) -> list[float]:
-    """Trains `model` on the copy task; returns the mean second-copy loss (nats/token) of each `every` steps (given
-    a `copy_stream`, rows are its `stream_rows` and the figure is the mean loss over every position)."""
+def train_rows(model, forward, rows_of, lr: float, steps: int, answer_weight: float = 0.0,
+               every: int = 100) -> list[float]:
+    """Trains `model` on `rows_of(step)` (`Rows`) with the loss mean(every position) + answer_weight x
+    mean(scored positions): 0 is the plain language-model loss `dsv3 train` uses. Returns the mean loss on the
+    scored positions (nats/token) over each `every` steps, printing each as it comes."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     curve, window = [], []
     for step in range(steps):
-        rows = copy_rows(step, batch, length, tokens) if stream is None else stream_rows(stream, step, batch, length)
-        logits = forward(model, rows[:, :-1])  # [B, 2L - 1, V]
+        rows, scored = rows_of(step)
+        logits = forward(model, rows[:, :-1])  # [B, T - 1, V]
         nll = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="none")
-        nll = nll.view(batch, -1)  # position t predicts token t + 1: the second copy is positions L .. 2L - 2
+        nll = nll.view(rows.shape[0], -1)  # [B, T - 1]
         opt.zero_grad(set_to_none=True)
-        nll.mean().backward()
+        (nll.mean() + answer_weight * nll[scored].mean()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        window.append(float((nll if stream is not None else nll[:, length:]).detach().mean()))
+        window.append(float(nll[scored].detach().mean()))
         if len(window) == every:
             curve.append(sum(window) / every)
+            print(f"  steps {step + 2 - every}-{step + 1}: {curve[-1]:.2f}", flush=True)
             window = []
     return curve
 
 
-def _dsv3(cfg, seed: int):
+def _dsv3(cfg, seed: int, init_from: str | None = None):
     model = dsv3.DeepseekV3(cfg)
-    model.init_weights(seed=seed)
+    if init_from:  # a trained checkpoint's weights (its MTP module dropped)
+        model.load_state_dict(dsv3.load_pretrained(init_from, progress=False).state_dict(), strict=False)
+    else:
+        model.init_weights(seed=seed)
     return model, lambda m, x: m(x, mtp=False).logits
 
 
@@ -105,28 +160,65 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=32, help="tokens per copy")
     ap.add_argument("--tokens", type=int, default=1000, help="distinct token ids drawn")
-    ap.add_argument("--stream", action="store_true", help="rows at random offsets into a stream of copy documents "
-                    "(as `dsv3 train` samples); prints the mean loss over every position")
+    ap.add_argument("--task", choices=["copy", "needle"], default="copy", help="copy: L random tokens twice; "
+                    "needle: one needle id in L filler ids, recalled after a query id (`needle_rows`)")
+    ap.add_argument("--needles", type=int, default=100, help="needle: distinct needle ids (how many a model must "
+                    "learn to copy)")
+    ap.add_argument("--shift", type=int, default=0, help="copy: the pair at a random offset in [0, SHIFT] of a "
+                    "row of random tokens (`shifted_rows`)")
+    ap.add_argument("--stream", action="store_true", help="copy: rows at random offsets into a stream of copy "
+                    "documents, as `dsv3 train` samples; every position scored")
+    ap.add_argument("--data", help="rows of 2 x LENGTH tokens from this dataset's training split, as `dsv3 train` "
+                    "draws them (seed 0); every position scored")
+    ap.add_argument("--answer-weight", type=float, default=0.0, help="loss = mean over every position + this x "
+                    "mean over the scored ones (0: the plain language-model loss)")
+    ap.add_argument("--init-from", help="start dsv3 from this checkpoint's weights instead of a random init "
+                    "(with its config)")
     ap.add_argument("--hf", action="store_true", help="also train transformers' DeepseekV3 of the same config")
     ap.add_argument("--llama", action="store_true", help="also train transformers' Llama of the same shape")
     args = ap.parse_args()
-    cfg = dsv3.get_config(args.model_config).replace(num_nextn_predict_layers=0)
-    tokens = min(args.tokens, cfg.vocab_size - 3)
-    print(f"{args.model_config}: copy task, batch {args.batch} x 2 x {args.length}, ids from {tokens} tokens "
-          f"(chance {math.log(tokens):.2f} nats); {'loss over every position' if args.stream else 'second-copy loss'} "
-          f"per 100 steps, {torch.get_num_threads()} threads")
-    builders = [(f"dsv3 {args.model_config}", _dsv3)]
+    if sum(map(bool, (args.shift, args.stream, args.data, args.task == "needle"))) > 1:
+        ap.error("--shift, --stream, --data and --task needle are different row sources: choose one")
+    cfg = dsv3.get_config(dsv3.resolve_checkpoint(args.init_from) if args.init_from else args.model_config)
+    cfg = cfg.replace(num_nextn_predict_layers=0)
+    tokens = min(args.tokens, cfg.vocab_size - 3 - (args.needles if args.task == "needle" else 0))
+    if args.data:
+        from dsv3.train.data import TokenData
+
+        data = TokenData(args.data, "train")
+
+        def rows_of(step):
+            rows = data.batch(args.batch, 2 * args.length - 1, 0, step)
+            return rows, torch.ones(args.batch, 2 * args.length - 1, dtype=torch.bool)
+        scored, chance = "every position", float("nan")
+    elif args.stream:
+        stream = copy_stream(args.length, tokens)
+        rows_of = lambda step: stream_rows(stream, step, args.batch, args.length)  # noqa: E731
+        scored, chance = "every position", math.log(tokens)
+    elif args.task == "needle":
+        rows_of = lambda step: needle_rows(step, args.batch, args.length, tokens, args.needles)  # noqa: E731
+        scored, chance = "the answer", math.log(args.needles)
+    elif args.shift:
+        rows_of = lambda step: shifted_rows(step, args.batch, args.length, tokens, args.shift)  # noqa: E731
+        scored, chance = "the second copy", math.log(tokens)
+    else:
+        rows_of = lambda step: copy_rows(step, args.batch, args.length, tokens)  # noqa: E731
+        scored, chance = "the second copy", math.log(tokens)
+    print(f"{args.init_from or args.model_config}: {args.task}, batch {args.batch}, length {args.length}, ids from "
+          f"{tokens} tokens; loss on {scored} per 100 steps (chance {chance:.2f} nats), answer weight "
+          f"{args.answer_weight:g}, {torch.get_num_threads()} threads", flush=True)
+    builders = [(f"dsv3 {args.model_config}" + (f" from {args.init_from}" if args.init_from else ""),
+                 lambda cfg, seed: _dsv3(cfg, seed, args.init_from))]
     builders += [("transformers DeepseekV3", _transformers_deepseek)] if args.hf else []
     builders += [("llama of the same shape", _llama)] if args.llama else []
-    stream = copy_stream(args.length, tokens) if args.stream else None
     for lr in (float(x) for x in args.lrs.split(",")):
         for seed in (int(x) for x in args.seeds.split(",")):
             for name, build in builders:
                 torch.manual_seed(seed)
                 model, forward = build(cfg, seed)
-                curve = train_copy(model.train(), forward, lr, args.steps, args.batch, args.length, tokens,
-                                   stream=stream)
+                curve = train_rows(model.train(), forward, rows_of, lr, args.steps, args.answer_weight)
                 print(f"{name}, lr {lr:g}, seed {seed}: " + " ".join(f"{c:.2f}" for c in curve), flush=True)
+
 
 if __name__ == "__main__":
     main()
