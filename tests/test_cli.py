@@ -30,6 +30,8 @@ from dsv3.params import count_parameters
 from dsv3.runs import Run, resolve_checkpoint
 from dsv3.tokenizer import ChatTemplate, ChatTemplateError, load_tokenizer, stop_token_ids
 from dsv3.train.evaluate import evaluate
+from dsv3.train.losses import IGNORE
+from dsv3.train.sft import ConversationData
 from dsv3.train.trainer import BALANCE_MODES, PP_SCHEDULES, PRECISIONS, TrainConfig
 
 # the documented flags of each subcommand (what its --help must list); the test of each command is named beside it
@@ -39,6 +41,7 @@ FLAGS = {
                      "--retrieval-docs", "--retrieval-words", "--retrieval-keys", "--copy-docs", "--tokenizer"],
     # test_data_prepare, test_data_prepare_with_a_given_tokenizer; test_context.py
     "data tasks": ["--task", "--out", "--overwrite", "--train", "--val", "--seed", "--size"],  # test_tasks.py
+    "data retrieval": ["--out", "--overwrite", "--train", "--val", "--words", "--seed"],  # test_data_retrieval
     "train": ["--config", "--resume", "--overwrite", "--model-config", "--data", "--out", "--max-steps", "--minutes",
               "--batch-size", "--grad-accum", "--seq-len", "--lr", "--balance", "--precision", "--pp-schedule",
               "--keep-checkpoints", "--no-progress", "--objective", "--compile"],  # test_train_then_resume; --compile:
@@ -206,6 +209,33 @@ def test_data_prepare(capsys, tmp_path):
     for bad in ("20,5", "5", "0,5"):
         code, _, err = cli(capsys, "data", "prepare", src, "--out", tmp_path / "y", "--retrieval-words", bad)
         assert_usage_error(code, err, "data prepare", "--retrieval-words")
+
+
+def test_data_retrieval(capsys, tmp_path, trained_run):
+    code, out, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "r", "--train", 6, "--val", 2,
+                         "--words", "10,30")
+    assert code == 0, err
+    assert "6 train and 2 held-out prompt-completion records" in out
+    records = {s: [json.loads(x) for x in (tmp_path / "r" / f"{s}.jsonl").read_text().splitlines()]
+               for s in ("train", "val")}
+    assert [len(records["train"]), len(records["val"])] == [6, 2]
+    for r in records["train"] + records["val"]:
+        key = r["completion"].strip().rstrip(".")
+        assert key.isdigit() and r["prompt"].count(key) == 1
+    first = (tmp_path / "r" / "train.jsonl").read_bytes()
+    code, _, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "r", "--train", 6)
+    assert code == 2 and "already exists" in err and (tmp_path / "r" / "train.jsonl").read_bytes() == first
+    code, _, _ = cli(capsys, "data", "retrieval", "--out", tmp_path / "r2", "--train", 6, "--val", 2, "--words",
+                     "10,30")
+    assert code == 0 and (tmp_path / "r2" / "train.jsonl").read_bytes() == first  # reproducible from the seed
+    code, _, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "y", "--words", "30,10")
+    assert_usage_error(code, err, "data retrieval", "--words")
+    # `dsv3 sft` reads the records: the loss falls on the numbers (and the end-of-text) only
+    data = ConversationData(tmp_path / "r", resolve_checkpoint(trained_run), seq_len=1024)
+    tok = load_tokenizer(resolve_checkpoint(trained_run))
+    ids, labels = data.conversations[0]
+    learned = [y for y in labels if y != IGNORE]
+    assert learned == tok.encode(records["train"][0]["completion"]).ids + [data.eot_id]
 
 
 def test_data_prepare_with_a_given_tokenizer(capsys, tmp_path, trained_run):

@@ -112,6 +112,28 @@ def test_retrieval_documents_share_no_wording_with_the_passkey_evaluation(tmp_pa
         passkey.retrieval_document(lines, 60, rng, keys=9)
 
 
+def test_retrieval_examples_end_where_the_number_is_recalled():
+    """`passkey.retrieval_example`: the prompt states one number once and ends with its recall cut just before the
+    number; the completion is the number; reproducible from the rng; none of the evaluation's wording."""
+    import random
+
+    from dsv3.train import passkey
+
+    lines = [f"line {j}, my lord." for j in range(50)]
+    banned = [passkey.INTRO.strip(), passkey.QUESTION.strip(), "pass key", "Remember it"]
+    examples = [passkey.retrieval_example(lines, words, random.Random(7)) for words in (5, 60, 400)]
+    assert examples[1] == passkey.retrieval_example(lines, 60, random.Random(7))
+    for ex in examples:
+        key = ex["completion"].strip().rstrip(".")
+        assert ex["completion"] == f" {key}.\n" and len(key) == passkey.DIGITS and key.isdigit()
+        assert ex["prompt"].count(key) == 1 and not ex["prompt"].endswith(" ")
+        stated = re.search(rf"(the [a-z ]+) is {key}\.", ex["prompt"]).group(1)
+        assert ex["prompt"].lower().endswith(f"{stated} is")  # asked by the name it was stated under
+        assert not any(b in ex["prompt"] for b in banned)
+    with pytest.raises(ValueError, match="at least one word"):
+        passkey.retrieval_example(lines, 0, random.Random(0))
+
+
 def test_copy_documents_repeat_one_line_of_frequent_corpus_words():
     """A copy document is one line of words from the given vocabulary written 2-4 times, the same for the same
     seed; bad ranges are refused."""

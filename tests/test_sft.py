@@ -111,7 +111,9 @@ def test_resumed_sft_run_equals_the_uninterrupted_one(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("line,message", [
-    ('{"prompt": "x"}', r"a\.jsonl:2: field 'messages' is missing"),
+    ('{"prompt": "x"}', r"a\.jsonl:2: field 'messages' is missing \(a conversation\), or 'prompt' and 'completion'"),
+    ('{"prompt": 1, "completion": "y"}', r"a\.jsonl:2: field 'prompt' must be a string"),
+    ('{"prompt": "x", "completion": ""}', r"a\.jsonl:2: completion: empty"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', r"a\.jsonl:2: messages\[0\]\.role = 'robot'"),
     ('{"messages": [{"role": "user", "content": 3}]}', r"a\.jsonl:2: messages\[0\]\.content must be a string"),
     ('{"messages": [{"role": "user", "content": "only a question"}]}', r"a\.jsonl:2: messages: no assistant"),

@@ -125,6 +125,18 @@ def _data_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_retrieval(args: argparse.Namespace) -> int:
+    from .train.data import write_retrieval_data
+
+    if len(args.words) != 2 or args.words[0] > args.words[1]:
+        raise _UsageError(f"--words takes MIN,MAX with MIN <= MAX, got {','.join(map(str, args.words))}")
+    _claim_out(args.out, args.overwrite)
+    meta = write_retrieval_data(args.out, args.train, args.val, tuple(args.words), args.seed)
+    print(f"retrieval: {meta['train']:,} train and {meta['val']:,} held-out prompt-completion records of "
+          f"{meta['words'][0]}-{meta['words'][1]} words (seed {meta['seed']}) written to {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ train
 def _train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per TrainConfig field (but `skip`): its help text and closed set of values come from the field."""
@@ -990,6 +1002,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="difficulty, drawn uniformly from LO..HI: digits per operand (add; default 2,4), digits of "
                    "the first factor (multiply; 2,3), list length (sort 4,7; count 5,9; reverse 3,6)")
     q.set_defaults(func=_data_tasks, command="data tasks")
+    q = data_sub.add_parser("retrieval", help="retrieval examples as prompt-completion JSONL train/val splits (a "
+                            "number stated in corpus text, its recall the completion): `dsv3 sft BASE --data OUT` "
+                            "learns to retrieve with the loss on the numbers only")
+    q.add_argument("--out", required=True, help="directory to create (train.jsonl, val.jsonl, retrieval.json)")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    q.add_argument("--train", type=_non_negative_int, default=20000, help="training records (default: 20000)")
+    q.add_argument("--val", type=_non_negative_int, default=500,
+                   help="held-out records, their text from the held-out plays (default: 500)")
+    q.add_argument("--words", type=_word_counts, default=[20, 150], metavar="MIN,MAX",
+                   help="words per record, log-uniform between MIN and MAX (default: 20,150)")
+    q.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default: 0)")
+    q.set_defaults(func=_data_retrieval, command="data retrieval")
 
     p = sub.add_parser("train", help="train a model (flags override --config TOML)")
     p.add_argument("--config", metavar="TOML", help="training settings: TrainConfig keys (top level or [train])")
@@ -998,8 +1022,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (messages JSONL): loss on the "
-                       "assistant's tokens, conversations packed; the trainer's flags")
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (messages JSONL; loss on the "
+                       "assistant's tokens) or raw prompt-completion records (loss on the completion), packed; the "
+                       "trainer's flags")
     p.add_argument("base", nargs="?", help="the checkpoint or run to fine-tune (its tokenizer and chat template "
                    "encode the conversations)")
     p.add_argument("--config", metavar="TOML", help="training settings: TrainConfig keys (top level or [train])")

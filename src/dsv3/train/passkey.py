@@ -39,16 +39,9 @@ RETRIEVAL_STATE = ("Note that {name} is {key}.", "Write this down: {name} is {ke
 RETRIEVAL_ASK = ("Now, once more: {name} is {key}.", "To repeat it, {name} is {key}.", "So {name} is {key}.")
 
 
-def retrieval_document(lines: list[str], words: int, rng: random.Random, keys: int = 1) -> str:
-    """One training document of about `words` words: consecutive `lines` of the corpus from a random start,
-    `keys` DIGITS-digit numbers, each under its own one of `RETRIEVAL_NAMES`, stated at random lines
-    (`RETRIEVAL_STATE`) and all stated again at the end (`RETRIEVAL_ASK`, one per line, in a random order);
-    deterministic given `rng`'s state. Several keys make the document multi-query associative recall (Arora et al.
-    2023, "Zoology"): more digits to copy per token, each found by its name.
-
-    Raises:
-        ValueError: no lines, words < 1, or keys outside 1..len(RETRIEVAL_NAMES).
-    """
+def _stated(lines: list[str], words: int, rng: random.Random, keys: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Consecutive corpus `lines` of about `words` words from a random start with `keys` numbers stated at random
+    lines (each under its own name): (the lines, [(name, key)] in statement order). Checks the arguments."""
     if not lines or words < 1:
         raise ValueError("a retrieval document needs corpus lines and at least one word")
     if not 1 <= keys <= len(RETRIEVAL_NAMES):
@@ -64,10 +57,45 @@ def retrieval_document(lines: list[str], words: int, rng: random.Random, keys: i
         key = str(rng.randrange(10 ** (DIGITS - 1), 10**DIGITS))
         body.insert(rng.randrange(len(body) + 1), rng.choice(RETRIEVAL_STATE).format(name=name, key=key))
         stated.append((name, key))
+    return body, stated
+
+
+def _ask(name: str, key: str, rng: random.Random) -> str:
+    ask = rng.choice(RETRIEVAL_ASK).format(name=name, key=key)
+    return ask[0].upper() + ask[1:]
+
+
+def retrieval_document(lines: list[str], words: int, rng: random.Random, keys: int = 1) -> str:
+    """One training document of about `words` words: consecutive `lines` of the corpus from a random start,
+    `keys` DIGITS-digit numbers, each under its own one of `RETRIEVAL_NAMES`, stated at random lines
+    (`RETRIEVAL_STATE`) and all stated again at the end (`RETRIEVAL_ASK`, one per line, in a random order);
+    deterministic given `rng`'s state. Several keys make the document multi-query associative recall (Arora et al.
+    2023, "Zoology"): more digits to copy per token, each found by its name.
+
+    Raises:
+        ValueError: no lines, words < 1, or keys outside 1..len(RETRIEVAL_NAMES).
+    """
+    body, stated = _stated(lines, words, rng, keys)
     if keys > 1:
         rng.shuffle(stated)
-    asks = [rng.choice(RETRIEVAL_ASK).format(name=name, key=key) for name, key in stated]
-    return "\n".join(body + [a[0].upper() + a[1:] for a in asks]) + "\n"
+    return "\n".join(body + [_ask(name, key, rng) for name, key in stated]) + "\n"
+
+
+def retrieval_example(lines: list[str], words: int, rng: random.Random) -> dict[str, str]:
+    """One prompt-completion record (`train.sft`): {"prompt": a retrieval document of about `words` words with one
+    number, ending in its recall cut just before the number, "completion": " NUMBER." and a newline}. Trained with
+    the loss on the completion only, the recall weighs as much as a whole row would under the plain language-model
+    loss, where it is a few tokens of hundreds: at `small`'s scale the plain loss does not teach retrieval in a
+    session's budget, a weighted answer does (`benchmarks/copy_task.py --task needle`). Deterministic given `rng`'s
+    state; shares no wording with the evaluation.
+
+    Raises:
+        ValueError: no lines, or words < 1.
+    """
+    body, [(name, key)] = _stated(lines, words, rng, 1)
+    ask = _ask(name, key, rng)
+    cut = ask.rindex(" " + key)
+    return {"prompt": "\n".join(body + [ask[:cut]]), "completion": ask[cut:] + "\n"}
 
 
 def copy_document(vocabulary: list[str], rng: random.Random, words: tuple[int, int] = (8, 40),

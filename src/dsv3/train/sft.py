@@ -1,8 +1,12 @@
 """Chat SFT data (DeepSeek-V3 report, section 5.1): conversations rendered by the checkpoint's own chat template,
 the loss on the assistant's tokens only, several conversations packed per row.
 
-A record is one JSONL line {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]} (what
-`dsv3 data tasks` writes; other fields are ignored). Its tokens are `ChatTemplate.encode` of the whole
+A record is one JSONL line, either a conversation {"messages": [{"role": "system" | "user" | "assistant",
+"content": str}, ...]} (what `dsv3 data tasks` writes; other fields are ignored) or raw text {"prompt": str,
+"completion": str} (no chat template: the prompt's tokens, then the completion's, each encoded on its own, then
+end-of-text; the targets are the completion's tokens and the end-of-text, the prompt is context only: the
+"prompt-completion" format with a completion-only loss, what `dsv3 data retrieval` writes). A record with
+"messages" is a conversation whatever else it holds. A conversation's tokens are `ChatTemplate.encode` of the whole
 conversation (the one renderer the server and `dsv3 eval --task` prompt with) followed by the tokenizer's
 end-of-text token. Targets (`labels[i]`, the token position i learns to predict) are the tokens of each assistant
 message and the token right after it (what ends the turn: the template's next-turn text, or end-of-text after the
@@ -83,9 +87,36 @@ def encode_conversation(template: ChatTemplate, tokenizer, messages: list[dict],
     return full, labels
 
 
+def encode_completion(tokenizer, prompt: str, completion: str, eot_id: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one prompt-completion record, both [L]: see the module docstring.
+
+    Raises:
+        SFTDataError: the completion encodes to no tokens (field "completion").
+    """
+    context, answer = tokenizer.encode(prompt).ids, tokenizer.encode(completion).ids
+    if not answer:
+        raise SFTDataError("completion: empty, nothing to learn from")
+    ids = context + answer + [eot_id]
+    labels = [IGNORE] * len(ids)
+    for j in range(max(len(context), 1), len(ids)):
+        labels[j - 1] = ids[j]  # position j-1 learns to predict token j
+    return ids, labels
+
+
+def _completion(record, where: str) -> tuple[str, str] | None:
+    """(prompt, completion) of a raw-text record, None for a conversation; checked."""
+    if not isinstance(record, dict) or "messages" in record or "completion" not in record:
+        return None
+    for field in ("prompt", "completion"):
+        if not isinstance(record.get(field), str):
+            raise SFTDataError(f"{where}: field '{field}' must be a string")
+    return record["prompt"], record["completion"]
+
+
 def _messages(record, where: str) -> list[dict]:
     if not isinstance(record, dict) or "messages" not in record:
-        raise SFTDataError(f"{where}: field 'messages' is missing")
+        raise SFTDataError(f"{where}: field 'messages' is missing (a conversation), or 'prompt' and 'completion' "
+                           "(raw text)")
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise SFTDataError(f"{where}: field 'messages' must be a non-empty list")
@@ -108,8 +139,8 @@ def conversation_file(path: str | Path, split: str = "train") -> Path:
     path = Path(path)
     file = path / f"{split}.jsonl" if path.is_dir() else path
     if not file.is_file():
-        raise SFTDataError(f"{file}: no such conversation file (a JSONL of {{\"messages\": [...]}} records, or a "
-                           f"directory holding {split}.jsonl)")
+        raise SFTDataError(f"{file}: no such conversation file (a JSONL of {{\"messages\": [...]}} or {{\"prompt\", "
+                           f"\"completion\"}} records, or a directory holding {split}.jsonl)")
     return file
 
 
@@ -136,7 +167,9 @@ class ConversationData:
         for n, record in jsonl_records(self.file, SFTDataError):
             where = f"{self.file}:{n}"
             try:
-                ids, labels = encode_conversation(template, tokenizer, _messages(record, where), self.eot_id)
+                raw = _completion(record, where)
+                ids, labels = (encode_completion(tokenizer, *raw, self.eot_id) if raw is not None else
+                               encode_conversation(template, tokenizer, _messages(record, where), self.eot_id))
             except (SFTDataError, ChatTemplateError) as e:
                 raise SFTDataError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
             if len(ids) > seq_len:
