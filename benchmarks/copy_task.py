@@ -6,9 +6,9 @@ from scratch (or from a checkpoint), the loss on the predictable positions print
   that attends a fixed distance back solves it without matching content; `--shift S` (`shifted_rows`) moves the
   pair to a random offset, `--stream` cuts rows at random offsets from a stream of copy documents and `--data DIR`
   takes a dataset's training windows, both as `dsv3 train` samples.
-- `needle` (`needle_rows`): one needle id (from a set of --needles of its own) somewhere in L random filler ids, then a
-  query id and the needle again: the plainest content retrieval, all that passkey retrieval (issue 15) asks, since
-  its prompt holds one number.
+- `needle` (`needle_rows`): a needle of --needle-size ids (from a set of --needles of their own) somewhere in L
+  random filler ids, then a query id and the needle again: the plainest content retrieval. Passkey retrieval
+  (issue 15) is of this kind, its prompt holding one number: a needle of a few tokens, copied in order.
 
 `--answer-weight W` trains on mean(all positions) + W x mean(scored positions); 0 is the plain language-model loss
 of `dsv3 train`. What it showed on `small` (README, "Context extension"): at LR 5e-4 the needle is found within ~250
@@ -19,7 +19,7 @@ transformers' LlamaForCausalLM of the same width, depth and heads (plain attenti
 
     OMP_NUM_THREADS=2 python benchmarks/copy_task.py [--task copy|needle] [--model-config small] [--lrs 5e-4,1e-3]
         [--steps 600] [--seeds 0] [--length 32] [--tokens 1000] [--shift S | --stream | --data DIR]
-        [--answer-weight 0] [--init-from CKPT] [--hf] [--llama]
+        [--needles 100] [--needle-size 1] [--answer-weight 0] [--init-from CKPT_OR_RUN] [--hf] [--llama]
 
 Rows: --batch rows, ids drawn uniformly from [3, 3 + --tokens) (few enough distinct ids that each one's embedding
 trains), AdamW (betas 0.9/0.95, weight decay 0.1, no warm-up, constant LR), gradients clipped at 1, seeded data per
@@ -68,19 +68,21 @@ def shifted_rows(step: int, batch: int, length: int, tokens: int, shift: int) ->
 QUERY = 2  # the id that asks for the needle
 
 
-def needle_rows(step: int, batch: int, length: int, tokens: int, needles: int = 100) -> Rows:
-    """[batch, length + 2]: `length` random filler ids in [3, 3 + tokens), one of them replaced at a random
-    position by a needle id (from [3 + tokens, 3 + tokens + needles), a set of its own), then the QUERY id and the
-    needle again; scored: the
-    answer. The plainest content retrieval (what passkey retrieval asks: one number in filler): one attention head
-    that looks for the needle set wherever it is suffices. Seeded by `step`."""
+def needle_rows(step: int, batch: int, length: int, tokens: int, needles: int = 100, size: int = 1) -> Rows:
+    """[batch, length + 1 + size]: `length` random filler ids in [3, 3 + tokens), `size` consecutive ones replaced
+    at a random position by a needle (`size` ids from [3 + tokens, 3 + tokens + needles), a set of their own), then
+    the QUERY id and the needle again; scored: the answer's `size` positions. The plainest content retrieval (what
+    passkey retrieval asks: one number in filler): with size 1, one attention head that looks for the needle set
+    wherever it is suffices; a longer needle (a number written digit by digit) must also be copied in order.
+    Seeded by `step`."""
     g = torch.Generator().manual_seed(step)
-    rows = torch.randint(3, 3 + tokens, (batch, length + 2), generator=g)
-    needle = torch.randint(3 + tokens, 3 + tokens + needles, (batch,), generator=g)
-    rows[torch.arange(batch), torch.randint(0, length, (batch,), generator=g)] = needle
-    rows[:, length], rows[:, length + 1] = QUERY, needle
-    scored = torch.zeros(batch, length + 1, dtype=torch.bool)
-    scored[:, -1] = True
+    rows = torch.randint(3, 3 + tokens, (batch, length + 1 + size), generator=g)
+    needle = torch.randint(3 + tokens, 3 + tokens + needles, (batch, size), generator=g)  # [B, size]
+    at = torch.randint(0, length - size + 1, (batch,), generator=g)[:, None] + torch.arange(size)  # [B, size]
+    rows.scatter_(1, at, needle)
+    rows[:, length], rows[:, length + 1 :] = QUERY, needle
+    scored = torch.zeros(batch, length + size, dtype=torch.bool)
+    scored[:, length:] = True  # position length + i predicts the answer's token i
     return rows, scored
 
 
@@ -124,11 +126,11 @@ def train_rows(model, forward, rows_of, lr: float, steps: int, answer_weight: fl
     return curve
 
 
-def _dsv3(cfg, seed: int, init_from: str | None = None):
-    model = dsv3.DeepseekV3(cfg)
-    if init_from:  # a trained checkpoint's weights (its MTP module dropped)
-        model.load_state_dict(dsv3.load_pretrained(init_from, progress=False).state_dict(), strict=False)
+def _dsv3(cfg, seed: int, init_from=None):
+    if init_from is not None:  # a trained checkpoint's weights, its MTP module not loaded (`seed` is then unused)
+        model = dsv3.load_pretrained(init_from, load_mtp=False, progress=False)
     else:
+        model = dsv3.DeepseekV3(cfg)
         model.init_weights(seed=seed)
     return model, lambda m, x: m(x, mtp=False).logits
 
@@ -161,9 +163,10 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=32, help="tokens per copy")
     ap.add_argument("--tokens", type=int, default=1000, help="distinct token ids drawn")
     ap.add_argument("--task", choices=["copy", "needle"], default="copy", help="copy: L random tokens twice; "
-                    "needle: one needle id in L filler ids, recalled after a query id (`needle_rows`)")
+                    "needle: a needle of --needle-size ids in L filler ids, recalled after a query id (`needle_rows`)")
     ap.add_argument("--needles", type=int, default=100, help="needle: distinct needle ids (how many a model must "
                     "learn to copy)")
+    ap.add_argument("--needle-size", type=int, default=1, help="needle: ids per needle, recalled in order")
     ap.add_argument("--shift", type=int, default=0, help="copy: the pair at a random offset in [0, SHIFT] of a "
                     "row of random tokens (`shifted_rows`)")
     ap.add_argument("--stream", action="store_true", help="copy: rows at random offsets into a stream of copy "
@@ -179,24 +182,32 @@ def main() -> None:
     args = ap.parse_args()
     if sum(map(bool, (args.shift, args.stream, args.data, args.task == "needle"))) > 1:
         ap.error("--shift, --stream, --data and --task needle are different row sources: choose one")
-    cfg = dsv3.get_config(dsv3.resolve_checkpoint(args.init_from) if args.init_from else args.model_config)
-    cfg = cfg.replace(num_nextn_predict_layers=0)
+    if args.task != "needle" and (args.needles, args.needle_size) != (100, 1):
+        ap.error("--needles and --needle-size shape --task needle's rows")
+    if args.shift < 0 or not 1 <= args.needle_size <= args.length or min(args.needles, args.length, args.batch) < 1:
+        ap.error("need --shift >= 0, 1 <= --needle-size <= --length, and --needles, --length, --batch >= 1")
+    init = dsv3.resolve_checkpoint(args.init_from) if args.init_from else None
+    cfg = dsv3.get_config(init or args.model_config).replace(num_nextn_predict_layers=0)
     tokens = min(args.tokens, cfg.vocab_size - 3 - (args.needles if args.task == "needle" else 0))
     if args.data:
         from dsv3.train.data import TokenData
 
         data = TokenData(args.data, "train")
+        if data.meta["vocab_size"] > cfg.vocab_size:
+            ap.error(f"--data {args.data}: its vocabulary ({data.meta['vocab_size']}) exceeds the model's "
+                     f"({cfg.vocab_size}); give --init-from a checkpoint of that tokenizer or a --model-config")
 
         def rows_of(step):
             rows = data.batch(args.batch, 2 * args.length - 1, 0, step)
             return rows, torch.ones(args.batch, 2 * args.length - 1, dtype=torch.bool)
-        scored, chance = "every position", float("nan")
+        scored, chance = "every position of the dataset's windows", float("nan")
     elif args.stream:
         stream = copy_stream(args.length, tokens)
         rows_of = lambda step: stream_rows(stream, step, args.batch, args.length)  # noqa: E731
         scored, chance = "every position", math.log(tokens)
     elif args.task == "needle":
-        rows_of = lambda step: needle_rows(step, args.batch, args.length, tokens, args.needles)  # noqa: E731
+        rows_of = lambda step: needle_rows(step, args.batch, args.length, tokens, args.needles,  # noqa: E731
+                                             args.needle_size)
         scored, chance = "the answer", math.log(args.needles)
     elif args.shift:
         rows_of = lambda step: shifted_rows(step, args.batch, args.length, tokens, args.shift)  # noqa: E731
@@ -204,11 +215,13 @@ def main() -> None:
     else:
         rows_of = lambda step: copy_rows(step, args.batch, args.length, tokens)  # noqa: E731
         scored, chance = "the second copy", math.log(tokens)
-    print(f"{args.init_from or args.model_config}: {args.task}, batch {args.batch}, length {args.length}, ids from "
-          f"{tokens} tokens; loss on {scored} per 100 steps (chance {chance:.2f} nats), answer weight "
-          f"{args.answer_weight:g}, {torch.get_num_threads()} threads", flush=True)
-    builders = [(f"dsv3 {args.model_config}" + (f" from {args.init_from}" if args.init_from else ""),
-                 lambda cfg, seed: _dsv3(cfg, seed, args.init_from))]
+    task = "dataset windows" if args.data else args.task
+    print(f"{init or args.model_config}: {task}, batch {args.batch}, length {args.length}"
+          + ("" if args.data else f", ids from {tokens} tokens") + f"; loss on {scored} per 100 steps"
+          + ("" if args.data else f" (chance {chance:.2f} nats)")
+          + f", answer weight {args.answer_weight:g}, {torch.get_num_threads()} threads", flush=True)
+    name = f"dsv3 from {init}" if init else f"dsv3 {args.model_config}"
+    builders = [(name, lambda cfg, seed: _dsv3(cfg, seed, init))]
     builders += [("transformers DeepseekV3", _transformers_deepseek)] if args.hf else []
     builders += [("llama of the same shape", _llama)] if args.llama else []
     for lr in (float(x) for x in args.lrs.split(",")):

@@ -230,7 +230,7 @@ def test_data_retrieval(capsys, tmp_path, trained_run):
     assert code == 0 and (tmp_path / "r2" / "train.jsonl").read_bytes() == first  # reproducible from the seed
     code, _, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "y", "--words", "30,10")
     assert_usage_error(code, err, "data retrieval", "--words")
-    # `dsv3 sft` reads the records: the loss falls on the numbers (and the end-of-text) only
+    # `dsv3 sft` reads the records: the loss falls on the completion (number, full stop, newline) and EOT only
     data = ConversationData(tmp_path / "r", resolve_checkpoint(trained_run), seq_len=1024)
     tok = load_tokenizer(resolve_checkpoint(trained_run))
     ids, labels = data.conversations[0]

@@ -41,6 +41,22 @@ def test_loss_mask_covers_the_assistant_and_what_ends_its_turn(trained_run):
     assert targets == first + newline[:1] + second + [eot]
 
 
+def test_prompt_completion_records_learn_the_completion_and_its_end_only():
+    """Raw records: the prompt encoded as a prompt (with the BOS this tokenizer's post-processor adds), the completion
+    without special tokens (no BOS mid-record), end-of-text after it; the targets are the completion and EOT."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from dsv3.train.sft import encode_completion
+
+    vocab = {"<bos>": 0, EOT: 1, "a": 2, "b": 3, "1": 4, ".": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    ids, labels = encode_completion(tok, "a b", "1 .", eot_id=1)
+    assert ids == [0, 2, 3, 4, 5, 1]
+    assert labels == [IGNORE, IGNORE, 4, 5, 1, IGNORE]  # "b" predicts "1", "1" predicts ".", "." predicts EOT
+
+
 def test_a_template_whose_prefixes_do_not_extend_is_refused(trained_run):
     ckpt = resolve_checkpoint(trained_run)
     tok = load_tokenizer(ckpt)
@@ -114,11 +130,12 @@ def test_resumed_sft_run_equals_the_uninterrupted_one(trained_run, tmp_path):
     ('{"prompt": "x"}', r"a\.jsonl:2: field 'messages' is missing \(a conversation\), or 'prompt' and 'completion'"),
     ('{"prompt": 1, "completion": "y"}', r"a\.jsonl:2: field 'prompt' must be a string"),
     ('{"prompt": "x", "completion": ""}', r"a\.jsonl:2: completion: empty"),
+    ('{"prompt": "", "completion": "y"}', r"a\.jsonl:2: prompt: empty"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', r"a\.jsonl:2: messages\[0\]\.role = 'robot'"),
     ('{"messages": [{"role": "user", "content": 3}]}', r"a\.jsonl:2: messages\[0\]\.content must be a string"),
     ('{"messages": [{"role": "user", "content": "only a question"}]}', r"a\.jsonl:2: messages: no assistant"),
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "' + "word " * 80 + '"}]}',
-     r"a\.jsonl:2: the conversation has \d+ tokens, more than seq_len 64"),
+     r"a\.jsonl:2: the record has \d+ tokens, more than seq_len 64"),
     ("not json", r"a\.jsonl:2: not JSON"),
 ])
 def test_malformed_conversations_name_file_line_and_field(trained_run, tmp_path, line, message):

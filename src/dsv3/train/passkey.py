@@ -15,6 +15,9 @@ copy (`--retrieval-keys K`: K numbers under K names, all recalled at the end). I
 evaluation's text: the filler is the corpus itself, each number is named by one of `RETRIEVAL_NAMES` (never
 "pass key"), and its sentences are `RETRIEVAL_STATE` / `RETRIEVAL_ASK`, not `KEY` /
 `QUESTION` (tests/test_context.py checks that no evaluation sentence occurs in a training document).
+`retrieval_example` writes the same text as a prompt-completion record (`dsv3 data retrieval`, trained by `dsv3
+sft` with the loss on the completion alone: the number, its full stop and newline): the prompt ends where the
+number is recalled.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Chat SFT data (DeepSeek-V3 report, section 5.1): conversations rendered by the checkpoint's own chat template,
-the loss on the assistant's tokens only, several conversations packed per row.
+"""SFT data (DeepSeek-V3 report, section 5.1): chat conversations rendered by the checkpoint's own chat template,
+the loss on the assistant's tokens only, or raw prompt-completion records, the loss on the completion only; several
+records packed per row.
 
 A record is one JSONL line, either a conversation {"messages": [{"role": "system" | "user" | "assistant",
 "content": str}, ...]} (what `dsv3 data tasks` writes; other fields are ignored) or raw text {"prompt": str,
-"completion": str} (no chat template: the prompt's tokens, then the completion's, each encoded on its own, then
-end-of-text; the targets are the completion's tokens and the end-of-text, the prompt is context only: the
-"prompt-completion" format with a completion-only loss, what `dsv3 data retrieval` writes). A record with
+"completion": str} (no chat template: the prompt's tokens as the tokenizer encodes a prompt, then the completion's
+without special tokens, then end-of-text; the targets are the completion's tokens and the end-of-text, the prompt
+is context only: the "prompt-completion" format with a completion-only loss, what `dsv3 data retrieval` writes). A record with
 "messages" is a conversation whatever else it holds. A conversation's tokens are `ChatTemplate.encode` of the whole
 conversation (the one renderer the server and `dsv3 eval --task` prompt with) followed by the tokenizer's
 end-of-text token. Targets (`labels[i]`, the token position i learns to predict) are the tokens of each assistant
@@ -91,14 +92,16 @@ def encode_completion(tokenizer, prompt: str, completion: str, eot_id: int) -> t
     """(ids, labels) of one prompt-completion record, both [L]: see the module docstring.
 
     Raises:
-        SFTDataError: the completion encodes to no tokens (field "completion").
+        SFTDataError: the prompt or the completion encodes to no tokens (field named).
     """
-    context, answer = tokenizer.encode(prompt).ids, tokenizer.encode(completion).ids
-    if not answer:
-        raise SFTDataError("completion: empty, nothing to learn from")
+    context = tokenizer.encode(prompt).ids  # as the engine encodes a prompt (a BOS the tokenizer adds included)
+    answer = tokenizer.encode(completion, add_special_tokens=False).ids
+    for field, tokens in (("prompt", context), ("completion", answer)):
+        if not tokens:
+            raise SFTDataError(f"{field}: empty (the completion is learned as the prompt's continuation)")
     ids = context + answer + [eot_id]
     labels = [IGNORE] * len(ids)
-    for j in range(max(len(context), 1), len(ids)):
+    for j in range(len(context), len(ids)):
         labels[j - 1] = ids[j]  # position j-1 learns to predict token j
     return ids, labels
 
@@ -145,8 +148,8 @@ def conversation_file(path: str | Path, split: str = "train") -> Path:
 
 
 class ConversationData:
-    """The conversations of a JSONL file, encoded for a checkpoint's tokenizer and chat template, served as packed
-    batches. `meta["vocab_size"]`, `eot_id` and `tokenizer_file` as `TokenData` has them, for the trainer."""
+    """The records of a JSONL file (conversations or prompt-completion records, "conversations" below), encoded for
+    a checkpoint's tokenizer (and chat template), served as packed batches. `meta["vocab_size"]`, `eot_id` and `tokenizer_file` as `TokenData` has them, for the trainer."""
 
     def __init__(self, path: str | Path, checkpoint: str | Path, seq_len: int, split: str = "train"):
         """Raises:
@@ -173,11 +176,11 @@ class ConversationData:
             except (SFTDataError, ChatTemplateError) as e:
                 raise SFTDataError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
             if len(ids) > seq_len:
-                raise SFTDataError(f"{where}: the conversation has {len(ids)} tokens, more than seq_len {seq_len}; "
+                raise SFTDataError(f"{where}: the record has {len(ids)} tokens, more than seq_len {seq_len}; "
                                    "shorten it or raise seq_len")
             self.conversations.append((ids, labels))
         if not self.conversations:
-            raise SFTDataError(f"{self.file}: no conversations")
+            raise SFTDataError(f"{self.file}: no records (conversations or prompt-completion pairs)")
         self._epochs: dict[tuple[int, int], list[list[int]]] = {}  # (seed, epoch) -> rows of conversation indices
 
     def __len__(self) -> int:
