@@ -89,8 +89,8 @@ def retrieval_example(lines: list[str], words: int, rng: random.Random) -> dict[
     number, ending in its recall cut just before the number, "completion": " NUMBER." and a newline}. Trained with
     the loss on the completion only, the recall weighs as much as a whole row would under the plain language-model
     loss, where it is a few tokens of hundreds: at `small`'s scale the plain loss does not teach retrieval in a
-    session's budget, a weighted answer does (`benchmarks/copy_task.py --task needle`). Deterministic given `rng`'s
-    state; shares no wording with the evaluation.
+    session's budget, a weighted answer does when the ids to copy are few (`benchmarks/copy_task.py --task
+    needle`). Deterministic given `rng`'s state; shares no wording with the evaluation.
 
     Raises:
         ValueError: no lines, or words < 1.

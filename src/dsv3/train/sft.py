@@ -2,11 +2,11 @@
 the loss on the assistant's tokens only, or raw prompt-completion records, the loss on the completion only; several
 records packed per row.
 
-A record is one JSONL line, either a conversation {"messages": [{"role": "system" | "user" | "assistant",
-"content": str}, ...]} (what `dsv3 data tasks` writes; other fields are ignored) or raw text {"prompt": str,
-"completion": str} (no chat template: the prompt's tokens as the tokenizer encodes a prompt, then the completion's
-without special tokens, then end-of-text; the targets are the completion's tokens and the end-of-text, the prompt
-is context only: the "prompt-completion" format with a completion-only loss, what `dsv3 data retrieval` writes). A record with
+A record is one JSONL line, either a conversation {"messages": [{"role": "system" | "user" | "assistant", "content":
+str}, ...]} (what `dsv3 data tasks` writes; other fields are ignored) or raw text {"prompt": str, "completion": str}
+(no chat template: the prompt's tokens as the tokenizer encodes a prompt, then the completion's without special
+tokens, then end-of-text; the targets are the completion's tokens and the end-of-text, the prompt is context only:
+the "prompt-completion" format with a completion-only loss, what `dsv3 data retrieval` writes). A record with
 "messages" is a conversation whatever else it holds. A conversation's tokens are `ChatTemplate.encode` of the whole
 conversation (the one renderer the server and `dsv3 eval --task` prompt with) followed by the tokenizer's
 end-of-text token. Targets (`labels[i]`, the token position i learns to predict) are the tokens of each assistant
@@ -149,7 +149,8 @@ def conversation_file(path: str | Path, split: str = "train") -> Path:
 
 class ConversationData:
     """The records of a JSONL file (conversations or prompt-completion records, "conversations" below), encoded for
-    a checkpoint's tokenizer (and chat template), served as packed batches. `meta["vocab_size"]`, `eot_id` and `tokenizer_file` as `TokenData` has them, for the trainer."""
+    a checkpoint's tokenizer (and chat template), served as packed batches. `meta["vocab_size"]`, `eot_id` and
+    `tokenizer_file` as `TokenData` has them, for the trainer."""
 
     def __init__(self, path: str | Path, checkpoint: str | Path, seq_len: int, split: str = "train"):
         """Raises:
