@@ -4,6 +4,7 @@ predicts the second copy far better than the first. Passkey retrieval (`dsv3 eva
 a checkpoint that fails here cannot pass it whatever its context length (issue 15).
 
     python benchmarks/induction_probe.py CKPT_OR_RUN [CKPT_OR_RUN ...] [--length 40] [--rows 8] [--keys 8]
+        [--records VAL.jsonl [--limit 100]]
 
 Prints, per checkpoint: the mean loss (nats/token) on the first and on the second copy, and top-1 accuracy on the
 second. Tokens are drawn uniformly from ids 300..1299 (past the byte alphabet and the specials; BPE's early merges,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from pathlib import Path
 
 import torch
 
@@ -63,12 +65,31 @@ def retrieval_probe(model, tok, keys: int, docs: int = 40) -> tuple[float, float
     return sum(stated) / len(stated), sum(recalled) / len(recalled), exact, len(recalled)
 
 
+def completion_probe(model, tok, file: str, limit: int) -> tuple[int, int]:
+    """(exact, records): greedy continuations of the first `limit` prompt-completion records of `file` (a JSONL,
+    e.g. `dsv3 data retrieval`'s val.jsonl) that begin with the completion, its trailing newline aside."""
+    import json
+
+    from dsv3.train.passkey import greedy
+
+    records = [json.loads(line) for line in Path(file).read_text().splitlines()[:limit]]
+    exact = 0
+    for r in records:
+        answer = tok.encode(r["completion"].rstrip("\n"), add_special_tokens=False).ids
+        out = greedy(model, tok.encode(r["prompt"]).ids, len(answer))
+        exact += out == answer
+    return exact, len(records)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="checkpoint directories or training runs")
     ap.add_argument("--length", type=int, default=40, help="tokens per copy")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--keys", type=int, default=8, help="numbers per retrieval document")
+    ap.add_argument("--records", help="also: greedy exact match on this JSONL of prompt-completion records (`dsv3 "
+                    "data retrieval`'s val.jsonl: held-out plays' text)")
+    ap.add_argument("--limit", type=int, default=100, help="with --records: how many, from the first")
     args = ap.parse_args()
     for ck in args.checkpoints:
         ckpt = dsv3.resolve_checkpoint(ck)
@@ -78,6 +99,9 @@ def main() -> None:
         stated, recalled, exact, n = retrieval_probe(model, load_tokenizer(ckpt), args.keys)
         print(f"  retrieval documents ({args.keys} keys): loss on a number's tokens where stated {stated:.2f}, where "
               f"recalled {recalled:.2f}; exact recalls {exact}/{n}")
+        if args.records:
+            exact, n = completion_probe(model, load_tokenizer(ckpt), args.records, args.limit)
+            print(f"  {args.records}: {exact}/{n} greedy completions exact")
 
 
 if __name__ == "__main__":
