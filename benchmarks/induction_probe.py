@@ -68,11 +68,11 @@ def retrieval_probe(model, tok, keys: int, docs: int = 40) -> tuple[float, float
 def completion_probe(model, tok, file: str, limit: int) -> tuple[int, int]:
     """(exact, records): greedy continuations of the first `limit` prompt-completion records of `file` (a JSONL,
     e.g. `dsv3 data retrieval`'s val.jsonl) that begin with the completion, its trailing newline aside."""
-    import json
-
+    from dsv3.errors import Dsv3Error
+    from dsv3.runs import jsonl_records
     from dsv3.train.passkey import greedy
 
-    records = [json.loads(line) for line in Path(file).read_text().splitlines()[:limit]]
+    records = [r for _, r in jsonl_records(Path(file), Dsv3Error)[:limit]]
     exact = 0
     for r in records:
         answer = tok.encode(r["completion"].rstrip("\n"), add_special_tokens=False).ids
@@ -93,14 +93,14 @@ def main() -> None:
     args = ap.parse_args()
     for ck in args.checkpoints:
         ckpt = dsv3.resolve_checkpoint(ck)
-        model = dsv3.load_pretrained(ckpt, progress=False).eval()
+        model, tok = dsv3.load_pretrained(ckpt, progress=False).eval(), load_tokenizer(ckpt)
         first, second, top1 = probe(model, args.length, args.rows)
         print(f"{ck}: loss on the first copy {first:.2f}, on the second {second:.2f}; top-1 on the second {top1:.0%}")
-        stated, recalled, exact, n = retrieval_probe(model, load_tokenizer(ckpt), args.keys)
+        stated, recalled, exact, n = retrieval_probe(model, tok, args.keys)
         print(f"  retrieval documents ({args.keys} keys): loss on a number's tokens where stated {stated:.2f}, where "
               f"recalled {recalled:.2f}; exact recalls {exact}/{n}")
         if args.records:
-            exact, n = completion_probe(model, load_tokenizer(ckpt), args.records, args.limit)
+            exact, n = completion_probe(model, tok, args.records, args.limit)
             print(f"  {args.records}: {exact}/{n} greedy completions exact")
 
 

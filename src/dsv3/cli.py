@@ -85,9 +85,6 @@ def _data_prepare(args: argparse.Namespace) -> int:
     inputs = args.paths or None
     if inputs and args.corpus:
         raise _UsageError("give either --corpus or input paths, not both")
-    words = args.retrieval_words
-    if len(words) != 2 or words[0] > words[1]:
-        raise _UsageError(f"--retrieval-words takes MIN,MAX with MIN <= MAX, got {','.join(map(str, words))}")
     if args.retrieval_keys > len(RETRIEVAL_NAMES) or (args.retrieval_keys > 1 and not args.retrieval_docs):
         raise _UsageError(f"--retrieval-keys {args.retrieval_keys}: 1 to {len(RETRIEVAL_NAMES)} numbers per retrieval "
                           "document (each under its own name), with --retrieval-docs")
@@ -128,8 +125,6 @@ def _data_tasks(args: argparse.Namespace) -> int:
 def _data_retrieval(args: argparse.Namespace) -> int:
     from .train.data import write_retrieval_data
 
-    if len(args.words) != 2 or args.words[0] > args.words[1]:
-        raise _UsageError(f"--words takes MIN,MAX with MIN <= MAX, got {','.join(map(str, args.words))}")
     _claim_out(args.out, args.overwrite)
     meta = write_retrieval_data(args.out, args.train, args.val, tuple(args.words), args.seed)
     print(f"retrieval: {meta['train']:,} train and {meta['val']:,} held-out prompt-completion records of "
@@ -775,6 +770,14 @@ _fraction_list = _comma_list(float, lambda f: 0 <= f <= 1, "fractions in [0, 1]"
 _word_counts = _comma_list(int, lambda n: n >= 1, "word counts of at least 1")  # '50,2800'
 
 
+def _word_range(text: str) -> list[int]:
+    """'MIN,MAX' -> [min, max]: word counts of at least 1 with MIN <= MAX (`--retrieval-words`, `--words`)."""
+    values = _word_counts(text)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"MIN,MAX with MIN <= MAX, got {text!r}")
+    return values
+
+
 def _size_range(text: str) -> tuple[int, int]:
     """'LO,HI' or 'N' (= N,N) -> (lo, hi): a task size range of `dsv3 data tasks --size` (the task checks its
     own limits)."""
@@ -973,7 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add N retrieval documents (a number stated once in the corpus' own text and again at the "
                         "end) to the training split, for long-context runs; none of their wording is used by "
                         "`dsv3 eval --passkey` (default: 0)")
-    q.add_argument("--retrieval-words", type=_word_counts, default=[50, 2800], metavar="MIN,MAX",
+    q.add_argument("--retrieval-words", type=_word_range, default=[50, 2800], metavar="MIN,MAX",
                    help="the retrieval documents' lengths in words, log-uniform between MIN and MAX (default: "
                         "50,2800, about 70 to 4,000 tokens)")
     q.add_argument("--retrieval-keys", type=_positive_int, default=1, metavar="K",
@@ -1010,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train", type=_non_negative_int, default=20000, help="training records (default: 20000)")
     q.add_argument("--val", type=_non_negative_int, default=500,
                    help="held-out records, their text from the held-out plays (default: 500)")
-    q.add_argument("--words", type=_word_counts, default=[20, 150], metavar="MIN,MAX",
+    q.add_argument("--words", type=_word_range, default=[20, 150], metavar="MIN,MAX",
                    help="words per record, log-uniform between MIN and MAX (default: 20,150)")
     q.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default: 0)")
     q.set_defaults(func=_data_retrieval, command="data retrieval")
