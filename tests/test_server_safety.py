@@ -23,11 +23,21 @@ def tiny(tiny_random):
     return tiny_random  # conftest.py
 
 
-def make_server(tiny, max_batch=2, max_len=128, **kw):
+def make_server(tiny, max_batch=2, max_len=128, step_delay=0.0, **kw):
+    """A server over the tiny model; `step_delay` seconds are slept after each engine step, so a long generation
+    outlasts a timeout or a hang-up however fast the machine (CI once finished 240 tokens inside 0.5 s)."""
     model, tok = tiny
-    server = server_mod.Server(Engine(model, tok, max_batch=max_batch, max_len=max_len), tok, model_name="tiny",
-                               **kw)
+    engine = Engine(model, tok, max_batch=max_batch, max_len=max_len)
+    server = server_mod.Server(engine, tok, model_name="tiny", **kw)
     server.stop_ids = ()  # no end-of-text: every generation runs to its max_tokens, so durations are predictable
+    if step_delay:
+        step = engine.step
+
+        def slow_step():
+            step()
+            time.sleep(step_delay)
+
+        engine.step = slow_step
     return server
 
 
@@ -251,7 +261,7 @@ def test_health_is_503_and_requests_fail_fast_when_the_engine_thread_stops(tiny)
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_hang_up_frees_the_slot(tiny, stream):
-    server = make_server(tiny, max_batch=1, max_len=256)
+    server = make_server(tiny, max_batch=1, max_len=256, step_delay=0.01)
     engine = server.engine
     with live_server(server) as port:
         sock = open_raw(port, {"model": "tiny", "prompt": "the king", "max_tokens": 240, "temperature": 0,
@@ -272,7 +282,7 @@ def test_client_hang_up_frees_the_slot(tiny, stream):
 
 
 def test_full_queue_gets_429_with_retry_after(tiny):
-    server = make_server(tiny, max_batch=1, max_len=256, max_queue=1)
+    server = make_server(tiny, max_batch=1, max_len=256, max_queue=1, step_delay=0.01)
     engine = server.engine
     with live_server(server) as port:
         long = open_raw(port, {"model": "tiny", "prompt": "the king", "max_tokens": 240})
@@ -294,7 +304,7 @@ def test_full_queue_gets_429_with_retry_after(tiny):
 
 
 def test_request_timeout_ends_the_request_and_frees_the_slot(tiny):
-    server = make_server(tiny, max_batch=1, max_len=256, request_timeout=0.5)
+    server = make_server(tiny, max_batch=1, max_len=256, request_timeout=0.5, step_delay=0.01)
     engine = server.engine
     with live_server(server) as port:
         t = time.monotonic()
