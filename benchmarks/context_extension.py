@@ -1,35 +1,34 @@
-"""Context extension on `small`, end to end: pre-train at 256 tokens, extend to 4,096 in two phases (YaRN set once
-for the final length: phase 1 at 1,024, phase 2 at 4,096, as DeepSeek-V3's report does 4K -> 32K -> 128K), and
-compare against the baselines, on held-out loss by evaluation length and on passkey retrieval.
+"""Context extension on `small`, end to end: pre-train at 256 tokens, teach retrieval at 256, extend to 4,096 in
+two phases (YaRN set once for the final length: phase 1 at 1,024, phase 2 at 4,096, as DeepSeek-V3's report does
+4K -> 32K -> 128K), and compare against the baselines, on held-out loss by evaluation length and on passkey
+retrieval.
 
-Models compared (all from the same pre-trained base):
-- zero-shot: the base, its position limit raised to 4,096, plain RoPE (no extension at all);
-- YaRN, untrained: the base with the YaRN config of the extended runs, no training;
-- trained with YaRN / with linear position interpolation / with no scaling (`dsv3 train --init-from
-  --extend-context 16 --extend-rope yarn|linear|none`), the same two phases and token budgets each.
+Stages (all `small`, one seed, LR 5e-4 unless said):
+1. Pre-training (`--base-steps` x 8 x 256 tokens): the bundled corpus plus `--base-retrieval-docs` short retrieval
+   documents, digits split (`dsv3 data prepare --split-digits --retrieval-docs N --retrieval-words 20,150`).
+2. The retrieval stage, whose result is "the base" of the comparison (`--retrieval-steps` x 8 rows of 256 tokens,
+   constant LR): `dsv3 sft` on `dsv3 data retrieval` records, each a stretch of the corpus with a number stated
+   under a generated name and recalled at the end, the loss on the recalled number only, with a quarter as many
+   plain-text records shuffled in so the model keeps its language. Pre-training alone does not teach `small`
+   retrieval in a session's budget (README: the answer is 2 tokens of hundreds under the plain loss).
+3. Extension (each variant from the same base, LR / 3): `dsv3 sft BASE --extend-context 16 --extend-rope
+   yarn|linear|none --seq-len 1024` for `--phase1-steps` x 2 rows, then `--seq-len 4096` for `--phase2-steps` rows,
+   on records of the same kinds up to 700 / 2,800 words (none over the row), so that statements and recalls lie up
+   to ~4K tokens apart.
 
-Data: two datasets sharing one tokenizer. Pre-training (`--lr`, 5e-4: at 1e-3 and above `small` did not learn to
-copy, `benchmarks/copy_task.py`): the bundled corpus plus `--base-retrieval-docs` short multi-key retrieval
-documents and `--base-copy-docs` copy documents (`dsv3 data prepare --retrieval-docs N --retrieval-words 20,150
---retrieval-keys 8 --copy-docs M`: eight numbers stated in a few corpus lines, all restated at the end, ~200-400
-tokens, so that a 256-token window mostly holds statements and their recalls together; and a line of random corpus
-words repeated 2-4 times, the plainest copying signal).
-Extension: the corpus plus `--retrieval-docs` documents of 50-2,800 words with `--retrieval-keys` numbers each
-(encoded with the base checkpoint's tokenizer, `--tokenizer`), so that statements and recalls lie up to 4,096
-tokens apart. None of it uses the evaluation's wording. `--base RUN --base-data DATA` skips the pre-training and
-extends an existing base (its dataset gives the held-out text). Held-out loss: the val split (two plays never trained
-on), `evaluate_lengths` at 256, 1,024 and 4,096 tokens over the same first `--eval-tokens` tokens. Passkey:
-`passkey_grid` over prompts of 248, 1,016 and 4,088 tokens (prompt and answer within 256 / 1,024 / 4,096
-positions) x depths, `--trials` per cell, greedy exact match; one heatmap PNG per model.
+Models compared: zero-shot (the base, its position limit raised to 4,096, plain RoPE), YaRN untrained (the base
+with the YaRN config of the extended runs), and the three trained variants. None of the training text uses the
+evaluation's wording (passkey.py). Held-out loss: the pre-training dataset's val split (two plays never trained on),
+`evaluate_lengths` at 256, 1,024 and 4,096 tokens over the same first `--eval-tokens` tokens. Passkey:
+`passkey_grid` over prompts of 248, 1,016 and 4,088 tokens (prompt and answer within 256 / 1,024 / 4,096 positions)
+x depths, `--trials` per cell, greedy exact match; one heatmap PNG per model.
 
-Budgets are optimizer steps (tokens = steps x batch x length), stated in the output. Everything is written under
---work (created; an existing directory is reused step by step: a finished stage — a run with its final
-checkpoint, a result file — is not redone, an interrupted run is resumed; a directory made with other settings is
-refused, `recipe.json`). On a 2-core CPU the pre-training takes ~17 minutes per 1,000 steps (two threads, idle
-machine), each extension variant ~5 minutes, and each model's evaluation ~4 minutes.
+Everything is written under --work (created; an existing directory is reused stage by stage: a finished stage — a
+run with its final checkpoint, a record file, a result file — is not redone, an interrupted run is resumed; a
+directory made with other settings is refused, `recipe.json`). `--base RUN --base-data DATA` starts from an
+existing 256-token pre-trained run instead of stage 1.
 
-    python benchmarks/context_extension.py --work runs/ctx2 [--base-steps 1500] [--phase1-steps 60] [--phase2-steps 40]
-    python benchmarks/context_extension.py --work runs/ctx3 --base RUN --base-data DATA   # extend an existing base
+    python benchmarks/context_extension.py --work runs/ctx6
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ import dsv3
 from dsv3.config import extended_rope_scaling
 from dsv3.runs import Run, resolve_checkpoint, train_setting
 from dsv3.tokenizer import load_tokenizer
-from dsv3.train.data import prepare
+from dsv3.train.data import prepare, write_retrieval_data
 from dsv3.train.evaluate import evaluate_lengths
 from dsv3.train.passkey import passkey_grid, plot_passkey
 from dsv3.train.trainer import TrainConfig, Trainer, resume_config
@@ -111,20 +110,36 @@ def transformers_agree(ckpt: Path, data: Path) -> float:
         return float((ours(ids, mtp=False).logits - hf(input_ids=ids).logits).abs().max())
 
 
+def records(out: Path, train: int, words: tuple[int, int], text: int, base: Path, max_tokens: int, t0: float) -> Path:
+    """`dsv3 data retrieval --out OUT --train N --text M --words A,B --tokenizer BASE --max-tokens T` (skipped when
+    written): retrieval records with plain-text records mixed in, none over `max_tokens`."""
+    if not (out / "retrieval.json").exists():
+        meta = write_retrieval_data(out, train, 500, words, text=text, tokenizer=base, max_tokens=max_tokens)
+        stage(f"records {out.name}: {train:,} retrieval + {text:,} text of {words[0]}-{words[1]} words, <= "
+              f"{max_tokens} tokens ({sum(meta['dropped'].values())} longer ones redrawn)", t0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="runs/context-extension", help="directory for data, runs and results")
-    ap.add_argument("--base", help="extend this pre-trained checkpoint or run instead of pre-training one")
+    ap.add_argument("--base", help="extend this pre-trained checkpoint or run (trained at 256 tokens) instead of "
+                    "pre-training one")
     ap.add_argument("--base-data", help="with --base: its dataset (the held-out split)")
-    ap.add_argument("--base-retrieval-docs", type=int, default=20000, help="short 8-key documents for pre-training")
-    ap.add_argument("--base-copy-docs", type=int, default=40000, help="copy documents for pre-training")
-    ap.add_argument("--retrieval-docs", type=int, default=2000, help="long documents for the extension phases")
-    ap.add_argument("--retrieval-keys", type=int, default=4, help="numbers per long document")
-    ap.add_argument("--base-steps", type=int, default=1500, help="pre-training steps at 256 tokens, batch 8")
-    ap.add_argument("--phase1-steps", type=int, default=60, help="extension phase 1 steps at 1,024 tokens, batch 2")
-    ap.add_argument("--phase2-steps", type=int, default=40, help="extension phase 2 steps at 4,096 tokens, batch 1")
-    ap.add_argument("--lr", type=float, default=5e-4, help="peak LR of pre-training (at 1e-3 `small` did not "
-                    "learn benchmarks/copy_task.py's copying in 600 steps, at 5e-4 it did); extension phases use 1/3")
+    ap.add_argument("--base-retrieval-docs", type=int, default=20000, help="short one-number retrieval documents "
+                    "in the pre-training data")
+    ap.add_argument("--base-steps", type=int, default=600, help="pre-training steps at 256 tokens, batch 8")
+    ap.add_argument("--retrieval-records", type=int, default=40000, help="retrieval records of the retrieval stage "
+                    "(and 1/4 as many text records)")
+    ap.add_argument("--retrieval-steps", type=int, default=1200, help="retrieval-stage SFT steps at 256 tokens, "
+                    "batch 8")
+    ap.add_argument("--long-records", type=int, default=4000, help="retrieval records of each extension phase (and "
+                    "1/4 as many text records)")
+    ap.add_argument("--phase1-steps", type=int, default=150, help="extension phase 1 steps at 1,024 tokens, batch 2")
+    ap.add_argument("--phase2-steps", type=int, default=60, help="extension phase 2 steps at 4,096 tokens, batch 1")
+    ap.add_argument("--lr", type=float, default=5e-4, help="LR of pre-training and of the retrieval stage (at 1e-3 "
+                    "`small` did not learn benchmarks/copy_task.py's copying in 600 steps, at 5e-4 it did); the "
+                    "extension phases use 1/3")
     ap.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens per evaluation length")
     ap.add_argument("--trials", type=int, default=20, help="passkey trials per cell")
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -143,28 +158,29 @@ def main() -> None:
     t0 = time.time()
     data = Path(args.base_data) if args.base else work / "data"
     if not (data / "meta.json").exists():
-        meta = prepare(data, retrieval_docs=args.base_retrieval_docs, retrieval_words=(20, 150), retrieval_keys=8,
-                       copy_docs=args.base_copy_docs)
+        meta = prepare(data, retrieval_docs=args.base_retrieval_docs, retrieval_words=(20, 150), split_digits=True)
         stage(f"pre-training data: train {meta['splits']['train']['tokens']:,} tokens (with "
-              f"{args.base_retrieval_docs} 8-key retrieval documents and {args.base_copy_docs} copy documents), val "
-              f"{meta['splits']['val']['tokens']:,}", t0)
-    common = dict(model_config="small", checkpoint_every=10_000, warmup_steps=20)
+              f"{args.base_retrieval_docs} retrieval documents), val {meta['splits']['val']['tokens']:,}", t0)
+    common = dict(model_config="small", checkpoint_every=10_000, warmup_steps=20, mtp_depth=0)
     if args.base:
-        base = resolve_checkpoint(args.base)
-        trained = train_setting(base, "seq_len")
+        pretrained = resolve_checkpoint(args.base)
+        trained = train_setting(pretrained, "seq_len")
         if trained != LENGTHS[0]:
-            ap.error(f"--base {base} was trained at {trained} tokens; this comparison extends a {LENGTHS[0]}-token "
-                     f"base {FACTOR}x")
+            ap.error(f"--base {pretrained} was trained at {trained} tokens; this comparison extends a {LENGTHS[0]}-"
+                     f"token base {FACTOR}x")
     else:
-        base = train(work / "base", data=str(data), seq_len=256, batch_size=8, max_steps=args.base_steps,
-                     lr=args.lr, mtp_depth=0,  # a checkpoint every 250 steps, all kept: to probe while it trains
-                     **{**common, "checkpoint_every": 250, "keep_checkpoints": args.base_steps // 250 + 1})
-        stage(f"base: {args.base_steps} steps x 8 x 256 = {args.base_steps * 2048:,} tokens -> {base}", t0)
-    long = work / "data-long"
-    if not (long / "meta.json").exists():  # in the base's own tokenizer (`--init-from` requires it)
-        meta = prepare(long, retrieval_docs=args.retrieval_docs, retrieval_keys=args.retrieval_keys, tokenizer=base)
-        stage(f"extension data: train {meta['splits']['train']['tokens']:,} tokens (with {args.retrieval_docs} "
-              f"{args.retrieval_keys}-key retrieval documents of 50-2,800 words)", t0)
+        pretrained = train(work / "pretrain", data=str(data), seq_len=256, batch_size=8, max_steps=args.base_steps,
+                           lr=args.lr, **common)
+        stage(f"pre-trained: {args.base_steps} steps x 8 x 256 = {args.base_steps * 2048:,} tokens -> {pretrained}", t0)
+    # the retrieval stage: SFT on retrieval records (the loss on the recalled number) with text records mixed in
+    short = records(work / "records-256", args.retrieval_records, (20, 100), args.retrieval_records // 4, pretrained,
+                    LENGTHS[0], t0)
+    base = train(work / "base", objective="sft", data=str(short), init_from=str(pretrained), seq_len=LENGTHS[0],
+                 batch_size=8, max_steps=args.retrieval_steps, lr=args.lr, min_lr_ratio=1.0,
+                 **{**common, "warmup_steps": 10})
+    stage(f"base (retrieval stage): {args.retrieval_steps} steps x 8 rows of 256 tokens -> {base}", t0)
+    long = [records(work / f"records-{n}", args.long_records, (20, words), args.long_records // 4, base, n, t0)
+            for n, words in ((LENGTHS[1], 700), (LENGTHS[2], 2800))]
     tok = load_tokenizer(base)
     yarn = extended_rope_scaling("yarn", FACTOR, LENGTHS[0])  # what `--extend-context FACTOR` writes
     results = [measure("zero-shot", untrained_variant(base, None), tok, data, work, args)]
@@ -172,20 +188,20 @@ def main() -> None:
     results.append(measure("YaRN, untrained", untrained_variant(base, yarn), tok, data, work, args))
     stage("measured YaRN, untrained", t0)
     for variant in args.variants.split(","):
-        p1 = train(work / f"{variant}-1024", data=str(long), init_from=str(base), extend_context=FACTOR,
-                   extend_rope=variant, seq_len=1024, batch_size=2, max_steps=args.phase1_steps, lr=args.lr / 3,
-                   **common)
-        p2 = train(work / f"{variant}-4096", data=str(long), init_from=str(p1), seq_len=4096, batch_size=1,
-                   max_steps=args.phase2_steps, lr=args.lr / 3, **common)
-        stage(f"{variant}: phase 1 {args.phase1_steps} x 2 x 1024 = {args.phase1_steps * 2048:,} tokens, phase 2 "
-              f"{args.phase2_steps} x 4096 = {args.phase2_steps * 4096:,} tokens -> {p2}", t0)
+        p1 = train(work / f"{variant}-1024", objective="sft", data=str(long[0]), init_from=str(base),
+                   extend_context=FACTOR, extend_rope=variant, seq_len=1024, batch_size=2,
+                   max_steps=args.phase1_steps, lr=args.lr / 3, **common)
+        p2 = train(work / f"{variant}-4096", objective="sft", data=str(long[1]), init_from=str(p1), seq_len=4096,
+                   batch_size=1, max_steps=args.phase2_steps, lr=args.lr / 3, **common)
+        stage(f"{variant}: phase 1 {args.phase1_steps} x 2 rows of 1024 tokens, phase 2 {args.phase2_steps} rows "
+              f"of 4096 tokens -> {p2}", t0)
         results.append(measure(f"trained, {variant}", dsv3.load_pretrained(p2).eval(), tok, data, work, args))
         stage(f"measured {variant}", t0)
     base_loss = results[0]["loss"]["256"]
-    pre = f"the given base {base}" if args.base else f"{args.base_steps * 2048:,} tokens at 256"
-    print(f"\npre-training: {pre}; extension phases {args.phase1_steps * 2048:,} "
-          f"tokens at 1,024 then {args.phase2_steps * 4096:,} at 4,096 (YaRN factor {FACTOR}); passkey {args.trials} "
-          f"trials per cell, depths {args.depths}\n")
+    pre = f"the given {pretrained}" if args.base else f"{args.base_steps * 2048:,} tokens at 256"
+    print(f"\npre-training: {pre}; retrieval stage {args.retrieval_steps} x 8 rows of 256; extension phases "
+          f"{args.phase1_steps} x 2 rows of 1,024 then {args.phase2_steps} rows of 4,096 (YaRN factor {FACTOR}); "
+          f"passkey {args.trials} trials per cell, depths {args.depths}\n")
     print("| model | loss @256 | @1024 | @4096 | @256 vs base | passkey mean | worst cell | passkey by length |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

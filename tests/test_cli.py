@@ -236,6 +236,25 @@ def test_data_retrieval(capsys, tmp_path, trained_run):
     ids, labels = data.conversations[0]
     learned = [y for y in labels if y != IGNORE]
     assert learned == tok.encode(records["train"][0]["completion"]).ids + [data.eot_id]
+    # --text mixes plain-text records into train only; --max-tokens drops records `dsv3 sft` would find too long
+    code, out, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "t", "--train", 6, "--val", 2, "--words",
+                         "10,60", "--text", 4, "--tokenizer", trained_run, "--max-tokens", 160)
+    assert code == 0, err
+    assert "6 train (and 4 text records) and 2 held-out" in out and "over 160 tokens dropped" in out
+    mixed = {s: [json.loads(x) for x in (tmp_path / "t" / f"{s}.jsonl").read_text().splitlines()]
+             for s in ("train", "val")}
+    plain = [r for r in mixed["train"] if not r["completion"].strip().rstrip(".").isdigit()]
+    assert len(mixed["train"]) == 10 and len(plain) == 4 and len(mixed["val"]) == 2
+    assert all(r["completion"].startswith("\n") and r["completion"].count("\n") >= 2 for r in plain)
+    meta = json.loads((tmp_path / "t" / "retrieval.json").read_text())
+    assert meta["text"] == 4 and meta["max_tokens"] == 160 and sum(meta["dropped"].values()) > 0
+    data = ConversationData(tmp_path / "t", resolve_checkpoint(trained_run), seq_len=160)  # takes every record
+    assert len(data.conversations) == 10
+    code, _, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "u", "--max-tokens", 48)
+    assert_usage_error(code, err, "data retrieval", "--tokenizer")
+    code, _, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "v", "--words", "200,300", "--train", 5,
+                       "--tokenizer", trained_run, "--max-tokens", 48)
+    assert code != 0 and "--max-tokens 48: most train records" in err and not (tmp_path / "v" / "train.jsonl").exists()
 
 
 def test_data_prepare_with_a_given_tokenizer(capsys, tmp_path, trained_run):

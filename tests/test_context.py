@@ -104,8 +104,8 @@ def test_retrieval_documents_share_no_wording_with_the_passkey_evaluation(tmp_pa
         assert len(doc.split()) >= words
     # several keys: each name states its own number once in the text and again in the closing lines
     doc = passkey.retrieval_document(lines, 60, rng, keys=4)
-    pairs = [re.search(r"(the [a-z ]+) is (\d+)\.", line) for line in doc.splitlines()]
-    pairs = [(m.group(1), m.group(2)) for m in pairs if m]
+    pairs = [re.search(r"([Tt]he [a-z ]+) is (\d+)\.", line) for line in doc.splitlines()]
+    pairs = [(m.group(1).lower(), m.group(2)) for m in pairs if m]
     assert len(pairs) == 8 and len(set(pairs[:4])) == 4 and set(pairs[:4]) == set(pairs[4:])
     assert all(re.search(r"\d", line) for line in doc.splitlines()[-4:])
     with pytest.raises(ValueError, match="1 to 8 keys"):
@@ -127,11 +127,30 @@ def test_retrieval_examples_end_where_the_number_is_recalled():
         key = ex["completion"].strip().rstrip(".")
         assert ex["completion"] == f" {key}.\n" and len(key) == passkey.DIGITS and key.isdigit()
         assert ex["prompt"].count(key) == 1 and not ex["prompt"].endswith(" ")
-        stated = re.search(rf"(the [a-z ]+) is {key}\.", ex["prompt"]).group(1)
+        stated = re.search(rf"([Tt]he [a-z ]+) is {key}\.", ex["prompt"]).group(1).lower()
         assert ex["prompt"].lower().endswith(f"{stated} is")  # asked by the name it was stated under
         assert not any(b in ex["prompt"] for b in banned)
     with pytest.raises(ValueError, match="at least one word"):
         passkey.retrieval_example(lines, 0, random.Random(0))
+
+
+def test_retrieval_names_are_drawn_from_the_corpus_and_never_the_evaluations():
+    """Each number's name is "the WORD NOUN" with a corpus word: many names over many examples (a model trained
+    on a few fixed names retrieved under those only), and never "pass", the evaluation's word."""
+    import random
+
+    from dsv3.train import passkey
+
+    lines = [f"pass the {w} key, pass." for w in ("crown", "sword", "ring", "horse", "letter", "cup")] * 5
+    rng = random.Random(3)
+    names = set()
+    for _ in range(200):
+        ex = passkey.retrieval_example(lines, 10, rng)
+        names.add(re.search(r"([Tt]he [a-z ]+) is$", ex["prompt"]).group(1).lower())
+    assert len(names) >= 40 and not any("pass" in n for n in names), names
+    assert {n.split()[2] for n in names} == set(passkey.RETRIEVAL_NOUNS)
+    with pytest.raises(ValueError, match="too few distinct words"):
+        passkey.retrieval_document(["pass it, go."] * 10, 20, rng)  # no word of 3+ letters but "pass"
 
 
 def test_copy_documents_repeat_one_line_of_frequent_corpus_words():
@@ -175,6 +194,26 @@ def test_prepare_adds_copy_documents_from_the_corpus_words(tmp_path):
     text = load_tokenizer(tmp_path / "d1").decode(TokenData(tmp_path / "d1", "train").ids[-400:].tolist())
     copied = text.strip().splitlines()[-1].split()  # the last copy document's line
     assert copied and set(copied) <= {"alpha", "beta0", "beta1", "beta2", "gamma", "delta."}
+
+
+def test_sft_extends_the_context_over_records_longer_than_the_trained_length(source, tmp_path):
+    """`dsv3 sft BASE --extend-context F --seq-len N`: a long-context phase on prompt-completion records (what
+    benchmarks/context_extension.py runs, retrieval records of up to N tokens): YaRN over the base's trained length,
+    and records past that length are trained on."""
+    from dsv3.train.data import write_retrieval_data
+
+    write_retrieval_data(tmp_path / "long", 6, 0, (10, 25), text=2, tokenizer=dsv3.resolve_checkpoint(source),
+                         max_tokens=128)
+    result = Trainer(TrainConfig(model_config="tiny", objective="sft", data=str(tmp_path / "long"),
+                                 out=str(tmp_path / "ext"), init_from=str(source), extend_context=4, seq_len=128,
+                                 batch_size=2, max_steps=1, checkpoint_every=1, progress=False)).fit()
+    config = json.loads((dsv3.resolve_checkpoint(tmp_path / "ext") / "config.json").read_text())
+    assert config["rope_scaling"]["original_max_position_embeddings"] == 32 and config["rope_scaling"]["factor"] == 4
+    assert config["max_position_embeddings"] == 128 and result.loss == result.loss
+    from dsv3.train.sft import ConversationData
+
+    records = ConversationData(tmp_path / "long", dsv3.resolve_checkpoint(source), seq_len=128).conversations
+    assert len(records) == 8 and max(len(ids) for ids, _ in records) > 64  # past 2x the trained 32
 
 
 def test_bad_extensions_are_refused(dataset, source, tmp_path):

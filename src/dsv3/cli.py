@@ -80,13 +80,13 @@ def _params(args: argparse.Namespace) -> int:
 
 def _data_prepare(args: argparse.Namespace) -> int:
     from .train.data import given_tokenizer, prepare
-    from .train.passkey import RETRIEVAL_NAMES
+    from .train.passkey import RETRIEVAL_MAX_KEYS
 
     inputs = args.paths or None
     if inputs and args.corpus:
         raise _UsageError("give either --corpus or input paths, not both")
-    if args.retrieval_keys > len(RETRIEVAL_NAMES) or (args.retrieval_keys > 1 and not args.retrieval_docs):
-        raise _UsageError(f"--retrieval-keys {args.retrieval_keys}: 1 to {len(RETRIEVAL_NAMES)} numbers per retrieval "
+    if args.retrieval_keys > RETRIEVAL_MAX_KEYS or (args.retrieval_keys > 1 and not args.retrieval_docs):
+        raise _UsageError(f"--retrieval-keys {args.retrieval_keys}: 1 to {RETRIEVAL_MAX_KEYS} numbers per retrieval "
                           "document (each under its own name), with --retrieval-docs")
     if args.tokenizer:
         if args.vocab_size or args.split_digits:
@@ -125,10 +125,16 @@ def _data_tasks(args: argparse.Namespace) -> int:
 def _data_retrieval(args: argparse.Namespace) -> int:
     from .train.data import write_retrieval_data
 
+    if (args.tokenizer is None) != (args.max_tokens is None):
+        raise _UsageError("--max-tokens and --tokenizer go together (records are measured in that tokenizer's tokens)")
     _claim_out(args.out, args.overwrite)
-    meta = write_retrieval_data(args.out, args.train, args.val, tuple(args.words), args.seed)
-    print(f"retrieval: {meta['train']:,} train and {meta['val']:,} held-out prompt-completion records of "
-          f"{meta['words'][0]}-{meta['words'][1]} words (seed {meta['seed']}) written to {args.out}")
+    meta = write_retrieval_data(args.out, args.train, args.val, tuple(args.words), args.seed, text=args.text,
+                                tokenizer=args.tokenizer, max_tokens=args.max_tokens)
+    text = f" (and {meta['text']:,} text records)" if meta["text"] else ""
+    dropped = sum(meta["dropped"].values())
+    dropped = f"; {dropped:,} over {meta['max_tokens']} tokens dropped" if meta["max_tokens"] else ""
+    print(f"retrieval: {meta['train']:,} train{text} and {meta['val']:,} held-out prompt-completion records of "
+          f"{meta['words'][0]}-{meta['words'][1]} words (seed {meta['seed']}) written to {args.out}{dropped}")
     return 0
 
 
@@ -1015,6 +1021,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out records, their text from the held-out plays (default: 500)")
     q.add_argument("--words", type=_word_range, default=[20, 150], metavar="MIN,MAX",
                    help="words per record, log-uniform between MIN and MAX (default: 20,150)")
+    q.add_argument("--text", type=_non_negative_int, default=0, metavar="N",
+                   help="also N plain-text training records (prompt: a corpus line, completion: the lines after "
+                   "it), shuffled in, so that the fine-tuned model keeps its language (default: 0)")
+    q.add_argument("--tokenizer", help="with --max-tokens: the tokenizer `dsv3 sft` will encode with (a "
+                   "tokenizer.json, dataset, checkpoint or run)")
+    q.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                   help="drop records over N tokens (others are drawn in their place), so that `dsv3 sft --seq-len N` "
+                   "takes them all")
     q.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default: 0)")
     q.set_defaults(func=_data_retrieval, command="data retrieval")
 

@@ -11,10 +11,12 @@ decoding over the model's latent cache, and `plot_passkey` draws the heatmap.
 
 `retrieval_document` writes the training side (`dsv3 data prepare --retrieval-docs N`): a number stated once in
 a stretch of the training corpus and stated again at the end, so that a model learns to look a long way back and
-copy (`--retrieval-keys K`: K numbers under K names, all recalled at the end). It shares nothing with the
-evaluation's text: the filler is the corpus itself, each number is named by one of `RETRIEVAL_NAMES` (never
-"pass key"), and its sentences are `RETRIEVAL_STATE` / `RETRIEVAL_ASK`, not `KEY` /
-`QUESTION` (tests/test_context.py checks that no evaluation sentence occurs in a training document).
+copy (`--retrieval-keys K`: K numbers under K names, all recalled at the end). It shares no sentence with the
+evaluation's text: the filler is the corpus itself, each number is named "the WORD NOUN" with a word drawn from the
+corpus and a noun from `RETRIEVAL_NOUNS` (thousands of names, so that what is learned is retrieval by whatever
+name, not by eight fixed ones; the word "pass" is never drawn, so "the pass key" never occurs), and its sentences
+are `RETRIEVAL_STATE` / `RETRIEVAL_ASK`, not `KEY` / `QUESTION` (tests/test_context.py checks that no evaluation
+sentence occurs in a training document).
 `retrieval_example` writes the same text as a prompt-completion record (`dsv3 data retrieval`, trained by `dsv3
 sft` with the loss on the completion alone: the number, its full stop and newline): the prompt ends where the
 number is recalled.
@@ -36,10 +38,33 @@ KEY = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 DIGITS = 5
 
-RETRIEVAL_NAMES = ("the locker number", "the secret code", "the door code", "the account number",
-                   "the ticket number", "the room number", "the serial number", "the order number")
-RETRIEVAL_STATE = ("Note that {name} is {key}.", "Write this down: {name} is {key}.", "Mind that {name} is {key}.")
-RETRIEVAL_ASK = ("Now, once more: {name} is {key}.", "To repeat it, {name} is {key}.", "So {name} is {key}.")
+RETRIEVAL_NOUNS = ("number", "code", "key", "pin", "combination", "count", "figure", "mark")
+RETRIEVAL_MAX_KEYS = 8
+RETRIEVAL_STATE = ("Note that {name} is {key}.", "Write this down: {name} is {key}.", "Mind that {name} is {key}.",
+                   "{name} is {key}.")
+RETRIEVAL_ASK = ("Now, once more: {name} is {key}.", "To repeat it, {name} is {key}.", "So {name} is {key}.",
+                 "{name} is {key}.")
+_EVAL_WORDS = ("pass",)  # "the pass key" is the evaluation's name
+
+
+def _capital(sentence: str) -> str:
+    return sentence[0].upper() + sentence[1:]
+
+
+def _name(lines: list[str], rng: random.Random, taken: set[str]) -> str:
+    """A name for a number, "the WORD NOUN": a random word of a random corpus line (its letters, lower case, 3 or
+    more; never one of the evaluation's) and one of RETRIEVAL_NOUNS, not in `taken`.
+
+    Raises:
+        ValueError: 1,000 draws found no new name (the lines have too few words of 3+ letters).
+    """
+    for _ in range(1000):
+        words = lines[rng.randrange(len(lines))].split()
+        word = re.sub("[^a-z]", "", rng.choice(words).lower()) if words else ""
+        name = f"the {word} {rng.choice(RETRIEVAL_NOUNS)}"
+        if len(word) >= 3 and word not in _EVAL_WORDS and name not in taken:
+            return name
+    raise ValueError("the corpus lines have too few distinct words of 3 or more letters to name the numbers")
 
 
 def _stated(lines: list[str], words: int, rng: random.Random, keys: int) -> tuple[list[str], list[tuple[str, str]]]:
@@ -47,36 +72,35 @@ def _stated(lines: list[str], words: int, rng: random.Random, keys: int) -> tupl
     lines (each under its own name): (the lines, [(name, key)] in statement order). Checks the arguments."""
     if not lines or words < 1:
         raise ValueError("a retrieval document needs corpus lines and at least one word")
-    if not 1 <= keys <= len(RETRIEVAL_NAMES):
-        raise ValueError(f"a retrieval document holds 1 to {len(RETRIEVAL_NAMES)} keys, got {keys}")
+    if not 1 <= keys <= RETRIEVAL_MAX_KEYS:
+        raise ValueError(f"a retrieval document holds 1 to {RETRIEVAL_MAX_KEYS} keys, got {keys}")
     start, body, count = rng.randrange(len(lines)), [], 0
     while count < words:
         line = lines[(start + len(body)) % len(lines)]
         body.append(line)
         count += len(line.split())
-    names = [rng.choice(RETRIEVAL_NAMES)] if keys == 1 else rng.sample(RETRIEVAL_NAMES, keys)
     stated = []
-    for name in names:
+    for _ in range(keys):
+        name = _name(lines, rng, {n for n, _ in stated})
         key = str(rng.randrange(10 ** (DIGITS - 1), 10**DIGITS))
-        body.insert(rng.randrange(len(body) + 1), rng.choice(RETRIEVAL_STATE).format(name=name, key=key))
+        body.insert(rng.randrange(len(body) + 1), _capital(rng.choice(RETRIEVAL_STATE).format(name=name, key=key)))
         stated.append((name, key))
     return body, stated
 
 
 def _ask(name: str, key: str, rng: random.Random) -> str:
-    ask = rng.choice(RETRIEVAL_ASK).format(name=name, key=key)
-    return ask[0].upper() + ask[1:]
+    return _capital(rng.choice(RETRIEVAL_ASK).format(name=name, key=key))
 
 
 def retrieval_document(lines: list[str], words: int, rng: random.Random, keys: int = 1) -> str:
     """One training document of about `words` words: consecutive `lines` of the corpus from a random start,
-    `keys` DIGITS-digit numbers, each under its own one of `RETRIEVAL_NAMES`, stated at random lines
+    `keys` DIGITS-digit numbers, each under its own name (`_name`), stated at random lines
     (`RETRIEVAL_STATE`) and all stated again at the end (`RETRIEVAL_ASK`, one per line, in a random order);
     deterministic given `rng`'s state. Several keys make the document multi-query associative recall (Arora et al.
     2023, "Zoology"): more digits to copy per token, each found by its name.
 
     Raises:
-        ValueError: no lines, words < 1, or keys outside 1..len(RETRIEVAL_NAMES).
+        ValueError: no lines, words < 1, or keys outside 1..RETRIEVAL_MAX_KEYS.
     """
     body, stated = _stated(lines, words, rng, keys)
     if keys > 1:

@@ -198,8 +198,6 @@ class TrainConfig:
         need(self.objective in ("pretrain", "sft"), "objective", "must be pretrain or sft")
         need(self.objective == "pretrain" or self.init_from is not None, "objective",
              "sft fine-tunes a checkpoint: give init_from (its tokenizer and chat template encode the conversations)")
-        need(self.objective == "pretrain" or self.extend_context is None, "extend_context",
-             "is a pre-training step; run it before sft")
         need(self.objective == "pretrain" or self.pp == 1, "pp", "sft runs without a pipeline")
         need(self.teacher is None or self.objective == "sft", "teacher", "logit distillation is an sft objective: "
              "give objective sft too")
