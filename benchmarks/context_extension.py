@@ -13,15 +13,16 @@ Stages (all `small`, one seed, LR 5e-4 unless said):
    retrieval in a session's budget (README: the answer is 2 tokens of hundreds under the plain loss).
 3. Extension (each variant from the same base, LR / 3): `dsv3 sft BASE --extend-context 16 --extend-rope
    yarn|linear|none --seq-len 1024` for `--phase1-steps` x 2 rows, then `--seq-len 4096` for `--phase2-steps` rows,
-   on records of the same kinds up to 700 / 2,800 words (none over the row), so that statements and recalls lie up
-   to ~4K tokens apart.
+   on records of the same kinds of 50-700 / 100-2,800 words (none over the row), so that statements and recalls
+   lie up to ~4K tokens apart.
 
-Models compared: zero-shot (the base, its position limit raised to 4,096, plain RoPE), YaRN untrained (the base
-with the YaRN config of the extended runs), and the three trained variants. None of the training text uses the
-evaluation's wording (passkey.py). Held-out loss: the pre-training dataset's val split (two plays never trained on),
-`evaluate_lengths` at 256, 1,024 and 4,096 tokens over the same first `--eval-tokens` tokens. Passkey:
-`passkey_grid` over prompts of 248, 1,016 and 4,088 tokens (prompt and answer within 256 / 1,024 / 4,096 positions)
-x depths, `--trials` per cell, greedy exact match; one heatmap PNG per model.
+Models compared: the pre-trained model (stage 1, for the cost of stage 2), zero-shot (the base, its position limit
+raised to 4,096, plain RoPE), YaRN untrained (the base with the YaRN config of the extended runs), and the three
+trained variants. None of the training text uses the evaluation's wording (passkey.py). Held-out loss: the
+pre-training dataset's val split (two plays never trained on), `evaluate_lengths` at 256, 1,024 and 4,096 tokens
+over the same first `--eval-tokens` tokens. Passkey: `passkey_grid` over prompts of 248, 1,016 and 4,088 tokens
+(prompt and answer within 256 / 1,024 / 4,096 positions) x depths, `--trials` per cell, greedy exact match; one
+heatmap PNG per model.
 
 Everything is written under --work (created; an existing directory is reused stage by stage: a finished stage — a
 run with its final checkpoint, a record file, a result file — is not redone, an interrupted run is resumed; a
@@ -136,7 +137,7 @@ def main() -> None:
     ap.add_argument("--long-records", type=int, default=4000, help="retrieval records of each extension phase (and "
                     "1/4 as many text records)")
     ap.add_argument("--phase1-steps", type=int, default=150, help="extension phase 1 steps at 1,024 tokens, batch 2")
-    ap.add_argument("--phase2-steps", type=int, default=60, help="extension phase 2 steps at 4,096 tokens, batch 1")
+    ap.add_argument("--phase2-steps", type=int, default=100, help="extension phase 2 steps at 4,096 tokens, batch 1")
     ap.add_argument("--lr", type=float, default=5e-4, help="LR of pre-training and of the retrieval stage (at 1e-3 "
                     "`small` did not learn benchmarks/copy_task.py's copying in 600 steps, at 5e-4 it did); the "
                     "extension phases use 1/3")
@@ -179,12 +180,14 @@ def main() -> None:
                  batch_size=8, max_steps=args.retrieval_steps, lr=args.lr, min_lr_ratio=1.0,
                  **{**common, "warmup_steps": 10})
     stage(f"base (retrieval stage): {args.retrieval_steps} steps x 8 rows of 256 tokens -> {base}", t0)
-    long = [records(work / f"records-{n}", args.long_records, (20, words), args.long_records // 4, base, n, t0)
-            for n, words in ((LENGTHS[1], 700), (LENGTHS[2], 2800))]
+    long = [records(work / f"records-{n}", args.long_records, words, args.long_records // 4, base, n, t0)
+            for n, words in ((LENGTHS[1], (50, 700)), (LENGTHS[2], (100, 2800)))]
     tok = load_tokenizer(base)
     yarn = extended_rope_scaling("yarn", FACTOR, LENGTHS[0])  # what `--extend-context FACTOR` writes
-    results = [measure("zero-shot", untrained_variant(base, None), tok, data, work, args)]
-    stage("measured zero-shot", t0)
+    results = [measure("pre-trained, before the retrieval stage", untrained_variant(pretrained, None), tok, data,
+                       work, args),
+               measure("zero-shot", untrained_variant(base, None), tok, data, work, args)]
+    stage("measured the pre-trained model and the base, zero-shot", t0)
     results.append(measure("YaRN, untrained", untrained_variant(base, yarn), tok, data, work, args))
     stage("measured YaRN, untrained", t0)
     for variant in args.variants.split(","):
@@ -197,7 +200,7 @@ def main() -> None:
               f"of 4096 tokens -> {p2}", t0)
         results.append(measure(f"trained, {variant}", dsv3.load_pretrained(p2).eval(), tok, data, work, args))
         stage(f"measured {variant}", t0)
-    base_loss = results[0]["loss"]["256"]
+    base_loss = results[1]["loss"]["256"]  # the base: after the retrieval stage, before any extension
     pre = f"the given {pretrained}" if args.base else f"{args.base_steps * 2048:,} tokens at 256"
     print(f"\npre-training: {pre}; retrieval stage {args.retrieval_steps} x 8 rows of 256; extension phases "
           f"{args.phase1_steps} x 2 rows of 1,024 then {args.phase2_steps} rows of 4,096 (YaRN factor {FACTOR}); "
