@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=600, help="pre-training steps at 256 tokens, batch 8")
     ap.add_argument("--retrieval-records", type=int, default=40000, help="retrieval records of the retrieval stage "
                     "(and 1/4 as many text records)")
-    ap.add_argument("--retrieval-steps", type=int, default=1200, help="retrieval-stage SFT steps at 256 tokens, "
+    ap.add_argument("--retrieval-steps", type=int, default=1600, help="retrieval-stage SFT steps at 256 tokens, "
                     "batch 8")
     ap.add_argument("--long-records", type=int, default=4000, help="retrieval records of each extension phase (and "
                     "1/4 as many text records)")
