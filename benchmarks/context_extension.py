@@ -162,7 +162,7 @@ def main() -> None:
         meta = prepare(data, retrieval_docs=args.base_retrieval_docs, retrieval_words=(20, 150), split_digits=True)
         stage(f"pre-training data: train {meta['splits']['train']['tokens']:,} tokens (with "
               f"{args.base_retrieval_docs} retrieval documents), val {meta['splits']['val']['tokens']:,}", t0)
-    common = dict(model_config="small", checkpoint_every=10_000, warmup_steps=20, mtp_depth=0)
+    common = dict(model_config="small", checkpoint_every=10_000, warmup_steps=20)
     if args.base:
         pretrained = resolve_checkpoint(args.base)
         trained = train_setting(pretrained, "seq_len")
@@ -171,7 +171,7 @@ def main() -> None:
                      f"token base {FACTOR}x")
     else:
         pretrained = train(work / "pretrain", data=str(data), seq_len=256, batch_size=8, max_steps=args.base_steps,
-                           lr=args.lr, **common)
+                           lr=args.lr, mtp_depth=0, **common)  # later stages keep the checkpoint's MTP depth
         stage(f"pre-trained: {args.base_steps} steps x 8 x 256 = {args.base_steps * 2048:,} tokens -> {pretrained}", t0)
     # the retrieval stage: SFT on retrieval records (the loss on the recalled number) with text records mixed in
     short = records(work / "records-256", args.retrieval_records, (20, 100), args.retrieval_records // 4, pretrained,

@@ -132,6 +132,13 @@ def test_retrieval_examples_end_where_the_number_is_recalled():
         assert not any(b in ex["prompt"] for b in banned)
     with pytest.raises(ValueError, match="at least one word"):
         passkey.retrieval_example(lines, 0, random.Random(0))
+    from dsv3.train.data import text_example
+
+    text = text_example(lines, 12, random.Random(7))  # plain text: a line, then the lines after it
+    assert text["prompt"] in lines and text["completion"].startswith("\n") and len(text["completion"].split()) >= 8
+    for bad in ([], ["  ", " "]):
+        with pytest.raises(ValueError, match="lines with text"):
+            text_example(bad, 5, random.Random(0))
 
 
 def test_retrieval_names_are_drawn_from_the_corpus_and_never_the_evaluations():

@@ -60,6 +60,12 @@ def test_a_teacher_with_another_tokenizer_is_refused(trained_run, tmp_path, caps
                  str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--max-steps", "1", "--seq-len", "256",
                  "--no-progress"]) == 2
     assert "its tokenizer is not the student's" in capsys.readouterr().err
+    # a student extended past the teacher's positions: refused at setup, not at the first long record
+    cfg = json.loads((resolve_checkpoint(trained_run) / "config.json").read_text())
+    assert main(["distill", "--teacher", str(trained_run), "--student", str(trained_run), "--mode", "logits",
+                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run2"), "--max-steps", "1", "--seq-len",
+                 str(2 * cfg["max_position_embeddings"]), "--extend-context", "4", "--no-progress"]) == 2
+    assert "fewer than seq_len" in capsys.readouterr().err
 
 
 def test_sequence_distillation_keeps_verified_replies_and_trains_on_them(trained_run, tmp_path, monkeypatch,

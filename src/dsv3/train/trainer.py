@@ -417,8 +417,8 @@ class Trainer:
         """The frozen teacher of logit distillation, on this device, in eval mode.
 
         Raises:
-            TrainError: it cannot be loaded, or its tokenizer or vocabulary is not the student's (the
-                distributions would be over different tokens).
+            TrainError: it cannot be loaded, its tokenizer or vocabulary is not the student's (the
+                distributions would be over different tokens), or it reaches fewer positions than seq_len.
         """
         try:
             source = resolve_checkpoint(self.cfg.teacher)
@@ -433,6 +433,9 @@ class Trainer:
         if teacher.config.vocab_size != self.model.config.vocab_size:
             raise TrainError(f"teacher {source}: vocab_size {teacher.config.vocab_size} differs from the student's "
                              f"{self.model.config.vocab_size}")
+        if teacher.config.max_position_embeddings < self.cfg.seq_len:
+            raise TrainError(f"teacher {source}: it reaches {teacher.config.max_position_embeddings} positions, fewer "
+                             f"than seq_len {self.cfg.seq_len} (a record that long would find it without positions)")
         return teacher
 
     def _claim_run_dir(self, overwrite: bool) -> None:
@@ -560,7 +563,9 @@ class Trainer:
         """The config of `init_from`'s checkpoint (kept in `_init_source`), with YaRN for `extend_context`:
         `extended_rope_scaling(extend_rope, extend_context, L)` with L the sequence length the checkpoint was trained
         at (from its trainer state; YaRN's original_max_position_embeddings), and max_position_embeddings = L x
-        factor.
+        factor. For an SFT checkpoint L is its row length: packed records restart their positions, so the positions
+        it saw reach only its longest record; extend such a checkpoint from a run whose rows were its records' bound
+        (as benchmarks/context_extension.py does: 256-token rows of records of at most 256 tokens).
 
         Raises:
             TrainError: no checkpoint there; the data's tokenizer is not the checkpoint's; an MTP depth other than
