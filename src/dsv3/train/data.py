@@ -296,11 +296,12 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
     if max_tokens is not None and max_tokens < 16:
         raise DataError(f"--max-tokens {max_tokens}: a record needs at least 16 tokens")
     tok = given_tokenizer(tokenizer)[0] if tokenizer is not None else None
+    eot = tok.token_to_id(EOT) if tok is not None else None
 
     def fits(record: dict) -> bool:
         if tok is None:
             return True
-        ids, _ = encode_completion(tok, record["prompt"], record["completion"], tok.token_to_id(EOT))
+        ids, _ = encode_completion(tok, record["prompt"], record["completion"], eot)
         return len(ids) <= max_tokens
     out = Path(out)
     docs = read_documents(shakespeare_files())
@@ -339,17 +340,11 @@ def text_example(lines: list[str], words: int, rng: random.Random) -> dict[str, 
     completion-only loss it is ordinary language modelling. Deterministic given `rng`'s state.
 
     Raises:
-        ValueError: no lines with text, or words < 1.
+        ValueError: no lines with text, or words < 1 (`passkey.corpus_stretch`).
     """
-    if not lines or words < 1:
-        raise ValueError("a text record needs corpus lines with text and at least one word")
-    start, chunk, count = rng.randrange(len(lines)), [], 0
-    while count < words or len(chunk) < 2:
-        if len(chunk) > len(lines) and count == 0:
-            raise ValueError("a text record needs corpus lines with text and at least one word")
-        line = lines[(start + len(chunk)) % len(lines)]
-        chunk.append(line)
-        count += len(line.split())
+    from .passkey import corpus_stretch
+
+    chunk = corpus_stretch(lines, words, rng, min_lines=2)
     return {"prompt": chunk[0], "completion": "\n" + "\n".join(chunk[1:]) + "\n"}
 
 

@@ -67,18 +67,32 @@ def _name(lines: list[str], rng: random.Random, taken: set[str]) -> str:
     raise ValueError("the corpus lines have too few distinct words of 3 or more letters to name the numbers")
 
 
-def _stated(lines: list[str], words: int, rng: random.Random, keys: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """Consecutive corpus `lines` of about `words` words from a random start with `keys` numbers stated at random
-    lines (each under its own name): (the lines, [(name, key)] in statement order). Checks the arguments."""
+def corpus_stretch(lines: list[str], words: int, rng: random.Random, min_lines: int = 1) -> list[str]:
+    """Consecutive `lines` from a random start (one `rng.randrange` draw; wrapping at the end), at least `min_lines`
+    of them, until they hold `words` words: the text of retrieval documents and records (`_stated`) and of plain-text
+    records (`data.text_example`).
+
+    Raises:
+        ValueError: no lines, words < 1, or lines without a word.
+    """
     if not lines or words < 1:
-        raise ValueError("a retrieval document needs corpus lines and at least one word")
-    if not 1 <= keys <= RETRIEVAL_MAX_KEYS:
-        raise ValueError(f"a retrieval document holds 1 to {RETRIEVAL_MAX_KEYS} keys, got {keys}")
+        raise ValueError("a stretch of the corpus needs corpus lines with text and at least one word")
     start, body, count = rng.randrange(len(lines)), [], 0
-    while count < words:
+    while count < words or len(body) < min_lines:
+        if count == 0 and len(body) > len(lines):
+            raise ValueError("a stretch of the corpus needs corpus lines with text and at least one word")
         line = lines[(start + len(body)) % len(lines)]
         body.append(line)
         count += len(line.split())
+    return body
+
+
+def _stated(lines: list[str], words: int, rng: random.Random, keys: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Consecutive corpus `lines` of about `words` words from a random start with `keys` numbers stated at random
+    lines (each under its own name): (the lines, [(name, key)] in statement order). Checks the arguments."""
+    if not 1 <= keys <= RETRIEVAL_MAX_KEYS:
+        raise ValueError(f"a retrieval document holds 1 to {RETRIEVAL_MAX_KEYS} keys, got {keys}")
+    body = corpus_stretch(lines, words, rng)
     stated = []
     for _ in range(keys):
         name = _name(lines, rng, {n for n, _ in stated})
