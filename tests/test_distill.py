@@ -33,6 +33,12 @@ def test_kd_loss_is_the_forward_kl_on_target_positions():
         p, q = F.softmax(t[0, i] / 2, -1), F.softmax(s[0, i] / 2, -1)
         want += float((p * (p.log() - q.log())).sum()) * 4
     assert float(distillation_kl(s, t, targets, 2.0)) == pytest.approx(want, rel=1e-5)
+    weights = torch.tensor([[0.5, 9.0, 0.25, 0.25]])  # (9.0 sits on an ignored position)
+    weighted = 0.0
+    for i, w in ((0, 0.5), (2, 0.25), (3, 0.25)):
+        p, q = F.softmax(t[0, i] / 2, -1), F.softmax(s[0, i] / 2, -1)
+        weighted += w * float((p * (p.log() - q.log())).sum()) * 4
+    assert float(distillation_kl(s, t, targets, 2.0, weights)) == pytest.approx(weighted, rel=1e-5)
 
 
 def test_logit_distillation_from_itself_has_zero_main_loss(trained_run, tmp_path):

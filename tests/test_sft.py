@@ -85,25 +85,30 @@ def _short_conversations(path, n=40, seed=0):
     return path
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_packed_step_loss_equals_the_conversations_one_by_one(trained_run, tmp_path, compiled):
+@pytest.mark.parametrize("compiled,average", [(False, "token"), (True, "token"), (False, "record")],
+                         ids=["eager", "compiled", "per-record"])
+def test_packed_step_loss_equals_the_conversations_one_by_one(trained_run, tmp_path, compiled, average):
     """The packed step's loss (each row several conversations, kept apart by the attention mask) is the mean over the
-    conversations run one by one; also with --compile, whose layers then trace the packed mask."""
+    conversations run one by one: over all their target tokens, or with --loss-average record the mean of each
+    conversation's mean; also with --compile, whose layers then trace the packed mask."""
     _short_conversations(tmp_path / "data")
     trainer = Trainer(_sft_config(tmp_path / "data", trained_run, tmp_path / "run", grad_accum=2, seq_len=64,
-                                  compile=compiled))
+                                  compile=compiled, loss_average=average))
     data, model = trainer.data, load_pretrained(resolve_checkpoint(trained_run)).eval()
     members = [c for m in range(2) for r in range(2) for c in data.row(0, m * 2 + r)]  # step 0's conversations
     assert len(members) > 4  # several conversations per row
-    total, count = 0.0, 0
+    sums, counts = [], []
     with torch.no_grad():
         for c in members:
             ids, labels = (torch.tensor(x) for x in data.conversations[c])
             logits = model(ids[None], mtp=False).logits[0]
-            total += float(F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"))
-            count += int((labels != IGNORE).sum())
+            sums.append(float(F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")))
+            counts.append(int((labels != IGNORE).sum()))
+    assert len(set(counts)) > 1  # the two averages differ
+    want = (sum(sums) / sum(counts) if average == "token" else
+            sum(s / n for s, n in zip(sums, counts)) / len(members))
     metrics = trainer.train_step()  # the loss is computed before the update
-    assert abs(metrics.loss - total / count) < 1e-5
+    assert abs(metrics.loss - want) < 1e-5
 
 
 def test_resumed_sft_run_equals_the_uninterrupted_one(trained_run, tmp_path):

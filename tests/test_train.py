@@ -150,6 +150,40 @@ def test_cross_entropy_equals_torchs(reduction, dtype):
     assert ours.grad[[0, 5, 6, 30]].abs().max() == 0 and ours.grad[1].abs().max() > 0
 
 
+def test_weighted_cross_entropy_equals_torchs_per_row_losses_times_the_weights():
+    """With per-row weights the sum (and the mean, still divided by the count) is torch's per-row CE times the
+    weights, and so is the logits' gradient; a weight of the wrong shape is refused."""
+    from dsv3.train.losses import cross_entropy
+
+    torch.manual_seed(0)
+    logits, targets, weights = torch.randn(37, 300) * 3, torch.randint(0, 300, (37,)), torch.rand(37)
+    targets[[0, 5, 6, 30]] = IGNORE
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    rows = torch.nn.functional.cross_entropy(ref, targets, ignore_index=IGNORE, reduction="none")  # [37]
+    for reduction, expect in (("sum", (rows * weights).sum()), ("mean", (rows * weights).sum() / 33)):
+        loss = cross_entropy(ours, targets, reduction, weights)
+        torch.testing.assert_close(loss, expect, rtol=1e-6, atol=0)
+        ours.grad = ref.grad = None
+        loss.backward()
+        expect.backward(retain_graph=True)
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="weights"):
+        cross_entropy(logits, targets, "sum", weights[:-1])
+
+
+def test_record_weights_make_each_records_mean():
+    """Two packed rows: records of 2, 3 and 1 targets (and a padded tail): each target weighs 1 / its record's
+    targets, ignored ones 0, and there are 3 records."""
+    from dsv3.model.mla import packed_positions
+    from dsv3.train.losses import packed_groups, record_weights
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, -1, -1, -1]])
+    labels = torch.tensor([[IGNORE, 4, 5, IGNORE, 6, 7, 8], [IGNORE, IGNORE, 9, IGNORE, IGNORE, IGNORE, IGNORE]])
+    weights, records = record_weights(labels, packed_groups(segments, packed_positions(segments)))
+    assert records == 3
+    torch.testing.assert_close(weights, torch.tensor([[0, 1 / 2, 1 / 2, 0, 1 / 3, 1 / 3, 1 / 3], [0, 0, 1, 0, 0, 0, 0]]))
+
+
 def test_cross_entropy_edge_cases_match_torchs():
     """Every target ignored: a nan mean with a zero gradient, as torch's; a target out of range raises."""
     from dsv3.train.losses import cross_entropy

@@ -37,37 +37,43 @@ class _CrossEntropy(torch.autograd.Function):
     zero-bubble pipeline schedules do: input gradients first, weight gradients later)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, mean: bool) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, mean: bool, rows: torch.Tensor | None
+                ) -> torch.Tensor:
         logp = torch.log_softmax(logits, -1)  # [N, V]
         valid = targets != IGNORE  # [N]
         picked = logp.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]  # [N]; a bad target raises here
         weight = valid.sum().to(logp.dtype) if mean else logp.new_ones(())  # [] (0 when none counts: nan, as torch)
-        ctx.save_for_backward(logp, targets, weight)
-        return -torch.where(valid, picked, 0.0).sum() / weight
+        rows = logp.new_ones(()) if rows is None else rows.to(logp.dtype)  # [] or [N]: each row's factor
+        ctx.save_for_backward(logp, targets, weight, rows)
+        return -torch.where(valid, picked * rows, 0.0).sum() / weight
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        logp, targets, weight = ctx.saved_tensors
+        logp, targets, weight, rows = ctx.saved_tensors
         kept = targets != IGNORE  # [N]
         valid = kept.to(logp.dtype)
         d = logp.exp()  # [N, V] softmax
         d.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -valid[:, None])  # - onehot
-        return d.mul_((valid * (grad / weight.clamp_min(1)))[:, None]), None, None
+        return d.mul_((valid * rows * (grad / weight.clamp_min(1)))[:, None]), None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of logits [N, V] (computed in fp32) against targets [N] (IGNORE: not counted), as
     `F.cross_entropy(..., ignore_index=IGNORE)`: reduction "sum" over the counted rows, or "mean" over them (nan
-    with a zero gradient when none is counted, as torch's). The training losses' one implementation
-    (`_CrossEntropy`).
+    with a zero gradient when none is counted, as torch's). `weights` [N], optional: each row's CE times its
+    weight before the reduction (`record_weights`; the mean still divides by the count). The training losses' one
+    implementation (`_CrossEntropy`).
 
     Raises:
-        ValueError: another reduction.
+        ValueError: another reduction, or weights of another shape than targets.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    return _CrossEntropy.apply(logits.float(), targets, reduction == "mean")
+    if weights is not None and weights.shape != targets.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape {tuple(targets.shape)}")
+    return _CrossEntropy.apply(logits.float(), targets, reduction == "mean", weights)
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -116,6 +122,19 @@ def packed_groups(segments: torch.Tensor, positions: torch.Tensor, depth: int = 
     return groups
 
 
+def record_weights(targets: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Weights [B, T-k] that turn a sum over packed targets [B, T-k] into a sum of per-record means: each target's
+    weight is 1 / the number of targets of its record, 0 where the target is IGNORE. groups [B, T-k]: each
+    position's document (`packed_groups` of the same depth). Also returns how many records have a target, what
+    the weighted sum is divided by for the mean over records (the sequence-level mean, as against the token-level
+    one of `cross_entropy(..., "mean")`: a record of 7 target tokens then weighs as much as one of 300)."""
+    keep = targets != IGNORE
+    _, inverse, counts = torch.unique(groups[keep], return_inverse=True, return_counts=True)
+    weights = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    weights[keep] = 1.0 / counts[inverse].float()
+    return weights, len(counts)
+
+
 def mtp_valid_counts(tokens: torch.Tensor, depth: int, eot_id: int | None) -> list[int]:
     """Per MTP depth k = 1..depth, how many targets of the window `tokens` [B, T+1] are not masked: what the depth's
     loss averages over."""
@@ -137,16 +156,18 @@ def mtp_losses(mtp_logits: list[torch.Tensor], tokens: torch.Tensor, eot_id: int
     return losses
 
 
-def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
-                    ) -> torch.Tensor:
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
     """Forward KL(teacher || student) summed over the positions that have a target (targets != IGNORE), each
     distribution the softmax of logits / temperature, times temperature^2 (Hinton et al. 2015, so that gradients
-    keep their scale across temperatures). student, teacher [B, T, V] logits; targets [B, T]. The sum, like the
-    cross-entropy sums it replaces or mixes with (divide by the target count for a mean). Zero, with zero
-    gradient, when the two logits are equal."""
+    keep their scale across temperatures). student, teacher [B, T, V] logits; targets [B, T]; weights [B, T],
+    optional: each position's KL times its weight (as `cross_entropy`'s). The sum, like the cross-entropy sums it
+    replaces or mixes with (divide by the target count for a mean). Zero, with zero gradient, when the two logits
+    are equal."""
     keep = targets != IGNORE
     dtype = torch.promote_types(student.dtype, torch.float32)  # at least fp32
     s = F.log_softmax(student[keep].to(dtype) / temperature, -1)
     t = F.log_softmax(teacher[keep].to(dtype) / temperature, -1)
-    return (t.exp() * (t - s)).sum() * temperature**2
+    kl = (t.exp() * (t - s)).sum(-1)  # [targets]
+    return (kl if weights is None else kl * weights[keep].to(dtype)).sum() * temperature**2
 

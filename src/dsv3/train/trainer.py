@@ -70,6 +70,7 @@ from .data import TokenData
 from .losses import (
     IGNORE,
     cross_entropy,
+    record_weights,
     distillation_kl,
     lm_loss,
     mtp_losses,
@@ -121,6 +122,9 @@ class TrainConfig:
     teacher: str | None = _opt(None, "with objective sft: logit distillation from this checkpoint (or run), which "
                                "must share the student's tokenizer: forward KL to its distribution on the "
                                "assistant's tokens")
+    loss_average: str = _opt("token", "with objective sft: how a step's loss averages its targets: token (every "
+                             "target token weighs the same) or record (every record or conversation weighs the "
+                             "same: its tokens' mean, then the mean over the step's records)", ("token", "record"))
     kd_temperature: float = _opt(1.0, "with teacher: the softmax temperature of both distributions (the KL is "
                                  "scaled by its square)")
     kd_alpha: float = _opt(1.0, "with teacher: weight of the KL term; 1 - kd_alpha weighs the cross-entropy on the "
@@ -201,6 +205,9 @@ class TrainConfig:
         need(self.objective == "pretrain" or self.pp == 1, "pp", "sft runs without a pipeline")
         need(self.teacher is None or self.objective == "sft", "teacher", "logit distillation is an sft objective: "
              "give objective sft too")
+        need(self.loss_average in ("token", "record"), "loss_average", "must be token or record")
+        need(self.loss_average == "token" or self.objective == "sft", "loss_average", "averaging per record is an "
+             "sft setting (pre-training windows have no records): give objective sft too")
         need(self.kd_temperature > 0, "kd_temperature", "must be > 0")
         need(0 <= self.kd_alpha <= 1, "kd_alpha", "must be in [0, 1]")
         need(self.balance in BALANCE_MODES, "balance", f"must be one of {', '.join(BALANCE_MODES)}")
@@ -704,8 +711,9 @@ class Trainer:
         """`_forward_backward` for packed conversations (objective sft, `train.sft`): each row holds several
         conversations as separate documents (`DeepseekV3.forward(segments=...)`); every loss is the step's mean
         over the global batch's targets (a CE sum divided by the step's target count, so micro-batches and ranks
-        add up to it), the balance loss per conversation (`packed_groups`), and the loads count real tokens only
-        (padding is routed but neither balanced nor counted)."""
+        add up to it) or, with loss_average "record", over its records of each record's mean; the balance loss is
+        per conversation (`packed_groups`), and the loads count real tokens only (padding is routed but neither
+        balanced nor counted)."""
         cfg, model = self.cfg, self.model
         model.train()
         depth = model.config.num_nextn_predict_layers
@@ -717,24 +725,36 @@ class Trainer:
         n_main = sum(layer.is_moe for layer in model.main_layers)
         batches = [self.data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, self.step, m, cfg.grad_accum)
                    for m in range(cfg.grad_accum)]
-        counts = [0] * (1 + depth)  # the step's targets per depth (0: main), over every micro-batch and rank
+        # what each depth's loss divides by (0: main): the step's targets over every micro-batch and rank, or with
+        # loss_average "record" its records, each target weighted by 1 / its record's targets (`record_weights`)
+        counts = [0] * (1 + depth)
         positions_of = [packed_positions(b.segments) for b in batches]  # [B, T] each, every rank's rows
+        weights_of = []  # per micro-batch, per depth: [B, T-k] or None
         for b, positions in zip(batches, positions_of):
+            weights_of.append([])
             for k in range(1 + depth):
-                counts[k] += int((packed_targets(b.labels, positions, k) != IGNORE).sum())
-        for batch, positions in zip(batches, positions_of):
+                targets = packed_targets(b.labels, positions, k)
+                if cfg.loss_average == "record":
+                    weights, records = record_weights(targets, packed_groups(b.segments, positions, k))
+                    weights_of[-1].append(weights[self.rank * rows : (self.rank + 1) * rows].to(self.device))
+                    counts[k] += records
+                else:
+                    weights_of[-1].append(None)
+                    counts[k] += int((targets != IGNORE).sum())
+        for batch, positions, weights in zip(batches, positions_of, weights_of):
             batch = batch.rows(self.rank * rows, (self.rank + 1) * rows).to(self.device)
             positions = positions[self.rank * rows : (self.rank + 1) * rows].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = model(batch.ids, segments=batch.segments)
             ce = []
             for k, logits in enumerate([out.logits] + out.mtp_logits):
-                targets = packed_targets(batch.labels, positions, k)
-                total = cross_entropy(logits.flatten(0, 1), targets.flatten(), "sum")
+                targets, w = packed_targets(batch.labels, positions, k), weights[k]
+                total = cross_entropy(logits.flatten(0, 1), targets.flatten(), "sum",
+                                      None if w is None else w.flatten())
                 if k == 0 and self.teacher is not None:
                     with torch.no_grad():
                         teacher_logits = self.teacher(batch.ids, segments=batch.segments, mtp=False).logits
-                    kd = distillation_kl(logits, teacher_logits, targets, cfg.kd_temperature)
+                    kd = distillation_kl(logits, teacher_logits, targets, cfg.kd_temperature, w)
                     total = cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * total
                 ce.append(total / max(counts[k], 1) * self.world)  # this rank's share, times the ranks averaging it
             balance = torch.zeros((), device=self.device)
