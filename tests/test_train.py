@@ -127,19 +127,24 @@ def _metric_rows(run):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cross_entropy_equals_torchs(reduction, dtype):
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_cross_entropy_equals_torchs(reduction, dtype, weighted):
     """The training losses' cross-entropy equals `F.cross_entropy(ignore_index=IGNORE)`: the loss and the logits'
     gradient, with ignored rows (zero gradient), through a bf16 cast and an upstream scale, and again through a
-    retained graph (the zero-bubble pipeline schedules differentiate the last stage's loss twice)."""
+    retained graph (the zero-bubble pipeline schedules differentiate the last stage's loss twice); with per-row
+    weights, torch's per-row losses times the weights (the mean still divided by the count)."""
     from dsv3.train.losses import cross_entropy
 
     torch.manual_seed(0)
     logits = (torch.randn(37, 300) * 3).to(dtype)  # [N, V]
     targets = torch.randint(0, 300, (37,))
     targets[[0, 5, 6, 30]] = IGNORE
+    weights = torch.rand(37) + 0.5 if weighted else None
     ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    loss = cross_entropy(ours, targets, reduction)
-    expect = torch.nn.functional.cross_entropy(ref.float(), targets, ignore_index=IGNORE, reduction=reduction)
+    loss = cross_entropy(ours, targets, reduction, weights)
+    expect = torch.nn.functional.cross_entropy(ref.float(), targets, ignore_index=IGNORE, reduction="none")
+    expect = expect * (weights if weighted else 1)
+    expect = expect.sum() / (33 if reduction == "mean" else 1)
     upstream = torch.tensor(1.7)  # a scale from above (a loss weight), through the backward
     for _ in range(2):  # the second pass through the retained graph accumulates the same gradient again
         (loss * upstream).backward(retain_graph=True)
@@ -150,38 +155,25 @@ def test_cross_entropy_equals_torchs(reduction, dtype):
     assert ours.grad[[0, 5, 6, 30]].abs().max() == 0 and ours.grad[1].abs().max() > 0
 
 
-def test_weighted_cross_entropy_equals_torchs_per_row_losses_times_the_weights():
-    """With per-row weights the sum (and the mean, still divided by the count) is torch's per-row CE times the
-    weights, and so is the logits' gradient; a weight of the wrong shape is refused."""
-    from dsv3.train.losses import cross_entropy
-
-    torch.manual_seed(0)
-    logits, targets, weights = torch.randn(37, 300) * 3, torch.randint(0, 300, (37,)), torch.rand(37)
-    targets[[0, 5, 6, 30]] = IGNORE
-    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    rows = torch.nn.functional.cross_entropy(ref, targets, ignore_index=IGNORE, reduction="none")  # [37]
-    for reduction, expect in (("sum", (rows * weights).sum()), ("mean", (rows * weights).sum() / 33)):
-        loss = cross_entropy(ours, targets, reduction, weights)
-        torch.testing.assert_close(loss, expect, rtol=1e-6, atol=0)
-        ours.grad = ref.grad = None
-        loss.backward()
-        expect.backward(retain_graph=True)
-        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-8)
-    with pytest.raises(ValueError, match="weights"):
-        cross_entropy(logits, targets, "sum", weights[:-1])
-
-
 def test_record_weights_make_each_records_mean():
     """Two packed rows: records of 2, 3 and 1 targets (and a padded tail): each target weighs 1 / its record's
-    targets, ignored ones 0, and there are 3 records."""
+    targets, ignored ones 0, and there are 3 records. At MTP depth 1 (position i predicts labels[i + 1] of its own
+    record) the second record keeps 2 targets, and the third, whose one target is its first label, none: 2
+    records."""
     from dsv3.model.mla import packed_positions
-    from dsv3.train.losses import packed_groups, record_weights
+    from dsv3.train.losses import packed_groups, packed_targets, record_weights
 
     segments = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, -1, -1, -1]])
-    labels = torch.tensor([[IGNORE, 4, 5, IGNORE, 6, 7, 8], [IGNORE, IGNORE, 9, IGNORE, IGNORE, IGNORE, IGNORE]])
-    weights, records = record_weights(labels, packed_groups(segments, packed_positions(segments)))
+    labels = torch.tensor([[IGNORE, 4, 5, 6, 7, 8, IGNORE], [9, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]])
+    positions = packed_positions(segments)
+    weights, records = record_weights(labels, packed_groups(segments, positions))
     assert records == 3
-    torch.testing.assert_close(weights, torch.tensor([[0, 1 / 2, 1 / 2, 0, 1 / 3, 1 / 3, 1 / 3], [0, 0, 1, 0, 0, 0, 0]]))
+    half, third = 1 / 2, 1 / 3
+    torch.testing.assert_close(weights, torch.tensor([[0, half, half, third, third, third, 0], [1, 0, 0, 0, 0, 0, 0]]))
+    targets = packed_targets(labels, positions, 1)  # [2, 6]
+    weights, records = record_weights(targets, packed_groups(segments, positions, 1))
+    assert records == 2
+    torch.testing.assert_close(weights, torch.tensor([[half, half, 0, half, half, 0], [0, 0, 0, 0, 0, 0]]))
 
 
 def test_cross_entropy_edge_cases_match_torchs():
@@ -196,6 +188,8 @@ def test_cross_entropy_edge_cases_match_torchs():
     for bad in (-1, 10):
         with pytest.raises(RuntimeError):
             cross_entropy(logits, torch.tensor([1, 2, bad, 3]))
+    with pytest.raises(ValueError, match="weights"):
+        cross_entropy(logits, torch.tensor([1, 2, 3, 4]), "sum", torch.ones(3))
 
 
 def test_mtp_loss_shares_add_up_to_the_global_mean():
@@ -310,6 +304,9 @@ def test_bad_settings_are_named(dataset, tmp_path):
         Trainer(tiny_cfg(dataset, tmp_path, balance="magic"))
     with pytest.raises(TrainError, match="max_steps"):
         Trainer(tiny_cfg(dataset, tmp_path, max_steps=None))
+    for average, rule in (("record", "an sft setting"), ("sample", "must be one of")):
+        with pytest.raises(TrainError, match=f"loss_average = '{average}': .*{rule}"):
+            Trainer(tiny_cfg(dataset, tmp_path, loss_average=average))
     toml = tmp_path / "t.toml"
     toml.write_text("[train]\nbatch_size = 2\nlearning_rate = 3\n")
     with pytest.raises(TrainError, match="learning_rate"):

@@ -24,47 +24,50 @@ IGNORE = -100
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """sum_i -log softmax(logits_i)[target_i] over the rows whose target is not IGNORE, divided by their count
-    (`mean`) or not, with a backward that turns the saved log-softmax into the gradient directly: d/dlogits =
-    (softmax - onehot(target)) / weight, zero on ignored rows.
+    """sum_i w_i * -log softmax(logits_i)[target_i] over the rows whose target is not IGNORE (w_i = 1 without
+    weights), divided by their count (`mean`) or not, with a backward that turns the saved log-softmax into the
+    gradient directly: d/dlogits = w_i * (softmax - onehot(target)) / count, zero on ignored rows.
 
     `F.cross_entropy` computes the same, but its backward first builds a zero [N, V] gradient for the gather
     (`nll_loss_backward`), then reads it and the log-softmax to write a third [N, V] tensor; on `small`'s 8,192-token
     vocabulary, 2048 x 8192 floats per step, this one buys ~3% of a CPU training step (`benchmarks/train_speed.py`).
     Here the backward is one exp of the saved tensor, a scatter and a row scale, with no host synchronisation. It
-    saves what torch's saves (the log-softmax, the targets and a 0-dim fp32 weight: the memory planner,
-    `dsv3.parallel.plan`, counts them), and leaves them intact, so a retained graph can be differentiated again (the
-    zero-bubble pipeline schedules do: input gradients first, weight gradients later)."""
+    saves what torch's saves (the log-softmax, the targets and a 0-dim fp32 count: the memory planner,
+    `dsv3.parallel.plan`, counts them; SFT's per-record weights [N], when given, besides), and leaves them intact, so
+    a retained graph can be differentiated again (the zero-bubble pipeline schedules do: input gradients first,
+    weight gradients later)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, mean: bool, rows: torch.Tensor | None
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, mean: bool, weights: torch.Tensor | None
                 ) -> torch.Tensor:
         logp = torch.log_softmax(logits, -1)  # [N, V]
         valid = targets != IGNORE  # [N]
         picked = logp.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]  # [N]; a bad target raises here
-        weight = valid.sum().to(logp.dtype) if mean else logp.new_ones(())  # [] (0 when none counts: nan, as torch)
-        rows = logp.new_ones(()) if rows is None else rows.to(logp.dtype)  # [] or [N]: each row's factor
-        ctx.save_for_backward(logp, targets, weight, rows)
-        return -torch.where(valid, picked * rows, 0.0).sum() / weight
+        count = valid.sum().to(logp.dtype) if mean else logp.new_ones(())  # [] (0 when none counts: nan, as torch)
+        weighted = () if weights is None else (weights.to(logp.dtype),)  # [N], saved only when given
+        if weighted:
+            picked = picked * weighted[0]
+        ctx.save_for_backward(logp, targets, count, *weighted)
+        return -torch.where(valid, picked, 0.0).sum() / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        logp, targets, weight, rows = ctx.saved_tensors
+        logp, targets, count, *weighted = ctx.saved_tensors
         kept = targets != IGNORE  # [N]
-        valid = kept.to(logp.dtype)
+        scale = kept.to(logp.dtype) * weighted[0] if weighted else kept.to(logp.dtype)  # [N]
         d = logp.exp()  # [N, V] softmax
-        d.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -valid[:, None])  # - onehot
-        return d.mul_((valid * rows * (grad / weight.clamp_min(1)))[:, None]), None, None, None
+        d.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -kept.to(logp.dtype)[:, None])  # - onehot
+        return d.mul_((scale * (grad / count.clamp_min(1)))[:, None]), None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of logits [N, V] (computed in fp32) against targets [N] (IGNORE: not counted), as
     `F.cross_entropy(..., ignore_index=IGNORE)`: reduction "sum" over the counted rows, or "mean" over them (nan
-    with a zero gradient when none is counted, as torch's). `weights` [N], optional: each row's CE times its
-    weight before the reduction (`record_weights`; the mean still divides by the count). The training losses' one
-    implementation (`_CrossEntropy`).
+    with a zero gradient when none is counted, as torch's). `weights` [N], optional constants (no gradient): each
+    row's CE times its weight before the reduction (`record_weights`; the mean still divides by the count). The
+    training losses' one implementation (`_CrossEntropy`).
 
     Raises:
         ValueError: another reduction, or weights of another shape than targets.
@@ -161,9 +164,15 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch
     """Forward KL(teacher || student) summed over the positions that have a target (targets != IGNORE), each
     distribution the softmax of logits / temperature, times temperature^2 (Hinton et al. 2015, so that gradients
     keep their scale across temperatures). student, teacher [B, T, V] logits; targets [B, T]; weights [B, T],
-    optional: each position's KL times its weight (as `cross_entropy`'s). The sum, like the cross-entropy sums it
-    replaces or mixes with (divide by the target count for a mean). Zero, with zero gradient, when the two logits
-    are equal."""
+    optional constants: each position's KL times its weight (as `cross_entropy`'s). The sum, like the cross-entropy
+    sums it replaces or mixes with (divide by the target count for a mean, or with `record_weights` by the record
+    count). Zero, with zero gradient, when the two logits are equal.
+
+    Raises:
+        ValueError: weights of another shape than targets.
+    """
+    if weights is not None and weights.shape != targets.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape {tuple(targets.shape)}")
     keep = targets != IGNORE
     dtype = torch.promote_types(student.dtype, torch.float32)  # at least fp32
     s = F.log_softmax(student[keep].to(dtype) / temperature, -1)

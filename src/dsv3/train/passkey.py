@@ -62,7 +62,8 @@ def _name(lines: list[str], rng: random.Random, taken: set[str]) -> str:
     `taken`.
 
     Raises:
-        ValueError: 1,000 draws found no new name (the lines have too few words of 3+ letters).
+        ValueError: 1,000 draws found no new name (the lines have too few words of 3+ letters that are not
+            function words).
     """
     for _ in range(1000):
         words = lines[rng.randrange(len(lines))].split()
@@ -70,7 +71,8 @@ def _name(lines: list[str], rng: random.Random, taken: set[str]) -> str:
         name = f"the {word} {rng.choice(RETRIEVAL_NOUNS)}"
         if len(word) >= 3 and word not in _EVAL_WORDS and word not in _FUNCTION_WORDS and name not in taken:
             return name
-    raise ValueError("the corpus lines have too few distinct words of 3 or more letters to name the numbers")
+    raise ValueError("the corpus lines have too few distinct words of 3 or more letters (not function words) to "
+                     "name the numbers")
 
 
 def corpus_stretch(lines: list[str], words: int, rng: random.Random, min_lines: int = 1) -> list[str]:

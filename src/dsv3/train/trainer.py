@@ -70,13 +70,13 @@ from .data import TokenData
 from .losses import (
     IGNORE,
     cross_entropy,
-    record_weights,
     distillation_kl,
     lm_loss,
     mtp_losses,
     mtp_valid_counts,
     packed_groups,
     packed_targets,
+    record_weights,
 )
 from .optim import AdamW
 from .schedule import decay_start_step, frozen_total, lr_at, mtp_weight_at
@@ -96,6 +96,7 @@ class TrainError(Dsv3Error, ValueError):
 PRECISIONS = ("fp32", "bf16", "fp8")
 STATE_DTYPES = ("fp32", "bf16")
 PP_SCHEDULES = SCHEDULES
+LOSS_AVERAGES = ("token", "record")
 LEGACY_KEYS = {"preset": "model_config"}  # old TrainConfig keys (TOML files, train_config.json of older runs)
 
 
@@ -124,7 +125,7 @@ class TrainConfig:
                                "assistant's tokens")
     loss_average: str = _opt("token", "with objective sft: how a step's loss averages its targets: token (every "
                              "target token weighs the same) or record (every record or conversation weighs the "
-                             "same: its tokens' mean, then the mean over the step's records)", ("token", "record"))
+                             "same: its tokens' mean, then the mean over the step's records)", LOSS_AVERAGES)
     kd_temperature: float = _opt(1.0, "with teacher: the softmax temperature of both distributions (the KL is "
                                  "scaled by its square)")
     kd_alpha: float = _opt(1.0, "with teacher: weight of the KL term; 1 - kd_alpha weighs the cross-entropy on the "
@@ -205,7 +206,7 @@ class TrainConfig:
         need(self.objective == "pretrain" or self.pp == 1, "pp", "sft runs without a pipeline")
         need(self.teacher is None or self.objective == "sft", "teacher", "logit distillation is an sft objective: "
              "give objective sft too")
-        need(self.loss_average in ("token", "record"), "loss_average", "must be token or record")
+        need(self.loss_average in LOSS_AVERAGES, "loss_average", f"must be one of {', '.join(LOSS_AVERAGES)}")
         need(self.loss_average == "token" or self.objective == "sft", "loss_average", "averaging per record is an "
              "sft setting (pre-training windows have no records): give objective sft too")
         need(self.kd_temperature > 0, "kd_temperature", "must be > 0")
@@ -711,9 +712,9 @@ class Trainer:
         """`_forward_backward` for packed conversations (objective sft, `train.sft`): each row holds several
         conversations as separate documents (`DeepseekV3.forward(segments=...)`); every loss is the step's mean
         over the global batch's targets (a CE sum divided by the step's target count, so micro-batches and ranks
-        add up to it) or, with loss_average "record", over its records of each record's mean; the balance loss is
-        per conversation (`packed_groups`), and the loads count real tokens only (padding is routed but neither
-        balanced nor counted)."""
+        add up to it) or, with loss_average "record", the mean over its records of each record's mean; the
+        balance loss is per conversation (`packed_groups`), and the loads count real tokens only (padding is
+        routed but neither balanced nor counted)."""
         cfg, model = self.cfg, self.model
         model.train()
         depth = model.config.num_nextn_predict_layers
@@ -728,27 +729,28 @@ class Trainer:
         # what each depth's loss divides by (0: main): the step's targets over every micro-batch and rank, or with
         # loss_average "record" its records, each target weighted by 1 / its record's targets (`record_weights`)
         counts = [0] * (1 + depth)
+        mine = slice(self.rank * rows, (self.rank + 1) * rows)  # this rank's rows of a micro-batch
         positions_of = [packed_positions(b.segments) for b in batches]  # [B, T] each, every rank's rows
-        weights_of = []  # per micro-batch, per depth: [B, T-k] or None
+        weights_of = []  # per micro-batch, per depth: this rank's [rows, T-k], or None
         for b, positions in zip(batches, positions_of):
             weights_of.append([])
             for k in range(1 + depth):
                 targets = packed_targets(b.labels, positions, k)
                 if cfg.loss_average == "record":
                     weights, records = record_weights(targets, packed_groups(b.segments, positions, k))
-                    weights_of[-1].append(weights[self.rank * rows : (self.rank + 1) * rows].to(self.device))
+                    weights_of[-1].append(weights[mine].to(self.device))
                     counts[k] += records
                 else:
                     weights_of[-1].append(None)
                     counts[k] += int((targets != IGNORE).sum())
-        for batch, positions, weights in zip(batches, positions_of, weights_of):
-            batch = batch.rows(self.rank * rows, (self.rank + 1) * rows).to(self.device)
-            positions = positions[self.rank * rows : (self.rank + 1) * rows].to(self.device)
+        for batch, positions, depth_weights in zip(batches, positions_of, weights_of):
+            batch = batch.rows(mine.start, mine.stop).to(self.device)
+            positions = positions[mine].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = model(batch.ids, segments=batch.segments)
             ce = []
             for k, logits in enumerate([out.logits] + out.mtp_logits):
-                targets, w = packed_targets(batch.labels, positions, k), weights[k]
+                targets, w = packed_targets(batch.labels, positions, k), depth_weights[k]
                 total = cross_entropy(logits.flatten(0, 1), targets.flatten(), "sum",
                                       None if w is None else w.flatten())
                 if k == 0 and self.teacher is not None:
