@@ -134,12 +134,12 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=600, help="pre-training steps at 256 tokens, batch 8")
     ap.add_argument("--retrieval-records", type=int, default=40000, help="retrieval records of the retrieval stage "
                     "(and 1/4 as many text records)")
-    ap.add_argument("--retrieval-steps", type=int, default=2400, help="retrieval-stage SFT steps at 256 tokens, "
+    ap.add_argument("--retrieval-steps", type=int, default=1600, help="retrieval-stage SFT steps at 256 tokens, "
                     "batch 8")
     ap.add_argument("--long-records", type=int, default=4000, help="retrieval records of each extension phase (and "
                     "1/4 as many text records)")
     ap.add_argument("--phase1-steps", type=int, default=150, help="extension phase 1 steps at 1,024 tokens, batch 2")
-    ap.add_argument("--phase2-steps", type=int, default=250, help="extension phase 2 steps at 4,096 tokens, batch 1")
+    ap.add_argument("--phase2-steps", type=int, default=100, help="extension phase 2 steps at 4,096 tokens, batch 1")
     ap.add_argument("--lr", type=float, default=5e-4, help="LR of pre-training and of the retrieval stage (at 1e-3 "
                     "`small` did not learn benchmarks/copy_task.py's copying in 600 steps, at 5e-4 it did); the "
                     "extension phases use 1/3")

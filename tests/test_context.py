@@ -143,7 +143,7 @@ def test_retrieval_examples_end_where_the_number_is_recalled():
 
 def test_retrieval_names_are_drawn_from_the_corpus_and_never_the_evaluations():
     """Each number's name is "the WORD NOUN" with a corpus word: many names over many examples (a model trained
-    on a few fixed names retrieved under those only), never "pass", the evaluation's word, nor a function word."""
+    on a few fixed names retrieved under those only), and never "pass", the evaluation's word."""
     import random
 
     from dsv3.train import passkey
@@ -155,12 +155,9 @@ def test_retrieval_names_are_drawn_from_the_corpus_and_never_the_evaluations():
         ex = passkey.retrieval_example(lines, 10, rng)
         names.add(re.search(r"([Tt]he [a-z ]+) is$", ex["prompt"]).group(1).lower())
     assert len(names) >= 40 and not any("pass" in n for n in names), names
-    assert not {n.split()[1] for n in names} & passkey._FUNCTION_WORDS  # "the the key" would name nothing
     assert {n.split()[2] for n in names} == set(passkey.RETRIEVAL_NOUNS)
     with pytest.raises(ValueError, match="too few distinct words"):
         passkey.retrieval_document(["pass it, go."] * 10, 20, rng)  # no word of 3+ letters but "pass"
-    with pytest.raises(ValueError, match="too few distinct words"):
-        passkey.retrieval_document(["and the thou shall"] * 10, 20, rng)  # function words only
 
 
 def test_copy_documents_repeat_one_line_of_frequent_corpus_words():

@@ -45,11 +45,6 @@ RETRIEVAL_STATE = ("Note that {name} is {key}.", "Write this down: {name} is {ke
 RETRIEVAL_ASK = ("Now, once more: {name} is {key}.", "To repeat it, {name} is {key}.", "So {name} is {key}.",
                  "{name} is {key}.")
 _EVAL_WORDS = ("pass",)  # "the pass key" is the evaluation's name
-# English function words of 3+ letters (and the corpus's archaic ones), which would make names like "the the pin"
-_FUNCTION_WORDS = frozenset("""the and that this these those then than there their them they thee thou thy thine
-you your yours his her hers him she our ours who whom whose which what when where why how not nor but for
-with from into upon unto are was were been being have has had hath doth did does shall will would should
-could may might must can all any some such very too its let yet hast art""".split())
 
 
 def _capital(sentence: str) -> str:
@@ -58,21 +53,18 @@ def _capital(sentence: str) -> str:
 
 def _name(lines: list[str], rng: random.Random, taken: set[str]) -> str:
     """A name for a number, "the WORD NOUN": a random word of a random corpus line (its letters, lower case, 3 or
-    more; never one of the evaluation's, never an English function word) and one of RETRIEVAL_NOUNS, not in
-    `taken`.
+    more; never one of the evaluation's) and one of RETRIEVAL_NOUNS, not in `taken`.
 
     Raises:
-        ValueError: 1,000 draws found no new name (the lines have too few words of 3+ letters that are not
-            function words).
+        ValueError: 1,000 draws found no new name (the lines have too few words of 3+ letters).
     """
     for _ in range(1000):
         words = lines[rng.randrange(len(lines))].split()
         word = re.sub("[^a-z]", "", rng.choice(words).lower()) if words else ""
         name = f"the {word} {rng.choice(RETRIEVAL_NOUNS)}"
-        if len(word) >= 3 and word not in _EVAL_WORDS and word not in _FUNCTION_WORDS and name not in taken:
+        if len(word) >= 3 and word not in _EVAL_WORDS and name not in taken:
             return name
-    raise ValueError("the corpus lines have too few distinct words of 3 or more letters (not function words) to "
-                     "name the numbers")
+    raise ValueError("the corpus lines have too few distinct words of 3 or more letters to name the numbers")
 
 
 def corpus_stretch(lines: list[str], words: int, rng: random.Random, min_lines: int = 1) -> list[str]:
