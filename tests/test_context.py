@@ -287,8 +287,9 @@ def test_passkey_grid_and_heatmap(source, tmp_path, capsys):
 
     out = tmp_path / "passkey.png"
     assert main(["eval", str(source), "--passkey", "--context-lengths", "220,240", "--depths", "0,1", "--trials", "2",
-                 "--out", str(out)]) == 0
+                 "--seed", "1", "--out", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["passkey"]["seed"] == 1  # the benchmark's trials
     grid = result["passkey"]["accuracy"]
     assert len(grid) == 2 and all(len(row) == 2 and all(0 <= a <= 1 for a in row) for row in grid)
     assert out.stat().st_size > 0

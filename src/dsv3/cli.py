@@ -415,7 +415,8 @@ def _passkey(args: argparse.Namespace, ckpt, model) -> int:
             print(f"\rpasskey {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
 
     try:
-        result = passkey_grid(model, load_tokenizer(ckpt), lengths, args.depths, args.trials, progress=progress)
+        result = passkey_grid(model, load_tokenizer(ckpt), lengths, args.depths, args.trials, args.seed,
+                              progress=progress)
     except ValueError as e:
         raise _UsageError(str(e)) from None
     cells = [a for row in result["accuracy"] for a in row]
@@ -1114,7 +1115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "multiply, sort, count, reverse: the held-out split of `dsv3 data tasks` for --seed) or a task "
                    "val.jsonl / directory")
     p.add_argument("--task-examples", type=_positive_int, default=500, help="with --task: examples (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="with --task NAME: the split's seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="with --task NAME: the split's seed; with --passkey: the "
+                   "trials' seed (benchmarks/context_extension.py uses 1) (default 0)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128,
                    help="with --task: reply length limit in tokens (default 128)")
     p.add_argument("--out", help="with --context-lengths: a PNG of the loss by position; with --passkey: the "

@@ -211,7 +211,8 @@ def greedy(model: DeepseekV3, ids: list[int], new_tokens: int) -> list[int]:
 def passkey_grid(model: DeepseekV3, tokenizer, lengths: list[int], depths: list[float], trials: int = 20,
                  seed: int = 0, progress=None) -> dict:
     """Exact-match accuracy for every (length, depth) cell over `trials` seeded trials (greedy, DIGITS + 2 new
-    tokens). Returns {"lengths", "depths", "trials", "accuracy": [[cell for each depth] for each length]}.
+    tokens). Returns {"lengths", "depths", "trials", "seed", "accuracy": [[cell for each depth] for each length]};
+    trial t of every cell is `passkey_prompt(..., seed * 100_003 + t)`.
     progress: called with (done, total) after each trial.
 
     Raises:
@@ -235,7 +236,7 @@ def passkey_grid(model: DeepseekV3, tokenizer, lengths: list[int], depths: list[
                     progress(done, total)
             row.append(hits / trials)
         accuracy.append(row)
-    return {"lengths": lengths, "depths": depths, "trials": trials, "accuracy": accuracy}
+    return {"lengths": lengths, "depths": depths, "trials": trials, "seed": seed, "accuracy": accuracy}
 
 
 def plot_passkey(result: dict, path: str | Path, title: str = "") -> Path:
