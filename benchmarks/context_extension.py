@@ -51,8 +51,9 @@ from dsv3.runs import Run, resolve_checkpoint, train_setting
 from dsv3.tokenizer import load_tokenizer
 from dsv3.train.data import prepare, write_retrieval_data
 from dsv3.train.evaluate import evaluate_lengths
-from dsv3.train.passkey import DIGITS, check_answer, greedy, passkey_grid, plot_passkey
+from dsv3.train.passkey import passkey_grid, plot_passkey
 from dsv3.train.trainer import TrainConfig, Trainer, resume_config
+from induction_probe import completion_probe
 
 LENGTHS = [256, 1024, 4096]
 PASSKEY_LENGTHS = [n - 8 for n in LENGTHS]  # the prompt, so that it and the 7 generated tokens fit in n positions
@@ -113,16 +114,6 @@ def transformers_agree(ckpt: Path, data: Path) -> float:
                                                             attn_implementation="sdpa").eval()
     with torch.no_grad():
         return float((ours(ids, mtp=False).logits - hf(input_ids=ids).logits).abs().max())
-
-
-def held_out_recall(ckpt: Path, data: Path, n: int) -> float:
-    """The fraction of the first `n` records of `data`/val.jsonl (`dsv3 data retrieval`) whose number `ckpt` recalls
-    exactly (greedy, `check_answer`): whether the retrieval stage took, before an hour goes into the phases."""
-    model, tok = dsv3.load_pretrained(ckpt).eval(), load_tokenizer(ckpt)
-    rows = [json.loads(line) for line in (data / "val.jsonl").read_text().splitlines()[:n]]
-    hits = sum(check_answer(tok.decode(greedy(model, tok.encode(r["prompt"]).ids, DIGITS + 2)),
-                            r["completion"].strip().rstrip(".")) for r in rows)
-    return hits / len(rows)
 
 
 def records(out: Path, train: int, words: tuple[int, int], text: int, base: Path, max_tokens: int, t0: float) -> Path:
@@ -197,8 +188,10 @@ def main() -> None:
     base = train(work / "base", objective="sft", data=str(short), init_from=str(pretrained), seq_len=LENGTHS[0],
                  batch_size=8, max_steps=args.retrieval_steps, lr=args.lr, min_lr_ratio=1.0,
                  **{**common, "warmup_steps": 10})
-    with torch.no_grad():
-        recall = held_out_recall(base, short, 100)
+    with torch.no_grad():  # whether the stage took, before an hour goes into the phases: greedy exact recalls
+        exact, n = completion_probe(dsv3.load_pretrained(base).eval(), load_tokenizer(base), str(short / "val.jsonl"),
+                                    100)
+    recall = exact / n
     stage(f"base (retrieval stage): {args.retrieval_steps} steps x 8 rows of 256 tokens -> {base}; held-out recall "
           f"{recall:.0%}", t0)
     if recall < args.min_recall:
