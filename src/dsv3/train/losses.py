@@ -55,10 +55,17 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         logp, targets, count, *weighted = ctx.saved_tensors
         kept = targets != IGNORE  # [N]
-        scale = kept.to(logp.dtype) * weighted[0] if weighted else kept.to(logp.dtype)  # [N]
+        valid = kept.to(logp.dtype)
+        scale = valid * weighted[0] if weighted else valid  # [N]
         d = logp.exp()  # [N, V] softmax
-        d.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -kept.to(logp.dtype)[:, None])  # - onehot
+        d.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -valid[:, None])  # - onehot
         return d.mul_((scale * (grad / count.clamp_min(1)))[:, None]), None, None, None
+
+
+def _check_weights(weights: torch.Tensor | None, targets: torch.Tensor) -> None:
+    """Per-target weights, when given, must have the targets' shape (ValueError otherwise)."""
+    if weights is not None and weights.shape != targets.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape {tuple(targets.shape)}")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
@@ -74,8 +81,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if weights is not None and weights.shape != targets.shape:
-        raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape {tuple(targets.shape)}")
+    _check_weights(weights, targets)
     return _CrossEntropy.apply(logits.float(), targets, reduction == "mean", weights)
 
 
@@ -171,8 +177,7 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torch
     Raises:
         ValueError: weights of another shape than targets.
     """
-    if weights is not None and weights.shape != targets.shape:
-        raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape {tuple(targets.shape)}")
+    _check_weights(weights, targets)
     keep = targets != IGNORE
     dtype = torch.promote_types(student.dtype, torch.float32)  # at least fp32
     s = F.log_softmax(student[keep].to(dtype) / temperature, -1)
