@@ -141,6 +141,31 @@ def test_retrieval_examples_end_where_the_number_is_recalled():
             text_example(bad, 5, random.Random(0))
 
 
+def test_multi_key_retrieval_examples_recall_one_number_by_its_name():
+    """keys > 1: the prompt states that many distinct numbers under distinct names and asks for one of them by its
+    name (each position asked about equally often); keys = 1 draws what it always drew (the benchmark's records
+    stay the same); a bad count is named."""
+    import random
+
+    from dsv3.train import passkey
+
+    lines = [f"line {j}, my lord." for j in range(50)]
+    asked = [0, 0, 0]
+    for seed in range(300):
+        ex = passkey.retrieval_example(lines, 40, random.Random(seed), keys=3)
+        key = ex["completion"].strip().rstrip(".")
+        stated = re.findall(r"([Tt]he [a-z]+ [a-z]+) is (\d+)\.", ex["prompt"])
+        assert len(stated) == 3 and len({n.lower() for n, _ in stated}) == 3, ex["prompt"]
+        names = [n.lower() for n, k in stated if k == key]
+        assert len(names) == 1 and ex["prompt"].lower().endswith(f"{names[0]} is")
+        asked[[k for _, k in stated].index(key)] += 1
+    assert min(asked) > 70, asked  # 100 each expected
+    one = passkey.retrieval_example(lines, 60, random.Random(7))
+    assert passkey.retrieval_example(lines, 60, random.Random(7), keys=1) == one
+    with pytest.raises(ValueError, match="1 to 8 keys"):
+        passkey.retrieval_example(lines, 60, random.Random(7), keys=9)
+
+
 def test_retrieval_names_are_drawn_from_the_corpus_and_never_the_evaluations():
     """Each number's name is "the WORD NOUN" with a corpus word: many names over many examples (a model trained
     on a few fixed names retrieved under those only), and never "pass", the evaluation's word."""

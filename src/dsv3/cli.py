@@ -129,12 +129,13 @@ def _data_retrieval(args: argparse.Namespace) -> int:
         raise _UsageError("--max-tokens and --tokenizer go together (records are measured in that tokenizer's tokens)")
     _claim_out(args.out, args.overwrite)
     meta = write_retrieval_data(args.out, args.train, args.val, tuple(args.words), args.seed, text=args.text,
-                                tokenizer=args.tokenizer, max_tokens=args.max_tokens)
+                                tokenizer=args.tokenizer, max_tokens=args.max_tokens, keys=args.keys)
     text = f" (and {meta['text']:,} text records)" if meta["text"] else ""
     dropped = sum(meta["dropped"].values())
     dropped = f"; {dropped:,} over {meta['max_tokens']} tokens dropped" if meta["max_tokens"] else ""
+    keys = f", {meta['keys']} numbers each" if meta["keys"] > 1 else ""
     print(f"retrieval: {meta['train']:,} train{text} and {meta['val']:,} held-out prompt-completion records of "
-          f"{meta['words'][0]}-{meta['words'][1]} words (seed {meta['seed']}) written to {args.out}{dropped}")
+          f"{meta['words'][0]}-{meta['words'][1]} words{keys} (seed {meta['seed']}) written to {args.out}{dropped}")
     return 0
 
 
@@ -1025,6 +1026,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", type=_non_negative_int, default=0, metavar="N",
                    help="also N plain-text training records (prompt: a corpus line, completion: the lines after "
                    "it), shuffled in, so that the fine-tuned model keeps its language (default: 0)")
+    q.add_argument("--keys", type=_positive_int, default=1, metavar="K",
+                   help="numbers stated per record, each under its own name, one of them recalled: the others are "
+                   "distractors, told apart by their names (1 to 8; default: 1)")
     q.add_argument("--tokenizer", help="with --max-tokens: the tokenizer `dsv3 sft` will encode with (a "
                    "tokenizer.json, dataset, checkpoint or run)")
     q.add_argument("--max-tokens", type=_positive_int, metavar="N",

