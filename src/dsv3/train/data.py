@@ -282,9 +282,9 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
         that `dsv3 sft --seq-len max_tokens` takes every record; the drops are counted in retrieval.json.
 
     Raises:
-        DataError: a word range with min < 1 or min > max; a negative count; keys outside 1..8; max_tokens without a tokenizer (or
-            the reverse), or below 16; the records over max_tokens outnumbering the kept ones by more than 100
-            (raised before anything is written).
+        DataError: a word range with min < 1 or min > max; a negative count; keys outside 1..8; max_tokens
+            without a tokenizer (or the reverse), or below 16; the records over max_tokens outnumbering the kept
+            ones by more than 100 (raised before anything is written).
     """
     from ..runs import write_atomic
     from .passkey import RETRIEVAL_MAX_KEYS, retrieval_example
