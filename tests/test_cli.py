@@ -257,8 +257,9 @@ def test_data_retrieval(capsys, tmp_path, trained_run):
     first = json.loads((tmp_path / "k" / "train.jsonl").read_text().splitlines()[0])
     assert len(re.findall(r" is \d{5}\.", first["prompt"])) == 2
     assert json.loads((tmp_path / "k" / "retrieval.json").read_text())["keys"] == 2
-    code, _, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "k9", "--keys", 9)
-    assert code != 0 and "--keys 9" in err and not (tmp_path / "k9" / "train.jsonl").exists()
+    code, _, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "k", "--overwrite", "--keys", 9)
+    assert_usage_error(code, err, "data retrieval", "--keys 9")
+    assert (tmp_path / "k" / "train.jsonl").read_text().count("\n") == 3  # refused before the old one was moved
     code, _, err = cli(capsys, "data", "retrieval", "--out", tmp_path / "v", "--words", "200,300", "--train", 5,
                        "--tokenizer", trained_run, "--max-tokens", 48)
     assert code != 0 and "--max-tokens 48: most train records" in err and not (tmp_path / "v" / "train.jsonl").exists()

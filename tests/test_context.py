@@ -160,8 +160,14 @@ def test_multi_key_retrieval_examples_recall_one_number_by_its_name():
         assert len(names) == 1 and ex["prompt"].lower().endswith(f"{names[0]} is")
         asked[[k for _, k in stated].index(key)] += 1
     assert min(asked) > 70, asked  # 100 each expected
-    one = passkey.retrieval_example(lines, 60, random.Random(7))
-    assert passkey.retrieval_example(lines, 60, random.Random(7), keys=1) == one
+    for seed in range(20):  # keys = 1: the draws of the one-number record as first written, and no more
+        rng, old = random.Random(seed), random.Random(seed)
+        body, [(name, key)] = passkey._stated(lines, 60, old, 1)
+        ask = passkey._ask(name, key, old)
+        cut = ask.rindex(" " + key)
+        assert passkey.retrieval_example(lines, 60, rng) == {"prompt": "\n".join(body + [ask[:cut]]),
+                                                             "completion": ask[cut:] + "\n"}
+        assert rng.getstate() == old.getstate()
     with pytest.raises(ValueError, match="1 to 8 keys"):
         passkey.retrieval_example(lines, 60, random.Random(7), keys=9)
 

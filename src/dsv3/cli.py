@@ -124,9 +124,12 @@ def _data_tasks(args: argparse.Namespace) -> int:
 
 def _data_retrieval(args: argparse.Namespace) -> int:
     from .train.data import write_retrieval_data
+    from .train.passkey import RETRIEVAL_MAX_KEYS
 
     if (args.tokenizer is None) != (args.max_tokens is None):
         raise _UsageError("--max-tokens and --tokenizer go together (records are measured in that tokenizer's tokens)")
+    if args.keys > RETRIEVAL_MAX_KEYS:
+        raise _UsageError(f"--keys {args.keys}: 1 to {RETRIEVAL_MAX_KEYS} numbers per retrieval record")
     _claim_out(args.out, args.overwrite)
     meta = write_retrieval_data(args.out, args.train, args.val, tuple(args.words), args.seed, text=args.text,
                                 tokenizer=args.tokenizer, max_tokens=args.max_tokens, keys=args.keys)

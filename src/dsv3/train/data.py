@@ -265,12 +265,12 @@ def write_retrieval_data(out: str | Path, train: int, val: int, words: tuple[int
                          seed: int = 0, text: int = 0, tokenizer: str | Path | None = None,
                          max_tokens: int | None = None, keys: int = 1) -> dict:
     """`dsv3 data retrieval`: OUT/train.jsonl and OUT/val.jsonl of prompt-completion records
-    (`passkey.retrieval_example`: a stretch of the default corpus with one number stated in it, ending in its recall
-    cut before the number; lengths log-uniform in `words` words, drawn from `seed`), the training records from the
-    training plays' lines and the held-out ones from the held-out plays', and OUT/retrieval.json (the settings and
-    counts). `dsv3 sft BASE --data OUT` trains on them with the loss on the completions only (each number, its
-    full stop and newline, and end-of-text). `out` must be free (the CLI claims it). Returns the retrieval.json
-    content.
+    (`passkey.retrieval_example`: a stretch of the default corpus with `keys` numbers stated in it, ending in the
+    recall of one, cut before the number; lengths log-uniform in `words` words, drawn from `seed`), the training
+    records from the training plays' lines and the held-out ones from the held-out plays', and OUT/retrieval.json
+    (the settings and counts). `dsv3 sft BASE --data OUT` trains on them with the loss on the completions only
+    (each number, its full stop and newline, and end-of-text). `out` must be free (the CLI claims it). Returns the
+    retrieval.json content.
 
     text: also this many plain-text records in train.jsonl, shuffled in (`text_example`, same word range): trained
         on answers alone a model forgets its language (held-out loss 5.11 -> 15.66 nats on `small`), and text
