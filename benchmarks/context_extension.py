@@ -191,9 +191,9 @@ def main() -> None:
     base = train(work / "base", objective="sft", data=str(short), init_from=str(pretrained), seq_len=LENGTHS[0],
                  batch_size=8, max_steps=args.retrieval_steps, lr=args.lr, min_lr_ratio=1.0,
                  **{**common, "warmup_steps": 10})
+    tok = load_tokenizer(base)
     with torch.no_grad():  # whether the stage took, before an hour goes into the phases: greedy exact recalls
-        exact, n = completion_probe(dsv3.load_pretrained(base).eval(), load_tokenizer(base), str(short / "val.jsonl"),
-                                    100)
+        exact, n = completion_probe(dsv3.load_pretrained(base).eval(), tok, str(short / "val.jsonl"), 100)
     recall = exact / n
     stage(f"base (retrieval stage): {args.retrieval_steps} steps x 8 rows of 256 tokens -> {base}; held-out recall "
           f"{recall:.0%}", t0)
@@ -203,7 +203,6 @@ def main() -> None:
                          f"--retrieval-steps or another pre-training, in a new --work")
     long = [records(work / f"records-{n}", args.long_records, words, args.long_records // 4, base, n, t0)
             for n, words in ((LENGTHS[1], (50, 700)), (LENGTHS[2], (100, 2800)))]
-    tok = load_tokenizer(base)
     yarn = extended_rope_scaling("yarn", FACTOR, LENGTHS[0])  # what `--extend-context FACTOR` writes
     results = [measure("pre-trained, before the retrieval stage", untrained_variant(pretrained, None), tok, data,
                        work, args),
