@@ -25,7 +25,8 @@ How each figure is measured, so that it survives a noisy machine:
   and values). Prefill uses the model's default form in both.
 Greedy, fp32, no early stop (transformers: min_new_tokens = max_new_tokens and a dynamic cache; dsv3: no stop
 token). transformers runs `attn_implementation="sdpa"` and `experts_implementation="grouped_mm"` (its fastest
-CPU paths in 5.x; the one actually used is printed).
+CPU paths in 5.x; the one actually used is printed). The process's allocator is set as `dsv3` commands set it
+(`dsv3.allocator.keep_freed_memory`), for both systems alike.
 
     python benchmarks/decode_speed.py RUN_OR_CHECKPOINT [--data data/shakespeare] [--new-tokens 64] [--repeats 5]
 """
@@ -46,6 +47,7 @@ import transformers
 
 import dsv3
 from _timing import alternating, pair_ratios, spread, stream_bandwidth
+from dsv3.allocator import keep_freed_memory
 from dsv3.infer import Engine, SamplingParams
 from dsv3.params import count_parameters
 from dsv3.runs import resolve_checkpoint
@@ -172,6 +174,7 @@ def main() -> None:
                     help="contexts (tokens) of the absorbed-vs-naive rows; empty to skip them")
     ap.add_argument("--only-forms", action="store_true", help="run only the absorbed-vs-naive rows")
     args = ap.parse_args()
+    keep_freed_memory()
     transformers.logging.set_verbosity_error()  # its load report lists the MTP tensors it does not use
     transformers.logging.disable_progress_bar()
     ckpt = resolve_checkpoint(args.checkpoint or args.checkpoint_opt or "runs/demo")

@@ -22,7 +22,11 @@ So 100% means the step ran at the speed of its own GEMMs with nothing else costi
 dsv3 with and without MTP (each against its own shapes, compiled or not) and for transformers (against the
 no-MTP shapes).
 
-    python benchmarks/train_speed.py [--model-config small] [--batch 8] [--seq 256] [--repeats 8]
+The process's allocator is set as every `dsv3` command sets it (`dsv3.allocator.keep_freed_memory`: large blocks
+reuse freed memory instead of fresh pages each step), for all the systems alike, transformers and the GEMMs timed
+alone included; `--malloc default` leaves glibc's default, to measure what that setting buys.
+
+    python benchmarks/train_speed.py [--model-config small] [--batch 8] [--seq 256] [--repeats 8] [--malloc default]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv3
 from _timing import alternating, best_of, pair_ratios, spread
+from dsv3.allocator import keep_freed_memory
 from dsv3.params import training_flops_per_token
 from dsv3.train.losses import lm_loss, mtp_losses
 from dsv3.train.trainer import compile_layers
@@ -115,7 +120,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", "--steps", dest="repeats", type=int, default=8, help="alternating rounds")
     ap.add_argument("--gemm-repeats", type=int, default=5, help="best-of-N per distinct GEMM shape")
+    ap.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                    help="kept: freed memory reused, as `dsv3` commands run (default); default: glibc's own")
     args = ap.parse_args()
+    kept = keep_freed_memory() if args.malloc == "kept" else False
     torch.manual_seed(0)
     cfg = dsv3.get_config(args.model_config)
     hf = transformers.DeepseekV3ForCausalLM._from_config(hf_config(cfg), attn_implementation="sdpa",
@@ -183,7 +191,8 @@ def main() -> None:
     model_flops = {name: training_flops_per_token(cfg, args.seq, mtp="with MTP" in name)
                    * tokens for name in steps}
     print(f"config {args.model_config}, batch {args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, "
-          f"forward+backward, {args.repeats} alternating rounds; transformers {transformers.__version__} "
+          f"forward+backward, {args.repeats} alternating rounds, freed memory {'kept' if kept else 'unmapped'}; "
+          f"transformers {transformers.__version__} "
           f"(attention {hf.config._attn_implementation}, experts {hf.config._experts_implementation})")
     for name in ("dsv3 with MTP", "dsv3 no MTP"):
         g = gemm_flops(shapes[name])

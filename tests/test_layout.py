@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dsv3"
 
 # lowest first; each entry is one layer: the top-level names (module or package) it holds
 LAYERS: list[set[str]] = [
-    {"errors"},
+    {"errors", "allocator"},
     {"config"},
     {"model"},
     {"quant", "params", "cost"},
