@@ -64,6 +64,14 @@ class LatentCache:
         return sum(t.numel() * t.element_size() for t in self.layers)
 
 
+# Under torch.compile, with at most this many query rows (heads x new tokens) per sequence, the absorbed form's two
+# contractions over the latent are written as broadcast products summed instead of batched GEMMs: inductor fuses
+# them with the mask and softmax into loops that read the cached latent once, where the GEMM library, given a few
+# rows, reads it once per row (`benchmarks/decode_attention.py`: the compiled `small` decode step 1.29x faster at
+# a 2K context, batch 1). Eager calls (prefill, chunked prefill) keep the GEMMs. 0 turns the fused form off.
+FUSED_QUERY_ROWS = 16
+
+
 def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int | torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Store the new latents [c_KV; k_pe] at their positions in this layer's buffer [B, S_max, r + p]; return
@@ -236,7 +244,8 @@ class MLA(nn.Module):
 
         Same arguments and result as `_naive`: q_nope [B, T, H, n], q_pe [B, T, H, p], latent [B, S, r + p],
         mask [T, S] / [B, 1, T, S] / None -> [B, T, H, v]. Two batched GEMMs against the latent (scores, then
-        the weighted sum of c_KV rows); softmax in fp32.
+        the weighted sum of c_KV rows), or under torch.compile with few query rows the same sums written for
+        inductor to fuse (`FUSED_QUERY_ROWS`); softmax in fp32.
         """
         b, t = q_nope.shape[:2]
         s = latent.shape[1]
@@ -247,13 +256,22 @@ class MLA(nn.Module):
         q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * self.softmax_scale  # [B, H, T, r + p]
         # The latent is one key/value "head" shared by every query head (MQA-like), so all H x T queries of a row
         # score against it in a single batched GEMM: no per-head copy of the cache is ever made.
-        scores = torch.bmm(q.view(b, -1, q.shape[-1]), latent.transpose(1, 2)).view(b, self.n_heads, t, s)
+        q_rows = q.view(b, -1, q.shape[-1])  # [B, H*T, r + p]
+        fused = torch.compiler.is_compiling() and q_rows.shape[1] <= FUSED_QUERY_ROWS
+        if fused:  # the same sum as a broadcast product, which inductor fuses into one pass over the latent
+            scores = (q_rows[:, :, None, :] * latent[:, None]).sum(-1)  # [B, H*T, S]
+        else:
+            scores = torch.bmm(q_rows, latent.transpose(1, 2))
+        scores = scores.view(b, self.n_heads, t, s)
         if mask is None and t > 1:  # a prefill from position 0: plainly causal
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
         if mask is not None:  # [T, S] or [B, 1, T, S], True = visible
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.float().softmax(dim=-1).to(latent.dtype)
         # values are c_KV itself; W_UV is applied after the attention-weighted sum
-        o_lat = torch.bmm(probs.view(b, -1, s), latent[..., : self.kv_lora_rank])  # [B, H*T, r]
+        if fused:
+            o_lat = (probs.view(b, -1, s, 1) * latent[:, None, :, : self.kv_lora_rank]).sum(-2)  # [B, H*T, r]
+        else:
+            o_lat = torch.bmm(probs.view(b, -1, s), latent[..., : self.kv_lora_rank])  # [B, H*T, r]
         o_lat = o_lat.view(b, self.n_heads, t, self.kv_lora_rank)
         return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # [B, T, H, v]
