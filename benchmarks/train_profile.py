@@ -1,6 +1,7 @@
 """Where a training step's time goes (issue 13): `torch.profiler` over one forward + backward of dsv3 (random
 weights), the operators' own CPU time grouped into GEMMs, attention, the cross-entropy's log-softmax, the routed
-experts' bookkeeping and the element-wise rest, with and without the MTP module.
+experts' bookkeeping and the element-wise rest, with and without the MTP module. The allocator is set as `dsv3 train`
+sets it (`dsv3.allocator`).
 
     OMP_NUM_THREADS=1 python benchmarks/train_profile.py [--model-config small] [--batch 8] [--seq 256] [--threads 1]
 """
@@ -14,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dsv3
+from dsv3.allocator import keep_freed_memory
 from dsv3.train.losses import lm_loss, mtp_losses
 
 GROUPS = {  # aten operator (self time) -> group; anything else is "element-wise and other"
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    keep_freed_memory()  # as `dsv3 train` runs
     if args.threads:
         torch.set_num_threads(args.threads)
     base = dsv3.get_config(args.model_config)
