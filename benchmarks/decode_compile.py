@@ -93,7 +93,7 @@ def main() -> None:
         speed: dict[str, list[float]] = {v: [] for v in VARIANTS}
         outputs = {}
         for r in range(args.repeats):
-            for variant in VARIANTS[r % 3:] + VARIANTS[: r % 3]:
+            for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]:
                 mla.FUSED_QUERY_ROWS = 0 if variant == "GEMM attention" else fused_rows
                 engine = engines[variant]
                 engine.stats["decode_time"] = 0.0

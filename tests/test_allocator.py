@@ -4,13 +4,14 @@ in a fresh interpreter: the setting is process-wide and cannot be undone."""
 
 from __future__ import annotations
 
-import platform
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from dsv3.allocator import keep_freed_memory
+from dsv3.allocator import is_glibc, keep_freed_memory
 
 PROBE = """
 import resource, sys, torch
@@ -24,14 +25,17 @@ def faults():  # minor page faults while a 64 MiB tensor is allocated and writte
 print(applied, min(faults() for _ in range(3)))
 """
 
-glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                           reason="mallopt is glibc's")
+glibc = pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's")
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# with transparent huge pages always on, a fresh 64 MiB block faults in as ~32 huge pages: the default's fault count
+# says nothing then
+DEFAULT_FAULTS_COUNT = not (THP.exists() and "[always]" in THP.read_text())
 
 
 def _probe(mode: str, env_value: str | None = None) -> tuple[bool, int]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "DSV3_MALLOC"}
+    # the child gets glibc's malloc with its defaults: no preloaded allocator, no malloc tunables
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DSV3_MALLOC", "LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
     if env_value is not None:
         env["DSV3_MALLOC"] = env_value
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, check=True,
@@ -45,13 +49,17 @@ def test_freed_memory_is_reused_without_page_faults():
     assert applied
     assert faults < 100  # 16,384 pages of 4 KiB if it mapped fresh memory
     applied, faults = _probe("default")
-    assert not applied and faults > 10_000  # the default this guards against: every 64 MiB block page-faulted anew
+    assert not applied
+    if DEFAULT_FAULTS_COUNT:
+        assert faults > 10_000  # the default this guards against: every 64 MiB block page-faulted anew
 
 
 @glibc
 def test_environment_opts_out():
     applied, faults = _probe("keep", env_value="default")
-    assert not applied and faults > 10_000
+    assert not applied
+    if DEFAULT_FAULTS_COUNT:
+        assert faults > 10_000
 
 
 def test_threshold_must_fit_a_c_int():

@@ -127,3 +127,25 @@ def test_the_cheaper_attention_form_follows_the_flop_count():
     assert absorbed_is_cheaper(small, 63) and not absorbed_is_cheaper(small, 64)
     assert absorbed_is_cheaper(big, 170) and not absorbed_is_cheaper(big, 171)
     assert absorbed_is_cheaper(big, 1) and not absorbed_is_cheaper(big, 4096)
+
+
+def test_fused_absorbed_attention_under_compile_equals_eager():
+    """Under torch.compile, with few query rows, `_absorbed` writes its two contractions over the latent as
+    broadcast products summed (`FUSED_QUERY_ROWS`); the result equals the eager batched GEMMs for a batch of three
+    rows at different positions, two new tokens each (a [B, 1, T, S] mask, as in speculative verification)."""
+    from dsv3.model.mla import FUSED_QUERY_ROWS
+
+    torch.manual_seed(0)
+    cfg = cfg_for()
+    attn = MLA(cfg)
+    b, t, s = 3, 2, 10
+    assert cfg.num_attention_heads * t <= FUSED_QUERY_ROWS
+    q_nope = torch.randn(b, t, cfg.num_attention_heads, cfg.qk_nope_head_dim)
+    q_pe = torch.randn(b, t, cfg.num_attention_heads, cfg.qk_rope_head_dim)
+    latent = torch.randn(b, s, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    cols = torch.tensor([3, 6, 8])[:, None] + torch.arange(t)  # [B, T] positions of the new tokens
+    mask = (torch.arange(s) <= cols[:, :, None])[:, None]  # [B, 1, T, S]
+    with torch.no_grad():
+        want = attn._absorbed(q_nope, q_pe, latent, mask)
+        got = torch.compile(attn._absorbed, fullgraph=True, dynamic=False)(q_nope, q_pe, latent, mask)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

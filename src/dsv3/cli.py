@@ -1286,7 +1286,8 @@ def main(argv: list[str] | None = None) -> int:
     from .allocator import keep_freed_memory
     from .errors import Dsv3Error
 
-    keep_freed_memory()  # large tensors reuse freed memory instead of fresh pages each step (DSV3_MALLOC=default: off)
+    if args.command not in ("serve", "chat"):  # long-running, varied requests: glibc's default (dsv3.allocator)
+        keep_freed_memory()  # large tensors reuse freed memory, not fresh pages each step (DSV3_MALLOC=default: off)
 
     try:
         return args.func(args)

@@ -75,9 +75,10 @@ class GenerationError(Dsv3Error, ValueError):
 
 def compile_options(device: torch.device) -> dict:
     """Inductor options of the compiled decode step. On CPU, `cpp_wrapper`: the graph's wrapper (allocations and
-    kernel calls, ~60 per layer) runs as compiled C++, not as Python; the `small` decode step was 1.19-1.21x faster
-    with it (batch 1, 32 and 2,000-token contexts, greedy tokens identical; `benchmarks/decode_compile.py`), at
-    ~15 s more compile time per graph with a cold cache. Elsewhere: none."""
+    kernel calls, ~60 per layer) runs as compiled C++, not as Python; the `small` decode step was 1.11-1.14x faster
+    with it at batch 1 (32 and 2,000-token contexts, greedy tokens identical; `benchmarks/decode_compile.py`), at
+    ~15-20 s more compile time per graph with a cold cache (building the wrapper needs a C++ compiler and the Python
+    headers, as inductor's CPU kernels already do). Elsewhere: none."""
     return {"cpp_wrapper": True} if device.type == "cpu" else {}
 
 

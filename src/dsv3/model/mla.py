@@ -67,8 +67,9 @@ class LatentCache:
 # Under torch.compile, with at most this many query rows (heads x new tokens) per sequence, the absorbed form's two
 # contractions over the latent are written as broadcast products summed instead of batched GEMMs: inductor fuses
 # them with the mask and softmax into loops that read the cached latent once, where the GEMM library, given a few
-# rows, reads it once per row (`benchmarks/decode_attention.py`: the compiled `small` decode step 1.29x faster at
-# a 2K context, batch 1). Eager calls (prefill, chunked prefill) keep the GEMMs. 0 turns the fused form off.
+# rows, reads it once per row (`benchmarks/decode_compile.py`: the compiled `small` decode step 1.37x faster at a
+# 2K context, batch 1). Eager calls (prefill, chunked prefill) keep the GEMMs. 0 turns the fused form off. Another
+# compile backend than inductor would materialise the [B, H*T, S, r + p] product.
 FUSED_QUERY_ROWS = 16
 
 
