@@ -138,6 +138,8 @@ def test_fused_absorbed_attention_under_compile_equals_eager():
     torch.manual_seed(0)
     cfg = cfg_for()
     attn = MLA(cfg)
+    for prm in attn.parameters():
+        torch.nn.init.normal_(prm, 0, 0.2)
     b, t, s = 3, 2, 10
     assert cfg.num_attention_heads * t <= FUSED_QUERY_ROWS
     q_nope = torch.randn(b, t, cfg.num_attention_heads, cfg.qk_nope_head_dim)
