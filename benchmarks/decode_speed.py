@@ -25,8 +25,8 @@ How each figure is measured, so that it survives a noisy machine:
   and values). Prefill uses the model's default form in both.
 Greedy, fp32, no early stop (transformers: min_new_tokens = max_new_tokens and a dynamic cache; dsv3: no stop
 token). transformers runs `attn_implementation="sdpa"` and `experts_implementation="grouped_mm"` (its fastest
-CPU paths in 5.x; the one actually used is printed). The process's allocator is set as `dsv3` commands set it
-(`dsv3.allocator.keep_freed_memory`), for both systems alike.
+CPU paths in 5.x; the one actually used is printed). The process's allocator is set as `dsv3 generate` sets
+it (`dsv3.allocator.keep_freed_memory`; `serve` and `chat` keep glibc's default), for both systems alike.
 
     python benchmarks/decode_speed.py RUN_OR_CHECKPOINT [--data data/shakespeare] [--new-tokens 64] [--repeats 5]
 """

@@ -22,7 +22,7 @@ So 100% means the step ran at the speed of its own GEMMs with nothing else costi
 dsv3 with and without MTP (each against its own shapes, compiled or not) and for transformers (against the
 no-MTP shapes).
 
-The process's allocator is set as every `dsv3` command sets it (`dsv3.allocator.keep_freed_memory`: large blocks
+The process's allocator is set as `dsv3 train` sets it (`dsv3.allocator.keep_freed_memory`: large blocks
 reuse freed memory instead of fresh pages each step), for all the systems alike, transformers and the GEMMs timed
 alone included; `--malloc default` leaves glibc's default, to measure what that setting buys.
 
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--repeats", "--steps", dest="repeats", type=int, default=8, help="alternating rounds")
     ap.add_argument("--gemm-repeats", type=int, default=5, help="best-of-N per distinct GEMM shape")
     ap.add_argument("--malloc", choices=("kept", "default"), default="kept",
-                    help="kept: freed memory reused, as `dsv3` commands run (default); default: glibc's own")
+                    help="kept: freed memory reused, as `dsv3 train` runs (default); default: glibc's own")
     args = ap.parse_args()
     kept = keep_freed_memory() if args.malloc == "kept" else False
     torch.manual_seed(0)
