@@ -7,6 +7,7 @@ import torch
 
 import dsv3
 from dsv3.infer import Engine, GenerationError, SamplingParams, speculative_accept
+from dsv3.infer.engine import _sample
 from dsv3.infer.head import DecodeHead, DraftHead
 from dsv3.tokenizer import TokenizerError, frequent_token_ids, load_tokenizer
 
@@ -344,6 +345,27 @@ def test_speculative_acceptance_rule_keeps_the_distribution():
     assert (freq - p).abs().max() < 0.012, freq
     # acceptance probability is sum_x min(p, q) = 0.05+0.1+0.1+0.2+0.1 = 0.55
     assert abs(accepted / n - 0.55) < 0.012
+
+
+def test_sample_follows_the_distribution_and_its_seed(monkeypatch):
+    """`_sample` (inverse transform): token frequencies match probs (a zero-probability token never comes), the
+    same seed gives the same tokens, an unnormalised vector is fine, the ends u = 0 and u x total = total (rounding)
+    give the first and the last token that has mass, and a NaN distribution is refused."""
+    probs = torch.tensor([0.1, 0.0, 0.35, 0.05, 0.3, 0.2, 0.0])
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    draws = [_sample(probs * 3, gen) for _ in range(n)]  # unnormalised: the same distribution
+    freq = torch.bincount(torch.tensor(draws), minlength=len(probs)).double() / n
+    assert freq[1] == 0 and freq[6] == 0
+    assert (freq - probs.double()).abs().max() < 0.012, freq  # standard error <= 0.0025 per cell: ~5 sigma
+    again = torch.Generator().manual_seed(0)
+    assert [_sample(probs * 3, again) for _ in range(200)] == draws[:200]
+    for u, dist, want in ((1.0, probs, 5), (0.0, torch.tensor([0.0, 0.5, 0.5]), 1)):  # the two ends of [0, 1]
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.tensor(u, dtype=torch.float64))
+        assert _sample(dist, None) == want
+    monkeypatch.undo()
+    with pytest.raises(GenerationError, match="NaN"):
+        _sample(torch.full((4,), float("nan")), gen)
 
 
 def test_stop_ids_and_strings(trained):

@@ -213,7 +213,21 @@ def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def _sample(probs: torch.Tensor, gen: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=gen))
+    """One token ~ probs [V] (unnormalised is fine) by inverse transform sampling: one uniform u from `gen`, then the
+    first token whose cumulative probability (in fp64) exceeds u x the total. Exactly the categorical distribution,
+    as `torch.multinomial`, which on CPU draws V exponentials per sample instead of one uniform: at V = 8,192 one
+    row took 182 us that way and 19 us this way (measured on this project's CPU), a cost per sampled row and step.
+
+    Raises:
+        GenerationError: probs whose total is not a positive number (NaN logits from a broken model).
+    """
+    cdf = probs.double().cumsum(0)  # [V]
+    total = cdf[-1]
+    if not total > 0:
+        raise GenerationError(f"cannot sample from a distribution that sums to {float(total)} (NaN logits?)")
+    u = torch.rand((), generator=gen, dtype=torch.float64)
+    i = int(torch.searchsorted(cdf, u * total, right=True))  # cdf[i - 1] <= u * total < cdf[i]: probs[i] > 0
+    return i if i < len(cdf) else int(probs.nonzero()[-1])  # u * total rounded up to the total: the last token
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Generator | None
