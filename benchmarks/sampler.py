@@ -1,14 +1,15 @@
-"""The engine's sampler (`dsv3.infer.engine._sample`: inverse transform, one uniform per token) against
-`torch.multinomial` (what it used before, and what transformers' `generate` samples with), in the same engine, same
-prompts, temperature 0.8.
-
-`torch.multinomial` on CPU draws one exponential per vocabulary entry for each sample; the engine samples every
-sampled row of every step (and, speculating, every rejected draft and bonus token), so at 8,192 tokens this was a
-per-row cost comparable to the compiled decode step itself. Each setting builds one engine, warms it up, then runs
-`--repeats` rounds alternating the two samplers (the first one rotating), each round generating `--new-tokens`
-sampled tokens (seeded) for a batch of held-out passages and timing the engine's own decode clock; the ratio is the
-median of per-round ratios (min-max). The two samplers draw different tokens from the same distributions, so the
-tokens (and, speculating, the acceptance) differ between them.
+"""The engine's sampling against what it did before, in the same engine, same prompts, temperature 0.8:
+- shipped: one `_probs` (temperature and softmax) for all the sampled rows of a step, then one `_sample`, inverse
+  transform sampling with one uniform per row from the row's own generator;
+- multinomial: the same distributions, each row sampled by `torch.multinomial` (what transformers' `generate`
+  samples with), which on CPU draws one exponential per vocabulary entry for each sample;
+- before: `_probs` row by row, then `torch.multinomial` row by row (the engine before this benchmark).
+The engine samples every sampled row of every step (and, speculating, every draft, rejection and bonus token), so
+at 8,192 tokens this was a per-row cost comparable to a share of the compiled decode step. Each setting builds one
+engine, warms it up, then runs `--repeats` rounds of the variants in turn (the first one rotating), each generating
+`--new-tokens` sampled tokens (seeded) for a batch of held-out passages and timing the engine's own decode clock; a
+ratio is the median of per-round ratios (min-max). The variants draw different tokens from the same
+distributions, so the tokens (and, speculating, the acceptance) differ between them.
 
     python benchmarks/sampler.py RUN_OR_CHECKPOINT --data DATA [--repeats 7]
 """
@@ -29,12 +30,22 @@ from decode_speed import make_engine, passages, run_ours, with_context
 from dsv3.allocator import keep_freed_memory
 
 
-def multinomial(probs: torch.Tensor, gen: torch.Generator | None) -> int:
-    """The sampler the engine used before (and transformers uses): torch.multinomial."""
-    return int(torch.multinomial(probs, 1, generator=gen))
+def multinomial(probs: torch.Tensor, gens: list) -> list[int]:
+    """torch.multinomial per row (the engine's sampler before, and transformers')."""
+    return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, gens)]
 
 
-SAMPLERS = {"inverse transform (shipped)": engine_module._sample, "torch.multinomial": multinomial}
+def probs_per_row(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """`_probs` called row by row (how the engine computed the distributions before)."""
+    return torch.cat([SHIPPED[0](row[None], [p]) for row, p in zip(logits, params)])
+
+
+SHIPPED = (engine_module._probs, engine_module._sample)
+VARIANTS = {  # name -> (_probs, _sample)
+    "shipped": SHIPPED,
+    "multinomial": (engine_module._probs, multinomial),
+    "before: per row, multinomial": (probs_per_row, multinomial),
+}
 SETTINGS = (  # (label, batch, compiled, MTP drafts)
     ("batch 1, compiled", 1, True, 0),
     ("batch 16, compiled", 16, True, 0),
@@ -57,28 +68,29 @@ def main() -> None:
         model = dsv3.load_pretrained(ckpt, progress=False).eval()
     print(f"{args.checkpoint}: fp32, {torch.get_num_threads()} threads, vocabulary {model.config.vocab_size}, "
           f"{args.new_tokens} tokens at temperature 0.8, {args.repeats} alternating rounds")
-    names = list(SAMPLERS)
-    print(f"\n| setting | {names[0]} tok/s | {names[1]} tok/s | ratio | acceptance |\n|---|---|---|---|---|")
+    names = list(VARIANTS)
+    cols = ["setting", *(f"{n} tok/s" for n in names), *(f"shipped / {n}" for n in names[1:]), "acceptance"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for label, batch, compiled, k in SETTINGS:
         prompts = passages(args.data, batch, args.prompt_len)
         engine, _ = make_engine(model, batch, args.prompt_len + args.new_tokens + k + 2, compile=compiled,
                                 speculative=k > 0, k=max(k, 1), temperature=0.8)
 
-        def trial(sampler, engine=engine, prompts=prompts):
+        def trial(fns, engine=engine, prompts=prompts):
             def run(_round: int) -> dict:
-                engine_module._sample = sampler
+                engine_module._probs, engine_module._sample = fns
                 try:
                     return run_ours(engine, prompts, args.new_tokens, temperature=0.8)
                 finally:
-                    engine_module._sample = SAMPLERS[names[0]]
+                    engine_module._probs, engine_module._sample = SHIPPED
             return run
 
-        res = alternating({name: trial(fn) for name, fn in SAMPLERS.items()}, args.repeats)
+        res = alternating({name: trial(fns) for name, fns in VARIANTS.items()}, args.repeats)
         tps = {name: [r["decode_tokens"] / r["decode_s"] for r in res[name]] for name in names}
-        ratio = pair_ratios(tps[names[0]], tps[names[1]])
+        ratios = [pair_ratios(tps["shipped"], tps[n]) for n in names[1:]]
         accepted = [sum(r["accepted"] for r in res[n]) / max(1, sum(r["drafted"] for r in res[n])) for n in names]
-        print(f"| {label} | {spread(tps[names[0]])} | {spread(tps[names[1]])} | "
-              f"{statistics.median(ratio):.2f}x ({min(ratio):.2f}-{max(ratio):.2f}) | "
+        print(f"| {label} | " + " | ".join(spread(tps[n]) for n in names) + " | "
+              + " | ".join(f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" for r in ratios) + " | "
               + (" / ".join(f"{a:.0%}" for a in accepted) if k else "") + " |", flush=True)
 
 

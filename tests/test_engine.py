@@ -7,7 +7,7 @@ import torch
 
 import dsv3
 from dsv3.infer import Engine, GenerationError, SamplingParams, speculative_accept
-from dsv3.infer.engine import _sample
+from dsv3.infer.engine import _probs, _sample
 from dsv3.infer.head import DecodeHead, DraftHead
 from dsv3.tokenizer import TokenizerError, frequent_token_ids, load_tokenizer
 
@@ -348,24 +348,45 @@ def test_speculative_acceptance_rule_keeps_the_distribution():
 
 
 def test_sample_follows_the_distribution_and_its_seed(monkeypatch):
-    """`_sample` (inverse transform): token frequencies match probs (a zero-probability token never comes), the
-    same seed gives the same tokens, an unnormalised vector is fine, the ends u = 0 and u x total = total (rounding)
+    """`_sample` (inverse transform, one call for all the rows): token frequencies match probs (a zero-probability
+    token never comes), the same seed gives the same tokens, a row draws only from its own generator (alone or
+    beside others, the same tokens), an unnormalised vector is fine, the ends u = 0 and u x total = total (rounding)
     give the first and the last token that has mass, and a NaN distribution is refused."""
     probs = torch.tensor([0.1, 0.0, 0.35, 0.05, 0.3, 0.2, 0.0])
     n = 40_000
     gen = torch.Generator().manual_seed(0)
-    draws = [_sample(probs * 3, gen) for _ in range(n)]  # unnormalised: the same distribution
+    draws = [_sample(probs[None] * 3, [gen])[0] for _ in range(n)]  # unnormalised: the same distribution
     freq = torch.bincount(torch.tensor(draws), minlength=len(probs)).double() / n
     assert freq[1] == 0 and freq[6] == 0
     assert (freq - probs.double()).abs().max() < 0.012, freq  # standard error <= 0.0025 per cell: ~5 sigma
-    again = torch.Generator().manual_seed(0)
-    assert [_sample(probs * 3, again) for _ in range(200)] == draws[:200]
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(7)]
+    other = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5])
+    batched = [_sample(torch.stack([probs * 3, other]), gens) for _ in range(200)]
+    assert [b[0] for b in batched] == draws[:200]
+    alone = torch.Generator().manual_seed(7)
+    assert [b[1] for b in batched] == [_sample(other[None], [alone])[0] for _ in range(200)]
     for u, dist, want in ((1.0, probs, 5), (0.0, torch.tensor([0.0, 0.5, 0.5]), 1)):  # the two ends of [0, 1]
         monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.tensor(u, dtype=torch.float64))
-        assert _sample(dist, None) == want
+        assert _sample(dist[None], [None]) == [want]
     monkeypatch.undo()
     with pytest.raises(GenerationError, match="NaN"):
-        _sample(torch.full((4,), float("nan")), gen)
+        _sample(torch.stack([probs, torch.full((7,), float("nan"))]), [gen, gen])
+
+
+def test_probs_rows_follow_their_own_parameters():
+    """`_probs` for several rows at once equals each row alone, with temperature, top-k and top-p per row."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(temperature=1.0, top_p=0.5)]
+    together = _probs(logits, params)
+    for row, p, got in zip(logits, params, together):
+        torch.testing.assert_close(got, _probs(row[None], [p])[0], rtol=0, atol=1e-7)
+    torch.testing.assert_close(together[0], (logits[0] / 0.7).softmax(-1))
+    assert (together[1] > 0).sum() == 5 and together[1].argmax() == logits[1].argmax()
+    kept = together[2] > 0
+    ranked = (logits[2].softmax(-1)).sort(descending=True).values
+    assert kept.sum() == int(((ranked.cumsum(0) - ranked) < 0.5).sum()) and abs(together[2].sum() - 1) < 1e-6
 
 
 def test_stop_ids_and_strings(trained):

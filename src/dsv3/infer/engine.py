@@ -196,38 +196,44 @@ class Request:
         return self.finish_reason is not None
 
 
-def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Sampling distribution [V] (on the CPU, where every request's generator lives) from logits [V] after
-    temperature, top-k and top-p."""
-    logits = logits.float().cpu() / max(p.temperature, 1e-6)
-    if p.top_k is not None and p.top_k < logits.shape[-1]:
-        kth = logits.topk(p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Sampling distributions [n, V] (fp32, on the CPU, where every request's generator lives) from logits [n, V],
+    row i after params[i]'s temperature, top-k and top-p: one division and one softmax for all the rows, the
+    top-k / top-p cuts row by row where asked."""
+    temperature = torch.tensor([max(p.temperature, 1e-6) for p in params])  # [n]
+    logits = logits.float().cpu() / temperature[:, None]
+    for row, p in zip(logits, params):
+        if p.top_k is not None and p.top_k < row.shape[-1]:
+            row.masked_fill_(row < row.topk(p.top_k).values[-1], float("-inf"))
     probs = logits.softmax(-1)
-    if p.top_p is not None and p.top_p < 1:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # smallest prefix reaching top_p
-        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p * keep)
-        probs /= probs.sum()
+    for row, p in zip(probs, params):
+        if p.top_p is not None and p.top_p < 1:
+            sorted_p, idx = row.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # smallest prefix reaching top_p
+            row.zero_().scatter_(0, idx, sorted_p * keep)
+            row /= row.sum()
     return probs
 
 
-def _sample(probs: torch.Tensor, gen: torch.Generator | None) -> int:
-    """One token ~ probs [V] (unnormalised is fine) by inverse transform sampling: one uniform u from `gen`, then the
-    first token whose cumulative probability (in fp64) exceeds u x the total. Exactly the categorical distribution,
-    as `torch.multinomial`, which on CPU draws V exponentials per sample instead of one uniform: at V = 8,192 one
-    row took 182 us that way and 19 us this way (measured on this project's CPU), a cost per sampled row and step.
+def _sample(probs: torch.Tensor, gens: list[torch.Generator | None]) -> list[int]:
+    """One token per row of probs [n, V] (unnormalised is fine) by inverse transform sampling: one uniform u from
+    the row's generator gens[i], then the first token whose cumulative probability (in fp64) exceeds u x the row's
+    total. Exactly the categorical distribution, as `torch.multinomial`, which on CPU draws V exponentials per sample
+    instead of one uniform: at V = 8,192 one row took 182 us that way and 19 us this way, and 16 rows ~0.2 ms in
+    one call (measured on this project's CPU), a cost per sampled row and step. Each row draws from its own
+    generator only, so a request's tokens do not depend on the rows it shares a step with.
 
     Raises:
-        GenerationError: probs whose total is not a positive number (NaN logits from a broken model).
+        GenerationError: a row whose total is not a positive number (NaN logits from a broken model).
     """
-    cdf = probs.double().cumsum(0)  # [V]
-    total = cdf[-1]
-    if not total > 0:
-        raise GenerationError(f"cannot sample from a distribution that sums to {float(total)} (NaN logits?)")
-    u = torch.rand((), generator=gen, dtype=torch.float64)
-    i = int(torch.searchsorted(cdf, u * total, right=True))  # cdf[i - 1] <= u * total < cdf[i]: probs[i] > 0
-    return i if i < len(cdf) else int(probs.nonzero()[-1])  # u * total rounded up to the total: the last token
+    cdf = probs.double().cumsum(-1)  # [n, V]
+    total = cdf[:, -1]  # [n]
+    if not bool((total > 0).all()):
+        raise GenerationError(f"cannot sample from a distribution that sums to {float(total.min())} (NaN logits?)")
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])  # [n]
+    picked = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].tolist()  # cdf[i-1] <= u*total < cdf[i]
+    # u * total rounded up to the total: the row's last token with mass
+    return [i if i < cdf.shape[1] else int(probs[b].nonzero()[-1]) for b, i in enumerate(picked)]
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Generator | None
@@ -238,8 +244,7 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.
     if u * q[draft] <= p[draft]:
         return True, draft
     residual = (p - q).clamp(min=0)
-    total = residual.sum()
-    return False, _sample(residual / total if total > 0 else p, gen)
+    return False, _sample((residual if residual.sum() > 0 else p)[None], [gen])[0]
 
 
 class Engine:
@@ -609,7 +614,7 @@ class Engine:
         first = None
         if ends:
             first = self.head(at_positions(out.hidden_states, last))  # [m, V]
-            for r, tok in zip(reqs, self._choose(reqs, first)):
+            for r, tok in zip(reqs, self._choose(reqs, first)[0]):
                 r.slot.pending = tok
         for i, (r, p) in enumerate(zip(reqs, pieces)):
             r.slot.pos = start + len(p)
@@ -641,7 +646,7 @@ class Engine:
     def _decode_step(self) -> None:
         reqs = self.running
         logits, _ = self._run_main([[r.slot.pending] for r in reqs], [r.slot.pos for r in reqs], record=True)
-        for r, tok, row in zip(reqs, self._choose(reqs, logits[:, -1]), logits[:, -1:]):
+        for r, tok, row in zip(reqs, self._choose(reqs, logits[:, -1])[0], logits[:, -1:]):
             r.slot.pos += 1
             r.slot.pending = tok
             self._emit(r, [tok], row)
@@ -687,41 +692,40 @@ class Engine:
             if j:
                 start = [r.slot.pos + j - 1 for r in reqs]  # the pair (h^1, d_j) sits at pos + j - 1
                 h, logits = self._run_mtp(h, [[r.slot.drafts[-1]] for r in reqs], start)
-            probs = [None if r.params.temperature == 0 else _probs(row, r.params) for r, row in zip(reqs, logits)]
-            for r, tok, p in zip(reqs, self._choose(reqs, logits, probs), probs):
+            tokens, dists = self._choose(reqs, logits)
+            for b, (r, tok) in enumerate(zip(reqs, tokens)):
                 r.slot.drafts.append(tok)
-                if p is not None:
-                    r.slot.draft_probs.append(p)
+                if b in dists:
+                    r.slot.draft_probs.append(dists[b])
 
-    def _choose(self, reqs: list[Request], logits: torch.Tensor, probs: list | None = None) -> list[int]:
-        """One token per row from logits [n, V]: one argmax for the greedy rows, the row's own generator for the
-        sampled ones (`probs`: their distributions when already computed)."""
-        greedy = logits.argmax(-1).tolist()
-        out = []
-        for b, r in enumerate(reqs):
-            if r.params.temperature == 0:
-                out.append(greedy[b])
-            else:
-                p = probs[b] if probs is not None else _probs(logits[b], r.params)
-                out.append(_sample(p, r.slot.gen))
-        return out
+    def _choose(self, reqs: list[Request], logits: torch.Tensor) -> tuple[list[int], dict[int, torch.Tensor]]:
+        """One token per row from logits [n, V]: one argmax for the greedy rows, one `_probs` and one `_sample` for
+        the sampled ones (each with its row's generator). Returns the tokens and the sampled rows' distributions
+        (row -> [V])."""
+        out = logits.argmax(-1).tolist()
+        rows = [b for b, r in enumerate(reqs) if r.params.temperature != 0]
+        if not rows:
+            return out, {}
+        probs = _probs(logits[rows], [reqs[b].params for b in rows])  # [len(rows), V]
+        for b, tok in zip(rows, _sample(probs, [reqs[b].slot.gen for b in rows])):
+            out[b] = tok
+        return out, dict(zip(rows, probs))
 
     def _accept(self, req: Request, logits: torch.Tensor, greedy: list[int]) -> list[int]:
         """Verify req's drafts against the main model's logits [k+1, V] at positions n..n+k (greedy: their
         argmaxes): the accepted drafts, then the correction or bonus token."""
         drafts, out = req.slot.drafts, []
+        sampled = req.params.temperature != 0
+        probs = _probs(logits, [req.params] * len(logits)) if sampled else None  # [k+1, V]
         for i, d in enumerate(drafts):
-            if req.params.temperature == 0:
-                ok, tok = d == greedy[i], greedy[i]
+            if sampled:
+                ok, tok = speculative_accept(probs[i], req.slot.draft_probs[i], d, req.slot.gen)
             else:
-                ok, tok = speculative_accept(_probs(logits[i], req.params), req.slot.draft_probs[i], d,
-                                             req.slot.gen)
+                ok, tok = d == greedy[i], greedy[i]
             out.append(tok)
             if not ok:
                 return out
-        bonus = logits[len(drafts)]
-        out.append(greedy[len(drafts)] if req.params.temperature == 0 else _sample(_probs(bonus, req.params),
-                                                                                  req.slot.gen))
+        out.append(_sample(probs[-1:], [req.slot.gen])[0] if sampled else greedy[len(drafts)])  # the bonus token
         return out
 
     def _emit(self, req: Request, tokens: list[int], logits: torch.Tensor) -> None:
