@@ -61,6 +61,7 @@ from ..model import DeepseekV3
 from ..model.moe import RoutedExperts
 from ..model.transformer import at_positions
 from ..tokenizer import stop_token_ids
+from .detokenize import IncrementalText
 from .expert_stats import ExpertStats
 from .head import DecodeHead, DraftHead
 from .prefix import PrefixEntry, PrefixStore
@@ -147,6 +148,7 @@ class DecodeSlot:
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # [V] each draft's distribution (sampled only)
     gen: torch.Generator | None = None  # this request's sampler (seeded: same seed, same tokens in any batch)
     emitted_chars: int = 0  # characters of `text` already passed to on_update
+    text: IncrementalText | None = None  # the output's text, decoded a window at a time (with a tokenizer)
 
 
 @dataclass
@@ -750,7 +752,9 @@ class Engine:
                 req.finish_reason = "length"
         delta = ""
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output)
+            if req.slot.text is None:
+                req.slot.text = IncrementalText(self.tokenizer)
+            text = req.slot.text.update(req.output)  # = tokenizer.decode(req.output)
             for s in p.stop_strings:
                 cut = text.find(s, max(0, req.slot.emitted_chars - len(s)))
                 if cut >= 0:
