@@ -5,6 +5,7 @@ until `--seconds` have passed. Reports failures (must be 0), mean and p99 reques
 and total generated tokens/s.
 
     python benchmarks/load_test.py [--checkpoint runs/demo] [--clients 32] [--seconds 60] [--no-compile]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="the server's --compile (default: on, as `dsv3 serve`); its compile time is reported")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the server's --threads (default: its own, every core but one)")
     ap.add_argument("--startup-timeout", type=float, default=1200, help="seconds to wait for /health")
     args = ap.parse_args()
     proc = None
@@ -47,7 +50,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", args.checkpoint, "--port", str(port),
                                  "--max-batch", str(args.max_batch), "--model-name", "dsv3",
-                                 "--compile" if args.compile else "--no-compile"])
+                                 "--compile" if args.compile else "--no-compile",
+                                 *(["--threads", str(args.threads)] if args.threads else [])])
         t0 = time.time()
         while True:  # a compiling server answers /health only once its graphs are built
             try:

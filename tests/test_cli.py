@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 import dsv3
-from dsv3.cli import build_parser, main
+from dsv3.cli import build_parser, main, serve_threads
 from dsv3.config import get_config
 from dsv3.cost import pipeline_bubbles, training_cost
 from dsv3.infer import Engine, SamplingParams
@@ -473,7 +473,7 @@ def test_serve(trained_run, tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", str(trained_run), "--port", str(port),
-                                 "--max-len", "128", "--model-name", "cli-test", "--no-compile"],
+                                 "--max-len", "128", "--model-name", "cli-test", "--no-compile", "--threads", "1"],
                                 stdout=stderr, stderr=stderr)
     try:
         deadline = time.monotonic() + 120  # importing torch on a loaded machine is the slow part
@@ -500,6 +500,15 @@ def test_serve(trained_run, tmp_path):
             proc.kill()
             proc.wait()
     assert f"as model 'cli-test' on {url}/v1" in log.read_text()
+    assert "1 CPU threads for the model's kernels (--threads)" in log.read_text()
+
+
+def test_serve_threads_leave_a_core_to_the_http_side():
+    """--threads wins; else $OMP_NUM_THREADS (torch's own setting, None); else every core but one, at least one."""
+    assert serve_threads(3, {"OMP_NUM_THREADS": "2"}, 8) == 3
+    assert serve_threads(None, {"OMP_NUM_THREADS": "2"}, 8) is None
+    assert serve_threads(None, {"OMP_NUM_THREADS": ""}, 8) == 7
+    assert serve_threads(None, {}, 2) == 1 and serve_threads(None, {}, 1) == 1
 
 
 def test_cost(capsys):

@@ -929,13 +929,32 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_threads(requested: int | None, env: dict, cores: int) -> int | None:
+    """The CPU threads `dsv3 serve` gives the model's kernels: --threads when given; None (torch's own setting)
+    when $OMP_NUM_THREADS is set; else every core but one (at least one), so that the HTTP side (event loop,
+    streaming) runs beside the kernels instead of stalling their parallel regions: with 2 cores, one thread for the
+    kernels measured 1.27-1.35x the tokens/s of two and a lower p99 latency (`benchmarks/load_test.py`, README)."""
+    if requested is not None:
+        return requested
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, cores - 1)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from .infer.server import Server, bind_warning
     from .runs import model_name
     from .web import create_web_app
 
+    threads = serve_threads(args.threads, os.environ, torch.get_num_threads())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    print(f"{torch.get_num_threads()} CPU threads for the model's kernels ("
+          + ("--threads" if args.threads else "$OMP_NUM_THREADS" if threads is None else
+             "every core but one, left to the HTTP side; --threads sets it") + ")", file=sys.stderr)
     ckpt, model, tok = _load_for_inference(args)
     engine = _engine(args, ckpt, model, tok, args.max_batch, log=lambda m: print(m, file=sys.stderr),
                      expert_stats=args.expert_stats_window if args.expert_stats else 0)
@@ -1193,6 +1212,9 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_flags(p, compile_default=True, prefix_mb=PREFIX_CACHE_MB)
     _compute_flags(p)
     p.add_argument("--model-name", help="the model id clients send (default: the run's name)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for the model's kernels (default: $OMP_NUM_THREADS when set, else every core "
+                        "but one, which the HTTP side gets)")
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="requests that may wait for a free slot; beyond, clients get 429 (default: 64)")
     p.add_argument("--request-timeout", type=_positive_int, default=600, metavar="SECONDS",
