@@ -12,7 +12,8 @@ decodes every row's text, so these are per-row costs beside the compiled decode 
 warms it up, then runs `--repeats` rounds of the variants in turn (the first one rotating), each generating the
 setting's number of sampled tokens (seeded) for a batch of held-out passages and timing the engine's own decode
 clock; a ratio is the median of per-round ratios (min-max). The variants draw different tokens from the same
-distributions, so the tokens (and, speculating, the acceptance) differ between them.
+distributions, so the tokens (and, speculating, the acceptance) differ between them. First it times the two
+samplers alone, one row and 16 rows of a distribution over the checkpoint's vocabulary.
 
     python benchmarks/host_step.py RUN_OR_CHECKPOINT --data DATA [--repeats 7]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import timeit
 from pathlib import Path
 
 import torch
@@ -70,6 +72,18 @@ SETTINGS = (  # (label, batch, compiled, MTP drafts, new tokens)
 )
 
 
+def sampler_us(vocab: int, rows: int, calls: int = 300) -> dict[str, float]:
+    """Microseconds per call sampling `rows` rows of one softmax distribution over `vocab` tokens (best of three
+    timings of `calls` calls): the shipped `_sample` against `multinomial`, each row with its own generator."""
+    probs = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)).mul(3).softmax(-1)
+    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    out = {}
+    for name, fn in (("inverse transform", SHIPPED["_sample"]), ("multinomial", multinomial)):
+        fn(probs, gens)
+        out[name] = 1e6 / calls * min(timeit.repeat(lambda fn=fn: fn(probs, gens), number=calls, repeat=3))
+    return out
+
+
 def run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
     """One sampled `generate` on a warm engine: decode tokens/s from the engine's clock, drafts and acceptances."""
     before = dict(engine.stats)
@@ -96,6 +110,10 @@ def main() -> None:
         tok = load_tokenizer(ckpt)
     print(f"{args.checkpoint}: fp32, {torch.get_num_threads()} threads, vocabulary {model.config.vocab_size}, "
           f"temperature 0.8, {args.repeats} rounds")
+    for rows in (1, 16):
+        us = sampler_us(model.config.vocab_size, rows)
+        print(f"sampling {rows} row(s) of {model.config.vocab_size} tokens: " + ", ".join(
+            f"{name} {t:.0f} us" for name, t in us.items()))
     names = list(VARIANTS)
     cols = ["setting", *(f"{n} tok/s" for n in names), *(f"shipped / {n}" for n in names[1:]), "acceptance"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

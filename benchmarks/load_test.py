@@ -51,7 +51,7 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", args.checkpoint, "--port", str(port),
                                  "--max-batch", str(args.max_batch), "--model-name", "dsv3",
                                  "--compile" if args.compile else "--no-compile",
-                                 *(["--threads", str(args.threads)] if args.threads else [])])
+                                 *(["--threads", str(args.threads)] if args.threads is not None else [])])
         t0 = time.time()
         while True:  # a compiling server answers /health only once its graphs are built
             try:

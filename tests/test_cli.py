@@ -500,7 +500,7 @@ def test_serve(trained_run, tmp_path):
             proc.kill()
             proc.wait()
     assert f"as model 'cli-test' on {url}/v1" in log.read_text()
-    assert "1 CPU threads for the model's kernels (--threads)" in log.read_text()
+    assert "CPU threads for the model's kernels: 1 (--threads)" in log.read_text()
 
 
 def test_serve_threads_leave_a_core_to_the_http_side():

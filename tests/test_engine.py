@@ -108,10 +108,14 @@ def test_chained_drafts_up_to_the_context_limit(trained, monkeypatch):
 
 
 def test_same_seed_same_tokens_alone_and_in_a_batch(trained):
-    """A request's tokens depend on its seed, not on the requests it shares a batch with."""
+    """A request's tokens depend on its seed, not on the requests it shares a batch with, whose sampling
+    parameters differ (a greedy row beside sampled ones with their own temperature, top-k or top-p)."""
     model, tok = trained
     ps = prompts(tok)
-    params = [SamplingParams(max_new_tokens=16, temperature=0.9, top_k=40, seed=100 + i) for i in range(4)]
+    params = [SamplingParams(max_new_tokens=16, temperature=0.9, top_k=40, seed=100),
+              SamplingParams(max_new_tokens=16, temperature=0),
+              SamplingParams(max_new_tokens=16, temperature=0.7, top_p=0.9, seed=102),
+              SamplingParams(max_new_tokens=16, temperature=1.2, seed=103)]
     for speculative in (False, True):
         engine = Engine(model, tok, max_batch=4, max_len=128, speculative=speculative)
         batched = [engine.submit(p, sp) for p, sp in zip(ps, params)]

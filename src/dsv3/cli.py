@@ -931,9 +931,10 @@ def _chat(args: argparse.Namespace) -> int:
 
 def serve_threads(requested: int | None, env: dict, cores: int) -> int | None:
     """The CPU threads `dsv3 serve` gives the model's kernels: --threads when given; None (torch's own setting)
-    when $OMP_NUM_THREADS is set; else every core but one (at least one), so that the HTTP side (event loop,
-    streaming) runs beside the kernels instead of stalling their parallel regions: with 2 cores, one thread for the
-    kernels measured 1.27-1.35x the tokens/s of two and a lower p99 latency (`benchmarks/load_test.py`, README)."""
+    when $OMP_NUM_THREADS is set; else every core but one (at least one; `cores`: torch's default thread count, the
+    machine's cores), so that the HTTP side (event loop, streaming) runs beside the kernels instead of stalling their
+    parallel regions: with 2 cores, one thread for the kernels measured 1.18-1.35x the tokens/s of two and a lower
+    p99 latency (`benchmarks/load_test.py`, README)."""
     if requested is not None:
         return requested
     if env.get("OMP_NUM_THREADS"):
@@ -952,7 +953,7 @@ def _serve(args: argparse.Namespace) -> int:
     threads = serve_threads(args.threads, os.environ, torch.get_num_threads())
     if threads is not None:
         torch.set_num_threads(threads)
-    print(f"{torch.get_num_threads()} CPU threads for the model's kernels ("
+    print(f"CPU threads for the model's kernels: {torch.get_num_threads()} ("
           + ("--threads" if args.threads else "$OMP_NUM_THREADS" if threads is None else
              "every core but one, left to the HTTP side; --threads sets it") + ")", file=sys.stderr)
     ckpt, model, tok = _load_for_inference(args)

@@ -6,8 +6,10 @@ of a compiled decode step). `IncrementalText` keeps the text of the tokens up to
 the tokens after a few before it (the window's start is decoded twice and subtracted, as Hugging Face TGI and vLLM
 do): the context tokens make a decoder that drops a leading space (SentencePiece's metaspace) or merges across
 tokens see the same start in both decodes. A point settles when the window's text ends in a whole character (no
-U+FFFD, which a byte-level decoder writes for an incomplete UTF-8 sequence), so the text always equals
-`tokenizer.decode(tokens)`; when a window's decode does not start with its context's (a decoder that rewrites
+U+FFFD, which a byte-level decoder writes for an incomplete UTF-8 sequence). The text equals
+`tokenizer.decode(tokens)` for decoders whose text from a settled point on depends only on the tokens since the
+point before it: byte-level BPE (dsv3's, DeepSeek-V3's), metaspace (SentencePiece-style) and byte-fallback ones,
+checked on random streams; when a window's decode does not start with its context's (a decoder that rewrites
 earlier text), the whole output is decoded, as before.
 """
 
@@ -17,7 +19,8 @@ REPLACEMENT = "\ufffd"
 
 
 class IncrementalText:
-    """The text of a growing token list (`update`), equal to `tokenizer.decode(tokens)` at every call.
+    """The text of a growing token list (`update`), equal to `tokenizer.decode(tokens)` at every call for the
+    decoders the module doc names.
 
     tokenizer: anything with `decode(list[int]) -> str` (a `tokenizers.Tokenizer`).
     """
