@@ -221,9 +221,9 @@ def _sample(probs: torch.Tensor, gens: list[torch.Generator | None]) -> list[int
     """One token per row of probs [n, V] (unnormalised is fine) by inverse transform sampling: one uniform u from
     the row's generator gens[i], then the first token whose cumulative probability (in fp64) exceeds u x the row's
     total. Exactly the categorical distribution, as `torch.multinomial`, which on CPU draws V exponentials per sample
-    instead of one uniform: at V = 8,192 one row took 182 us that way and 19 us this way, and 16 rows ~0.2 ms in
-    one call (measured on this project's CPU), a cost per sampled row and step. Each row draws from its own
-    generator only, so a request's tokens do not depend on the rows it shares a step with.
+    instead of one uniform: at V = 8,192 one row took 182-185 us that way and 19-32 us this way, 16 rows 2,959 us
+    and 150 us (`benchmarks/host_step.py`, this project's CPU), a cost per sampled row and step. Each row draws from
+    its own generator only, so a request's tokens do not depend on the rows it shares a step with.
 
     Raises:
         GenerationError: a row whose total is not a positive number (NaN logits from a broken model).
