@@ -27,7 +27,7 @@ import torch
 
 import dsv3
 import dsv3.model.mla as mla
-from _timing import pair_ratios, spread
+from _timing import alternating, pair_ratios, spread
 from decode_speed import passages, with_context
 from dsv3.allocator import keep_freed_memory
 from dsv3.infer import Engine, SamplingParams
@@ -91,17 +91,21 @@ def main() -> None:
             t = time.perf_counter()
             engines[variant].generate(prompts, SamplingParams(max_new_tokens=4, temperature=0))  # compiles
             compile_s[variant] = time.perf_counter() - t
-        speed: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        outputs = {}
-        for r in range(args.repeats):
-            for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]:
+
+        def trial(variant, engines=engines, prompts=prompts):
+            def one(_round: int) -> dict:
                 mla.FUSED_QUERY_ROWS = rows_of[variant]  # dynamo's guard picks that variant's graph
                 engine = engines[variant]
                 engine.stats["decode_time"] = 0.0
                 out = engine.generate(prompts, params)
-                speed[variant].append(sum(len(o.output) - 1 for o in out) / engine.stats["decode_time"])
-                outputs[variant] = [o.output for o in out]
+                return {"tps": sum(len(o.output) - 1 for o in out) / engine.stats["decode_time"],
+                        "tokens": [o.output for o in out]}
+            return one
+
+        res = alternating({variant: trial(variant) for variant in VARIANTS}, args.repeats)
         mla.FUSED_QUERY_ROWS = fused_rows
+        speed = {v: [x["tps"] for x in res[v]] for v in VARIANTS}
+        outputs = {v: res[v][-1]["tokens"] for v in VARIANTS}
         ratios = {v: pair_ratios(speed["shipped"], speed[v]) for v in VARIANTS[1:]}
         same = all(outputs[v] == outputs["shipped"] for v in VARIANTS[1:])
         print(f"| {context} | {batch} | {k or ''} | " + " | ".join(spread(speed[v]) for v in VARIANTS) + " | "

@@ -17,9 +17,8 @@ import statistics
 
 import torch.nn.functional as F
 
-import dsv3
+from _timing import load_for_decode
 from dsv3.infer import Engine, SamplingParams
-from dsv3.train.data import TokenData
 
 
 def column_major_head(weight, h):
@@ -36,12 +35,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    model = dsv3.load_pretrained(dsv3.resolve_checkpoint(args.checkpoint), progress=False).eval()
-    ids = TokenData(args.data, "val").ids
-    stride = len(ids) // 17
+    _, model, _, passages = load_for_decode(args.checkpoint, args.data, max(16, *args.batch), args.prompt_len)
     rows = [(b, 0) for b in args.batch] + [(1, k) for k in args.draft if k > 0]
     for batch, k in rows:
-        prompts = [ids[i * stride : i * stride + args.prompt_len].astype("int64").tolist() for i in range(batch)]
+        prompts = passages[:batch]
         engine = Engine(model, max_batch=batch, max_len=args.prompt_len + args.new_tokens + 8,
                         speculative=k > 0, draft_tokens=max(k, 1), compile=True)
         engine.warmup()

@@ -16,11 +16,9 @@ import statistics
 
 import torch
 
-import dsv3
-from _timing import pair_ratios, spread
+from _timing import alternating, load_for_decode, pair_ratios, spread
 from dsv3.allocator import keep_freed_memory
 from dsv3.infer import Engine, SamplingParams
-from dsv3.train.data import TokenData
 
 
 def main() -> None:
@@ -32,10 +30,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     keep_freed_memory()  # as `dsv3 generate` runs
-    model = dsv3.load_pretrained(dsv3.resolve_checkpoint(args.checkpoint), progress=False).eval()
-    ids = TokenData(args.data, "val").ids
-    stride = len(ids) // 17
-    prompts = [ids[i * stride : i * stride + 32].astype("int64").tolist() for i in range(16)]
+    _, model, _, prompts = load_for_decode(args.checkpoint, args.data, 16, 32)
     print(f"{args.checkpoint}: eager, fp32, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, "
           f"{args.repeats} rounds\n\n| batch, temperature | engine | decode tok/s | vs plain | acceptance |\n"
           "|---|---|---|---|---|")
@@ -45,15 +40,17 @@ def main() -> None:
         for k in args.ks:
             engines[f"MTP k = {k}"] = Engine(model, max_batch=batch, max_len=max_len, speculative=True,
                                              draft_tokens=k)
-        speed: dict[str, list[float]] = {name: [] for name in engines}
-        names = list(engines)
-        for r in range(args.repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                engine = engines[name]
+
+        def trial(engine, batch=batch, temperature=temperature):
+            def one(r: int) -> dict:
                 engine.stats["decode_time"] = 0.0
                 out = engine.generate([prompts[(r + i) % len(prompts)] for i in range(batch)],
                                       SamplingParams(max_new_tokens=args.new_tokens, temperature=temperature, seed=r))
-                speed[name].append(sum(len(o.output) - 1 for o in out) / engine.stats["decode_time"])
+                return {"tps": sum(len(o.output) - 1 for o in out) / engine.stats["decode_time"]}
+            return one
+
+        res = alternating({name: trial(engine) for name, engine in engines.items()}, args.repeats)
+        speed = {name: [x["tps"] for x in res[name]] for name in engines}
         for name, engine in engines.items():
             ratio = pair_ratios(speed[name], speed["plain"])
             acceptance = f"{engine.acceptance_rate:.0%}" if name != "plain" else ""
