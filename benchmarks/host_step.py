@@ -31,7 +31,7 @@ import torch
 import dsv3
 import dsv3.infer.engine as engine_module
 from _timing import alternating, pair_ratios, spread
-from decode_speed import passages, with_context
+from decode_speed import passages, run_ours, with_context
 from dsv3.allocator import keep_freed_memory
 from dsv3.infer import Engine, SamplingParams
 from dsv3.tokenizer import load_tokenizer
@@ -84,16 +84,6 @@ def sampler_us(vocab: int, rows: int, calls: int = 300) -> dict[str, float]:
     return out
 
 
-def run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
-    """One sampled `generate` on a warm engine: decode tokens/s from the engine's clock, drafts and acceptances."""
-    before = dict(engine.stats)
-    engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0.8, seed=0))
-    s = {k: v - before[k] for k, v in engine.stats.items()}
-    assert s["compile_time"] == 0, "a graph compiled during a timed call"
-    return {"tps": (s["generated"] - len(prompts)) / s["decode_time"], "drafted": s["drafted"],
-            "accepted": s["accepted"]}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint directory or a training run")
@@ -128,14 +118,14 @@ def main() -> None:
                 for name, fn in swap.items():
                     setattr(engine_module, name, fn)
                 try:
-                    return run(engine, prompts, new)
+                    return run_ours(engine, prompts, new, temperature=0.8)
                 finally:
                     for name, fn in SHIPPED.items():
                         setattr(engine_module, name, fn)
             return one
 
         res = alternating({name: trial(swap) for name, swap in VARIANTS.items()}, args.repeats)
-        tps = {name: [r["tps"] for r in res[name]] for name in names}
+        tps = {name: [r["decode_tokens"] / r["decode_s"] for r in res[name]] for name in names}
         ratios = [pair_ratios(tps["shipped"], tps[n]) for n in names[1:]]
         accepted = [sum(r["accepted"] for r in res[n]) / max(1, sum(r["drafted"] for r in res[n])) for n in names]
         print(f"| {label} | " + " | ".join(spread(tps[n]) for n in names) + " | "
