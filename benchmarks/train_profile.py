@@ -1,5 +1,5 @@
 """Where a training step's time goes (issue 13): `torch.profiler` over one forward + backward of dsv3 (random
-weights), the operators' own CPU time grouped into GEMMs, attention, the cross-entropy's log-softmax, the routed
+weights), the operators' own CPU time grouped into GEMMs, attention, the cross-entropy's softmax, the routed
 experts' bookkeeping and the element-wise rest, with and without the MTP module. The allocator is set as `dsv3 train`
 sets it (`dsv3.allocator`).
 
@@ -22,9 +22,9 @@ GROUPS = {  # aten operator (self time) -> group; anything else is "element-wise
     "GEMMs (mm, bmm, addmm, grouped_mm)": ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm"),
     "attention (SDPA flash forward and backward)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                                     "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
-    "cross-entropy (log-softmax; its backward's exp)": ("aten::_log_softmax", "aten::exp",
-                                                         "aten::_log_softmax_backward_data", "aten::nll_loss_forward",
-                                                         "aten::nll_loss_backward"),
+    "cross-entropy (softmax, its maxima; log-softmax and exp under F.cross_entropy)": (
+        "aten::_softmax", "aten::amax", "aten::_log_softmax", "aten::exp", "aten::_log_softmax_backward_data",
+        "aten::nll_loss_forward", "aten::nll_loss_backward"),
     "routing and dispatch (topk, sort, index, scatter, bincount)": (
         "aten::topk", "aten::sort", "aten::argsort", "aten::index", "aten::index_select", "aten::_index_put_impl_",
         "aten::scatter_add_", "aten::bincount", "aten::gather", "aten::scatter", "aten::index_add_"),

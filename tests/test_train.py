@@ -177,8 +177,17 @@ def test_record_weights_make_each_records_mean():
 
 
 def test_cross_entropy_edge_cases_match_torchs():
-    """Every target ignored: a nan mean with a zero gradient, as torch's; a target out of range raises."""
+    """Every target ignored: a nan mean with a zero gradient, as torch's; a target out of range raises; a target
+    whose probability underflows fp32 (exp(-300)) still gets its finite loss and gradient, as torch's."""
     from dsv3.train.losses import cross_entropy
+
+    far = torch.tensor([[0.0, 0.0, -300.0, 1.0], [50.0, -250.0, 0.0, 0.0]], requires_grad=True)
+    ref = far.detach().clone().requires_grad_()
+    loss, expect = cross_entropy(far, torch.tensor([2, 1])), torch.nn.functional.cross_entropy(ref, torch.tensor([2, 1]))
+    (loss + expect).backward()
+    assert loss.isfinite() and loss > 150
+    torch.testing.assert_close(loss, expect, rtol=1e-6, atol=0)
+    torch.testing.assert_close(far.grad, ref.grad, rtol=1e-6, atol=1e-7)
 
     logits = torch.randn(4, 10, requires_grad=True)
     loss = cross_entropy(logits, torch.full((4,), IGNORE))

@@ -231,7 +231,7 @@ def saved_activations(cfg: ModelConfig, block: str, rows: int, seq_len: int, rec
     if block == "head":
         if recipe == "dsv3":
             return [("final norm: input, normalised, rstd", 4 * n * (2 * d + 1)), ("head input", 4 * n * d),
-                    ("log-softmax of the logits (cross-entropy)", 4 * n * cfg.vocab_size),
+                    ("softmax of the logits (cross-entropy)", 4 * n * cfg.vocab_size),
                     ("targets (int64, shifted copy) and the loss's weight", 8 * n + 4)]
         return [("logits for the cross-entropy, bf16 (assumed)", 2 * n * cfg.vocab_size),  # norm: recomputed
                 ("targets (int64)", 8 * n)]

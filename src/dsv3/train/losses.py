@@ -25,41 +25,46 @@ IGNORE = -100
 
 class _CrossEntropy(torch.autograd.Function):
     """sum_i w_i * -log softmax(logits_i)[target_i] over the rows whose target is not IGNORE (w_i = 1 without
-    weights), divided by their count (`mean`) or not, with a backward that turns the saved log-softmax into the
+    weights), divided by their count (`mean`) or not, with a backward that turns the saved softmax into the
     gradient directly: d/dlogits = w_i * (softmax - onehot(target)) / count, zero on ignored rows.
 
+    The forward keeps the softmax p, not the log-softmax, so the backward needs no exponential: one row scale and a
+    scatter. Each row's loss is log-sum-exp minus the target's logit, with log-sum-exp = max(x) - log(max(p)), since
+    the largest probability is exp(0) / sum(exp(x - max(x))) and never underflows (at least 1 / V); a -log of the
+    target's own probability would be infinite where it underflows. On this project's CPU the log-softmax form's
+    backward `exp` (torch's accurate vectorised exp, slower than the one inside softmax) was a third of the loss's
+    time (`benchmarks/train_speed.py` has a row for the step with `F.cross_entropy` instead).
+
     `F.cross_entropy` computes the same, but its backward first builds a zero [N, V] gradient for the gather
-    (`nll_loss_backward`), then reads it and the log-softmax to write a third [N, V] tensor; on `small`'s 8,192-token
-    vocabulary, 2048 x 8192 floats per step, this one buys ~3% of a CPU training step (`benchmarks/train_speed.py`).
-    Here the backward is one exp of the saved tensor, a scatter and a row scale, with no host synchronisation. It
-    saves what torch's saves (the log-softmax, the targets and a 0-dim fp32 count: the memory planner,
-    `dsv3.parallel.plan`, counts them; SFT's per-record weights [N], when given, besides), and leaves them intact, so
-    a retained graph can be differentiated again (the zero-bubble pipeline schedules do: input gradients first,
-    weight gradients later)."""
+    (`nll_loss_backward`), then reads it and the log-softmax to write a third [N, V] tensor. This one saves one
+    [N, V] tensor as torch's does (the softmax, the targets and a 0-dim fp32 count: the memory planner,
+    `dsv3.parallel.plan`, counts them; SFT's per-record weights [N], when given, besides), has no host
+    synchronisation, and leaves what it saved intact, so a retained graph can be differentiated again (the
+    zero-bubble pipeline schedules do: input gradients first, weight gradients later)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, mean: bool, weights: torch.Tensor | None
                 ) -> torch.Tensor:
-        logp = torch.log_softmax(logits, -1)  # [N, V]
+        p = torch.softmax(logits, -1)  # [N, V]
         valid = targets != IGNORE  # [N]
-        picked = logp.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]  # [N]; a bad target raises here
-        count = valid.sum().to(logp.dtype) if mean else logp.new_ones(())  # [] (0 when none counts: nan, as torch)
-        weighted = () if weights is None else (weights.to(logp.dtype),)  # [N], saved only when given
+        picked = logits.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]  # [N]; a bad target raises here
+        nll = logits.amax(-1) - p.amax(-1).log() - picked  # [N] log-sum-exp - x_target
+        count = valid.sum().to(p.dtype) if mean else p.new_ones(())  # [] (0 when none counts: nan, as torch)
+        weighted = () if weights is None else (weights.to(p.dtype),)  # [N], saved only when given
         if weighted:
-            picked = picked * weighted[0]
-        ctx.save_for_backward(logp, targets, count, *weighted)
-        return -torch.where(valid, picked, 0.0).sum() / count
+            nll = nll * weighted[0]
+        ctx.save_for_backward(p, targets, count, *weighted)
+        return torch.where(valid, nll, 0.0).sum() / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        logp, targets, count, *weighted = ctx.saved_tensors
+        p, targets, count, *weighted = ctx.saved_tensors
         kept = targets != IGNORE  # [N]
-        valid = kept.to(logp.dtype)
-        scale = valid * weighted[0] if weighted else valid  # [N]
-        d = logp.exp()  # [N, V] softmax
-        d.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -valid[:, None])  # - onehot
-        return d.mul_((scale * (grad / count.clamp_min(1)))[:, None]), None, None, None
+        valid = kept.to(p.dtype)
+        scale = (valid * weighted[0] if weighted else valid) * (grad / count.clamp_min(1))  # [N]
+        d = p * scale[:, None]  # [N, V]
+        return d.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -scale[:, None]), None, None, None  # - onehot
 
 
 def _check_weights(weights: torch.Tensor | None, targets: torch.Tensor) -> None:
