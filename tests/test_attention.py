@@ -151,3 +151,57 @@ def test_fused_absorbed_attention_under_compile_equals_eager():
         want = attn._absorbed(q_nope, q_pe, latent, mask)
         got = torch.compile(attn._absorbed, fullgraph=True, dynamic=False)(q_nope, q_pe, latent, mask)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("t", [1, 5, 64, 70, 200])
+def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t):
+    """`block_causal_attention` (query blocks of 64 rows, each against the keys it sees, own backward) against
+    softmax(q k^T * scale + causal mask) v written out per head in fp64: output and the q, k, v gradients, for
+    lengths inside one block, on a block boundary and across a partial last block."""
+    from dsv3.model.mla import block_causal_attention
+
+    g = torch.Generator().manual_seed(t)
+    q, k = (torch.randn(2, t, 3, 12, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, t, 3, 7, generator=g, requires_grad=True)
+    d_out = torch.randn(2, t, 3, 7, generator=g)
+    out = block_causal_attention(q, k, v, 0.3)
+    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    scores = torch.einsum("bthd,bshd->bhts", q64, k64) * 0.3
+    scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), d_out.double())
+    torch.testing.assert_close(out, ref.float(), atol=2e-6, rtol=0)
+    for ours, expect in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, expect.float(), atol=1e-5, rtol=0)
+
+
+def test_training_attention_paths_agree(monkeypatch):
+    """MLA's causal forward without a cache takes `block_causal_attention` up to BLOCK_CAUSAL_MAX_LEN tokens on CPU
+    (any length without autograd) and SDPA's flash kernel beyond: the same output and parameter gradients either
+    way (to fp32 rounding)."""
+    from dsv3.model import mla
+
+    calls = []
+    blocks_fn = mla.block_causal_attention
+    monkeypatch.setattr(mla, "block_causal_attention", lambda *a: calls.append(1) or blocks_fn(*a))
+    cfg = cfg_for()
+    attn = MLA(cfg)
+    for prm in attn.parameters():
+        torch.nn.init.normal_(prm, 0, 0.2) if prm.dim() > 1 else torch.nn.init.normal_(prm, 1, 0.1)
+    x = torch.randn(2, 80, cfg.hidden_size)
+    cs = RotaryEmbedding(cfg)(torch.arange(80), x.dtype)
+    monkeypatch.setattr(mla, "BLOCK_CAUSAL_MAX_LEN", 80)
+    out = attn(x, cs)
+    g_blocks = torch.autograd.grad(out.square().sum(), list(attn.parameters()))
+    assert len(calls) == 1
+    monkeypatch.setattr(mla, "BLOCK_CAUSAL_MAX_LEN", 79)
+    sdpa = attn(x, cs)
+    g_sdpa = torch.autograd.grad(sdpa.square().sum(), list(attn.parameters()))
+    assert len(calls) == 1
+    torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=0)
+    for a, b in zip(g_blocks, g_sdpa):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cs), out, atol=0, rtol=0)
+    assert len(calls) == 2

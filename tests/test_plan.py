@@ -44,8 +44,15 @@ def model(request):
     return m
 
 
-@pytest.mark.parametrize("t", [12, 16])
-def test_decoder_layers_save_what_the_planner_counts(model, t):
+@pytest.mark.parametrize("attention", ["blocks", "sdpa"])
+@pytest.mark.parametrize("t", [12, 16, 70])
+def test_decoder_layers_save_what_the_planner_counts(model, t, attention, monkeypatch):
+    """Both of the attention's CPU paths: query blocks (70 tokens: a partial second block) and, beyond
+    BLOCK_CAUSAL_MAX_LEN (here set to 0), SDPA's flash kernel."""
+    from dsv3.model import mla
+
+    if attention == "sdpa":
+        monkeypatch.setattr(mla, "BLOCK_CAUSAL_MAX_LEN", 0)
     cfg, rows = model.config, 2
     params = list(model.parameters())
     rope = model.model.rotary_emb(torch.arange(t), torch.float32)

@@ -73,6 +73,79 @@ class LatentCache:
 FUSED_QUERY_ROWS = 16
 
 
+# Causal self-attention without a cache on CPU in fp32 (training, and a forward over whole sequences): query blocks of
+# BLOCK_ROWS rows, each against only the keys it can see, as batched GEMMs with the softmax between them
+# (`block_causal_attention`). PyTorch's CPU flash kernel takes every key block of 256-token sequences whole and runs
+# its small GEMMs at ~26 GFLOP/s on this project's CPU; this form skips 3/8 of the score and value products at T =
+# 256 (all but the diagonal blocks' upper halves) and was 1.6x faster forward and backward on `small`'s shapes, 2.3x
+# at T = 512 (`benchmarks/train_speed.py`; `runs/s18` of issue #13). Its backward needs every block's probabilities,
+# ~T/2 values per token and head against the flash kernel's 4 (n + p) + 1 (q, k, v, output, log-sum-exp), so it
+# runs under autograd only up to BLOCK_CAUSAL_MAX_LEN tokens; longer sequences keep SDPA when a gradient is wanted.
+BLOCK_ROWS = 64
+BLOCK_CAUSAL_MAX_LEN = 1024
+
+
+class _BlockCausal(torch.autograd.Function):
+    """Causal softmax attention, query block by query block: q, k [N, T, dq], v [N, T, dv] -> [N, T, dv]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        n, t, _ = q.shape
+        out = q.new_empty(n, t, v.shape[-1])
+        keep = any(ctx.needs_input_grad)  # else each block's probabilities are freed as soon as they are used
+        probs = []
+        for lo in range(0, t, BLOCK_ROWS):
+            hi = min(lo + BLOCK_ROWS, t)
+            # row lo + i sees keys 0..lo + i: [hi - lo, hi] additive mask, -inf above the shifted diagonal
+            bias = torch.full((hi - lo, hi), float("-inf"), dtype=q.dtype, device=q.device).triu_(lo + 1)
+            p = torch.softmax(torch.baddbmm(bias, q[:, lo:hi], k[:, :hi].transpose(1, 2), alpha=scale), -1)
+            out[:, lo:hi].baddbmm_(p, v[:, :hi], beta=0)  # [N, rows, dv]
+            if keep:
+                probs.append(p)  # [N, rows, hi]
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        q, k, v, *probs = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for lo, p in zip(range(0, q.shape[1], BLOCK_ROWS), probs):
+            hi = p.shape[-1]
+            d_o = d_out[:, lo:hi]  # [N, rows, dv]
+            dv[:, :hi].baddbmm_(p.transpose(1, 2), d_o)
+            d_s = torch._softmax_backward_data(torch.bmm(d_o, v[:, :hi].transpose(1, 2)), p, -1, p.dtype)
+            dq[:, lo:hi].baddbmm_(d_s, k[:, :hi], beta=0, alpha=ctx.scale)
+            dk[:, :hi].baddbmm_(d_s.transpose(1, 2), q[:, lo:hi], alpha=ctx.scale)
+        return dq, dk, dv, None
+
+
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v over whole sequences: q, k [B, T, H, dq], v [B, T, H, dv] -> [B, T, H, dv].
+
+    Query rows in blocks of BLOCK_ROWS, each block's scores against keys 0..its last row only (batched GEMMs over
+    B·H, an additive -inf mask on the block's diagonal part, softmax), with its own backward from the saved
+    probabilities. Equal to `F.scaled_dot_product_attention(..., is_causal=True)` to rounding (`tests/test_attention.py`).
+    """
+    b, t, h, _ = q.shape
+
+    def heads_first(x):  # [B, T, H, d] -> [B·H, T, d], contiguous
+        return x.transpose(1, 2).reshape(b * h, t, x.shape[-1])
+
+    out = _BlockCausal.apply(heads_first(q), heads_first(k), heads_first(v), scale)  # [B·H, T, dv]
+    return out.view(b, h, t, -1).transpose(1, 2)
+
+
+def _use_block_causal(q: torch.Tensor, t: int) -> bool:
+    """Whether `MLA._naive`'s causal case runs `block_causal_attention` rather than SDPA: fp32 on CPU, and within
+    BLOCK_CAUSAL_MAX_LEN tokens when autograd will keep its probabilities."""
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        return False
+    return t <= BLOCK_CAUSAL_MAX_LEN or not (torch.is_grad_enabled() and q.requires_grad)
+
+
 def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int | torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Store the new latents [c_KV; k_pe] at their positions in this layer's buffer [B, S_max, r + p]; return
@@ -227,6 +300,8 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, S, H, n], [B, S, H, v]
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        if mask is None and q.shape[1] == s and _use_block_causal(q, s):
+            return block_causal_attention(q, k, v, self.softmax_scale)
         # SDPA's fused kernels (flash on CPU) need one head size for q, k and v: v is zero-padded from v to n + p
         # (the padded output columns are zero and cut off), else SDPA takes its math path, which builds and keeps
         # the T x S probabilities (slower, and quadratic memory in training)

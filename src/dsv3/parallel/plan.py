@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig
 from ..model import DeepseekV3
+from ..model import mla
 from .mesh import is_expert_param
 from .pipeline import SCHEDULES, held_stages, schedule_ops, split_stages
 from .zero import zero_owners
@@ -201,6 +202,19 @@ RECIPES = ("dsv3", "paper")
 FP8_BYTES = 1 + 4 / 128  # an FP8 value plus its share of a 1 x 128 tile's fp32 scale (report section 3.3)
 
 
+def _attention_items(rows: int, seq_len: int, h: int, qk: int, v: int) -> list[tuple[str, float]]:
+    """What the attention core of one layer saves in fp32 on CPU (`MLA._naive`'s two causal paths)."""
+    n = rows * seq_len
+    if seq_len <= mla.BLOCK_CAUSAL_MAX_LEN:
+        step = mla.BLOCK_ROWS
+        blocks = sum((min(lo + step, seq_len) - lo) * min(lo + step, seq_len)
+                     for lo in range(0, seq_len, step))  # each query block's rows x the keys it sees
+        return [("block-causal attention: q, k, v, heads first", 4 * n * h * (2 * qk + v)),
+                ("block-causal attention: each query block's probabilities", 4 * rows * h * blocks)]
+    return [("SDPA flash kernel: q, k, v (zero-padded to the qk head size) and its output", 4 * n * 4 * h * qk),
+            ("SDPA flash kernel: log-sum-exp", 4 * n * h)]
+
+
 def saved_activations(cfg: ModelConfig, block: str, rows: int, seq_len: int, recipe: str = "dsv3"
                       ) -> list[tuple[str, float]]:
     """What one micro-batch of `rows` sequences of `seq_len` tokens leaves saved for backward in one block:
@@ -210,8 +224,10 @@ def saved_activations(cfg: ModelConfig, block: str, rows: int, seq_len: int, rec
 
     recipe "dsv3": what dsv3's trainer keeps, fp32 eager autograd with nothing recomputed: each saved tensor's
     storage once (a view keeps its whole storage: the split `kv_a_proj_with_mqa` output, the fused gate/up output).
-    Attention runs SDPA's flash kernel (v zero-padded to the qk head size, `MLA._naive`): q, k, v, the output and
-    the log-sum-exp, no T x T matrix.
+    Attention (`MLA._naive`, on CPU) runs up to BLOCK_CAUSAL_MAX_LEN tokens as `block_causal_attention`, which
+    keeps heads-first copies of q, k, v and each query block's probabilities (the causal part of the T x T matrix,
+    whole blocks of BLOCK_ROWS rows); beyond that SDPA's flash kernel (v zero-padded to the qk head size): q, k, v,
+    the output and the log-sum-exp, no T x T matrix.
     `tests/test_plan.py` holds every block equal to the bytes saved-tensor hooks count on tiny and small.
 
     recipe "paper": the report's training recipe, as stated there and otherwise assumed (each item says which):
@@ -266,8 +282,7 @@ def saved_activations(cfg: ModelConfig, block: str, rows: int, seq_len: int, rec
               ("kv norm: normalised, rstd", 4 * n * (r + 1)),
               ("latent [c_KV; k_pe] (kv up-projection input)", 4 * n * (r + p)),
               ("RoPE angles, complex (q and k; per position)", 8 * p * seq_len),
-              ("SDPA flash kernel: q, k, v (zero-padded to the qk head size) and its output", 4 * n * 4 * h * qk),
-              ("SDPA flash kernel: log-sum-exp", 4 * n * h), ("o_proj input", 4 * n * h * v),
+              *_attention_items(rows, seq_len, h, qk, v), ("o_proj input", 4 * n * h * v),
               ("FFN norm: input, normalised, rstd", 4 * n * (2 * d + 1))]
     if block == "dense":
         return items + [("FFN input", 4 * n * d), ("gate_up output", 4 * n * 2 * inter),
