@@ -153,23 +153,25 @@ def test_fused_absorbed_attention_under_compile_equals_eager():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("t", [1, 5, 64, 70, 200])
-def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t):
+@pytest.mark.parametrize("t, s", [(1, 1), (5, 5), (64, 64), (70, 70), (200, 200), (1, 9), (3, 10), (70, 100)])
+def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t, s):
     """`block_causal_attention` (query blocks of 64 rows, each against the keys it sees, own backward) against
-    softmax(q k^T * scale + causal mask) v written out per head in fp64: output and the q, k, v gradients, for
-    lengths inside one block, on a block boundary and across a partial last block."""
+    softmax(q k^T * scale + mask) v written out per head in fp64, query i seeing keys 0..s - t + i: output and the
+    q, k, v gradients, for whole sequences inside one block, on a block boundary and across a partial last block,
+    and for new tokens after s - t cached ones."""
     from dsv3.model.mla import block_causal_attention
 
-    g = torch.Generator().manual_seed(t)
-    q, k = (torch.randn(2, t, 3, 12, generator=g, requires_grad=True) for _ in range(2))
-    v = torch.randn(2, t, 3, 7, generator=g, requires_grad=True)
+    g = torch.Generator().manual_seed(t * 1000 + s)
+    q = torch.randn(2, t, 3, 12, generator=g, requires_grad=True)
+    k = torch.randn(2, s, 3, 12, generator=g, requires_grad=True)
+    v = torch.randn(2, s, 3, 7, generator=g, requires_grad=True)
     d_out = torch.randn(2, t, 3, 7, generator=g)
     out = block_causal_attention(q, k, v, 0.3)
     grads = torch.autograd.grad(out, (q, k, v), d_out)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     scores = torch.einsum("bthd,bshd->bhts", q64, k64) * 0.3
-    scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
-    ref = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v64)
+    visible = torch.arange(s) <= torch.arange(s - t, s)[:, None]  # [t, s]
+    ref = torch.einsum("bhts,bshd->bthd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), d_out.double())
     torch.testing.assert_close(out, ref.float(), atol=2e-6, rtol=0)
     for ours, expect in zip(grads, ref_grads):
@@ -204,4 +206,12 @@ def test_training_attention_paths_agree(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(attn(x, cs), out, atol=0, rtol=0)
-    assert len(calls) == 2
+        assert len(calls) == 2
+        cache = torch.zeros(2, 80, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        attn(x[:, :50], RotaryEmbedding(cfg)(torch.arange(50), x.dtype), cache)
+        chunk = attn(x[:, 50:], RotaryEmbedding(cfg)(torch.arange(50, 80), x.dtype), cache, start_pos=50)
+        assert len(calls) == 4  # a prompt's chunk after cached tokens is bottom-right causal too
+        torch.testing.assert_close(chunk, out[:, 50:], atol=1e-5, rtol=0)
+        packed = mla.packed_attention(torch.tensor([[0] * 30 + [1] * 50] * 2))[1]
+        attn(x, cs, mask=packed)  # packed documents: SDPA with their mask
+        assert len(calls) == 4

@@ -86,22 +86,24 @@ BLOCK_CAUSAL_MAX_LEN = 1024
 
 
 class _BlockCausal(torch.autograd.Function):
-    """Causal softmax attention, query block by query block: q, k [N, T, dq], v [N, T, dv] -> [N, T, dv]."""
+    """Causal softmax attention, query block by query block: q [N, T, dq], k [N, S, dq], v [N, S, dv] ->
+    [N, T, dv], S >= T, query i at position S - T + i seeing keys 0..S - T + i."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
         n, t, _ = q.shape
+        offset = k.shape[1] - t
         out = q.new_empty(n, t, v.shape[-1])
         keep = any(ctx.needs_input_grad)  # else each block's probabilities are freed as soon as they are used
         probs = []
         for lo in range(0, t, BLOCK_ROWS):
-            hi = min(lo + BLOCK_ROWS, t)
-            # row lo + i sees keys 0..lo + i: [hi - lo, hi] additive mask, -inf above the shifted diagonal
-            bias = torch.full((hi - lo, hi), float("-inf"), dtype=q.dtype, device=q.device).triu_(lo + 1)
-            p = torch.softmax(torch.baddbmm(bias, q[:, lo:hi], k[:, :hi].transpose(1, 2), alpha=scale), -1)
-            out[:, lo:hi].baddbmm_(p, v[:, :hi], beta=0)  # [N, rows, dv]
+            hi, keys = min(lo + BLOCK_ROWS, t), offset + min(lo + BLOCK_ROWS, t)
+            # [rows, keys] additive mask: row lo + i sees keys 0..offset + lo + i, -inf above that diagonal
+            bias = torch.full((hi - lo, keys), float("-inf"), dtype=q.dtype, device=q.device).triu_(offset + lo + 1)
+            p = torch.softmax(torch.baddbmm(bias, q[:, lo:hi], k[:, :keys].transpose(1, 2), alpha=scale), -1)
+            out[:, lo:hi].baddbmm_(p, v[:, :keys], beta=0)  # [N, rows, dv]
             if keep:
-                probs.append(p)  # [N, rows, hi]
+                probs.append(p)  # [N, rows, keys]
         ctx.save_for_backward(q, k, v, *probs)
         ctx.scale = scale
         return out
@@ -113,26 +115,29 @@ class _BlockCausal(torch.autograd.Function):
         d_out = d_out.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for lo, p in zip(range(0, q.shape[1], BLOCK_ROWS), probs):
-            hi = p.shape[-1]
+            hi, keys = lo + p.shape[1], p.shape[2]
             d_o = d_out[:, lo:hi]  # [N, rows, dv]
-            dv[:, :hi].baddbmm_(p.transpose(1, 2), d_o)
-            d_s = torch._softmax_backward_data(torch.bmm(d_o, v[:, :hi].transpose(1, 2)), p, -1, p.dtype)
-            dq[:, lo:hi].baddbmm_(d_s, k[:, :hi], beta=0, alpha=ctx.scale)
-            dk[:, :hi].baddbmm_(d_s.transpose(1, 2), q[:, lo:hi], alpha=ctx.scale)
+            dv[:, :keys].baddbmm_(p.transpose(1, 2), d_o)
+            d_s = torch._softmax_backward_data(torch.bmm(d_o, v[:, :keys].transpose(1, 2)), p, -1, p.dtype)
+            dq[:, lo:hi].baddbmm_(d_s, k[:, :keys], beta=0, alpha=ctx.scale)
+            dk[:, :keys].baddbmm_(d_s.transpose(1, 2), q[:, lo:hi], alpha=ctx.scale)
         return dq, dk, dv, None
 
 
 def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax(q k^T * scale) v over whole sequences: q, k [B, T, H, dq], v [B, T, H, dv] -> [B, T, H, dv].
+    """Causal softmax(q k^T * scale) v: q [B, T, H, dq], k [B, S, H, dq], v [B, S, H, dv] -> [B, T, H, dv], with
+    S >= T: query i sits at position S - T + i and sees keys 0..S - T + i (a whole sequence when S = T; a chunk of
+    a prompt after S - T cached tokens otherwise).
 
-    Query rows in blocks of BLOCK_ROWS, each block's scores against keys 0..its last row only (batched GEMMs over
-    B·H, an additive -inf mask on the block's diagonal part, softmax), with its own backward from the saved
-    probabilities. Equal to `F.scaled_dot_product_attention(..., is_causal=True)` to rounding (`tests/test_attention.py`).
+    Query rows in blocks of BLOCK_ROWS, each block's scores against the keys up to its last row only (batched GEMMs
+    over B·H, an additive -inf mask on the block's diagonal part, softmax), with its own backward from the saved
+    probabilities. Equal to `F.scaled_dot_product_attention` with that mask to rounding (`tests/test_attention.py`).
+    Raises as `torch.bmm` does on mismatched shapes.
     """
     b, t, h, _ = q.shape
 
-    def heads_first(x):  # [B, T, H, d] -> [B·H, T, d], contiguous
-        return x.transpose(1, 2).reshape(b * h, t, x.shape[-1])
+    def heads_first(x):  # [B, L, H, d] -> [B·H, L, d], contiguous
+        return x.transpose(1, 2).reshape(b * h, x.shape[1], x.shape[-1])
 
     out = _BlockCausal.apply(heads_first(q), heads_first(k), heads_first(v), scale)  # [B·H, T, dv]
     return out.view(b, h, t, -1).transpose(1, 2)
@@ -140,8 +145,8 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 def _use_block_causal(q: torch.Tensor, t: int) -> bool:
     """Whether `MLA._naive`'s causal case runs `block_causal_attention` rather than SDPA: fp32 on CPU, and within
-    BLOCK_CAUSAL_MAX_LEN tokens when autograd will keep its probabilities."""
-    if q.device.type != "cpu" or q.dtype != torch.float32:
+    BLOCK_CAUSAL_MAX_LEN tokens when autograd will keep its probabilities; not under autocast (bf16 GEMMs)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
     return t <= BLOCK_CAUSAL_MAX_LEN or not (torch.is_grad_enabled() and q.requires_grad)
 
@@ -283,16 +288,21 @@ class MLA(nn.Module):
             raise ValueError("start_pos > 0 needs a cache holding the earlier tokens")
         else:
             latent = torch.cat([c_kv, k_pe], dim=-1)
-        attn = self._absorbed if absorb else self._naive
-        out = attn(q_nope, q_pe, latent, mask)  # [B, T, H, v]
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, latent, mask)  # [B, T, H, v]
+        else:  # bottom-right causal: a whole sequence, or new tokens after a cached prefix as long in every row
+            causal = mask is None if cache is None else isinstance(start_pos, int)
+            out = self._naive(q_nope, q_pe, latent, mask, causal)
         return self.o_proj(out.flatten(2))
 
-    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
-               ) -> torch.Tensor:
-        """Expand the latent into per-head keys and values, then one SDPA call.
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool = False) -> torch.Tensor:
+        """Expand the latent into per-head keys and values, then one attention call: `block_causal_attention`
+        when `_use_block_causal` allows and the mask is bottom-right causal, else SDPA.
 
         q_nope [B, T, H, n], q_pe [B, T, H, p] (roped), latent [B, S, r + p] (c_KV, roped k_pe), mask [T, S] or
-        [B, 1, T, S] (True = visible) or None (causal when T == S, else all visible) -> [B, T, H, v].
+        [B, 1, T, S] (True = visible) or None (causal when T == S, else all visible) -> [B, T, H, v]. causal: the
+        mask is None or bottom-right causal (query i sees keys 0..S - T + i), the caller's promise.
         """
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         b, s, _ = c_kv.shape
@@ -300,7 +310,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, S, H, n], [B, S, H, v]
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        if mask is None and q.shape[1] == s and _use_block_causal(q, s):
+        if causal and _use_block_causal(q, s):
             return block_causal_attention(q, k, v, self.softmax_scale)
         # SDPA's fused kernels (flash on CPU) need one head size for q, k and v: v is zero-padded from v to n + p
         # (the padded output columns are zero and cut off), else SDPA takes its math path, which builds and keeps

@@ -35,8 +35,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig
-from ..model import DeepseekV3
-from ..model import mla
+from ..model import DeepseekV3, mla
 from .mesh import is_expert_param
 from .pipeline import SCHEDULES, held_stages, schedule_ops, split_stages
 from .zero import zero_owners
