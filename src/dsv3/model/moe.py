@@ -193,24 +193,27 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x [N, D], topk_idx / topk_weight [N, K] -> sum_k weight_k * expert_k(x) [N, D].
 
-        Eager, and whenever gradients are wanted: `grouped`, grouped GEMMs over tokens sorted by expert (under
-        `torch.compile` they break the graph: they need the per-expert counts as Python ints). Compiled inference
-        (the engine's decode step): `gathered`, whose shapes do not depend on the routing.
+        Eager, and whenever gradients are wanted: `grouped`, grouped GEMMs over tokens sorted by expert. Compiled
+        inference (the engine's decode step): `gathered`, whose shapes do not depend on the routing.
         """
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.gathered(x, topk_idx, topk_weight)
         return self.grouped(x, topk_idx, topk_weight)
 
-    @torch.compiler.disable  # needs the counts as Python ints, and inductor has no CPU fp32 grouped GEMM
     def grouped(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """`forward`'s eager path: the (token, expert) pairs sorted by expert, two grouped GEMMs, the outputs
-        weighted and added back to their tokens. Runs eagerly inside a compiled layer (the compiled training
-        step, `--compile`). x [N, D], topk_idx / topk_weight [N, K] -> [N, D]."""
+        weighted and added back to their tokens. x [N, D], topk_idx / topk_weight [N, K] -> [N, D].
+
+        Under `torch.compile` (the compiled training step, `--compile`) only the two GEMMs run eagerly
+        (`expert_gemm`: they need the per-expert counts as Python ints, and inductor has no CPU fp32 grouped GEMM);
+        the sort, gather, SwiGLU, weighting and scatter-add between them have static shapes ([N·K, ...]) and are
+        compiled with the layer."""
         n, k = topk_idx.shape
         flat = topk_idx.flatten()  # [N*K], slot j belongs to token j // K
         order = flat.argsort(stable=True)  # slots sorted by expert
         token = order // k
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        # rows per expert [E] (a scatter rather than bincount, whose output size depends on the data under compile)
+        counts = flat.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         ys = self.swiglu(x[token], counts)  # [N*K, D]
         ys = ys * topk_weight.flatten()[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[-1]).index_add_(0, token, ys)
@@ -233,11 +236,18 @@ class RoutedExperts(nn.Module):
         y = (self.down_proj[flat] * h[:, None, :]).sum(-1)  # [NK, D]
         return (y.view(n, k, -1) * topk_weight.to(y.dtype)[..., None]).sum(1)
 
-    def swiglu(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows xs [M, D] grouped by expert (counts[e] rows for expert e, in expert order) -> [M, D], each row
-        through its expert's SwiGLU (the part expert parallelism reuses between its dispatch and combine)."""
-        h = silu_mul(self._linear(xs, self.gate_up_proj, counts, parts=2))  # [M, 2I] -> [M, I]
-        return self._linear(h, self.down_proj, counts)
+    def swiglu(self, xs: torch.Tensor, counts: torch.Tensor | list[int]) -> torch.Tensor:
+        """Rows xs [M, D] grouped by expert (counts[e] rows for expert e, in expert order; an int tensor [E] or a
+        list) -> [M, D], each row through its expert's SwiGLU (the part expert parallelism reuses between its
+        dispatch and combine)."""
+        h = silu_mul(self.expert_gemm(xs, self.gate_up_proj, counts, parts=2))  # [M, 2I] -> [M, I]
+        return self.expert_gemm(h, self.down_proj, counts)
+
+    @torch.compiler.disable  # the counts as Python ints: a compiled layer runs this call eagerly, between graphs
+    def expert_gemm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor | list[int], parts: int = 1
+                    ) -> torch.Tensor:
+        """`_linear` with the counts as a list (one host read of a tensor's E values)."""
+        return self._linear(x, w, counts.tolist() if isinstance(counts, torch.Tensor) else counts, parts)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], parts: int = 1) -> torch.Tensor:
         """The per-expert GEMM, x [M, in] grouped by expert, w [E, out, in] -> [M, out] (overridden by the FP8

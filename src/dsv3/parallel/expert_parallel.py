@@ -78,6 +78,7 @@ class EPExperts(nn.Module):
         self.pow2_scale = getattr(full, "pow2_scale", False)
 
     swiglu = RoutedExperts.swiglu  # the expert computation itself: one implementation, over this rank's rows
+    expert_gemm = RoutedExperts.expert_gemm
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], parts: int = 1) -> torch.Tensor:
         return self._gemm(self, x, w, counts, parts)

@@ -1011,7 +1011,7 @@ class Trainer:
 def compile_layers(model: torch.nn.Module) -> None:
     """`--compile`: torch.compile every `DecoderLayer` of `model` in place (MTP modules too; parameter names
     unchanged). Layers of one kind share their compiled graphs (dynamo inlines nn.Module parameters as inputs), and
-    the routed experts' grouped GEMMs run eagerly between two graphs (`RoutedExperts.grouped`)."""
+    the routed experts' two grouped GEMMs run eagerly between graphs (`RoutedExperts.expert_gemm`)."""
     for layer in model.modules():
         if isinstance(layer, DecoderLayer):
             layer.compile()
