@@ -14,10 +14,10 @@ The primary figure is achieved model FLOP/s / shape-matched GEMM FLOP/s, where
   runs: every matrix product of one dsv3 forward + backward step is recorded as it is dispatched (q_a/q_b,
   kv_a/kv_b, o_proj, dense and shared SwiGLU, router, each routed expert's gate/up/down at the token count it was
   routed, MTP eh_proj, the head; data and weight gradients alike), each distinct shape timed best-of-N as
-  `torch.matmul(a, b)` here, and total GEMM FLOPs / the FLOP-weighted sum of those best times. Attention's
-  score and value products run inside SDPA's fused flash kernel (dsv3 zero-pads v to the q/k head size so that
-  SDPA can take it), not as GEMMs, so they are not among the recorded shapes (were SDPA to fall back to its math
-  path, they would appear as batched GEMMs over the full T x T matrix).
+  `torch.matmul(a, b)` here, and total GEMM FLOPs / the FLOP-weighted sum of those best times. dsv3's attention
+  runs on CPU as batched GEMMs over causal query blocks (`dsv3.model.mla.block_causal_attention`), so its score
+  and value products are among the recorded shapes ("batched" below), the masked halves of the diagonal blocks
+  included, which the model FLOPs do not count; transformers' runs inside SDPA's fused flash kernel.
 So 100% means the step ran at the speed of its own GEMMs with nothing else costing time; it is reported for
 dsv3 with and without MTP (each against its own shapes, compiled or not) and for transformers (against the
 no-MTP shapes).
