@@ -180,8 +180,8 @@ def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t, s
 
 def test_training_attention_paths_agree(monkeypatch):
     """MLA's causal forward without a cache takes `block_causal_attention` up to BLOCK_CAUSAL_MAX_LEN tokens on CPU
-    (any length without autograd) and SDPA's flash kernel beyond: the same output and parameter gradients either
-    way (to fp32 rounding)."""
+    and SDPA's flash kernel beyond: the same output and parameter gradients either way (to fp32 rounding); so does
+    a prompt's chunk after cached tokens; packed documents take SDPA with their mask."""
     from dsv3.model import mla
 
     calls = []
@@ -204,6 +204,7 @@ def test_training_attention_paths_agree(monkeypatch):
     torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=0)
     for a, b in zip(g_blocks, g_sdpa):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    monkeypatch.setattr(mla, "BLOCK_CAUSAL_MAX_LEN", 80)
     with torch.no_grad():
         torch.testing.assert_close(attn(x, cs), out, atol=0, rtol=0)
         assert len(calls) == 2

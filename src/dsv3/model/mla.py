@@ -73,14 +73,14 @@ class LatentCache:
 FUSED_QUERY_ROWS = 16
 
 
-# Causal self-attention without a cache on CPU in fp32 (training, and a forward over whole sequences): query blocks of
-# BLOCK_ROWS rows, each against only the keys it can see, as batched GEMMs with the softmax between them
-# (`block_causal_attention`). PyTorch's CPU flash kernel takes every key block of 256-token sequences whole and runs
-# its small GEMMs at ~26 GFLOP/s on this project's CPU; this form skips 3/8 of the score and value products at T =
-# 256 (all but the diagonal blocks' upper halves) and was 1.6x faster forward and backward on `small`'s shapes, 2.3x
-# at T = 512 (`benchmarks/train_speed.py`; `runs/s18` of issue #13). Its backward needs every block's probabilities,
-# ~T/2 values per token and head against the flash kernel's 4 (n + p) + 1 (q, k, v, output, log-sum-exp), so it
-# runs under autograd only up to BLOCK_CAUSAL_MAX_LEN tokens; longer sequences keep SDPA when a gradient is wanted.
+# Bottom-right causal attention on CPU in fp32 (training, a prefill, a prompt's chunk after a cached prefix): query
+# blocks of BLOCK_ROWS rows, each against only the keys it can see, as batched GEMMs with the softmax between them
+# (`block_causal_attention`). PyTorch's CPU flash kernel takes every key block of a 256-token sequence whole and
+# runs its small GEMMs at ~26 GFLOP/s on this project's CPU; this form skips 3/8 of the score and value products at
+# T = 256 and was 1.49x faster than it forward and backward on `small`'s shapes (batch 8, one thread), 1.66x at T =
+# 512, 1.26x at 1,024; forward alone (batch 1) 1.25x at 512, 1.08x at 1,024 and level at 2,048
+# (`benchmarks/attention_pad.py`). Its backward keeps every block's probabilities, ~T/2 values per token and head
+# against the flash kernel's 4 (n + p) + 1, so it runs up to BLOCK_CAUSAL_MAX_LEN attended tokens; SDPA beyond.
 BLOCK_ROWS = 64
 BLOCK_CAUSAL_MAX_LEN = 1024
 
@@ -94,7 +94,7 @@ class _BlockCausal(torch.autograd.Function):
         n, t, _ = q.shape
         offset = k.shape[1] - t
         out = q.new_empty(n, t, v.shape[-1])
-        keep = any(ctx.needs_input_grad)  # else each block's probabilities are freed as soon as they are used
+        keep = any(ctx.needs_input_grad)  # else each block's probabilities are freed once used
         probs = []
         for lo in range(0, t, BLOCK_ROWS):
             hi, keys = min(lo + BLOCK_ROWS, t), offset + min(lo + BLOCK_ROWS, t)
@@ -143,12 +143,11 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     return out.view(b, h, t, -1).transpose(1, 2)
 
 
-def _use_block_causal(q: torch.Tensor, t: int) -> bool:
-    """Whether `MLA._naive`'s causal case runs `block_causal_attention` rather than SDPA: fp32 on CPU, and within
-    BLOCK_CAUSAL_MAX_LEN tokens when autograd will keep its probabilities; not under autocast (bf16 GEMMs)."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        return False
-    return t <= BLOCK_CAUSAL_MAX_LEN or not (torch.is_grad_enabled() and q.requires_grad)
+def _use_block_causal(q: torch.Tensor, s: int) -> bool:
+    """Whether `MLA._naive`'s bottom-right causal case over `s` keys runs `block_causal_attention` rather than
+    SDPA: fp32 on CPU, not under autocast (bf16 GEMMs), up to BLOCK_CAUSAL_MAX_LEN keys."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and s <= BLOCK_CAUSAL_MAX_LEN)
 
 
 def _write_cache(buf: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int | torch.Tensor
