@@ -20,8 +20,9 @@ from dsv3.train.losses import lm_loss, mtp_losses
 
 GROUPS = {  # aten operator (self time) -> group; anything else is "element-wise and other"
     "GEMMs (mm, bmm, addmm, grouped_mm)": ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm"),
-    "attention (SDPA flash forward and backward)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                                                    "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "attention outside its GEMMs (SDPA flash; the blocks' softmax backward)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_softmax_backward_data"),
     "cross-entropy (softmax, its maxima; log-softmax and exp under F.cross_entropy)": (
         "aten::_softmax", "aten::amax", "aten::_log_softmax", "aten::exp", "aten::_log_softmax_backward_data",
         "aten::nll_loss_forward", "aten::nll_loss_backward"),
