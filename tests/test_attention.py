@@ -167,7 +167,10 @@ def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t, s
     v = torch.randn(2, s, 3, 7, generator=g, requires_grad=True)
     d_out = torch.randn(2, t, 3, 7, generator=g)
     out = block_causal_attention(q, k, v, 0.3)
-    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    grads = torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
+    again = torch.autograd.grad(out, (q, k, v), d_out)  # a retained graph (zero-bubble schedules) gives the same
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     scores = torch.einsum("bthd,bshd->bhts", q64, k64) * 0.3
     visible = torch.arange(s) <= torch.arange(s - t, s)[:, None]  # [t, s]
@@ -215,4 +218,8 @@ def test_training_attention_paths_agree(monkeypatch):
         torch.testing.assert_close(chunk, out[:, 50:], atol=1e-5, rtol=0)
         packed = mla.packed_attention(torch.tensor([[0] * 30 + [1] * 50] * 2))[1]
         attn(x, cs, mask=packed)  # packed documents: SDPA with their mask
+        rows = RotaryEmbedding(cfg)(torch.tensor([[50, 51], [40, 41]]), x.dtype)
+        attn(x[:, 50:52], rows, cache, start_pos=torch.tensor([50, 40]))  # per-row positions: SDPA with their mask
         assert len(calls) == 4
+        with pytest.raises(ValueError, match="at least as many keys"):
+            mla.block_causal_attention(x.view(2, 80, 4, -1), x[:, :10].view(2, 10, 4, -1), x.view(2, 80, 4, -1), 1.0)

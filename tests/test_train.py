@@ -178,7 +178,8 @@ def test_record_weights_make_each_records_mean():
 
 def test_cross_entropy_edge_cases_match_torchs():
     """Every target ignored: a nan mean with a zero gradient, as torch's; a target out of range raises; a target
-    whose probability underflows fp32 (exp(-300)) still gets its finite loss and gradient, as torch's."""
+    whose probability underflows fp32 (exp(-300)) still gets its finite loss and gradient, as torch's; logits near
+    2000 keep each row's loss to 1e-5."""
     from dsv3.train.losses import cross_entropy
 
     far = torch.tensor([[0.0, 0.0, -300.0, 1.0], [50.0, -250.0, 0.0, 0.0]], requires_grad=True)
@@ -189,6 +190,11 @@ def test_cross_entropy_edge_cases_match_torchs():
     assert loss.isfinite() and loss > 150
     torch.testing.assert_close(loss, expect, rtol=1e-6, atol=0)
     torch.testing.assert_close(far.grad, ref.grad, rtol=1e-6, atol=1e-7)
+    big = torch.randn(8, 500, generator=torch.Generator().manual_seed(0)) * 3 + 2000  # large logits cancel first
+    targets = torch.arange(8) * 7
+    for row in range(8):  # each row's loss within 1e-5 of fp64 (2000 + log-sum-exp in fp32 is ~1e-4 coarse)
+        expect = torch.nn.functional.cross_entropy(big[row : row + 1].double(), targets[row : row + 1])
+        assert abs(float(cross_entropy(big[row : row + 1], targets[row : row + 1])) - float(expect)) < 1e-5
 
     logits = torch.randn(4, 10, requires_grad=True)
     loss = cross_entropy(logits, torch.full((4,), IGNORE))

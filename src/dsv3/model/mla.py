@@ -132,9 +132,14 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     Query rows in blocks of BLOCK_ROWS, each block's scores against the keys up to its last row only (batched GEMMs
     over B·H, an additive -inf mask on the block's diagonal part, softmax), with its own backward from the saved
     probabilities. Equal to `F.scaled_dot_product_attention` with that mask to rounding (`tests/test_attention.py`).
-    Raises as `torch.bmm` does on mismatched shapes.
+    Under `torch.compile` the block loop fixes T and S: each new length is a new graph (the trainer's is fixed).
+
+    Raises:
+        ValueError: fewer keys than queries (S < T).
     """
     b, t, h, _ = q.shape
+    if k.shape[1] < t:
+        raise ValueError(f"block-causal attention needs at least as many keys as queries, got {k.shape[1]} < {t}")
 
     def heads_first(x):  # [B, L, H, d] -> [B·H, L, d], contiguous
         return x.transpose(1, 2).reshape(b * h, x.shape[1], x.shape[-1])

@@ -223,7 +223,7 @@ def saved_activations(cfg: ModelConfig, block: str, rows: int, seq_len: int, rec
 
     recipe "dsv3": what dsv3's trainer keeps, fp32 eager autograd with nothing recomputed: each saved tensor's
     storage once (a view keeps its whole storage: the split `kv_a_proj_with_mqa` output, the fused gate/up output).
-    Attention (`MLA._naive`, on CPU) runs up to BLOCK_CAUSAL_MAX_LEN tokens as `block_causal_attention`, which
+    Attention (`MLA._naive`, fp32 on CPU) runs up to BLOCK_CAUSAL_MAX_LEN tokens as `block_causal_attention`, which
     keeps heads-first copies of q, k, v and each query block's probabilities (the causal part of the T x T matrix,
     whole blocks of BLOCK_ROWS rows); beyond that SDPA's flash kernel (v zero-padded to the qk head size): q, k, v,
     the output and the log-sum-exp, no T x T matrix.

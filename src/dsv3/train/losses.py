@@ -48,7 +48,7 @@ class _CrossEntropy(torch.autograd.Function):
         p = torch.softmax(logits, -1)  # [N, V]
         valid = targets != IGNORE  # [N]
         picked = logits.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]  # [N]; a bad target raises here
-        nll = logits.amax(-1) - p.amax(-1).log() - picked  # [N] log-sum-exp - x_target
+        nll = (logits.amax(-1) - picked) - p.amax(-1).log()  # [N] log-sum-exp - x_target, large logits cancel first
         count = valid.sum().to(p.dtype) if mean else p.new_ones(())  # [] (0 when none counts: nan, as torch)
         weighted = () if weights is None else (weights.to(p.dtype),)  # [N], saved only when given
         if weighted:
