@@ -131,7 +131,9 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
     Query rows in blocks of BLOCK_ROWS, each block's scores against the keys up to its last row only (batched GEMMs
     over B·H, an additive -inf mask on the block's diagonal part, softmax), with its own backward from the saved
-    probabilities. Equal to `F.scaled_dot_product_attention` with that mask to rounding (`tests/test_attention.py`).
+    probabilities (FlashAttention's skipping of fully masked blocks, Dao et al. 2022, with the probabilities kept
+    instead of recomputed). Equal to `F.scaled_dot_product_attention` with that mask to rounding
+    (`tests/test_attention.py`).
     Under `torch.compile` the block loop fixes T and S: each new length is a new graph (the trainer's is fixed).
 
     Raises:

@@ -32,8 +32,8 @@ class _CrossEntropy(torch.autograd.Function):
     scatter. Each row's loss is log-sum-exp minus the target's logit, with log-sum-exp = max(x) - log(max(p)), since
     the largest probability is exp(0) / sum(exp(x - max(x))) and never underflows (at least 1 / V); a -log of the
     target's own probability would be infinite where it underflows. On this project's CPU the log-softmax form's
-    backward `exp` (torch's accurate vectorised exp, slower than the one inside softmax) was a third of the loss's
-    time (`benchmarks/train_speed.py` has a row for the step with `F.cross_entropy` instead).
+    backward `exp` (torch's accurate vectorised exp, slower than the one inside softmax) was about half of the loss's
+    time; the loss's share of an eager `small` step went from 3% to 2% (`benchmarks/train_profile.py`).
 
     `F.cross_entropy` computes the same, but its backward first builds a zero [N, V] gradient for the gather
     (`nll_loss_backward`), then reads it and the log-softmax to write a third [N, V] tensor. This one saves one
