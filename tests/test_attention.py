@@ -153,12 +153,14 @@ def test_fused_absorbed_attention_under_compile_equals_eager():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
 @pytest.mark.parametrize("t, s", [(1, 1), (5, 5), (64, 64), (70, 70), (200, 200), (1, 9), (3, 10), (70, 100)])
-def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t, s):
+def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t, s, packed):
     """`block_causal_attention` (query blocks of 64 rows, each against the keys it sees, own backward) against
     softmax(q k^T * scale + mask) v written out per head in fp64, query i seeing keys 0..s - t + i: output and the
     q, k, v gradients, for whole sequences inside one block, on a block boundary and across a partial last block,
-    and for new tokens after s - t cached ones."""
+    and for new tokens after s - t cached ones; packed: also a [B, 1, t, s] mask of documents (runs of keys, a
+    different split per row), each query seeing only its own document's earlier keys."""
     from dsv3.model.mla import block_causal_attention
 
     g = torch.Generator().manual_seed(t * 1000 + s)
@@ -166,14 +168,20 @@ def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t, s
     k = torch.randn(2, s, 3, 12, generator=g, requires_grad=True)
     v = torch.randn(2, s, 3, 7, generator=g, requires_grad=True)
     d_out = torch.randn(2, t, 3, 7, generator=g)
-    out = block_causal_attention(q, k, v, 0.3)
+    visible = torch.arange(s) <= torch.arange(s - t, s)[:, None]  # [t, s] causal
+    mask = None
+    if packed:  # row 0: documents start at keys s // 3 and s // 2; row 1: one document starting at 2s // 3
+        starts = torch.tensor([[0, s // 3, s // 2], [0, 2 * s // 3, 2 * s // 3]])
+        doc = (torch.arange(s)[None, :, None] >= starts[:, None, :]).sum(-1)  # [2, s] each key's document
+        mask = (doc[:, s - t :, None] == doc[:, None, :])[:, None]  # [2, 1, t, s]: the same document
+        visible = visible & mask
+    out = block_causal_attention(q, k, v, 0.3, mask)
     grads = torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
     again = torch.autograd.grad(out, (q, k, v), d_out)  # a retained graph (zero-bubble schedules) gives the same
     for a, b in zip(grads, again):
         assert torch.equal(a, b)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     scores = torch.einsum("bthd,bshd->bhts", q64, k64) * 0.3
-    visible = torch.arange(s) <= torch.arange(s - t, s)[:, None]  # [t, s]
     ref = torch.einsum("bhts,bshd->bthd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), d_out.double())
     torch.testing.assert_close(out, ref.float(), atol=2e-6, rtol=0)
@@ -184,7 +192,7 @@ def test_block_causal_attention_equals_textbook_attention_and_its_gradients(t, s
 def test_training_attention_paths_agree(monkeypatch):
     """MLA's causal forward without a cache takes `block_causal_attention` up to BLOCK_CAUSAL_MAX_LEN tokens on CPU
     and SDPA's flash kernel beyond: the same output and parameter gradients either way (to fp32 rounding); so does
-    a prompt's chunk after cached tokens; packed documents take SDPA with their mask."""
+    a prompt's chunk after cached tokens, and packed documents with their mask; per-row cache positions take SDPA."""
     from dsv3.model import mla
 
     calls = []
@@ -216,10 +224,14 @@ def test_training_attention_paths_agree(monkeypatch):
         chunk = attn(x[:, 50:], RotaryEmbedding(cfg)(torch.arange(50, 80), x.dtype), cache, start_pos=50)
         assert len(calls) == 4  # a prompt's chunk after cached tokens is bottom-right causal too
         torch.testing.assert_close(chunk, out[:, 50:], atol=1e-5, rtol=0)
-        packed = mla.packed_attention(torch.tensor([[0] * 30 + [1] * 50] * 2))[1]
-        attn(x, cs, mask=packed)  # packed documents: SDPA with their mask
+        packed = mla.packed_attention(torch.tensor([[0] * 30 + [1] * 50, [0] * 64 + [1] * 16]))[1]
+        in_blocks = attn(x, cs, mask=packed)  # packed documents: the blocks with their mask
+        assert len(calls) == 5
         rows = RotaryEmbedding(cfg)(torch.tensor([[50, 51], [40, 41]]), x.dtype)
         attn(x[:, 50:52], rows, cache, start_pos=torch.tensor([50, 40]))  # per-row positions: SDPA with their mask
-        assert len(calls) == 4
+        assert len(calls) == 5
+        monkeypatch.setattr(mla, "BLOCK_CAUSAL_MAX_LEN", 79)
+        torch.testing.assert_close(in_blocks, attn(x, cs, mask=packed), atol=1e-5, rtol=0)  # SDPA with the mask
+        assert len(calls) == 5
         with pytest.raises(ValueError, match="at least as many keys"):
             mla.block_causal_attention(x.view(2, 80, 4, -1), x[:, :10].view(2, 10, 4, -1), x.view(2, 80, 4, -1), 1.0)

@@ -73,14 +73,15 @@ class LatentCache:
 FUSED_QUERY_ROWS = 16
 
 
-# Bottom-right causal attention on CPU in fp32 (training, a prefill, a prompt's chunk after a cached prefix): query
-# blocks of BLOCK_ROWS rows, each against only the keys it can see, as batched GEMMs with the softmax between them
-# (`block_causal_attention`). PyTorch's CPU flash kernel takes every key block of a 256-token sequence whole and
-# runs its small GEMMs at ~26 GFLOP/s on this project's CPU; this form skips 3/8 of the score and value products at
-# T = 256 and was 1.49x faster than it forward and backward on `small`'s shapes (batch 8, one thread), 1.66x at T =
-# 512, 1.26x at 1,024; forward alone (batch 1) 1.25x at 512, 1.08x at 1,024 and level at 2,048
-# (`benchmarks/attention_pad.py`). Its backward keeps every block's probabilities, ~T/2 values per token and head
-# against the flash kernel's 4 (n + p) + 1, so it runs up to BLOCK_CAUSAL_MAX_LEN attended tokens; SDPA beyond.
+# Bottom-right causal attention on CPU in fp32 (training, packed or not, a prefill, a prompt's chunk after a cached
+# prefix): query blocks of BLOCK_ROWS rows, each against only the keys it can see, as batched GEMMs with the softmax
+# between them (`block_causal_attention`). PyTorch's CPU flash kernel takes every key block of a 256-token sequence
+# whole and runs its small GEMMs at ~26 GFLOP/s on this project's CPU; this form skips 3/8 of the score and value
+# products at T = 256 and was 1.49x faster than it forward and backward on `small`'s shapes (batch 8, one thread),
+# 1.66x at T = 512, 1.26x at 1,024; forward alone (batch 1) 1.25x at 512, 1.08x at 1,024 and level at 2,048
+# (`benchmarks/attention_pad.py`; `--packed` for documents under their mask). Its backward keeps every block's
+# probabilities, ~T/2 values per token and head against the flash kernel's 4 (n + p) + 1, so it runs up to
+# BLOCK_CAUSAL_MAX_LEN attended tokens; SDPA beyond.
 BLOCK_ROWS = 64
 BLOCK_CAUSAL_MAX_LEN = 1024
 
@@ -90,7 +91,7 @@ class _BlockCausal(torch.autograd.Function):
     [N, T, dv], S >= T, query i at position S - T + i seeing keys 0..S - T + i."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
+    def forward(ctx, q, k, v, scale: float, mask: torch.Tensor | None):
         n, t, _ = q.shape
         offset = k.shape[1] - t
         out = q.new_empty(n, t, v.shape[-1])
@@ -100,7 +101,10 @@ class _BlockCausal(torch.autograd.Function):
             hi, keys = min(lo + BLOCK_ROWS, t), offset + min(lo + BLOCK_ROWS, t)
             # [rows, keys] additive mask: row lo + i sees keys 0..offset + lo + i, -inf above that diagonal
             bias = torch.full((hi - lo, keys), float("-inf"), dtype=q.dtype, device=q.device).triu_(offset + lo + 1)
-            p = torch.softmax(torch.baddbmm(bias, q[:, lo:hi], k[:, :keys].transpose(1, 2), alpha=scale), -1)
+            scores = torch.baddbmm(bias, q[:, lo:hi], k[:, :keys].transpose(1, 2), alpha=scale)  # [N, rows, keys]
+            if mask is not None:  # [B, 1, T, S]: also hidden where the mask says so, for each of the H heads
+                scores.view(mask.shape[0], -1, hi - lo, keys).masked_fill_(~mask[:, :, lo:hi, :keys], float("-inf"))
+            p = torch.softmax(scores, -1)
             out[:, lo:hi].baddbmm_(p, v[:, :keys], beta=0)  # [N, rows, dv]
             if keep:
                 probs.append(p)  # [N, rows, keys]
@@ -121,13 +125,15 @@ class _BlockCausal(torch.autograd.Function):
             d_s = torch._softmax_backward_data(torch.bmm(d_o, v[:, :keys].transpose(1, 2)), p, -1, p.dtype)
             dq[:, lo:hi].baddbmm_(d_s, k[:, :keys], beta=0, alpha=ctx.scale)
             dk[:, :keys].baddbmm_(d_s.transpose(1, 2), q[:, lo:hi], alpha=ctx.scale)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
-def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax(q k^T * scale) v: q [B, T, H, dq], k [B, S, H, dq], v [B, S, H, dv] -> [B, T, H, dv], with
     S >= T: query i sits at position S - T + i and sees keys 0..S - T + i (a whole sequence when S = T; a chunk of
-    a prompt after S - T cached tokens otherwise).
+    a prompt after S - T cached tokens otherwise). mask [B, 1, T, S] bool, optional: query i then sees only those
+    of these keys where it is True (packed documents, `packed_attention`); every row must keep a key.
 
     Query rows in blocks of BLOCK_ROWS, each block's scores against the keys up to its last row only (batched GEMMs
     over B·H, an additive -inf mask on the block's diagonal part, softmax), with its own backward from the saved
@@ -146,7 +152,7 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     def heads_first(x):  # [B, L, H, d] -> [B·H, L, d], contiguous
         return x.transpose(1, 2).reshape(b * h, x.shape[1], x.shape[-1])
 
-    out = _BlockCausal.apply(heads_first(q), heads_first(k), heads_first(v), scale)  # [B·H, T, dv]
+    out = _BlockCausal.apply(heads_first(q), heads_first(k), heads_first(v), scale, mask)  # [B·H, T, dv]
     return out.view(b, h, t, -1).transpose(1, 2)
 
 
@@ -268,7 +274,7 @@ class MLA(nn.Module):
         k_pe); the new latents are written at [start_pos, start_pos+T) and attention covers [0, start_pos+T).
         start_pos may be a LongTensor [B] of per-row positions. absorb: the absorbed form instead of the naive
         one (same result to rounding). mask: without a cache, who sees whom, [B, 1, T, T] bool (True = visible;
-        packed sequences, `packed_attention`); None = causal.
+        packed sequences, `packed_attention`), within the causal order (no token sees a later one); None = causal.
 
         Raises:
             ValueError: start_pos > 0 without a cache, start_pos + T beyond the cache length, or a mask with a
@@ -296,19 +302,19 @@ class MLA(nn.Module):
             latent = torch.cat([c_kv, k_pe], dim=-1)
         if absorb:
             out = self._absorbed(q_nope, q_pe, latent, mask)  # [B, T, H, v]
-        else:  # bottom-right causal: a whole sequence, or new tokens after a cached prefix as long in every row
-            causal = mask is None if cache is None else isinstance(start_pos, int)
-            out = self._naive(q_nope, q_pe, latent, mask, causal)
+        else:  # bottom-right causal: a whole sequence (packed or not), or new tokens after an equal prefix in each row
+            out = self._naive(q_nope, q_pe, latent, mask, causal=cache is None or isinstance(start_pos, int))
         return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
                causal: bool = False) -> torch.Tensor:
         """Expand the latent into per-head keys and values, then one attention call: `block_causal_attention`
-        when `_use_block_causal` allows and the mask is bottom-right causal, else SDPA.
+        when the attention is causal and `_use_block_causal` allows, else SDPA.
 
         q_nope [B, T, H, n], q_pe [B, T, H, p] (roped), latent [B, S, r + p] (c_KV, roped k_pe), mask [T, S] or
         [B, 1, T, S] (True = visible) or None (causal when T == S, else all visible) -> [B, T, H, v]. causal: the
-        mask is None or bottom-right causal (query i sees keys 0..S - T + i), the caller's promise.
+        caller's promise that what the mask shows lies within the bottom-right causal order (query i sees at most
+        keys 0..S - T + i): a [T, S] mask is that order itself, a [B, 1, T, S] one (packed documents) a part of it.
         """
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         b, s, _ = c_kv.shape
@@ -317,7 +323,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         if causal and _use_block_causal(q, s):
-            return block_causal_attention(q, k, v, self.softmax_scale)
+            return block_causal_attention(q, k, v, self.softmax_scale, mask if mask is not None and mask.dim() == 4
+                                          else None)
         # SDPA's fused kernels (flash on CPU) need one head size for q, k and v: v is zero-padded from v to n + p
         # (the padded output columns are zero and cut off), else SDPA takes its math path, which builds and keeps
         # the T x S probabilities (slower, and quadratic memory in training)
