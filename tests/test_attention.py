@@ -233,5 +233,9 @@ def test_training_attention_paths_agree(monkeypatch):
         monkeypatch.setattr(mla, "BLOCK_CAUSAL_MAX_LEN", 79)
         torch.testing.assert_close(in_blocks, attn(x, cs, mask=packed), atol=1e-5, rtol=0)  # SDPA with the mask
         assert len(calls) == 5
+        heads = x.view(2, 80, 4, -1)
         with pytest.raises(ValueError, match="at least as many keys"):
-            mla.block_causal_attention(x.view(2, 80, 4, -1), x[:, :10].view(2, 10, 4, -1), x.view(2, 80, 4, -1), 1.0)
+            mla.block_causal_attention(heads, x[:, :10].view(2, 10, 4, -1), heads, 1.0)
+        for bad in (packed.repeat(2, 1, 1, 1), packed.float(), packed[:, :, :40], packed[0]):  # batch 4, float, T, 3-D
+            with pytest.raises(ValueError, match="the mask must be bool"):
+                mla.block_causal_attention(heads, heads, heads, 1.0, bad)

@@ -143,11 +143,16 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     Under `torch.compile` the block loop fixes T and S: each new length is a new graph (the trainer's is fixed).
 
     Raises:
-        ValueError: fewer keys than queries (S < T).
+        ValueError: fewer keys than queries (S < T), or a mask of another dtype than bool or another shape than
+            [B or 1, 1, T, S].
     """
     b, t, h, _ = q.shape
-    if k.shape[1] < t:
-        raise ValueError(f"block-causal attention needs at least as many keys as queries, got {k.shape[1]} < {t}")
+    s = k.shape[1]
+    if s < t:
+        raise ValueError(f"block-causal attention needs at least as many keys as queries, got {s} < {t}")
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, b)
+                             or tuple(mask.shape[1:]) != (1, t, s)):
+        raise ValueError(f"the mask must be bool [{b} or 1, 1, {t}, {s}], got {mask.dtype} {list(mask.shape)}")
 
     def heads_first(x):  # [B, L, H, d] -> [B·H, L, d], contiguous
         return x.transpose(1, 2).reshape(b * h, x.shape[1], x.shape[-1])
