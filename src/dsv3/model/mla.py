@@ -86,6 +86,12 @@ BLOCK_ROWS = 64
 BLOCK_CAUSAL_MAX_LEN = 1024
 
 
+def query_blocks(t: int) -> list[tuple[int, int]]:
+    """The query blocks [lo, hi) of `block_causal_attention` over t new tokens: BLOCK_ROWS rows each, the last
+    one shorter when BLOCK_ROWS does not divide t. Block [lo, hi) attends to keys [0, S - t + hi)."""
+    return [(lo, min(lo + BLOCK_ROWS, t)) for lo in range(0, t, BLOCK_ROWS)]
+
+
 class _BlockCausal(torch.autograd.Function):
     """Causal softmax attention, query block by query block: q [N, T, dq], k [N, S, dq], v [N, S, dv] ->
     [N, T, dv], S >= T, query i at position S - T + i seeing keys 0..S - T + i."""
@@ -97,8 +103,8 @@ class _BlockCausal(torch.autograd.Function):
         out = q.new_empty(n, t, v.shape[-1])
         keep = any(ctx.needs_input_grad)  # else each block's probabilities are freed once used
         probs = []
-        for lo in range(0, t, BLOCK_ROWS):
-            hi, keys = min(lo + BLOCK_ROWS, t), offset + min(lo + BLOCK_ROWS, t)
+        for lo, hi in query_blocks(t):
+            keys = offset + hi
             # [rows, keys] additive mask: row lo + i sees keys 0..offset + lo + i, -inf above that diagonal
             bias = torch.full((hi - lo, keys), float("-inf"), dtype=q.dtype, device=q.device).triu_(offset + lo + 1)
             scores = torch.baddbmm(bias, q[:, lo:hi], k[:, :keys].transpose(1, 2), alpha=scale)  # [N, rows, keys]
@@ -118,8 +124,8 @@ class _BlockCausal(torch.autograd.Function):
         q, k, v, *probs = ctx.saved_tensors
         d_out = d_out.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for lo, p in zip(range(0, q.shape[1], BLOCK_ROWS), probs):
-            hi, keys = lo + p.shape[1], p.shape[2]
+        for (lo, hi), p in zip(query_blocks(q.shape[1]), probs):
+            keys = p.shape[2]
             d_o = d_out[:, lo:hi]  # [N, rows, dv]
             dv[:, :keys].baddbmm_(p.transpose(1, 2), d_o)
             d_s = torch._softmax_backward_data(torch.bmm(d_o, v[:, :keys].transpose(1, 2)), p, -1, p.dtype)

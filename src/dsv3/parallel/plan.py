@@ -205,9 +205,7 @@ def _attention_items(rows: int, seq_len: int, h: int, qk: int, v: int) -> list[t
     """What the attention core of one layer saves in fp32 on CPU (`MLA._naive`'s two causal paths)."""
     n = rows * seq_len
     if seq_len <= mla.BLOCK_CAUSAL_MAX_LEN:
-        step = mla.BLOCK_ROWS
-        blocks = sum((min(lo + step, seq_len) - lo) * min(lo + step, seq_len)
-                     for lo in range(0, seq_len, step))  # each query block's rows x the keys it sees
+        blocks = sum((hi - lo) * hi for lo, hi in mla.query_blocks(seq_len))  # each block's rows x keys it sees
         return [("block-causal attention: q, k, v, heads first", 4 * n * h * (2 * qk + v)),
                 ("block-causal attention: each query block's probabilities", 4 * rows * h * blocks)]
     return [("SDPA flash kernel: q, k, v (zero-padded to the qk head size) and its output", 4 * n * 4 * h * qk),
