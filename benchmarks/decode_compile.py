@@ -1,17 +1,22 @@
-"""Two choices inside the compiled decode step, each against the engine as it ships, same weights, same prompts, one
+"""Choices inside the compiled decode step, each against the engine as it ships, same weights, same prompts, one
 process:
-- attention over the latent as fused broadcast-and-sum contractions (`dsv3.model.mla.FUSED_QUERY_ROWS`, shipped)
-  against batched GEMMs (`FUSED_QUERY_ROWS = 0`);
-- inductor's C++ graph wrapper (`dsv3.infer.engine.compile_options`, shipped on CPU) against its Python wrapper.
+- "GEMM attention": attention over the latent as batched GEMMs (`FUSED_QUERY_ROWS = 0`) instead of the shipped
+  fused broadcast-and-sum contractions (`dsv3.model.mla.FUSED_QUERY_ROWS`);
+- "Python wrapper": inductor's Python graph wrapper instead of its C++ one (`dsv3.infer.engine.compile_options`,
+  shipped on CPU);
+- "library products": the few-row matrix products through the matrix library (`aten.mm`) instead of the shipped
+  inductor reductions (`dsv3.infer.gemv.FewRowMatmul`, products of at most `engine.GEMV_MAX_ROWS` rows);
+- "other row limit": the same pass with another row limit (`--other-rows`, 8: a k = 1 verify at batch 4, batch 8).
 
-Each row builds three compiled engines (shipped; GEMM attention; Python wrapper), each compiling its own copy of
-the decode forwards (a fresh code object, so that dynamo keeps every variant's graphs apart), then runs them in
-turn for `--repeats` rounds, the first one rotating. Each round generates `--new-tokens` greedy tokens for a batch
-of held-out passages of `--contexts` tokens and times the engine's own decode clock; a ratio is the median of
-per-round ratios shipped / variant (min-max), and each variant's greedy tokens are compared with the shipped ones.
+Each row builds one compiled engine per variant (`--variants`, the shipped one always first), each compiling its own
+copy of the decode forwards (bound to its engine, which dynamo guards on, so that it keeps every variant's graphs
+apart), then runs them in turn for `--repeats` rounds, the first one rotating. Each round generates `--new-tokens`
+greedy tokens for a batch of held-out passages of `--contexts` tokens and times the engine's own decode clock; a
+ratio is the median of per-round ratios shipped / variant (min-max), and each variant's greedy tokens are compared
+with the shipped ones.
 
     python benchmarks/decode_compile.py RUN_OR_CHECKPOINT --data DATA [--contexts 32 2000] [--batch 1 16]
-        [--draft 3] [--repeats 7]
+        [--draft 3] [--repeats 7] [--variants "library products" ...]
 """
 
 from __future__ import annotations
@@ -31,18 +36,26 @@ from _timing import alternating, pair_ratios, spread
 from decode_speed import passages, with_context
 from dsv3.allocator import keep_freed_memory
 from dsv3.infer import Engine, SamplingParams
-from dsv3.infer.engine import compile_options
+from dsv3.infer.engine import GEMV_MAX_ROWS, compile_options
 
-VARIANTS = ("shipped", "GEMM attention", "Python wrapper")
+VARIANTS = ("GEMM attention", "Python wrapper", "library products", "other row limit")
 
 
-def compiled_engine(model, variant: str, batch: int, max_len: int, k: int) -> Engine:
+def variant_options(variant: str, device: torch.device, other_rows: int) -> dict:
+    """The inductor options of a variant's compiled forwards."""
+    if variant == "library products":
+        return {k: v for k, v in compile_options(device).items() if k != "post_grad_custom_post_pass"}
+    if variant == "other row limit":
+        return compile_options(device, max_rows=other_rows)
+    options = compile_options(device)
+    return {**options, "cpp_wrapper": False} if variant == "Python wrapper" else options
+
+
+def compiled_engine(model, variant: str, batch: int, max_len: int, k: int, other_rows: int) -> Engine:
     """An engine whose decode forwards are compiled from fresh function objects with the variant's options."""
     engine = Engine(model, max_batch=batch, max_len=max_len, speculative=k > 0, draft_tokens=max(k, 1),
                     compile=True)
-    options = compile_options(next(model.parameters()).device)
-    if variant == "Python wrapper":
-        options = {**options, "cpp_wrapper": False}
+    options = variant_options(variant, next(model.parameters()).device, other_rows)
 
     def main_forward(self, ids, start):
         return Engine._main_forward(self, ids, start)
@@ -67,10 +80,16 @@ def main() -> None:
                     "the shortest context): its verify step attends with k + 1 query tokens")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to compare the "
+                    "shipped step with")
+    ap.add_argument("--other-rows", type=int, default=8, help="the row limit of 'other row limit'")
     args = ap.parse_args()
+    variants = ("shipped", *args.variants)
+    # every engine's forwards share one code object: let dynamo hold all their graphs
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
     keep_freed_memory()
     fused_rows = mla.FUSED_QUERY_ROWS
-    rows_of = {v: 0 if v == "GEMM attention" else fused_rows for v in VARIANTS}  # each variant's FUSED_QUERY_ROWS
+    rows_of = {v: 0 if v == "GEMM attention" else fused_rows for v in variants}  # each variant's FUSED_QUERY_ROWS
     settings = [(c, b, 0) for c in args.contexts for b in args.batch] + [(min(args.contexts), 1, k) for k in args.draft]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = with_context(dsv3.resolve_checkpoint(args.checkpoint), Path(tmp), max(args.contexts)
@@ -78,16 +97,18 @@ def main() -> None:
         model = dsv3.load_pretrained(ckpt, progress=False).eval()
     print(f"{args.checkpoint}: fp32, {torch.get_num_threads()} threads, {args.new_tokens} greedy tokens, "
           f"{args.repeats} rounds; shipped: FUSED_QUERY_ROWS {fused_rows}, "
-          f"{compile_options(next(model.parameters()).device)}")
-    print("\n| context | batch | MTP drafts | shipped tok/s | GEMM attention tok/s | Python wrapper tok/s | "
-          "shipped / GEMM attention | shipped / Python wrapper | same tokens | compile s |\n|" + "---|" * 10)
+          f"{compile_options(next(model.parameters()).device)}, GEMV_MAX_ROWS {GEMV_MAX_ROWS}")
+    print("\n| context | batch | MTP drafts | " + " | ".join(f"{v} tok/s" for v in variants) + " | "
+          + " | ".join(f"shipped / {v}" for v in variants[1:]) + " | same tokens | compile s |\n|"
+          + "---|" * (2 * len(variants) + 3))
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     for context, batch, k in settings:
         prompts = passages(args.data, max(batch, 1), context)[:batch]
         engines, compile_s = {}, {}
-        for variant in VARIANTS:
+        for variant in variants:
             mla.FUSED_QUERY_ROWS = rows_of[variant]
-            engines[variant] = compiled_engine(model, variant, batch, context + args.new_tokens + k + 8, k)
+            engines[variant] = compiled_engine(model, variant, batch, context + args.new_tokens + k + 8, k,
+                                               args.other_rows)
             t = time.perf_counter()
             engines[variant].generate(prompts, SamplingParams(max_new_tokens=4, temperature=0))  # compiles
             compile_s[variant] = time.perf_counter() - t
@@ -102,15 +123,15 @@ def main() -> None:
                         "tokens": [o.output for o in out]}
             return one
 
-        res = alternating({variant: trial(variant) for variant in VARIANTS}, args.repeats)
+        res = alternating({variant: trial(variant) for variant in variants}, args.repeats)
         mla.FUSED_QUERY_ROWS = fused_rows
-        speed = {v: [x["tps"] for x in res[v]] for v in VARIANTS}
-        outputs = {v: res[v][-1]["tokens"] for v in VARIANTS}
-        ratios = {v: pair_ratios(speed["shipped"], speed[v]) for v in VARIANTS[1:]}
-        same = all(outputs[v] == outputs["shipped"] for v in VARIANTS[1:])
-        print(f"| {context} | {batch} | {k or ''} | " + " | ".join(spread(speed[v]) for v in VARIANTS) + " | "
+        speed = {v: [x["tps"] for x in res[v]] for v in variants}
+        outputs = {v: res[v][-1]["tokens"] for v in variants}
+        ratios = {v: pair_ratios(speed["shipped"], speed[v]) for v in variants[1:]}
+        same = all(outputs[v] == outputs["shipped"] for v in variants[1:])
+        print(f"| {context} | {batch} | {k or ''} | " + " | ".join(spread(speed[v]) for v in variants) + " | "
               + " | ".join(f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" for r in ratios.values())
-              + f" | {'yes' if same else 'NO'} | " + " / ".join(f"{compile_s[v]:.0f}" for v in VARIANTS) + " |",
+              + f" | {'yes' if same else 'NO'} | " + " / ".join(f"{compile_s[v]:.0f}" for v in variants) + " |",
               flush=True)
 
 

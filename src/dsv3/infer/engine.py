@@ -63,10 +63,12 @@ from ..model.transformer import at_positions
 from ..tokenizer import stop_token_ids
 from .detokenize import IncrementalText
 from .expert_stats import ExpertStats
+from .gemv import FewRowMatmul
 from .head import DecodeHead, DraftHead
 from .prefix import PrefixEntry, PrefixStore
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+GEMV_MAX_ROWS = 16  # the compiled decode step's products with at most this many rows run as reductions (gemv.py)
 MAX_LOGPROBS = 20  # alternatives per position, vLLM's limit (the legacy OpenAI API allowed 5)
 
 
@@ -74,13 +76,18 @@ class GenerationError(Dsv3Error, ValueError):
     """A request that cannot be served as asked; names the field."""
 
 
-def compile_options(device: torch.device) -> dict:
-    """Inductor options of the compiled decode step. On CPU, `cpp_wrapper`: the graph's wrapper (allocations and
-    kernel calls, ~60 per layer) runs as compiled C++, not as Python; the `small` decode step was 1.11-1.14x faster
-    with it at batch 1 (32 and 2,000-token contexts, greedy tokens identical; `benchmarks/decode_compile.py`), at
-    ~15-20 s more compile time per graph with a cold cache (building the wrapper needs a C++ compiler and the Python
-    headers, as inductor's CPU kernels already do). Elsewhere: none."""
-    return {"cpp_wrapper": True} if device.type == "cpu" else {}
+def compile_options(device: torch.device, max_rows: int = GEMV_MAX_ROWS) -> dict:
+    """Inductor options of the compiled decode step. On CPU:
+    - `cpp_wrapper`: the graph's wrapper (allocations and kernel calls, ~60 per layer) runs as compiled C++, not as
+      Python; the `small` decode step was 1.11-1.14x faster with it at batch 1 (32 and 2,000-token contexts, greedy
+      tokens identical; `benchmarks/decode_compile.py`), at ~15-20 s more compile time per graph with a cold cache
+      (building the wrapper needs a C++ compiler and the Python headers, as inductor's CPU kernels already do);
+    - `post_grad_custom_post_pass`: `gemv.FewRowMatmul(max_rows)`, products of at most `max_rows` rows (a batch-1
+      decode step's) as inductor reductions over both cores instead of the library's one-thread path.
+    Elsewhere: none."""
+    if device.type != "cpu":
+        return {}
+    return {"cpp_wrapper": True, "post_grad_custom_post_pass": FewRowMatmul(max_rows)}
 
 
 @dataclass

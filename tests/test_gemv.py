@@ -1,0 +1,41 @@
+"""The compiled decode step's few-row products as inductor reductions (`dsv3.infer.gemv.FewRowMatmul`)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.infer.gemv import FewRowMatmul
+
+
+def block(x, w_a, w_b, bias, gain):
+    """A norm feeding a product without bias (`mm`) and one with (`addmm`), as in a decoder block."""
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+    return F.linear(h, w_a), F.linear(F.silu(h), w_b, bias)
+
+
+@pytest.mark.parametrize("rows, dtype, rewritten", [(1, torch.float32, 2), (2, torch.float32, 2),
+                                                    (3, torch.float32, 0), (1, torch.bfloat16, 0)])
+def test_few_row_products_become_reductions_with_the_same_result(rows, dtype, rewritten):
+    """With max_rows = 2, the float32 `mm` and `addmm` of 1 and 2 rows are rewritten and give the products of an
+    fp64 reference to float32 rounding (the norm before them stays outside the reduction); 3 rows, or bf16, are
+    left to the library. Inductor's graph cache is off, so that the pass runs here and its count is this graph's."""
+    g = torch.Generator().manual_seed(rows)
+    x, gain = torch.randn(rows, 40, generator=g), torch.rand(40, generator=g) + 0.5
+    w_a, w_b, bias = torch.randn(48, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    args = [t.to(dtype) for t in (x, w_a, w_b, bias, gain)]
+    fewer = FewRowMatmul(max_rows=2)
+    compiled = torch.compile(block, dynamic=False, fullgraph=True,
+                             options={"post_grad_custom_post_pass": fewer, "fx_graph_cache": False})
+    with torch.no_grad():
+        got = compiled(*args)
+    assert fewer.rewritten == rewritten
+    want = block(*(t.double() for t in (x, w_a, w_b, bias, gain)))
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=tol * b.abs().max().item(), rtol=0)
+
+
+def test_few_row_matmul_refuses_no_rows_and_keys_its_cache_by_rows():
+    with pytest.raises(ValueError, match="max_rows"):
+        FewRowMatmul(0)
+    assert FewRowMatmul(1).uuid() == FewRowMatmul(1).uuid() != FewRowMatmul(4).uuid()
