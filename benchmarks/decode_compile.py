@@ -6,14 +6,15 @@ process:
   shipped on CPU);
 - "library products": the few-row matrix products through the matrix library (`aten.mm`) instead of the shipped
   inductor reductions (`dsv3.infer.gemv.FewRowMatmul`, products of at most `engine.GEMV_MAX_ROWS` rows);
-- "other row limit": the same pass with another row limit (`--other-rows`, 8: a k = 1 verify at batch 4, batch 8).
+- "other row limit": the same pass with another row limit (`--other-rows`, 8: a k = 1 verify at batch 4, batch 8);
+- "module guards": dynamo checking its guards on the model's modules before every call, as by default, instead of
+  skipping them (`guard_filter_fn` in `compile_options`).
 
-Each row builds one compiled engine per variant (`--variants`, the shipped one always first), each compiling its own
-copy of the decode forwards (bound to its engine, which dynamo guards on, so that it keeps every variant's graphs
-apart), then runs them in turn for `--repeats` rounds, the first one rotating. Each round generates `--new-tokens`
-greedy tokens for a batch of held-out passages of `--contexts` tokens and times the engine's own decode clock; a
-ratio is the median of per-round ratios shipped / variant (min-max), and each variant's greedy tokens are compared
-with the shipped ones.
+Each row builds one compiled engine per variant (`--variants`, the shipped one always first), each compiling its
+decode forwards with its own options into graphs of its own (`dsv3.infer.engine.compile_decode`), then runs them in
+turn for `--repeats` rounds, the first one rotating. Each round generates `--new-tokens` greedy tokens for a batch
+of held-out passages of `--contexts` tokens and times the engine's own decode clock; a ratio is the median of
+per-round ratios shipped / variant (min-max), and each variant's greedy tokens are compared with the shipped ones.
 
     python benchmarks/decode_compile.py RUN_OR_CHECKPOINT --data DATA [--contexts 32 2000] [--batch 1 16]
         [--draft 3] [--repeats 7] [--variants "library products" ...]
@@ -25,7 +26,6 @@ import argparse
 import statistics
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -36,15 +36,16 @@ from _timing import alternating, pair_ratios, spread
 from decode_speed import passages, with_context
 from dsv3.allocator import keep_freed_memory
 from dsv3.infer import Engine, SamplingParams
-from dsv3.infer.engine import GEMV_MAX_ROWS, compile_options
+from dsv3.infer.engine import GEMV_MAX_ROWS, compile_decode, compile_options
 
-VARIANTS = ("GEMM attention", "Python wrapper", "library products", "other row limit")
+VARIANTS = ("GEMM attention", "Python wrapper", "library products", "other row limit", "module guards")
 
 
 def variant_options(variant: str, device: torch.device, other_rows: int) -> dict:
     """The inductor options of a variant's compiled forwards."""
-    if variant == "library products":
-        return {k: v for k, v in compile_options(device).items() if k != "post_grad_custom_post_pass"}
+    if variant in ("library products", "module guards"):
+        drop = "post_grad_custom_post_pass" if variant == "library products" else "guard_filter_fn"
+        return {k: v for k, v in compile_options(device).items() if k != drop}
     if variant == "other row limit":
         return compile_options(device, max_rows=other_rows)
     options = compile_options(device)
@@ -52,21 +53,14 @@ def variant_options(variant: str, device: torch.device, other_rows: int) -> dict
 
 
 def compiled_engine(model, variant: str, batch: int, max_len: int, k: int, other_rows: int) -> Engine:
-    """An engine whose decode forwards are compiled from fresh function objects with the variant's options."""
+    """An engine whose decode forwards are compiled with the variant's options (each engine's graphs its own:
+    `compile_decode`)."""
     engine = Engine(model, max_batch=batch, max_len=max_len, speculative=k > 0, draft_tokens=max(k, 1),
                     compile=True)
     options = variant_options(variant, next(model.parameters()).device, other_rows)
-
-    def main_forward(self, ids, start):
-        return Engine._main_forward(self, ids, start)
-
-    def mtp_forward(self, h, ids, start, at):
-        return Engine._mtp_forward(self, h, ids, start, at)
-
-    engine._main_fn = torch.compile(types.MethodType(main_forward, engine), dynamic=False, fullgraph=True,
-                                    options=options)
-    engine._mtp_fn = torch.compile(types.MethodType(mtp_forward, engine), dynamic=False, fullgraph=True,
-                                   options=options)
+    graphs = 3 * len(engine.buckets)
+    engine._main_fn = compile_decode(engine._main_forward, options, graphs)
+    engine._mtp_fn = compile_decode(engine._mtp_forward, options, graphs)
     return engine
 
 
@@ -85,8 +79,7 @@ def main() -> None:
     ap.add_argument("--other-rows", type=int, default=8, help="the row limit of 'other row limit'")
     args = ap.parse_args()
     variants = ("shipped", *args.variants)
-    # every engine's forwards share one code object: let dynamo hold all their graphs
-    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 4096  # every variant's graphs, all rows
     keep_freed_memory()
     fused_rows = mla.FUSED_QUERY_ROWS
     rows_of = {v: 0 if v == "GEMM attention" else fused_rows for v in variants}  # each variant's FUSED_QUERY_ROWS
@@ -100,7 +93,7 @@ def main() -> None:
           f"{compile_options(next(model.parameters()).device)}, GEMV_MAX_ROWS {GEMV_MAX_ROWS}")
     print("\n| context | batch | MTP drafts | " + " | ".join(f"{v} tok/s" for v in variants) + " | "
           + " | ".join(f"shipped / {v}" for v in variants[1:]) + " | same tokens | compile s |\n|"
-          + "---|" * (2 * len(variants) + 3))
+          + "---|" * (2 * len(variants) + 4))
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     for context, batch, k in settings:
         prompts = passages(args.data, max(batch, 1), context)[:batch]

@@ -29,6 +29,7 @@ CPU paths in 5.x; the one actually used is printed). The process's allocator is 
 it (`dsv3.allocator.keep_freed_memory`; `serve` and `chat` keep glibc's default), for both systems alike.
 
     python benchmarks/decode_speed.py RUN_OR_CHECKPOINT [--data data/shakespeare] [--new-tokens 64] [--repeats 5]
+        [--only batch1 batch long prefill]
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def run_form(model, prompt: list[int], new_tokens: int, absorb: bool) -> dict:
             "decode_tokens": new_tokens - 1}
 
 
+ROWS = ("batch1", "batch", "long", "prefill")  # the first table's rows, as --only names them
+
+
 def decode_tps(results: list[dict]) -> list[float]:
     return [r["decode_tokens"] / r["decode_s"] for r in results]
 
@@ -173,6 +177,8 @@ def main() -> None:
     ap.add_argument("--form-contexts", default="2000,4000,8000",
                     help="contexts (tokens) of the absorbed-vs-naive rows; empty to skip them")
     ap.add_argument("--only-forms", action="store_true", help="run only the absorbed-vs-naive rows")
+    ap.add_argument("--only", nargs="+", choices=ROWS, help="run only these rows of the first table (batch1, "
+                    "batch, long: the long-context row, prefill), neither the form rows nor the MTP rows")
     args = ap.parse_args()
     keep_freed_memory()
     transformers.logging.set_verbosity_error()  # its load report lists the MTP tensors it does not use
@@ -188,7 +194,7 @@ def main() -> None:
     bw = stream_bandwidth(args.stream_mb)
     rows = []  # (label, hf results, ours results, roofline tok/s or None)
     with tempfile.TemporaryDirectory() as tmp:
-        form_contexts = [int(c) for c in args.form_contexts.split(",") if c]
+        form_contexts = [int(c) for c in args.form_contexts.split(",") if c and not args.only]
         ctx = max(args.long_context, args.prefill_len, args.prompt_len, *form_contexts) + 2 * n + 8
         long_ckpt = with_context(ckpt, Path(tmp), ctx)
         ours = dsv3.load_pretrained(long_ckpt).eval()
@@ -212,6 +218,7 @@ def main() -> None:
                     (f"batch 1, {args.long_context / 1000:g}K context", long, 1, n,
                      weight_bytes + latent_bytes * (args.long_context + n / 2)),
                     (f"prefill, {args.prefill_len}-token prompts", pre, 1, 1, None))
+        settings = [row for key, row in zip(ROWS, settings, strict=True) if not args.only or key in args.only]
         for label, prompts, batch, new, step_bytes in settings if not args.only_forms else ():
             def pick(r, prompts=prompts, batch=batch):  # round r's prompts: passage r, or the first `batch`
                 return [prompts[r % len(prompts)]] if batch == 1 else prompts[:batch]
@@ -255,7 +262,7 @@ def main() -> None:
 
     model = ours  # the same weights (only its position limit was raised)
     spec_rows = []  # (label, plain results, speculative results, k, compile seconds)
-    if args.only_forms:
+    if args.only_forms or args.only:
         pass
     elif model.config.num_nextn_predict_layers >= 1:
         # batch 1 greedy, compiled, k = 1..max: the plain compiled step against each speculative one

@@ -20,7 +20,10 @@ The primary figure is achieved model FLOP/s / shape-matched GEMM FLOP/s, where
   included, which the model FLOPs do not count; transformers' runs inside SDPA's fused flash kernel.
 So 100% means the step ran at the speed of its own GEMMs with nothing else costing time; it is reported for
 dsv3 with and without MTP (each against its own shapes, compiled or not) and for transformers (against the
-no-MTP shapes).
+no-MTP shapes). The denominator is timed in two ways: once, after all the rounds (as earlier versions of this
+script did: the median step time over a best-of-N taken at another moment), and per round, as one more trial in
+the alternation that times every shape afresh, so that each round's steps are divided by GEMMs timed minutes
+apart at most; the per-round ratios' median (min-max) is the steadier figure on a machine whose speed drifts.
 
 The process's allocator is set as `dsv3 train` sets it (`dsv3.allocator.keep_freed_memory`: large blocks
 reuse freed memory instead of fresh pages each step), for all the systems alike, transformers and the GEMMs timed
@@ -102,7 +105,8 @@ def gemm_flops(shapes: Counter) -> float:
 
 
 def shape_matched_seconds(shapes: Counter, n: int, cache: dict) -> float:
-    """Sum over recorded GEMMs of the best-of-n time of `torch.matmul` of that shape (timed once per shape)."""
+    """Sum over recorded GEMMs of the best-of-n time of `torch.matmul` of that shape (timed once per shape and
+    cache: a fresh cache times every shape again)."""
     total = 0.0
     for (b, m, k, n_), count in shapes.items():
         if (b, m, k, n_) not in cache:
@@ -111,6 +115,9 @@ def shape_matched_seconds(shapes: Counter, n: int, cache: dict) -> float:
             cache[(b, m, k, n_)] = best_of(lambda x=x, w=w: torch.matmul(x, w), n)
         total += count * cache[(b, m, k, n_)]
     return total
+
+
+GEMMS = "shape-matched GEMMs alone"  # the alternating trial that times the denominator in every round
 
 
 def main() -> None:
@@ -171,21 +178,32 @@ def main() -> None:
         fn()  # warm-up; the first compiled step compiles the layers (MTP's too), the second reuses them
         compiling += time.perf_counter() - t if name.endswith("compiled") else 0.0
     print(f"compiling: {compiling:.1f} s for the two compiled warm-up steps", flush=True)
-    res = alternating({name: timed(fn) for name, fn in steps.items()}, args.repeats)
-    secs = {name: [r["s"] for r in v] for name, v in res.items()}
 
-    shapes, matched = {}, {}
-    cache: dict = {}
+    shapes = {}
     for name, mtp in (("dsv3 with MTP", True), ("dsv3 no MTP", False)):
         rec = GemmRecorder()
         with rec:
             step_ours(mtp)
         shapes[name] = rec.shapes
-        matched[name] = gemm_flops(rec.shapes) / shape_matched_seconds(rec.shapes, args.gemm_repeats, cache)
     for name in ("transformers", "dsv3 no MTP, F.cross_entropy", "dsv3 no MTP, compiled",
                  "dsv3 with MTP, compiled"):  # the same GEMMs
-        source = "dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"
-        shapes[name], matched[name] = shapes[source], matched[source]
+        shapes[name] = shapes["dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"]
+
+    def gemms_alone(_round):
+        """This round's shape-matched GEMM FLOP/s of both shape sets (every shape timed afresh, best-of-N)."""
+        cache: dict = {}
+        return {name: gemm_flops(shapes[name]) / shape_matched_seconds(shapes[name], args.gemm_repeats, cache)
+                for name in ("dsv3 with MTP", "dsv3 no MTP")}
+
+    trials = {name: timed(fn) for name, fn in steps.items()}
+    trials[GEMMS] = gemms_alone
+    res = alternating(trials, args.repeats)
+    secs = {name: [r["s"] for r in res[name]] for name in steps}
+    # per round: the GEMMs alone timed in the same round as the steps; once: timed again after all the rounds
+    per_round = {name: [r["dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"] for r in res[GEMMS]]
+                 for name in steps}
+    once = gemms_alone(-1)
+    matched = {name: once["dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"] for name in steps}
 
     tokens = args.batch * args.seq
     model_flops = {name: training_flops_per_token(cfg, args.seq, mtp="with MTP" in name)
@@ -202,15 +220,18 @@ def main() -> None:
               f" vs {model_flops[name] / tokens / 1e6:.1f} by formula; "
               f"shape-matched torch.matmul {matched[name] / 1e9:.2f} GFLOP/s")
 
-    print("\n| model | tokens/s | achieved model GFLOP/s | shape-matched GEMM GFLOP/s | achieved / shape-matched "
-          "| vs transformers |\n|---|---|---|---|---|---|")
+    print("\n| model | tokens/s | achieved model GFLOP/s | shape-matched GEMM GFLOP/s, once | achieved / "
+          "shape-matched, once | per round: shape-matched GFLOP/s | per round: achieved / shape-matched "
+          "| vs transformers |\n|---|---|---|---|---|---|---|---|")
     for name in steps:
         tps = [tokens / s for s in secs[name]]
         achieved = [model_flops[name] / s for s in secs[name]]
         frac = statistics.median(achieved) / matched[name]
+        fracs = pair_ratios(achieved, per_round[name])
         vs = statistics.median(pair_ratios(secs["transformers"], secs[name]))
         print(f"| {name} | {spread(tps, '.0f')} | {spread([a / 1e9 for a in achieved], '.2f')} | "
-              f"{matched[name] / 1e9:.2f} | {frac:.0%} | {vs:.2f}x |")
+              f"{matched[name] / 1e9:.2f} | {frac:.0%} | {spread([m / 1e9 for m in per_round[name]], '.2f')} | "
+              f"{statistics.median(fracs):.0%} ({min(fracs):.0%}-{max(fracs):.0%}) | {vs:.2f}x |")
     print("\n(tokens/s and FLOP/s: median (min-max); 'vs transformers' = median per-round step-time ratio "
           "transformers / this, so with MTP dsv3 also does the MTP module's extra work)")
 

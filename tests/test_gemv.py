@@ -39,3 +39,38 @@ def test_few_row_matmul_refuses_no_rows_and_keys_its_cache_by_rows():
     with pytest.raises(ValueError, match="max_rows"):
         FewRowMatmul(0)
     assert FewRowMatmul(1).uuid() == FewRowMatmul(1).uuid() != FewRowMatmul(4).uuid()
+
+
+def test_the_input_of_a_rewritten_product_is_computed_once():
+    """A norm feeding a rewritten product is realised as its own [1, 40] buffer; fused into the reduction instead,
+    it would be recomputed for each of the 48 outputs (inductor's wrapper then allocates no such buffer)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def normed_product(x, w, gain):
+        return F.linear(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain, w)
+
+    fewer = FewRowMatmul(max_rows=1)
+    compiled = torch.compile(normed_product, dynamic=False, fullgraph=True,
+                             options={"post_grad_custom_post_pass": fewer, "fx_graph_cache": False})
+    with torch.no_grad():
+        _, code = run_and_get_code(compiled, torch.randn(1, 40), torch.randn(48, 40), torch.rand(40))
+    assert fewer.rewritten == 1
+    assert "empty_strided_cpu((1, 40)" in code[0]
+
+
+def test_scaled_addmm_is_left_to_the_library():
+    """`addmm` with beta or alpha other than 1 is not rewritten (the rewrite has no scales); the result is the
+    library's."""
+    fewer = FewRowMatmul(max_rows=4)
+    x, w, bias = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)
+
+    def scaled(x, w, bias):
+        return torch.addmm(bias, x, w.t(), beta=2.0), torch.addmm(bias, x, w.t(), alpha=0.5)
+
+    compiled = torch.compile(scaled, dynamic=False, fullgraph=True,
+                             options={"post_grad_custom_post_pass": fewer, "fx_graph_cache": False})
+    with torch.no_grad():
+        got = compiled(x, w, bias)
+    assert fewer.rewritten == 0
+    for a, b in zip(got, scaled(x, w, bias), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -38,8 +38,11 @@ static shapes, one graph per batch-size bucket (powers of two up to max_batch, p
 per token count (the weights stay graph inputs: inductor's `freezing`, which makes them constants, measured no
 faster here, -3% to +5%). Under compile the model attends over the whole cache row (masked) and runs the routed experts
 through `RoutedExperts.gathered`; the engine checks every position before the step, since the graph does not.
-Prefill stays eager (its shapes vary with every prompt). On CPU inductor writes each graph's wrapper, the code that
-calls its kernels in turn, in C++ rather than Python (`compile_options`).
+Prefill stays eager (its shapes vary with every prompt). Dynamo checks no guards on the model's modules before a
+call (the model must not change while the engine serves), and each engine counts its own graphs (`compile_options`,
+`compile_decode`). On CPU inductor writes each
+graph's wrapper, the code that calls its kernels in turn, in C++ rather than Python, and runs the step's few-row
+products as reductions over all cores (`gemv.FewRowMatmul`).
 
 Expert statistics (`expert_stats=N`, what `dsv3 serve`'s page shows live): the decode forward also returns the main
 MoE layers' top-k expert ids, which `ExpertStats` (infer/expert_stats.py) keeps for the last N steps (a reference per
@@ -77,17 +80,35 @@ class GenerationError(Dsv3Error, ValueError):
 
 
 def compile_options(device: torch.device, max_rows: int = GEMV_MAX_ROWS) -> dict:
-    """Inductor options of the compiled decode step. On CPU:
+    """`torch.compile` options of the compiled decode step:
+    - `guard_filter_fn`: dynamo checks no guard on the model's modules before each call (their parameters' shapes,
+      strides and attributes), only on the step's inputs, the engine and globals. A profile put dynamo's guard
+      check at ~0.2 ms of a ~2.5 ms step; against checking them (`decode_compile.py --variants "module guards"`)
+      the `small` step measured 1.07x (0.94-1.16) at batch 1, 1.23x at a 2K context, 1.10x speculating (k = 3),
+      level at batch 16.
+      This assumes what an engine already does (`DecodeHead` packs the head's weight once): the model's modules do
+      not change while the engine serves; a changed constant or parameter shape would not be noticed. Another
+      engine's graphs are never taken for this one's (each `torch.compile` call's graphs carry its own backend).
+    On CPU also:
     - `cpp_wrapper`: the graph's wrapper (allocations and kernel calls, ~60 per layer) runs as compiled C++, not as
       Python; the `small` decode step was 1.11-1.14x faster with it at batch 1 (32 and 2,000-token contexts, greedy
       tokens identical; `benchmarks/decode_compile.py`), at ~15-20 s more compile time per graph with a cold cache
       (building the wrapper needs a C++ compiler and the Python headers, as inductor's CPU kernels already do);
-    - `post_grad_custom_post_pass`: `gemv.FewRowMatmul(max_rows)`, products of at most `max_rows` rows (a batch-1
-      decode step's) as inductor reductions over both cores instead of the library's one-thread path.
-    Elsewhere: none."""
-    if device.type != "cpu":
-        return {}
-    return {"cpp_wrapper": True, "post_grad_custom_post_pass": FewRowMatmul(max_rows)}
+    - `post_grad_custom_post_pass`: `gemv.FewRowMatmul(max_rows)`, the float32 products of at most `max_rows` rows
+      (sequences x tokens of a step) as inductor reductions over all cores instead of the library's one-thread
+      path: the `small` step 1.56-1.84x faster at batch 1, 1.45-1.48x at batch 2 (`decode_compile.py`, README)."""
+    options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if device.type == "cpu":
+        options.update(cpp_wrapper=True, post_grad_custom_post_pass=FewRowMatmul(max_rows))
+    return options
+
+
+def compile_decode(fn: Callable, options: dict, graphs: int) -> Callable:
+    """`torch.compile` of one decode forward with `options` (`compile_options`): static shapes, one whole graph per
+    input shape, at most `graphs` of them, counted for this call alone (`isolate_recompiles`: other engines' graphs
+    of the same forward do not count against its limit, and no global dynamo setting is raised)."""
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=options, recompile_limit=graphs,
+                         isolate_recompiles=True)
 
 
 @dataclass
@@ -356,14 +377,10 @@ class Engine:
         self._seen: set[tuple] = set()  # (kind, bucket, tokens) graphs already compiled
         self._log = log
         if compile:
-            import torch._dynamo
-
-            # one graph per (forward, bucket, token count): raise dynamo's per-function limit to hold them all
-            graphs = 3 * len(self.buckets)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
             options = compile_options(next(model.parameters()).device)
-            self._main_fn = torch.compile(self._main_forward, dynamic=False, fullgraph=True, options=options)
-            self._mtp_fn = torch.compile(self._mtp_forward, dynamic=False, fullgraph=True, options=options)
+            graphs = 3 * len(self.buckets)  # per (forward, bucket, token count)
+            self._main_fn = compile_decode(self._main_forward, options, graphs)
+            self._mtp_fn = compile_decode(self._mtp_forward, options, graphs)
         else:
             self._main_fn, self._mtp_fn = self._main_forward, self._mtp_forward
         if log:
