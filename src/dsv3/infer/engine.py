@@ -40,9 +40,8 @@ faster here, -3% to +5%). Under compile the model attends over the whole cache r
 through `RoutedExperts.gathered`; the engine checks every position before the step, since the graph does not.
 Prefill stays eager (its shapes vary with every prompt). Dynamo checks no guards on the model's modules before a
 call (the model must not change while the engine serves), and each engine counts its own graphs (`compile_options`,
-`compile_decode`). On CPU inductor writes each
-graph's wrapper, the code that calls its kernels in turn, in C++ rather than Python, and runs the step's few-row
-products as reductions over all cores (`gemv.FewRowMatmul`).
+`compile_decode`). On CPU inductor writes each graph's wrapper, the code that calls its kernels in turn, in C++
+rather than Python, and runs the step's few-row products as reductions over all cores (`gemv.FewRowMatmul`).
 
 Expert statistics (`expert_stats=N`, what `dsv3 serve`'s page shows live): the decode forward also returns the main
 MoE layers' top-k expert ids, which `ExpertStats` (infer/expert_stats.py) keeps for the last N steps (a reference per
@@ -87,8 +86,9 @@ def compile_options(device: torch.device, max_rows: int = GEMV_MAX_ROWS) -> dict
       the `small` step measured 1.07x (0.94-1.16) at batch 1, 1.23x at a 2K context, 1.10x speculating (k = 3),
       level at batch 16.
       This assumes what an engine already does (`DecodeHead` packs the head's weight once): the model's modules do
-      not change while the engine serves; a changed constant or parameter shape would not be noticed. Another
-      engine's graphs are never taken for this one's (each `torch.compile` call's graphs carry its own backend).
+      not change while the engine serves; a changed constant or parameter shape would not be noticed. Other
+      engines are not affected: each compiles graphs of its own (checked with two engines on one model, and on two
+      models differing only in a constant, each equal to its eager engine).
     On CPU also:
     - `cpp_wrapper`: the graph's wrapper (allocations and kernel calls, ~60 per layer) runs as compiled C++, not as
       Python; the `small` decode step was 1.11-1.14x faster with it at batch 1 (32 and 2,000-token contexts, greedy
