@@ -50,15 +50,15 @@ def best_of(fn: Callable[[], object], n: int) -> float:
     return best
 
 
-def stream_bandwidth(mbytes: float = 32, n: int = 20) -> float:
-    """Measured memory-stream bandwidth in bytes/s: an fp32 matrix-vector product x [1, K] @ W [K, 1024] with W
-    about `mbytes` MiB, best of n. A batch-1 decode step is such products over every active weight, so
-    active weight bytes / this bandwidth is a lower bound on its time (the roofline)."""
-    cols = 1024
-    rows = max(1, int(mbytes * 2**20 / 4 / cols))
-    w = torch.randn(rows, cols)
-    x = torch.randn(1, rows)
-    return w.numel() * 4 / best_of(lambda: x @ w, n)
+def stream_bandwidth(mbytes: float = 256, n: int = 10) -> float:
+    """Measured memory-stream bandwidth in bytes/s: the sum of an fp32 buffer of `mbytes` MiB, best of n. The
+    default is 8x this machine's 32 MiB L3 cache, so that the buffer streams from memory, and `sum` runs on every
+    thread. (It was a one-row product `x @ W` over 32 MiB: 17.9-25 GB/s against 31.7 this way, because the matrix
+    library runs one-row products on one thread; see `dsv3.infer.gemv`.) A batch-1 decode step streams every active
+    weight, so active weight bytes / this bandwidth is the least time it takes when its weights come from memory
+    (the roofline); weights that stay in the cache between steps can beat it."""
+    w = torch.randn(int(mbytes * 2**20 / 4))
+    return w.numel() * 4 / best_of(w.sum, n)
 
 
 def load_for_decode(checkpoint: str, data: str, count: int, length: int):
