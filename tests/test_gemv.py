@@ -14,13 +14,16 @@ def block(x, w_a, w_b, bias, gain):
 
 
 @pytest.mark.parametrize("rows, dtype, rewritten", [(1, torch.float32, 2), (2, torch.float32, 2),
-                                                    (3, torch.float32, 0), (1, torch.bfloat16, 0)])
+                                                    ((1, 2), torch.float32, 2), (3, torch.float32, 0),
+                                                    (1, torch.bfloat16, 0)])
 def test_few_row_products_become_reductions_with_the_same_result(rows, dtype, rewritten):
     """With max_rows = 2, the float32 `mm` and `addmm` of 1 and 2 rows are rewritten and give the products of an
-    fp64 reference to float32 rounding (the norm before them stays outside the reduction); 3 rows, or bf16, are
-    left to the library. Inductor's graph cache is off, so that the pass runs here and its count is this graph's."""
-    g = torch.Generator().manual_seed(rows)
-    x, gain = torch.randn(rows, 40, generator=g), torch.rand(40, generator=g) + 0.5
+    fp64 reference to float32 rounding (the norm before them stays outside the reduction), also for a [1, 2, 40]
+    input, whose products reshape their rows before and after as a decode step's do; 3 rows, or bf16, are left to
+    the library. Inductor's graph cache is off, so that the pass runs here and its count is this graph's."""
+    shape = rows if isinstance(rows, tuple) else (rows,)
+    g = torch.Generator().manual_seed(len(shape) * 10 + shape[-1])
+    x, gain = torch.randn(*shape, 40, generator=g), torch.rand(40, generator=g) + 0.5
     w_a, w_b, bias = torch.randn(48, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
     args = [t.to(dtype) for t in (x, w_a, w_b, bias, gain)]
     fewer = FewRowMatmul(max_rows=2)
