@@ -13,20 +13,21 @@ def block(x, w_a, w_b, bias, gain):
     return F.linear(h, w_a), F.linear(F.silu(h), w_b, bias)
 
 
-@pytest.mark.parametrize("rows, dtype, rewritten", [(1, torch.float32, 2), (2, torch.float32, 2),
-                                                    ((1, 2), torch.float32, 2), (3, torch.float32, 0),
-                                                    (1, torch.bfloat16, 0)])
+@pytest.mark.parametrize("rows, dtype, rewritten", [(1, torch.float32, 2), (4, torch.float32, 2),
+                                                    ((1, 2), torch.float32, 2), ((2, 2), torch.float32, 2),
+                                                    (5, torch.float32, 0), (1, torch.bfloat16, 0)])
 def test_few_row_products_become_reductions_with_the_same_result(rows, dtype, rewritten):
-    """With max_rows = 2, the float32 `mm` and `addmm` of 1 and 2 rows are rewritten and give the products of an
-    fp64 reference to float32 rounding (the norm before them stays outside the reduction), also for a [1, 2, 40]
-    input, whose products reshape their rows before and after as a decode step's do; 3 rows, or bf16, are left to
-    the library. Inductor's graph cache is off, so that the pass runs here and its count is this graph's."""
+    """With max_rows = 4, the float32 `mm` and `addmm` of 1 to 4 rows are rewritten and give the products of an
+    fp64 reference to float32 rounding (the norm before them stays outside the reduction), also for [1, 2, 40] and
+    [2, 2, 40] inputs, whose products reshape their rows before and after as a decode step's do; 5 rows, or bf16,
+    are left to the library. Inductor's graph cache is off, so that the pass runs here and its count is this
+    graph's."""
     shape = rows if isinstance(rows, tuple) else (rows,)
     g = torch.Generator().manual_seed(len(shape) * 10 + shape[-1])
     x, gain = torch.randn(*shape, 40, generator=g), torch.rand(40, generator=g) + 0.5
     w_a, w_b, bias = torch.randn(48, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
     args = [t.to(dtype) for t in (x, w_a, w_b, bias, gain)]
-    fewer = FewRowMatmul(max_rows=2)
+    fewer = FewRowMatmul(max_rows=4)
     compiled = torch.compile(block, dynamic=False, fullgraph=True,
                              options={"post_grad_custom_post_pass": fewer, "fx_graph_cache": False})
     with torch.no_grad():
