@@ -185,25 +185,24 @@ def main() -> None:
         with rec:
             step_ours(mtp)
         shapes[name] = rec.shapes
-    for name in ("transformers", "dsv3 no MTP, F.cross_entropy", "dsv3 no MTP, compiled",
-                 "dsv3 with MTP, compiled"):  # the same GEMMs
-        shapes[name] = shapes["dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"]
+
+    def recorded(name: str) -> str:  # the shape set a step is measured against (transformers: dsv3's without MTP)
+        return "dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"
 
     def gemms_alone(_round):
         """This round's shape-matched GEMM FLOP/s of both shape sets (every shape timed afresh, best-of-N)."""
         cache: dict = {}
         return {name: gemm_flops(shapes[name]) / shape_matched_seconds(shapes[name], args.gemm_repeats, cache)
-                for name in ("dsv3 with MTP", "dsv3 no MTP")}
+                for name in shapes}
 
     trials = {name: timed(fn) for name, fn in steps.items()}
     trials[GEMMS] = gemms_alone
     res = alternating(trials, args.repeats)
     secs = {name: [r["s"] for r in res[name]] for name in steps}
     # per round: the GEMMs alone timed in the same round as the steps; once: timed again after all the rounds
-    per_round = {name: [r["dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"] for r in res[GEMMS]]
-                 for name in steps}
+    per_round = {name: [r[recorded(name)] for r in res[GEMMS]] for name in steps}
     once = gemms_alone(-1)
-    matched = {name: once["dsv3 with MTP" if "with MTP" in name else "dsv3 no MTP"] for name in steps}
+    matched = {name: once[recorded(name)] for name in steps}
 
     tokens = args.batch * args.seq
     model_flops = {name: training_flops_per_token(cfg, args.seq, mtp="with MTP" in name)

@@ -66,18 +66,20 @@ class FewRowMatmul(CustomGraphPass):
 
         @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=self._patterns)
         def mm(match: Match, a: torch.fx.Node, b: torch.fx.Node) -> None:
-            if _few_rows(a, b, self.max_rows):
-                match.replace_by_example(_mm, [a, b])
-                _realise(a, b)
-                self.rewritten += 1
+            self._rewrite(match, _mm, [a, b])
 
         @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=self._patterns)
         def addmm(match: Match, bias: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node) -> None:
-            scaled = any(match.output_node().kwargs.get(k, 1) != 1 for k in ("beta", "alpha"))
-            if not scaled and _few_rows(a, b, self.max_rows):
-                match.replace_by_example(_addmm, [bias, a, b])
-                _realise(a, b)
-                self.rewritten += 1
+            if all(match.output_node().kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):  # not scaled
+                self._rewrite(match, _addmm, [bias, a, b])
+
+    def _rewrite(self, match: Match, example, args: list[torch.fx.Node]) -> None:
+        """Replace the matched product, whose last two args are a and b, by `example` when it has few rows."""
+        a, b = args[-2:]
+        if _few_rows(a, b, self.max_rows):
+            match.replace_by_example(example, args)
+            _realise(a, b)
+            self.rewritten += 1
 
     def __repr__(self) -> str:
         return f"FewRowMatmul(max_rows={self.max_rows})"
