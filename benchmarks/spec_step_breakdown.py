@@ -5,7 +5,8 @@ Wraps the engine's pieces with wall-clock timers and divides by the decode steps
 (`head`), the MTP forward (`_mtp_fn`: the k + 1 catch-up pairs, then each chained draft), the drafts' head
 (`draft_head`, full or `--draft-vocab N` rows) and the host-side rest (sampling, acceptance, emitting). Nested
 timers overlap: `_run_main` contains `_main_fn` and `head`, `_run_mtp` contains `_mtp_fn` and `draft_head`, the
-step contains all.
+step contains all. Last, the bound the verify alone sets: tokens per speculative step x the plain step's time / the
+verify's (`_main_fn` + `head`), what speculation would reach if drafting and the host cost nothing.
 
     OMP_NUM_THREADS=1 python benchmarks/spec_step_breakdown.py RUN --data DATA --draft-vocab 2048 --threads 1
 """
@@ -73,6 +74,13 @@ def main() -> None:
               + f", {1e3 * engine.stats['decode_time'] / tokens:.2f} ms per token")
         for name, t in sorted(times.items(), key=lambda item: -item[1]):
             print(f"  {name:>18}: {1e3 * t / steps:6.2f} ms per step")
+        if spec:  # the verify alone: the main forward over k + 1 tokens and their head
+            verify_ms = 1e3 * (times["_main_fn"] + times["head"]) / steps
+            per_step = tokens / steps  # tokens kept per verification, 1 + accepted drafts
+            print(f"verify alone: {verify_ms:.2f} ms per step = {verify_ms / plain_ms:.2f} plain steps; "
+                  f"{per_step:.2f} tokens per step, so even with free drafts and host at most "
+                  f"{per_step * plain_ms / verify_ms:.2f}x plain (the issue's target 0.8 x (1 + a) = "
+                  f"{0.8 * (1 + engine.acceptance_rate):.2f}x)")
         plain_ms = plain_ms or step_ms
 
 

@@ -463,6 +463,24 @@ def test_plot_writes_three_pngs_with_layer_names(trained_run, tmp_path, monkeypa
             assert any(layer in t for t in texts), (layer, texts)
 
 
+def test_plots_of_a_run_with_one_logged_step_raise_no_warning(trained_run, tmp_path):
+    """A run stopped after its first logged step (a short `--minutes` demo) still plots: the expert-load map of a
+    single step gets a one-step-wide axis rather than matplotlib's warning about equal limits."""
+    import shutil
+    import warnings
+
+    from dsv3.train.plots import plot_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = plot_run(run, tmp_path / "plots")
+    assert sorted(Path(p).name for p in paths) == ["expert_bias.png", "expert_load.png", "loss.png"]
+
+
 # ------------------------------------------------------------------------------------------------ time budget
 def _timed_trainer(step_s, checkpoint_s=0.5, kill_at=None):
     """A Trainer on a fake clock: step n (1-based) takes step_s(n) seconds, a checkpoint checkpoint_s; it dies at
