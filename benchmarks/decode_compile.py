@@ -58,9 +58,8 @@ def compiled_engine(model, variant: str, batch: int, max_len: int, k: int, other
     engine = Engine(model, max_batch=batch, max_len=max_len, speculative=k > 0, draft_tokens=max(k, 1),
                     compile=True)
     options = variant_options(variant, next(model.parameters()).device, other_rows)
-    graphs = 3 * len(engine.buckets)
-    engine._main_fn = compile_decode(engine._main_forward, options, graphs)
-    engine._mtp_fn = compile_decode(engine._mtp_forward, options, graphs)
+    engine._main_fn = compile_decode(engine._main_forward, options, engine.graph_limit)
+    engine._mtp_fn = compile_decode(engine._mtp_forward, options, engine.graph_limit)
     return engine
 
 

@@ -376,11 +376,13 @@ class Engine:
         self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self._seen: set[tuple] = set()  # (kind, bucket, tokens) graphs already compiled
         self._log = log
+        # a bound on the graphs of one compiled forward: per batch bucket, the main forward's one (1 token, or k + 1
+        # verifying) and the MTP module's two (k + 1 catch-up pairs, one chained draft), with room to spare
+        self.graph_limit = 3 * len(self.buckets)
         if compile:
             options = compile_options(next(model.parameters()).device)
-            graphs = 3 * len(self.buckets)  # per (forward, bucket, token count)
-            self._main_fn = compile_decode(self._main_forward, options, graphs)
-            self._mtp_fn = compile_decode(self._mtp_forward, options, graphs)
+            self._main_fn = compile_decode(self._main_forward, options, self.graph_limit)
+            self._mtp_fn = compile_decode(self._mtp_forward, options, self.graph_limit)
         else:
             self._main_fn, self._mtp_fn = self._main_forward, self._mtp_forward
         if log:
