@@ -7,6 +7,8 @@ process:
 - "library products": the few-row matrix products through the matrix library (`aten.mm`) instead of the shipped
   inductor reductions (`dsv3.infer.gemv.FewRowMatmul`, products of at most `engine.GEMV_MAX_ROWS` rows);
 - "other row limit": the same pass with another row limit (`--other-rows`, 8: a k = 1 verify at batch 4, batch 8);
+- "one reduction for all rows": the same pass writing an M-row product as one [M, N] reduction instead of the
+  shipped M one-row reductions (`FewRowMatmul(per_row=False)`);
 - "module guards": dynamo checking its guards on the model's modules before every call, as by default, instead of
   skipping them (`guard_filter_fn` in `compile_options`).
 
@@ -37,8 +39,10 @@ from decode_speed import passages, with_context
 from dsv3.allocator import keep_freed_memory
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.engine import GEMV_MAX_ROWS, compile_decode, compile_options
+from dsv3.infer.gemv import FewRowMatmul
 
-VARIANTS = ("GEMM attention", "Python wrapper", "library products", "other row limit", "module guards")
+VARIANTS = ("GEMM attention", "Python wrapper", "library products", "other row limit", "one reduction for all rows",
+            "module guards")
 
 
 def variant_options(variant: str, device: torch.device, other_rows: int) -> dict:
@@ -48,6 +52,8 @@ def variant_options(variant: str, device: torch.device, other_rows: int) -> dict
         return {k: v for k, v in compile_options(device).items() if k != drop}
     if variant == "other row limit":
         return compile_options(device, max_rows=other_rows)
+    if variant == "one reduction for all rows":
+        return {**compile_options(device), "post_grad_custom_post_pass": FewRowMatmul(GEMV_MAX_ROWS, per_row=False)}
     options = compile_options(device)
     return {**options, "cpp_wrapper": False} if variant == "Python wrapper" else options
 

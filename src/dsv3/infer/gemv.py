@@ -45,33 +45,39 @@ def _realise(*nodes: torch.fx.Node) -> None:
         n.meta["inductor_realize_to_strides"] = True
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _mm_per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    rows = [(a[i : i + 1, :, None] * b[None, :, :]).sum(1) for i in range(a.shape[0])]  # [1, K, 1] * [1, K, N]
+    return torch.cat(rows) if len(rows) > 1 else rows[0]  # [M, N]
+
+
+def _mm_all_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, :, None] * b[None, :, :]).sum(1)  # [M, K, 1] * [1, K, N] -> [M, N]
-
-
-def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _mm(a, b) + bias
 
 
 class FewRowMatmul(CustomGraphPass):
     """The pass (module doc). `max_rows`: the largest M rewritten. `rewritten` counts the products rewritten in the
     graphs this pass has run on; a graph inductor takes from its cache is not passed through it again."""
 
-    def __init__(self, max_rows: int):
+    def __init__(self, max_rows: int, per_row: bool = True):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.max_rows = max_rows
+        self.per_row = per_row
         self.rewritten = 0
         self._patterns = PatternMatcherPass(pass_name="dsv3_few_row_matmul")
+        mm = _mm_per_row if per_row else _mm_all_rows
+
+        def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return mm(a, b) + bias
 
         @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=self._patterns)
-        def mm(match: Match, a: torch.fx.Node, b: torch.fx.Node) -> None:
-            self._rewrite(match, _mm, [a, b])
+        def on_mm(match: Match, a: torch.fx.Node, b: torch.fx.Node) -> None:
+            self._rewrite(match, mm, [a, b])
 
         @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=self._patterns)
-        def addmm(match: Match, bias: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node) -> None:
+        def on_addmm(match: Match, bias: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node) -> None:
             if all(match.output_node().kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):  # not scaled
-                self._rewrite(match, _addmm, [bias, a, b])
+                self._rewrite(match, addmm, [bias, a, b])
 
     def _rewrite(self, match: Match, example, args: list[torch.fx.Node]) -> None:
         """Replace the matched product, whose last two args are a and b, by `example` when it has few rows."""
@@ -82,10 +88,10 @@ class FewRowMatmul(CustomGraphPass):
             self.rewritten += 1
 
     def __repr__(self) -> str:
-        return f"FewRowMatmul(max_rows={self.max_rows})"
+        return f"FewRowMatmul(max_rows={self.max_rows}{'' if self.per_row else ', per_row=False'})"
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self._patterns.apply(graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,), extra=f"max_rows={self.max_rows}")
+        return get_hash_for_files((__file__,), extra=f"max_rows={self.max_rows} per_row={self.per_row}")
