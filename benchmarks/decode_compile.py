@@ -8,7 +8,7 @@ process:
   inductor reductions (`dsv3.infer.gemv.FewRowMatmul`, products of at most `engine.GEMV_MAX_ROWS` rows);
 - "other row limit": the same pass with another row limit (`--other-rows`, 8: a k = 1 verify at batch 4, batch 8);
 - "one reduction for all rows": the same pass writing an M-row product as one [M, N] reduction instead of the
-  shipped M one-row reductions (`FewRowMatmul(per_row=False)`);
+  shipped M one-row reductions for M <= `gemv.PER_ROW_MAX` (`FewRowMatmul(per_row=0)`);
 - "module guards": dynamo checking its guards on the model's modules before every call, as by default, instead of
   skipping them (`guard_filter_fn` in `compile_options`).
 
@@ -53,7 +53,7 @@ def variant_options(variant: str, device: torch.device, other_rows: int) -> dict
     if variant == "other row limit":
         return compile_options(device, max_rows=other_rows)
     if variant == "one reduction for all rows":
-        return {**compile_options(device), "post_grad_custom_post_pass": FewRowMatmul(GEMV_MAX_ROWS, per_row=False)}
+        return {**compile_options(device), "post_grad_custom_post_pass": FewRowMatmul(GEMV_MAX_ROWS, per_row=0)}
     options = compile_options(device)
     return {**options, "cpp_wrapper": False} if variant == "Python wrapper" else options
 
