@@ -40,7 +40,7 @@ def test_few_row_products_become_reductions_with_the_same_result(rows, dtype, re
         torch.testing.assert_close(a.double(), b, atol=tol * b.abs().max().item(), rtol=0)
 
 
-def test_few_row_matmul_refuses_no_rows_and_keys_its_cache_by_rows():
+def test_few_row_matmul_refuses_bad_limits_and_keys_its_cache_by_them():
     with pytest.raises(ValueError, match="max_rows"):
         FewRowMatmul(0)
     assert FewRowMatmul(1).uuid() == FewRowMatmul(1).uuid() != FewRowMatmul(4).uuid()
@@ -80,8 +80,18 @@ def test_a_two_row_product_loads_each_weight_row_once_when_per_row(per_row):
     with torch.no_grad():
         got, code = run_and_get_code(compiled, x, w)
     assert fewer.rewritten == 1
-    assert ("tmp_acc1" in code[0]) == (per_row == 2)
+    assert ("tmp_acc1" in code[0]) == (per_row == 2)  # inductor's name for a second accumulator (torch 2.13)
     torch.testing.assert_close(got, x @ w.t(), atol=1e-5, rtol=0)
+
+
+def test_a_product_of_no_rows_compiles():
+    """A [0, K] input (no sequence) is rewritten too and gives an empty [0, N] result."""
+    fewer = FewRowMatmul(max_rows=4)
+    compiled = torch.compile(F.linear, dynamic=False, fullgraph=True, isolate_recompiles=True,
+                             options={"post_grad_custom_post_pass": fewer, "fx_graph_cache": False})
+    with torch.no_grad():
+        got = compiled(torch.randn(0, 64), torch.randn(96, 64))
+    assert fewer.rewritten == 1 and got.shape == (0, 96)
 
 
 def test_scaled_addmm_is_left_to_the_library():

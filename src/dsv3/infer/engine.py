@@ -376,8 +376,8 @@ class Engine:
         self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self._seen: set[tuple] = set()  # (kind, bucket, tokens) graphs already compiled
         self._log = log
-        # a bound on the graphs of one compiled forward: per batch bucket, the main forward's one (1 token, or k + 1
-        # verifying) and the MTP module's two (k + 1 catch-up pairs, one chained draft), with room to spare
+        # the graphs each compiled forward may build: per batch bucket the main forward needs one (1 token, or k + 1
+        # verifying) and the MTP forward two (k + 1 catch-up pairs, one chained draft); 3 leaves room
         self.graph_limit = 3 * len(self.buckets)
         if compile:
             options = compile_options(next(model.parameters()).device)

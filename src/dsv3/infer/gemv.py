@@ -7,7 +7,7 @@ us per product where the reduction below takes 51 us (a scratch timing, 16 such 
 post-grad graph pass given to inductor (`post_grad_custom_post_pass`), rewrites every float32 `mm` / `addmm` on CPU
 (an `addmm` scaled by beta or alpha excepted) with at most `max_rows` rows as the same contraction written out,
 `(a[:, :, None] * b[None]).sum(1)` (+ bias), which inductor generates as one vectorised reduction over K (contiguous
-in the weight's rows), parallel over the N outputs. The inputs are realised first (as inductor's own
+in the weight's rows), at one row parallel over the N outputs. The inputs are realised first (as inductor's own
 `decompose_mm_pass` does), so that a fused producer of `a` (a norm) is not recomputed inside the reduction. The
 result equals the product up to float32 summation order.
 
@@ -15,21 +15,21 @@ Products of 2 to `per_row` (`PER_ROW_MAX` = 4) rows, a verify step's, are writte
 concatenated. As one [M, N] reduction, inductor parallelises the loop over the M rows when M is a multiple of the
 thread count, so each thread reads the whole weight once per row (a 2-row 1,536 x 256 product: 28 us against 14 at
 one row; scratch timing as above). Per row, inductor fuses the M reductions into one loop over the outputs with M
-accumulators, loading each weight row once: 13 us at 2 rows, 22 at 4 (256 x 1,536: 20 / 27 against 34 / 61). In the
-whole `small` step the gain is small (`decode_compile.py --variants "one reduction for all rows"`, three runs):
-1.03-1.05x speculating with k = 1 (2 rows), 1.01-1.06x at batch 2 and 4, nothing measurable at k = 3 (0.93-1.09x);
-without the limit, batch 16 measured 0.97x and compiled 3.7x longer, hence the limit.
-An outputs-outer form, one [N, M] reduction transposed into place, was faster per product than one [M, N]
-reduction (21 against 28 us at 2 rows) but slower in the step
-(0.85-0.94x at batch 2-16), and wrong unless its transposed result was realised (inductor's 2-D tiled code for two
-consumers of such results computed wrong values on `small`'s shapes).
+accumulators, loading each weight row once: 13 us at 2 rows (about the one-row time), 22 at 4 (256 x 1,536: 20 / 27
+against 34 / 61). In the whole `small` step the gain is small (`decode_compile.py --variants "one reduction for all
+rows"`, three runs): 1.03-1.05x speculating with k = 1 (2 rows), 1.01-1.06x at batch 2 and 4, nothing measurable at
+k = 3 (0.93-1.09x); without the limit, batch 16 measured 0.97x and compiled 3.7x longer, hence the limit. An
+outputs-outer form, one [N, M] reduction transposed into place, was faster per product than one [M, N] reduction (21
+against 28 us at 2 rows) but slower in the step (0.85-0.94x at batch 2-16), and wrong unless its transposed result
+was realised (inductor's 2-D tiled code for two consumers of such results computed wrong values on `small`'s
+shapes).
 
 Measured against the library's products (`benchmarks/decode_compile.py --variants "library products"`, `small`,
-greedy tokens identical, before the per-row form): the compiled step 1.84x at batch 1 with 32-token contexts, 1.56x at 2,000, 1.45-1.48x at
-batch 2, 1.33-1.35x speculating; the limit at 16 rows against 4: 1.20x at batch 8. Inductor has a similar pass
-(`post_grad_fusion_options={"decompose_mm_pass": {}}`), but on CPU it takes one row only and reads its limits once
-per process, when it is first imported. The pattern matcher used here is inductor's (`torch._inductor`, pinned with
-torch).
+greedy tokens identical, before the per-row form): the compiled step 1.84x at batch 1 with 32-token contexts, 1.56x
+at 2,000, 1.45-1.48x at batch 2, 1.33-1.35x speculating; the limit at 16 rows against 4: 1.20x at batch 8. Inductor
+has a similar pass (`post_grad_fusion_options={"decompose_mm_pass": {}}`), but on CPU it takes one row only and
+reads its limits once per process, when it is first imported. The pattern matcher used here is inductor's
+(`torch._inductor`, pinned with torch).
 """
 
 from __future__ import annotations
@@ -59,13 +59,12 @@ def _realise(*nodes: torch.fx.Node) -> None:
         n.meta["inductor_realize_to_strides"] = True
 
 
-def _mm_per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    rows = [(a[i : i + 1, :, None] * b[None, :, :]).sum(1) for i in range(a.shape[0])]  # [1, K, 1] * [1, K, N]
-    return torch.cat(rows) if len(rows) > 1 else rows[0]  # [M, N]
-
-
 def _mm_all_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, :, None] * b[None, :, :]).sum(1)  # [M, K, 1] * [1, K, N] -> [M, N]
+
+
+def _mm_per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([_mm_all_rows(a[i : i + 1], b) for i in range(a.shape[0])])  # M x [1, N] -> [M, N]
 
 
 class FewRowMatmul(CustomGraphPass):
@@ -80,8 +79,8 @@ class FewRowMatmul(CustomGraphPass):
         self.rewritten = 0
         self._patterns = PatternMatcherPass(pass_name="dsv3_few_row_matmul")
 
-        def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return (_mm_per_row if a.shape[0] <= per_row else _mm_all_rows)(a, b)
+        def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # a's rows are a plain int here (_few_rows)
+            return (_mm_per_row if 1 < a.shape[0] <= self.per_row else _mm_all_rows)(a, b)
 
         def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return mm(a, b) + bias

@@ -98,7 +98,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     n_layers = load.shape[1]
     rel = load / np.maximum(load.mean(-1, keepdims=True), 1e-9)
     fig, axes = plt.subplots(n_layers, 1, figsize=(12, 1.6 * n_layers + 1), squeeze=False)
-    first, last = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)  # one step
+    first, last = (steps[0], steps[-1]) if len(steps) > 1 else (steps[0] - 0.5, steps[0] + 0.5)  # one step
     for layer in range(n_layers):
         ax = axes[layer, 0]
         im = ax.imshow(rel[:, layer].T, aspect="auto", cmap="coolwarm", vmin=0, vmax=2, interpolation="nearest",
